@@ -1,0 +1,187 @@
+"""Save and load a trained prompt as a self-describing folder.
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT's PROMPT_TUNING format (one
+  tensor, ``prompt_embeddings``, shape (N, H)), so ``PeftModel.from_pretrained`` loads it;
+- ``softprompt.json``: the base model's identity (with a fingerprint of its embedding
+  matrix), data, hyperparameters, template and final metrics.
+
+Only safetensors and JSON are ever read: never pickle. Every file is written to a
+temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from softprompt import __version__
+from softprompt.errors import ArtifactError
+from softprompt.prompt import SoftPrompt
+
+PROMPT_KEY = "prompt_embeddings"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+META = "softprompt.json"
+INITIAL = "initial_prompt.safetensors"  # the starting point, for drift and inspection
+# The embedded model is a quantized copy of this hub model; PEFT users load it by this id.
+EMBEDDED_HUB_ID = "google/gemma-3-270m"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of 16 fixed rows of the input embedding matrix, rounded to bfloat16 so the
+    same weights give the same fingerprint whether loaded in float32 or bfloat16."""
+    weight = model.get_input_embeddings().weight.detach()
+    rows = torch.linspace(0, weight.shape[0] - 1, 16).long()
+    sample = weight[rows.to(weight.device)].to(torch.bfloat16).view(torch.int16).cpu()
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
+def base_identity(model: nn.Module, name: str) -> dict:
+    """What a prompt needs to know about the model it was trained on."""
+    config = model.config
+    return {
+        "name": name,
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "model_type": config.model_type,
+        "hidden_size": model.get_input_embeddings().weight.shape[1],
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "fingerprint": fingerprint(model),
+    }
+
+
+def save_prompt(
+    folder: str | Path,
+    prompt: SoftPrompt,
+    model: nn.Module,
+    name: str,
+    meta: dict | None = None,
+    initial: torch.Tensor | None = None,
+) -> Path:
+    """Write the PEFT files and softprompt.json for ``prompt`` trained on ``model``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    hub_name = EMBEDDED_HUB_ID if name == "embedded" else name
+    adapter = {
+        "task_type": "CAUSAL_LM",
+        "peft_type": "PROMPT_TUNING",
+        "auto_mapping": None,
+        "base_model_name_or_path": hub_name,
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        "token_dim": prompt.hidden_size,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "modules_to_save": None,
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": hub_name,
+        "tokenizer_kwargs": None,
+    }
+    weights = {PROMPT_KEY: prompt.embedding.detach().float().cpu().contiguous()}
+    full_meta = {
+        "format": "softprompt/1",
+        "softprompt_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base_model": base_identity(model, name),
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        **(meta or {}),
+    }
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(weights, str(p)))
+    write_json(folder / ADAPTER_CONFIG, adapter)
+    write_json(folder / META, full_meta)
+    if initial is not None:
+        start = {PROMPT_KEY: initial.detach().float().cpu().contiguous()}
+        atomic_write(folder / INITIAL, lambda p: save_file(start, str(p)))
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict:
+    """softprompt.json of a saved prompt, or {} for a plain PEFT adapter."""
+    path = Path(folder) / META
+    if not path.exists():
+        return {}
+    return _read_json(path)
+
+
+def load_prompt(
+    folder: str | Path, model: nn.Module | None = None, allow_mismatch: bool = False
+) -> tuple[SoftPrompt, dict]:
+    """Load a prompt (ours or PEFT's) and check it fits ``model``; returns (prompt, meta)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ArtifactError(
+            f"{folder} holds no saved prompt ({ADAPTER_WEIGHTS} missing); give the --output "
+            "folder of a `softprompt train` run or a PEFT prompt-tuning adapter"
+        )
+    adapter = _read_json(folder / ADAPTER_CONFIG) if (folder / ADAPTER_CONFIG).exists() else {}
+    if adapter.get("peft_type", "PROMPT_TUNING") != "PROMPT_TUNING":
+        raise ArtifactError(f"{folder} is a PEFT {adapter['peft_type']} adapter, not prompt tuning")
+    try:
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{folder / ADAPTER_WEIGHTS} is corrupt ({err}); retrain or re-copy it"
+        ) from None
+    if PROMPT_KEY not in tensors or tensors[PROMPT_KEY].ndim != 2:
+        raise ArtifactError(f"{folder / ADAPTER_WEIGHTS} has no 2-D tensor {PROMPT_KEY!r}")
+    meta = read_meta(folder)
+    meta.setdefault("base_model", {"name": adapter.get("base_model_name_or_path")})
+    prompt = SoftPrompt(tensors[PROMPT_KEY])
+    if model is not None:
+        check_fits(prompt, meta, model, folder, allow_mismatch)
+    return prompt, meta
+
+
+def check_fits(
+    prompt: SoftPrompt, meta: dict, model: nn.Module, folder: Path, allow_mismatch: bool = False
+) -> None:
+    """Refuse a prompt trained for another base model, with a message that says which."""
+    trained_on = meta.get("base_model", {})
+    hidden = model.get_input_embeddings().weight.shape[1]
+    was = trained_on.get("name") or "an unknown model"
+    if prompt.hidden_size != hidden:
+        raise ArtifactError(
+            f"prompt {folder} has width {prompt.hidden_size} but this model's embeddings have "
+            f"{hidden}: it was trained for {was}; load that model with --model"
+        )
+    expected = trained_on.get("fingerprint")
+    if expected and not allow_mismatch and expected != fingerprint(model):
+        raise ArtifactError(
+            f"prompt {folder} was trained for {was} (embedding fingerprint {expected}), not this "
+            "model; load that model with --model, or pass --allow-mismatch to use it anyway"
+        )
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is corrupt ({err}); retrain or re-copy the prompt") from None

@@ -1,0 +1,216 @@
+"""The command line: each subcommand maps to one typed function of the library.
+
+Flags are generated from the config dataclasses, so ``--help`` shows the same text as
+the fields' documentation in the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from softprompt import __version__
+from softprompt.config import GenerateConfig, ModelConfig, TrainConfig, flat_fields
+from softprompt.errors import SoftpromptError
+
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def unescape(text: str) -> str:
+    """Read \\n and \\t typed in a shell as newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _converter(annotation: str, escapes: bool = False):
+    base = annotation.replace(" | None", "")
+    convert = unescape if escapes else _TYPES[base]
+    if "None" not in annotation:
+        return convert
+    return lambda s: None if s.lower() == "none" else convert(s)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per leaf field of ``cls``, with the field's help and default."""
+    for f in flat_fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        default = f.default if f.default is not MISSING else None
+        kwargs = {
+            "type": _converter(f.type, meta.get("escapes", False)),
+            "default": default,
+            "choices": meta.get("choices"),
+        }
+        if meta.get("required"):
+            kwargs["required"] = True
+            help_text = meta["help"]
+        else:
+            help_text = meta["help"] + (
+                f" (default: {default!r})" if default not in (None, "") else ""
+            )
+        parser.add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)
+
+
+def build_config(cls, ns: argparse.Namespace):
+    """Instantiate ``cls`` (and its nested configs) from parsed flags; validation runs here."""
+    values = {}
+    for f in fields(cls):
+        if f.metadata.get("help") is None:
+            values[f.name] = build_config(f.default_factory, ns)
+        elif hasattr(ns, f.name):
+            values[f.name] = getattr(ns, f.name)
+    return cls(**values)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softprompt",
+        description="Train, use and share soft prompts for frozen causal language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    train = sub.add_parser(
+        "train",
+        help="train a soft prompt on a data file",
+        formatter_class=fmt,
+        description="Train a soft prompt (the base model stays frozen) and save it as a "
+        "PEFT-compatible folder with metrics.jsonl and loss.png.\n\nExample:\n  softprompt "
+        "train --data examples/sentiment/train.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --output runs/sentiment",
+    )
+    add_config_args(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue texts with the base model and/or a trained prompt",
+        formatter_class=fmt,
+        description="Generate continuations. With --prompt the saved template and base model "
+        "are used unless overridden; --compare shows base and tuned side by side.\n\n"
+        "Example:\n  softprompt generate --prompt runs/sentiment --compare "
+        "'The battery died in a day.'",
+    )
+    gen.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue")
+    gen.add_argument("--prompt", help="folder of a trained prompt (ours or a PEFT adapter)")
+    gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the base model's output beside the tuned one's",
+    )
+    gen.add_argument("--file", help="also read inputs from a data file (its input field)")
+    gen.add_argument(
+        "--input-field",
+        default=None,
+        help="field of --file holding the inputs (default: the prompt's, or 'input')",
+    )
+    gen.add_argument("--limit", type=int, default=None, help="use only the first N rows of --file")
+    gen.add_argument(
+        "--template",
+        default=None,
+        type=unescape,
+        help="template for the inputs (default: the one the prompt was trained with)",
+    )
+    gen.add_argument("--no-template", action="store_true", help="use the inputs as they are")
+    gen.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="load a prompt even if it was trained for another base model",
+    )
+    add_config_args(gen, ModelConfig)
+    gen.set_defaults(model=None)
+    add_config_args(gen, GenerateConfig)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from softprompt.train import train
+
+    train(build_config(TrainConfig, ns))
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from softprompt.artifacts import load_prompt, read_meta
+    from softprompt.data import read_records
+    from softprompt.generate import generate
+    from softprompt.loading import load_model
+
+    meta = read_meta(ns.prompt) if ns.prompt else {}
+    texts, expected = list(ns.texts), [None] * len(ns.texts)
+    if ns.file:
+        field = ns.input_field or meta.get("data", {}).get("input_field") or "input"
+        target = meta.get("data", {}).get("target_field") or "target"
+        for i, (record, where) in enumerate(read_records(ns.file)):
+            if ns.limit is not None and i >= ns.limit:
+                break
+            if field not in record:
+                raise SoftpromptError(f"{where}: no field {field!r}; set --input-field")
+            texts.append(str(record[field]))
+            expected.append(record.get(target))
+    if not texts:
+        raise SoftpromptError("nothing to generate: give TEXT arguments or --file")
+    if ns.compare and not ns.prompt:
+        raise SoftpromptError("--compare needs --prompt DIR (the tuned prompt to compare)")
+    if ns.model is None:
+        ns.model = _base_model_of(meta, ns.prompt)
+    loaded = load_model(build_config(ModelConfig, ns))
+    prompt = None
+    if ns.prompt:
+        prompt, meta = load_prompt(ns.prompt, loaded.model, allow_mismatch=ns.allow_mismatch)
+        prompt.to(loaded.model.device)
+    template = None if ns.no_template else (ns.template or meta.get("template"))
+    cfg = build_config(GenerateConfig, ns)
+    tuned = generate(loaded, texts, prompt, cfg, template) if prompt is not None else None
+    base = generate(loaded, texts, None, cfg, template) if (ns.compare or prompt is None) else None
+    _print_generations(texts, base, tuned, expected)
+    return 0
+
+
+def _base_model_of(meta: dict, prompt_dir: str | None) -> str:
+    if not prompt_dir:
+        return ModelConfig().model
+    name = meta.get("base_model", {}).get("name")
+    if name is None:
+        from softprompt.artifacts import ADAPTER_CONFIG, _read_json
+
+        cfg_path = Path(prompt_dir) / ADAPTER_CONFIG
+        name = _read_json(cfg_path).get("base_model_name_or_path") if cfg_path.exists() else None
+    return name or ModelConfig().model
+
+
+def _print_generations(texts, base, tuned, expected) -> None:
+    for i, text in enumerate(texts):
+        print(f"[{i + 1}] {text}")
+        if base is not None:
+            print(f"  base    : {base[i].strip()!r}")
+        if tuned is not None:
+            print(f"  tuned   : {tuned[i].strip()!r}")
+        if expected[i] is not None:
+            print(f"  expected: {expected[i]!r}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except SoftpromptError as err:
+        print(f"softprompt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softprompt: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Typed settings for every command, validated where they are created.
+
+Each field's ``help`` metadata is the text of its ``--flag`` in the CLI, so the
+Python API and the command line describe the same thing in the same words.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from softprompt.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded"
+INIT_CHOICES = ("random", "text", "vocab")
+DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
+    """A dataclass field whose ``help`` becomes the CLI flag's help."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen base model to load, and how."""
+
+    model: str = opt(
+        EMBEDDED_MODEL,
+        "Base model: a Hugging Face id (needs the network the first time), a local folder, "
+        "a .gguf file, or 'embedded' for the bundled Gemma 3 270M that works offline.",
+    )
+    dtype: str = opt(
+        "float32",
+        "Precision of the frozen model's weights. The soft prompt itself always stays float32.",
+        choices=DTYPE_CHOICES,
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow a hub model to run its own Python code. Only for models you trust."
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(
+                f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {self.dtype!r}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token sequences."""
+
+    data: str = opt(
+        "",
+        "Training data: a .jsonl, .csv, .tsv or .txt file, or hf:NAME[,CONFIG][:SPLIT] for a "
+        "Hugging Face data set (needs the network and the 'hub' extra).",
+        required=True,
+    )
+    validation: str | None = opt(
+        None, "Validation data in the same format. Default: a --val-fraction of --data."
+    )
+    val_fraction: float = opt(
+        0.1, "Fraction of --data held out for validation when --validation is not given (0 = none)."
+    )
+    input_field: str = opt("input", "Field holding the model's input in input/target pairs.")
+    target_field: str = opt("target", "Field holding the text the model should produce.")
+    text_field: str | None = opt(
+        None, "Field of plain text (loss on every token). Setting it selects plain-text mode."
+    )
+    template: str | None = opt(
+        None,
+        "Template for the input, with {input} (or any field name) in braces, e.g. "
+        "'Review: {input}\\nSentiment:' (\\n and \\t are read as newline and tab). "
+        "Default: the input as it is.",
+        escapes=True,
+    )
+    target_delimiter: str = opt(
+        " ",
+        "Put between input and target unless the input already ends in whitespace.",
+        escapes=True,
+    )
+    max_length: int = opt(
+        256,
+        "Most tokens per row, virtual tokens included. Longer rows are cut (the input's start "
+        "first, so the target survives) and counted in a warning.",
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be at least 2, not {self.max_length}")
+
+
+@dataclass
+class PromptConfig:
+    """Shape and starting point of the soft prompt."""
+
+    num_virtual_tokens: int = opt(
+        20,
+        "Number of virtual tokens. 20 is where Lester et al. (2021) saw most of the gain; "
+        "longer prompts cost compute on every row.",
+    )
+    init: str = opt(
+        "vocab",
+        "Initial values: 'random' (normal, scaled like real token embeddings), 'text' (the "
+        "embeddings of --init-text, repeated or cut), 'vocab' (embeddings of common tokens "
+        "drawn at random), or a folder holding a saved prompt.",
+    )
+    init_text: str | None = opt(
+        None, "Phrase for --init text, e.g. 'Classify the sentiment of this review'."
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(
+                f"--num-virtual-tokens must be at least 1, not {self.num_virtual_tokens}"
+            )
+        if self.init not in INIT_CHOICES and not Path(self.init).is_dir():
+            raise ConfigError(
+                f"--init must be one of {', '.join(INIT_CHOICES)} or a folder with a saved prompt; "
+                f"{self.init!r} is neither"
+            )
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("--init text needs --init-text 'a phrase describing the task'")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `softprompt train` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    output: str = opt("", "Folder for the trained prompt, metrics, plot and checkpoints.")
+    epochs: int = opt(3, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
+    batch_size: int = opt(8, "Rows per forward pass.")
+    grad_accum: int = opt(1, "Forward passes per optimizer step (effective batch = both).")
+    lr: float = opt(
+        3e-2, "Peak learning rate of AdamW. Soft prompts need much larger rates than weights."
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay on the prompt (0 keeps it free).")
+    warmup_ratio: float = opt(0.06, "Fraction of the steps spent warming the rate up from 0.")
+    max_grad_norm: float | None = opt(1.0, "Clip the prompt's gradient norm (none to disable).")
+    seed: int = opt(0, "Seed for initialisation, the split and data order.")
+    eval_every: int | None = opt(None, "Also run validation every K steps (default: each epoch).")
+    save_every: int | None = opt(None, "Also checkpoint every K steps (default: each epoch).")
+    patience: int | None = opt(
+        None, "Stop after this many validations without improvement (default: never)."
+    )
+    resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")
+    overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("--max-steps must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, not {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.data.max_length <= self.prompt.num_virtual_tokens + 1:
+            raise ConfigError(
+                f"--max-length {self.data.max_length} leaves no room for text after "
+                f"{self.prompt.num_virtual_tokens} virtual tokens; raise --max-length or lower "
+                "--num-virtual-tokens"
+            )
+        if not self.data.data:
+            raise ConfigError("--data is required: a .jsonl, .csv, .tsv or .txt file")
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of `softprompt generate`."""
+
+    max_new_tokens: int = opt(32, "Most tokens to generate per input.")
+    temperature: float = opt(0.0, "Sampling temperature; 0 means greedy decoding.")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this mass.")
+    repetition_penalty: float = opt(1.0, "Above 1 discourages repeating tokens (1 = off).")
+    seed: int = opt(0, "Seed for sampling.")
+    batch_size: int = opt(8, "Inputs generated together.")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError("--temperature must be 0 (greedy) or positive")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("--top-p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("--repetition-penalty must be positive")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+
+
+def flat_fields(cls) -> list:
+    """The leaf fields of a config, nested configs expanded (for the CLI)."""
+    out = []
+    for f in fields(cls):
+        if f.metadata.get("help") is None:
+            out.extend(flat_fields(f.default_factory))  # a nested config
+        else:
+            out.append(f)
+    return out

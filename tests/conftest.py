@@ -111,9 +111,10 @@ def tiny_dir(model_dirs) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Converted-model cache per test, so no test depends on another's leftovers."""
-    if "SOFTPROMPT_CACHE" not in os.environ:
+def _isolated_cache(request, tmp_path, monkeypatch):
+    """Converted-model cache per test, so no test depends on another's leftovers. Slow tests
+    share the user's cache: converting the embedded model once is what users do too."""
+    if "SOFTPROMPT_CACHE" not in os.environ and not request.node.get_closest_marker("slow"):
         monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
 
 

@@ -132,4 +132,4 @@ def test_loss_matches_transformers_labels(loaded_all):
         embed_tokens(model, batch["input_ids"]), batch["attention_mask"], batch["labels"]
     )
     ref = model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
-    assert float(loss) / n == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) / n == pytest.approx(float(ref.detach()), rel=1e-5)

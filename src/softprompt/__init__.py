@@ -2,45 +2,43 @@
 
 Quick start::
 
-    from softprompt import TrainConfig, DataConfig, train, load_model, load_prompt, generate
+    from softprompt import DataConfig, TrainConfig, train
 
     cfg = TrainConfig(data=DataConfig(data="train.jsonl", template="Review: {input}\\nSentiment:"),
                       output="runs/sentiment")
     result = train(cfg)
+
+Names are imported on first use, so ``softprompt --help`` starts without loading torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from softprompt.artifacts import load_prompt, save_prompt  # noqa: E402
-from softprompt.config import (  # noqa: E402
-    DataConfig,
-    GenerateConfig,
-    ModelConfig,
-    PromptConfig,
-    TrainConfig,
-)
-from softprompt.errors import SoftpromptError  # noqa: E402
-from softprompt.evaluate import evaluate_loss  # noqa: E402
-from softprompt.generate import generate  # noqa: E402
-from softprompt.loading import LoadedModel, load_model  # noqa: E402
-from softprompt.prompt import SoftPrompt, init_prompt  # noqa: E402
-from softprompt.train import TrainResult, train  # noqa: E402
+_EXPORTS = {
+    "DataConfig": "config",
+    "GenerateConfig": "config",
+    "ModelConfig": "config",
+    "PromptConfig": "config",
+    "TrainConfig": "config",
+    "SoftpromptError": "errors",
+    "LoadedModel": "loading",
+    "load_model": "loading",
+    "SoftPrompt": "prompt",
+    "init_prompt": "prompt",
+    "evaluate_loss": "evaluate",
+    "generate": "generation",
+    "load_prompt": "artifacts",
+    "save_prompt": "artifacts",
+    "TrainResult": "training",
+    "train": "training",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DataConfig",
-    "GenerateConfig",
-    "LoadedModel",
-    "ModelConfig",
-    "PromptConfig",
-    "SoftPrompt",
-    "SoftpromptError",
-    "TrainConfig",
-    "TrainResult",
-    "evaluate_loss",
-    "generate",
-    "init_prompt",
-    "load_model",
-    "load_prompt",
-    "save_prompt",
-    "train",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"softprompt.{_EXPORTS[name]}"), name)

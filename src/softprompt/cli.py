@@ -124,15 +124,20 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load a prompt even if it was trained for another base model",
     )
-    add_config_args(gen, ModelConfig)
-    gen.set_defaults(model=None)
+    add_config_args(gen, ModelConfig, skip=("model",))
+    model_help = next(f for f in flat_fields(ModelConfig) if f.name == "model").metadata["help"]
+    gen.add_argument(
+        "--model",
+        default=None,
+        help=f"{model_help} Default: the model --prompt was trained on, else 'embedded'.",
+    )
     add_config_args(gen, GenerateConfig)
     gen.set_defaults(func=cmd_generate)
     return parser
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from softprompt.train import train
+    from softprompt.training import train
 
     train(build_config(TrainConfig, ns))
     return 0
@@ -141,7 +146,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_generate(ns: argparse.Namespace) -> int:
     from softprompt.artifacts import load_prompt, read_meta
     from softprompt.data import read_records
-    from softprompt.generate import generate
+    from softprompt.generation import generate
     from softprompt.loading import load_model
 
     meta = read_meta(ns.prompt) if ns.prompt else {}

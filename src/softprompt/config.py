@@ -7,6 +7,7 @@ Python API and the command line describe the same thing in the same words.
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -15,6 +16,23 @@ from softprompt.errors import ConfigError
 EMBEDDED_MODEL = "embedded"
 INIT_CHOICES = ("random", "text", "vocab")
 DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{names}`` a template uses; a malformed template is a ConfigError naming --template."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(
+            f"--template {template!r} is malformed ({err}); write {{input}} or {{field}} for "
+            "values and {{ }} for literal braces"
+        ) from None
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ConfigError(
+            f"--template {template!r} has the field {{{bad[0]}}}; name a field, e.g. {{input}}"
+        )
+    return names
 
 
 def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
@@ -87,6 +105,8 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.template is not None:
+            template_fields(self.template)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
         if self.max_length < 2:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import string
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from softprompt.config import DataConfig
+from softprompt.config import DataConfig, template_fields
 from softprompt.errors import DataError
 from softprompt.prompt import IGNORE_INDEX
 
@@ -58,7 +57,7 @@ def read_records(spec: str) -> Iterator[tuple[dict, str]]:
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".txt":
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8-sig") as fh:
             for i, line in enumerate(fh, 1):
                 if line.strip():
                     yield {"text": line.rstrip("\n")}, f"{path}:{i}"
@@ -67,7 +66,7 @@ def read_records(spec: str) -> Iterator[tuple[dict, str]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -135,7 +134,7 @@ def _to_example(record: dict, where: str, cfg: DataConfig) -> Example:
         text_field = "text"  # a plain-text file, or records with only a text field
     if text_field is not None:
         text = _field(record, text_field, where, "--text-field")
-        return Example(_apply_template(cfg.template, record, text, where), None, where)
+        return Example(_apply_template(cfg.template, record, text, where, "text"), None, where)
     source = _field(record, cfg.input_field, where, "--input-field")
     target = _field(record, cfg.target_field, where, "--target-field")
     return Example(_apply_template(cfg.template, record, source, where), target, where)
@@ -144,17 +143,23 @@ def _to_example(record: dict, where: str, cfg: DataConfig) -> Example:
 def _field(record: dict, name: str, where: str, flag: str) -> str:
     value = record.get(name)
     if value is None:
+        if name in record:
+            raise DataError(f"{where}: field {name!r} is empty (null); give it a value")
         found = ", ".join(repr(k) for k in record) or "none"
         raise DataError(f"{where}: no field {name!r} (fields found: {found}); set {flag}")
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _apply_template(template: str | None, record: dict, value: str, where: str) -> str:
+def _apply_template(
+    template: str | None, record: dict, value: str, where: str, alias: str = "input"
+) -> str:
+    """Fill ``template``: {input} (and {text} in plain-text mode) is the value; other names
+    are the record's own fields."""
     if template is None:
         return value
-    names = [n for _, n, _, _ in string.Formatter().parse(template) if n]
+    names = template_fields(template)
     values = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in record.items()}
-    values.update(input=value, text=value)
+    values.update({"input": value, alias: value})
     missing = [n for n in names if n not in values]
     if missing:
         raise DataError(

@@ -13,9 +13,9 @@ from softprompt.artifacts import load_prompt
 from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.errors import ConfigError, TrainingError
 from softprompt.loading import load_model
-from softprompt.train import train
+from softprompt.training import train
 
-train_mod = importlib.import_module("softprompt.train")  # the module, not the function
+train_mod = importlib.import_module("softprompt.training")  # the module, not the function
 
 
 def _cfg(model_dir, data, out, **kw) -> TrainConfig:

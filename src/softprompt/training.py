@@ -25,6 +25,7 @@ from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
 from softprompt.config import TrainConfig
 from softprompt.data import (
+    Example,
     Row,
     batch_order,
     collate,
@@ -68,12 +69,13 @@ def train(
 ) -> TrainResult:
     """Train a soft prompt as ``cfg`` says and save it to ``cfg.output``."""
     accelerator = Accelerator()
+    train_ex, val_ex = _load_examples(cfg)  # bad data fails before anything slow or written
     output = _prepare_output(cfg)
     torch.manual_seed(cfg.seed)
     loaded = loaded or load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(accelerator.device)
-    train_rows, val_rows, data_info = _load_data(cfg, tokenizer)
+    train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer)
     pad_id = tokenizer.pad_token_id
 
     # The prompt, its optimizer and the schedule.
@@ -219,13 +221,18 @@ def _prepare_output(cfg: TrainConfig) -> Path:
     return output
 
 
-def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list[Row], list[Row], dict]:
+def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     d = cfg.data
     examples = load_examples(d.data, d)
     if d.validation:
-        train_ex, val_ex = examples, load_examples(d.validation, d)
-    else:
-        train_ex, val_ex = split_validation(examples, d.val_fraction, cfg.seed)
+        return examples, load_examples(d.validation, d)
+    return split_validation(examples, d.val_fraction, cfg.seed)
+
+
+def _tokenize(
+    cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example], tokenizer
+) -> tuple[list[Row], list[Row], dict]:
+    d = cfg.data
     max_text = d.max_length - cfg.prompt.num_virtual_tokens
     train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter)
     val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter)

@@ -11,19 +11,16 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from softprompt.config import GenerateConfig
+from softprompt.config import GenerateConfig, template_fields
 from softprompt.loading import LoadedModel
 from softprompt.prompt import SoftPrompt, embed_tokens
 
 
 def apply_template(text: str, template: str | None) -> str:
-    """Put a raw input into the prompt's template (``{input}``); other fields stay empty."""
+    """Put a raw input into the prompt's template: every ``{field}`` receives the input."""
     if not template:
         return text
-    import string
-
-    names = {n for _, n, _, _ in string.Formatter().parse(template) if n}
-    return template.format_map({n: text for n in names} | {"input": text, "text": text})
+    return template.format_map({n: text for n in template_fields(template)})
 
 
 @torch.no_grad()

@@ -1,0 +1,107 @@
+"""Generation: batched rows match rows alone, sampling is seeded, the CLI compares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.artifacts import save_prompt
+from softprompt.cli import main
+from softprompt.config import GenerateConfig
+from softprompt.errors import ConfigError
+from softprompt.generation import apply_template, generate
+from softprompt.loading import load_model
+from softprompt.prompt import SoftPrompt
+
+TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
+
+
+@pytest.fixture(scope="module")
+def loaded_all(model_dirs):
+    return {k: load_model(model=str(v)) for k, v in model_dirs.items()}
+
+
+def _prompt(seed=0, n=3):
+    return SoftPrompt(torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) * 2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_batched_rows_equal_rows_alone(loaded_all, arch):
+    """Left padding + positions from the mask: a row's greedy output does not depend on the
+    other rows of its batch, with or without a prompt."""
+    loaded = loaded_all[arch]
+    cfg_batch = GenerateConfig(max_new_tokens=6, batch_size=3)
+    cfg_single = GenerateConfig(max_new_tokens=6, batch_size=1)
+    for prompt in (None, _prompt()):
+        together = generate(loaded, TEXTS, prompt, cfg_batch)
+        alone = generate(loaded, TEXTS, prompt, cfg_single)
+        assert together == alone
+        assert all(isinstance(t, str) for t in together)
+
+
+def test_prompt_changes_the_output(loaded_all):
+    loaded = loaded_all["llama"]
+    cfg = GenerateConfig(max_new_tokens=6)
+    assert generate(loaded, TEXTS, None, cfg) != generate(loaded, TEXTS, _prompt(1, 6), cfg)
+
+
+def test_sampling_is_seeded(loaded_all):
+    loaded = loaded_all["llama"]
+    cfg = GenerateConfig(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    first = generate(loaded, TEXTS, None, cfg)
+    assert generate(loaded, TEXTS, None, cfg) == first
+    other = GenerateConfig(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=8)
+    assert generate(loaded, TEXTS * 3, None, other) != generate(loaded, TEXTS * 3, None, cfg)
+
+
+def test_generate_options_are_validated():
+    with pytest.raises(ConfigError, match="--top-p"):
+        GenerateConfig(top_p=0)
+    with pytest.raises(ConfigError, match="--temperature"):
+        GenerateConfig(temperature=-1)
+
+
+def test_template_fills_input():
+    assert apply_template("nice", "review : {input}\nsentiment :") == "review : nice\nsentiment :"
+    assert apply_template("nice", "{review} ?") == "nice ?"
+    assert apply_template("nice", None) == "nice"
+
+
+def test_cli_compare_uses_the_prompt_base_model_and_template(tiny_dir, tmp_path, capsys):
+    """`generate --prompt DIR --compare` needs no --model: the artifact names its base."""
+    loaded = load_model(model=str(tiny_dir))
+    save_prompt(
+        tmp_path / "p",
+        _prompt(2),
+        loaded.model,
+        loaded.name,
+        {"template": "review : {input} sentiment :"},
+    )
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "boring book", "target": "negative"}\n' * 3)
+    rc = main(
+        [
+            "generate",
+            "--prompt",
+            str(tmp_path / "p"),
+            "--compare",
+            "--max-new-tokens",
+            "3",
+            "--file",
+            str(data),
+            "--limit",
+            "2",
+            "the movie was great",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("  base    : ") == 3 and out.count("  tuned   : ") == 3
+    assert "[1] the movie was great" in out and "[3] boring book" in out
+    assert out.count("  expected: 'negative'") == 2
+
+
+def test_cli_base_only(tiny_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_dir), "--max-new-tokens", "2", "good"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "  base    : " in out and "tuned" not in out

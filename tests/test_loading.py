@@ -1,0 +1,59 @@
+"""Loading base models: folders, errors for what cannot be loaded, the cache location."""
+
+from __future__ import annotations
+
+import pytest
+
+from softprompt.cli import main
+from softprompt.errors import ModelLoadError
+from softprompt.loading import cache_root, load_model
+
+
+def test_folder_model_loads_frozen(tiny_dir):
+    loaded = load_model(model=str(tiny_dir))
+    assert loaded.name == str(tiny_dir.resolve())
+    assert loaded.hidden_size == 16
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.tokenizer.pad_token_id is not None
+
+
+def test_bfloat16_weights(tiny_dir):
+    import torch
+
+    loaded = load_model(model=str(tiny_dir), dtype="bfloat16")
+    assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./no/such/folder", "model folder ./no/such/folder not found"),
+        ("/tmp/missing-model.gguf", "GGUF file /tmp/missing-model.gguf not found"),
+    ],
+)
+def test_missing_models_are_clear_errors(name, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(model=name)
+
+
+def test_unknown_hub_id_is_one_line_error(capsys):
+    """Offline (as in tests), an unknown hub id fails with advice, not a traceback."""
+    rc = main(["generate", "--model", "no-such-org/no-such-model-xyz", "hello"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cannot load model 'no-such-org/no-such-model-xyz'" in err
+    assert "embedded default" in err and "Traceback" not in err
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_model(model=str(tmp_path / "empty"))
+
+
+def test_cache_root_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.delenv("SOFTPROMPT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "softprompt"

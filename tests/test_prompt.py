@@ -133,3 +133,42 @@ def test_loss_matches_transformers_labels(loaded_all):
     )
     ref = model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
     assert float(loss.detach()) / n == pytest.approx(float(ref.detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("label_first", [False, True])
+def test_shared_prefix_equals_prompt_per_row(loaded_all, arch, label_first):
+    """Running the virtual tokens once per batch and sharing their keys/values gives the
+    loss and prompt gradient of running them in every row (gemma3's sliding window is
+    smaller than the prompt here, so the window crosses the prefix boundary)."""
+    loaded = loaded_all[arch]
+    model, tok = loaded.model, loaded.tokenizer
+    batch = collate(_rows(tok, PAIRS), tok.pad_token_id)
+    if label_first:  # the last virtual token must then predict the first text token
+        batch["labels"][:, 0] = batch["input_ids"][:, 0]
+    results = []
+    for shared in (True, False):
+        prompt = init_prompt(model, tok, PromptConfig(num_virtual_tokens=6, init="random"), seed=4)
+        loss, n = lm_loss(model, prompt, batch, shared_prefix=shared)
+        (loss / n).backward()
+        results.append((loss.detach(), n, prompt.embedding.grad.clone()))
+    assert model._softprompt_shared_prefix is True
+    assert results[0][1] == results[1][1]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_weights_keep_a_float32_prompt_and_close_loss(tiny_dir):
+    """With bfloat16 weights the prompt and its gradient stay float32 and the loss stays
+    close to the float32 model's."""
+    f32 = load_model(model=str(tiny_dir))
+    bf16 = load_model(model=str(tiny_dir), dtype="bfloat16")
+    batch = collate(_rows(f32.tokenizer, PAIRS), f32.tokenizer.pad_token_id)
+    losses = []
+    for loaded in (f32, bf16):
+        prompt = init_prompt(loaded.model, loaded.tokenizer, PromptConfig(num_virtual_tokens=4))
+        loss, n = lm_loss(loaded.model, prompt, batch)
+        (loss / n).backward()
+        assert prompt.embedding.grad.dtype == torch.float32
+        losses.append(float(loss.detach()) / n)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)

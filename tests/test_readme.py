@@ -28,6 +28,8 @@ def _commands() -> list[str]:
             line = line.split("  #")[0].strip()
             if line.startswith("softprompt "):
                 commands.append(line)
+            elif " -m softprompt " in line:  # under accelerate launch / torchrun
+                commands.append("softprompt " + line.split(" -m softprompt ", 1)[1])
     return commands
 
 

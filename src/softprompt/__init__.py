@@ -14,8 +14,10 @@ Names are imported on first use, so ``softprompt --help`` starts without loading
 from __future__ import annotations
 
 import importlib
+import time
 
 __version__ = "0.1.0"
+STARTED = time.time()  # when the package was first imported: the start of a CLI command
 
 _EXPORTS = {
     "DataConfig": "config",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -260,4 +261,6 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
 
 
 def warn(msg: str) -> None:
-    print(f"[softprompt] warning: {msg}", file=sys.stderr, flush=True)
+    """A warning on stderr, from the first process only when there are several."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[softprompt] warning: {msg}", file=sys.stderr, flush=True)

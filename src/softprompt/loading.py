@@ -49,7 +49,9 @@ def cache_root() -> Path:
 
 
 def say(msg: str) -> None:
-    print(f"[softprompt] {msg}", file=sys.stderr, flush=True)
+    """A progress message on stderr, from the first process only when there are several."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[softprompt] {msg}", file=sys.stderr, flush=True)
 
 
 def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:

@@ -111,27 +111,65 @@ def _common_token_ids(tokenizer, model: nn.Module) -> Tensor:
 
 
 def lm_loss(
-    model: nn.Module, prompt: SoftPrompt | None, batch: dict[str, Tensor], fast_head: bool = True
+    model: nn.Module,
+    prompt: SoftPrompt | None,
+    batch: dict[str, Tensor],
+    fast_head: bool = True,
+    shared_prefix: bool = True,
 ) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and their count.
 
-    With ``fast_head`` the LM head runs only where a label exists: for Gemma 3 270M
-    the 262k-word head costs more than the whole body at every other position.
+    Two shortcuts, each checked once per model against the plain path (and skipped where
+    they would change the result):
+    - ``fast_head``: the LM head runs only where a label exists (for Gemma 3 270M the
+      262k-word head costs more than the whole body at every other position);
+    - ``shared_prefix``: the virtual tokens come first and attend only to each other, so
+      they are run once (batch 1) and their keys/values are shared by every row; the
+      gradient flows back through that cache to the prompt.
     """
+    labels = batch["labels"]
+    if prompt is not None and fast_head and shared_prefix and uses_shared_prefix(model):
+        hidden = _hidden_with_shared_prefix(model, prompt, batch)  # (B, 1+T, H)
+        keep = labels != IGNORE_INDEX  # hidden[:, j] predicts labels[:, j]
+        logits = _head(model, hidden[keep])
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
-    mask, labels = batch["attention_mask"], batch["labels"]
+    mask = batch["attention_mask"]
     if prompt is not None:
         embeds, mask, labels = prompt.prepend(embeds, mask, labels)  # (B, N+T, ...)
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T'-1)
-    n_tokens = int(keep.sum())
     if fast_head and uses_fast_head(model):
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = _head(model, hidden[:, :-1][keep])  # (K, V): labelled positions only
     else:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, n_tokens
+    return loss, int(keep.sum())
+
+
+def _hidden_with_shared_prefix(
+    model: nn.Module, prompt: SoftPrompt, batch: dict[str, Tensor]
+) -> Tensor:
+    """Final hidden states that predict each text token: (B, 1+T, H), where column 0 is the
+    last virtual token's state (it predicts the first text token)."""
+    body = model.base_model
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, n = ids.shape[0], prompt.num_virtual_tokens
+    weight = model.get_input_embeddings().weight
+    virtual = prompt.embedding.to(weight.dtype).unsqueeze(0)  # (1, N, H)
+    head = body(inputs_embeds=virtual, use_cache=True)  # the prompt, once
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(b)  # (1, kv, N, d) -> (B, kv, N, d), differentiable
+    full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)  # (B, N+T)
+    text = body(
+        inputs_embeds=embed_tokens(model, ids),
+        attention_mask=full_mask,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B, T, H)
+    last_virtual = head.last_hidden_state[:, -1:].expand(b, 1, -1)  # (B, 1, H)
+    return torch.cat([last_virtual, text[:, :-1]], dim=1)[:, : ids.shape[1]]
 
 
 def _head(model: nn.Module, hidden: Tensor) -> Tensor:
@@ -160,4 +198,34 @@ def uses_fast_head(model: nn.Module) -> bool:
         hidden = model.base_model(input_ids=ids).last_hidden_state
         ok = torch.allclose(_head(model, hidden).float(), full, atol=1e-4, rtol=1e-3)
     model._softprompt_fast_head = ok
+    return ok
+
+
+def uses_shared_prefix(model: nn.Module) -> bool:
+    """Whether the shared-prefix path reproduces the plain path's loss for this model
+    (checked once, on a random prompt and two rows of different length)."""
+    cached = getattr(model, "_softprompt_shared_prefix", None)
+    if cached is not None:
+        return cached
+    ok = False
+    if uses_fast_head(model):
+        device = model.get_input_embeddings().weight.device
+        hidden = model.get_input_embeddings().weight.shape[1]
+        gen = torch.Generator().manual_seed(0)
+        prompt = SoftPrompt(torch.randn(3, hidden, generator=gen)).to(device)
+        ids = torch.arange(1, 13, device=device).view(2, 6)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        try:
+            with torch.no_grad():
+                model._softprompt_shared_prefix = True
+                fast, _ = lm_loss(model, prompt, batch)
+                model._softprompt_shared_prefix = False
+                plain, _ = lm_loss(model, prompt, batch)
+            ok = bool(torch.allclose(fast, plain, rtol=1e-3, atol=1e-4))
+        except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
+            ok = False  # an architecture whose cache cannot be shared this way
+    model._softprompt_shared_prefix = ok
     return ok

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+import softprompt
 from softprompt.artifacts import META, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -36,7 +38,7 @@ from softprompt.data import (
 from softprompt.errors import ConfigError, TrainingError
 from softprompt.evaluate import evaluate_loss
 from softprompt.loading import LoadedModel, load_model, say
-from softprompt.prompt import IGNORE_INDEX, SoftPrompt, init_prompt, lm_loss
+from softprompt.prompt import IGNORE_INDEX, SoftPrompt, init_prompt, lm_loss, uses_shared_prefix
 from softprompt.report import MetricsLog, plot_metrics
 
 # Settings that may change between a run and its --resume (the rest must match).
@@ -68,9 +70,11 @@ def train(
     cfg: TrainConfig, loaded: LoadedModel | None = None, progress: bool = True
 ) -> TrainResult:
     """Train a soft prompt as ``cfg`` says and save it to ``cfg.output``."""
-    accelerator = Accelerator()
+    # One process, or one of many under `accelerate launch` / torchrun. Without a GPU,
+    # accelerate uses gloo across CPU processes only when told cpu=True.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     train_ex, val_ex = _load_examples(cfg)  # bad data fails before anything slow or written
-    output = _prepare_output(cfg)
+    output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     loaded = loaded or load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -89,8 +93,9 @@ def train(
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
-    prompt, optimizer = accelerator.prepare(prompt, optimizer)
-    core = accelerator.unwrap_model(prompt)
+    # Not wrapped in DDP: the gradient is all-reduced by hand in _forward_backward, which
+    # keeps one code path (and the shared prefix) for one process or many.
+    core = prompt.to(accelerator.device)
 
     state, best = RunState(), core.embedding.detach().clone()
     log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
@@ -141,21 +146,16 @@ def train(
         disable=not (progress and accelerator.is_main_process),
         dynamic_ncols=True,
     )
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen, step_loss = time.perf_counter(), 0, math.nan
     lengths = [len(r.input_ids) for r in train_rows]
     while state.epoch < n_epochs and state.step < total_steps and not state.stop_reason:
         order = batch_order(lengths, cfg.batch_size, cfg.seed, state.epoch)
         groups = [order[i : i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
         while state.group < len(groups) and state.step < total_steps and not state.stop_reason:
             group = [[train_rows[i] for i in b] for b in groups[state.group]]
-            n_tok = sum(_label_count(rows) for rows in group)
-            loss_sum, t0 = 0.0, time.perf_counter()
-            for rows in group:
-                batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
-                loss, _ = lm_loss(model, core, batch)
-                accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
-                loss_sum += float(loss.detach())
-                tokens_seen += int(batch["attention_mask"].sum())
+            t0 = time.perf_counter()
+            loss_sum, n_tok, processed = _forward_backward(accelerator, model, core, group, pad_id)
+            tokens_seen += processed
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad()
                 _stop_non_finite(cfg, output, state, core, best, loaded, data_info, log)
@@ -165,6 +165,8 @@ def train(
             optimizer.zero_grad()
             state.step, state.group = state.step + 1, state.group + 1
             step_loss = loss_sum / max(n_tok, 1)
+            if "first_step_s" not in state.extra:  # cold start: command -> first step done
+                state.extra["first_step_s"] = round(time.time() - softprompt.STARTED, 2)
             log.write(
                 kind="train",
                 step=state.step,
@@ -197,15 +199,32 @@ def train(
     if accelerator.is_main_process:
         _save_artifact(output, cfg, core, initial, loaded, data_info, summary)
         plot_metrics(output / "metrics.jsonl", output / "loss.png")
-    say(_closing_line(summary, output))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        say(_closing_line(summary, output))
     return TrainResult(output=output, prompt=core, summary=summary)
 
 
 # --- set-up ---------------------------------------------------------------------------
 
 
-def _prepare_output(cfg: TrainConfig) -> Path:
+def _prepare_output(cfg: TrainConfig, accelerator: Accelerator) -> Path:
+    """The main process checks and prepares the folder; every process learns the verdict."""
     output = Path(cfg.output or time.strftime("runs/softprompt-%Y%m%d-%H%M%S"))
+    verdict = [""]
+    if accelerator.is_main_process:
+        try:
+            _check_output(cfg, output)
+        except ConfigError as err:
+            verdict = [str(err)]
+    if accelerator.num_processes > 1:
+        verdict = broadcast_object_list(verdict)
+    if verdict[0]:
+        raise ConfigError(verdict[0])
+    return output
+
+
+def _check_output(cfg: TrainConfig, output: Path) -> None:
     has_run = any((output / name).exists() for name in (META, CKPT_FOLDER, "metrics.jsonl"))
     if cfg.resume:
         if not (output / CKPT_FOLDER).is_dir():
@@ -218,7 +237,6 @@ def _prepare_output(cfg: TrainConfig) -> Path:
             )
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    return output
 
 
 def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
@@ -255,9 +273,50 @@ def _label_count(rows: list[Row]) -> int:
     return sum(sum(1 for x in r.labels if x != IGNORE_INDEX) for r in rows)
 
 
+def _forward_backward(
+    accelerator: Accelerator, model, prompt: SoftPrompt, group: list[list[Row]], pad_id: int
+) -> tuple[float, int, int]:
+    """Forward and backward for one optimizer step over ``group`` (its micro-batches).
+
+    Each of the P processes takes rows rank, rank+P, ... of every micro-batch; the loss is
+    divided by the label tokens of *all* rows, and the gradients are summed across
+    processes, so P processes make the same step as one. Returns (summed loss, label
+    tokens, positions the body ran), each over all processes.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    n_tok = sum(_label_count(rows) for rows in group)  # the whole step's denominator
+    loss_sum = torch.zeros((), device=accelerator.device)
+    processed = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for rows in group:
+        mine = rows[rank::world]
+        if not mine:
+            continue
+        batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
+        loss, _ = lm_loss(model, prompt, batch)
+        accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
+        loss_sum += loss.detach()
+        processed += _processed_tokens(model, batch, prompt.num_virtual_tokens)
+    if world > 1:
+        if prompt.embedding.grad is None:  # no rows here this step: contribute zeros
+            prompt.embedding.grad = torch.zeros_like(prompt.embedding)
+        prompt.embedding.grad = accelerator.reduce(prompt.embedding.grad, "sum")
+        loss_sum, processed = (
+            accelerator.reduce(loss_sum, "sum"),
+            accelerator.reduce(processed, "sum"),
+        )
+    return float(loss_sum), n_tok, int(processed)
+
+
+def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
+    """Positions the model body ran: padded text, plus the virtual tokens (once per batch
+    when they are shared, else once per row)."""
+    rows, width = batch["input_ids"].shape
+    return rows * width + (n_virtual if uses_shared_prefix(model) else rows * n_virtual)
+
+
 def _clip(accelerator: Accelerator, prompt: SoftPrompt, max_norm: float | None) -> float:
     if max_norm:
-        return float(accelerator.clip_grad_norm_(prompt.parameters(), max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(prompt.parameters(), max_norm))
     return float(prompt.embedding.grad.norm()) if prompt.embedding.grad is not None else 0.0
 
 
@@ -351,6 +410,8 @@ def _summary(state: RunState, log: MetricsLog, elapsed: float, tokens: int) -> d
         "best_step": state.best_step,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "train_seconds": round(elapsed, 2),
+        "tokens": tokens,
+        "first_step_s": state.extra.get("first_step_s"),
         "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "stop_reason": state.stop_reason or "finished",
     }

@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end (on a tiny model: this checks they work, not speed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_quick_runs(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_train.py"),
+            "--quick",
+            "--model",
+            str(tiny_dir),
+            "--train-examples",
+            "16",
+            "--test-examples",
+            "8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert "matmul peak: float32" in text
+    assert "| peft |" in text and "| softprompt |" in text and "| softprompt-bf16 |" in text
+    assert "PEFT recipe / softprompt wall time =" in text
+    assert "alone: LM head only at labels" in text
+    import json
+
+    results = json.loads(out.read_text())
+    assert 0.0 <= results["softprompt"]["test_accuracy"] <= 1.0
+    assert results["peft"]["peak_rss_mb"] > 0

@@ -30,7 +30,7 @@ from softprompt.loading import LoadedModel
 from softprompt.prompt import SoftPrompt, embed_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # holds tensors: compare by identity
 class PromptPrefix:
     """A soft prompt compiled for one model: its embeddings and per-layer keys/values."""
 

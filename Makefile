@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve]"
 	touch $@
 
 demo: $(VENV)/.installed

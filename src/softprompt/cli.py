@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from softprompt import __version__
-from softprompt.config import GenerateConfig, ModelConfig, TrainConfig, flat_fields
+from softprompt.config import GenerateConfig, ModelConfig, ServeConfig, TrainConfig, flat_fields
 from softprompt.errors import SoftpromptError
 
 _TYPES = {"str": str, "int": int, "float": float}
@@ -133,7 +133,23 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_config_args(gen, GenerateConfig)
     gen.set_defaults(func=cmd_generate)
+    _add_serve(sub, fmt)
     return parser
+
+
+def _add_serve(sub, fmt) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve many prompts from one model over an OpenAI-compatible HTTP API",
+        formatter_class=fmt,
+        description="Serve the base model and every prompt in --prompts (one sub-folder each, "
+        "named by the API's `model`) with dynamic batching across prompts. Endpoints: "
+        "/v1/models, /v1/completions, /v1/chat/completions, /v1/prompts/NAME (POST loads, "
+        "DELETE unloads), /v1/rescan, /health, /metrics.\n\nExample:\n  softprompt serve "
+        "--prompts runs --port 8000",
+    )
+    add_config_args(serve, ServeConfig)
+    serve.set_defaults(func=cmd_serve)
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -177,6 +193,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     tuned = generate(loaded, texts, prompt, cfg, template) if prompt is not None else None
     base = generate(loaded, texts, None, cfg, template) if (ns.compare or prompt is None) else None
     _print_generations(texts, base, tuned, expected)
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from softprompt.serve import serve
+
+    serve(build_config(ServeConfig, ns))
     return 0
 
 

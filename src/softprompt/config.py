@@ -217,6 +217,41 @@ class GenerateConfig:
             raise ConfigError("--batch-size must be at least 1")
 
 
+@dataclass
+class ServeConfig:
+    """Settings of `softprompt serve`."""
+
+    prompts: str = opt(
+        "",
+        "Folder of saved prompts, one sub-folder each; the sub-folder's name is the prompt's "
+        "model name in the API.",
+        required=True,
+    )
+    model: str | None = opt(
+        None,
+        "Base model (a hub id, folder, .gguf or 'embedded'). Default: the model the prompts "
+        "were trained on, else 'embedded'.",
+    )
+    dtype: str = opt("float32", "Precision of the base model's weights.", choices=DTYPE_CHOICES)
+    host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 accepts other machines).")
+    port: int = opt(8000, "Port to listen on.")
+    max_batch_size: int = opt(16, "Most rows generated together; also most prompts per request.")
+    batch_wait_ms: float = opt(5.0, "How long a batch waits for more requests, in milliseconds.")
+    max_prompt_tokens: int = opt(2048, "Longest input accepted (virtual tokens included).")
+    max_tokens: int = opt(512, "Largest max_tokens a request may ask for.")
+    max_queue: int = opt(256, "Most rows waiting; requests beyond it get 429.")
+    allow_mismatch: bool = opt(False, "Load prompts trained for another base model.")
+
+    def __post_init__(self) -> None:
+        for flag in ("port", "max_batch_size", "max_prompt_tokens", "max_tokens", "max_queue"):
+            if getattr(self, flag) < (0 if flag == "port" else 1):
+                raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+        if self.batch_wait_ms < 0:
+            raise ConfigError("--batch-wait-ms must be 0 or more")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}")
+
+
 def flat_fields(cls) -> list:
     """The leaf fields of a config, nested configs expanded (for the CLI)."""
     out = []

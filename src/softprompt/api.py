@@ -1,0 +1,301 @@
+"""The OpenAI-compatible routes of `softprompt serve` (FastAPI).
+
+Bodies are validated by pydantic; every error, ours or the framework's, is answered as
+``{"error": {"message": ..., "type": ..., "code": ...}}`` with a 4xx status when the
+client can fix it. A request never reaches the model before it passed every limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from softprompt.batcher import Batcher
+from softprompt.batcher import Request as Row
+from softprompt.config import ServeConfig
+from softprompt.generation import apply_template
+from softprompt.loading import LoadedModel
+from softprompt.serve import BASE, ApiError, Entry, PromptStore
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields we do not use
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+@dataclass
+class ServerState:
+    loaded: LoadedModel
+    cfg: ServeConfig
+    store: PromptStore
+    batcher: Batcher
+    started: int
+
+
+def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
+    """The app with its prompt store and batcher (``app.state.softprompt``); no prompt loaded."""
+    app = FastAPI(title="softprompt", version="1")
+    batcher = Batcher(loaded, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue)
+    store = PromptStore(cfg.prompts, loaded, cfg.allow_mismatch)
+    state = ServerState(loaded, cfg, store, batcher, int(time.time()))
+    app.state.softprompt = state
+    _add_error_handlers(app)
+    _add_admin_routes(app, state)
+    _add_generation_routes(app, state)
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return _error(err.status, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return _error(400, "the body is not valid JSON")
+        return _error(400, f"{where or 'body'}: {first.get('msg')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, err: Exception):
+        return _error(500, f"internal error: {type(err).__name__}: {err}")
+
+
+def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "base_model": state.loaded.name,
+            "prompts": len(state.store.entries()),
+            "queue_length": state.batcher.queue_length(),
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        m = state.batcher.metrics
+        lines = [
+            ("requests_total", m.requests),
+            ("failed_requests_total", m.failed_requests),
+            ("prompt_tokens_total", m.prompt_tokens),
+            ("completion_tokens_total", m.completion_tokens),
+            ("batches_total", m.batches),
+            ("batch_rows_total", m.batch_rows),
+            ("queue_length", state.batcher.queue_length()),
+            ("prompts_loaded", len(state.store.entries())),
+        ]
+        return "".join(f"softprompt_{name} {value}\n" for name, value in lines)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [_model_card(BASE, state.started, state.loaded.name)]
+        data += [_model_card(e.name, e.loaded_at, BASE) for e in state.store.entries()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/prompts/{name}")
+    def add_prompt(name: str):  # sync: compiling runs in the thread pool
+        entry = state.store.load(name)
+        return {"loaded": entry.name, "num_virtual_tokens": entry.prefix.length}
+
+    @app.delete("/v1/prompts/{name}")
+    def remove_prompt(name: str):
+        state.store.remove(name)
+        return {"removed": name}
+
+    @app.post("/v1/rescan")
+    def rescan():
+        return state.store.rescan()
+
+
+def _model_card(name: str, created: int, parent: str) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "softprompt",
+            "root": parent}  # fmt: skip
+
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts or len(texts) > state.cfg.max_batch_size:
+            raise ApiError(400, f"give 1 to {state.cfg.max_batch_size} prompts per request")
+        if body.stream and len(texts) > 1:
+            raise ApiError(400, "stream supports one prompt per request")
+        entry = _entry(state, body.model)
+        template = entry.template if entry else None
+        ids = [_tokens(state, apply_template(t, template), True) for t in texts]
+        rows = _rows(state, body, ids, entry, body.max_tokens or 16)
+        return await _answer(state, body, rows, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody):
+        entry = _entry(state, body.model)
+        text, special = _chat_text(state.loaded.tokenizer, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, state.cfg.max_tokens)
+        rows = _rows(state, body, [_tokens(state, text, special)], entry, max_tokens)
+        return await _answer(state, body, rows, chat=True)
+
+
+def _entry(state: ServerState, model: str) -> Entry | None:
+    if model in (BASE, state.loaded.name):
+        return None
+    entry = state.store.get(model)
+    if entry is None:
+        raise ApiError(
+            404,
+            f"model {model!r} not found: GET /v1/models lists the loaded ones; "
+            "POST /v1/rescan loads prompts added to the folder",
+        )
+    return entry
+
+
+def _tokens(state: ServerState, text: str, special: bool) -> list[int]:
+    return state.loaded.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _chat_text(tokenizer, messages: list[Message]) -> tuple[str, bool]:
+    """The conversation as one text (the tokenizer's chat template if it has one), and
+    whether tokenizing it should add special tokens (a chat template writes its own)."""
+    plain = []
+    for m in messages:
+        content = m.content or ""
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        plain.append({"role": m.role, "content": content})
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        return text, False
+    return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:", True
+
+
+def _rows(
+    state: ServerState, body: _Body, ids: list[list[int]], entry: Entry | None, max_tokens: int
+) -> list[Row]:
+    """Batcher rows for one request, after every limit has been checked."""
+    cfg = state.cfg
+    if max_tokens > cfg.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit {cfg.max_tokens}")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop takes at most 4 non-empty strings")
+    n_virtual = entry.prefix.length if entry else 0
+    positions = getattr(state.loaded.model.config, "max_position_embeddings", None)
+    for row in ids:
+        length = n_virtual + len(row)
+        if len(row) == 0:
+            raise ApiError(400, "the prompt is empty (no tokens)")
+        if length > cfg.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt is {length} tokens; this server's limit is {cfg.max_prompt_tokens}",
+            )
+        if positions and length + max_tokens > positions:
+            raise ApiError(400, f"prompt + max_tokens exceed the model's {positions} positions")
+    loop = asyncio.get_running_loop()
+    return [
+        Row(r, entry.prefix if entry else None, max_tokens, body.temperature, body.top_p, stop,
+            state.loaded.tokenizer, loop)
+        for r in ids
+    ]  # fmt: skip
+
+
+async def _answer(state: ServerState, body: _Body, rows: list[Row], chat: bool):
+    state.batcher.metrics.add(requests=1)
+    if not state.batcher.submit(rows):
+        state.batcher.metrics.add(failed_requests=1)
+        raise ApiError(429, f"the server is busy ({state.cfg.max_queue} rows queued); retry later")
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if body.stream:
+        return StreamingResponse(
+            _stream(rows[0], body.model, rid, chat), media_type="text/event-stream"
+        )
+    for row in rows:
+        while (event := await row.events.get())[0] == "text":
+            pass
+        if event[0] == "error":
+            raise ApiError(500, event[1])
+    choices = [_choice(i, r.text, r.finish_reason, chat) for i, r in enumerate(rows)]
+    prompt_tokens = sum(len(r.ids) for r in rows)
+    completion_tokens = sum(len(r.tokens) for r in rows)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    kind = "chat.completion" if chat else "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
+            "choices": choices, "usage": usage}  # fmt: skip
+
+
+def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict:
+    if chat:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+async def _stream(row: Row, model: str, rid: str, chat: bool):
+    """Server-sent events as OpenAI sends them: one chunk per text delta, then [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": text} if text is not None else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        payload = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+                   "choices": [choice]}  # fmt: skip
+        return f"data: {json.dumps(payload)}\n\n"
+
+    while True:
+        event, value = await row.events.get()
+        if event == "text":
+            yield chunk(value, None)
+        elif event == "done":
+            yield chunk(None, value)
+            break
+        else:  # the status line is sent already: report the error in the stream
+            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+            break
+    yield "data: [DONE]\n\n"

@@ -12,7 +12,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from softprompt import __version__
-from softprompt.config import GenerateConfig, ModelConfig, TrainConfig, flat_fields
+from softprompt.config import (
+    EvalConfig,
+    GenerateConfig,
+    ModelConfig,
+    TrainConfig,
+    flat_fields,
+)
 from softprompt.errors import SoftpromptError
 
 _TYPES = {"str": str, "int": int, "float": float}
@@ -133,7 +139,29 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_config_args(gen, GenerateConfig)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure a prompt or the base model: loss, choice accuracy, generations",
+        formatter_class=fmt,
+        description="Measure the base model, or the base model with a trained prompt, on a data "
+        "file: loss and perplexity of the targets, accuracy/macro-F1/confusion matrix with "
+        "--choices, exact match and chrF with --generate; few-shot baselines with --shots.\n\n"
+        "Example:\n  softprompt eval --prompt runs/sentiment --data "
+        "examples/sentiment/test.jsonl --input-field review --target-field label "
+        "--choices negative,positive --output runs/sentiment-eval",
+    )
+    add_config_args(ev, EvalConfig, skip=("validation", "val_fraction"))
+    ev.set_defaults(func=cmd_eval)
     return parser
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from softprompt.eval_run import format_table, run_eval
+
+    results = run_eval(build_config(EvalConfig, ns))
+    print(format_table(results))
+    return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

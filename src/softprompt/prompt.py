@@ -111,12 +111,18 @@ def _common_token_ids(tokenizer, model: nn.Module) -> Tensor:
 
 
 def lm_loss(
-    model: nn.Module, prompt: SoftPrompt | None, batch: dict[str, Tensor], fast_head: bool = True
+    model: nn.Module,
+    prompt: SoftPrompt | None,
+    batch: dict[str, Tensor],
+    fast_head: bool = True,
+    choice_ids: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and their count.
 
     With ``fast_head`` the LM head runs only where a label exists: for Gemma 3 270M
     the 262k-word head costs more than the whole body at every other position.
+    With ``choice_ids`` (C,) (classification mode) only each row's first labelled position
+    counts, and its softmax runs over the choices' first tokens alone.
     """
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask, labels = batch["attention_mask"], batch["labels"]
@@ -124,13 +130,19 @@ def lm_loss(
         embeds, mask, labels = prompt.prepend(embeds, mask, labels)  # (B, N+T, ...)
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T'-1)
+    if choice_ids is not None:  # the answer's first token only: one position per row
+        keep = keep & (keep.cumsum(dim=1) == 1)
     n_tokens = int(keep.sum())
     if fast_head and uses_fast_head(model):
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = _head(model, hidden[:, :-1][keep])  # (K, V): labelled positions only
     else:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    gold = targets[keep]
+    if choice_ids is not None:
+        logits = logits[:, choice_ids]  # (K, C)
+        gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
+    loss = F.cross_entropy(logits.float(), gold, reduction="sum")
     return loss, n_tokens
 
 

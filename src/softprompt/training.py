@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 from softprompt.artifacts import META, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, parse_choices
 from softprompt.data import (
     Example,
     Row,
@@ -34,7 +34,7 @@ from softprompt.data import (
     tokenize,
 )
 from softprompt.errors import ConfigError, TrainingError
-from softprompt.evaluate import evaluate_loss
+from softprompt.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
 from softprompt.loading import LoadedModel, load_model, say
 from softprompt.prompt import IGNORE_INDEX, SoftPrompt, init_prompt, lm_loss
 from softprompt.report import MetricsLog, plot_metrics
@@ -77,6 +77,9 @@ def train(
     model.to(accelerator.device)
     train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer)
     pad_id = tokenizer.pad_token_id
+    choice_ids = _choice_ids(
+        cfg, tokenizer, train_rows + val_rows, train_ex + val_ex, accelerator.device
+    )
 
     # The prompt, its optimizer and the schedule.
     prompt = init_prompt(model, tokenizer, cfg.prompt, seed=cfg.seed)
@@ -102,12 +105,12 @@ def train(
     def validate() -> float | None:
         if not val_rows:
             return None
-        result = evaluate_loss(model, core, val_rows, cfg.batch_size, pad_id)
+        result = evaluate_loss(model, core, val_rows, cfg.batch_size, pad_id, choice_ids)
         log.write(kind="val", step=state.step, epoch=state.epoch, **result)
         return result["loss"]
 
     if state.step == 0 and val_rows:  # the before: base model alone, and the initial prompt
-        base = evaluate_loss(model, None, val_rows, cfg.batch_size, pad_id)
+        base = evaluate_loss(model, None, val_rows, cfg.batch_size, pad_id, choice_ids)
         log.write(kind="base", step=0, **base)
         state.extra["base_val_loss"] = base["loss"]
         state.extra["initial_val_loss"] = validate()
@@ -148,11 +151,11 @@ def train(
         groups = [order[i : i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
         while state.group < len(groups) and state.step < total_steps and not state.stop_reason:
             group = [[train_rows[i] for i in b] for b in groups[state.group]]
-            n_tok = sum(_label_count(rows) for rows in group)
+            n_tok = sum(_label_count(rows, choice_ids is not None) for rows in group)
             loss_sum, t0 = 0.0, time.perf_counter()
             for rows in group:
                 batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
-                loss, _ = lm_loss(model, core, batch)
+                loss, _ = lm_loss(model, core, batch, choice_ids=choice_ids)
                 accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
                 loss_sum += float(loss.detach())
                 tokens_seen += int(batch["attention_mask"].sum())
@@ -249,10 +252,24 @@ def _tokenize(
     return train_rows, val_rows, info
 
 
-def _label_count(rows: list[Row]) -> int:
+def _label_count(rows: list[Row], first_only: bool = False) -> int:
     # Labels at position 0 are never predicted (nothing comes before them but the prompt's
     # last virtual token, which does predict them), so every label counts.
+    if first_only:  # classification mode: one answer position per row
+        return len(rows)
     return sum(sum(1 for x in r.labels if x != IGNORE_INDEX) for r in rows)
+
+
+def _choice_ids(
+    cfg: TrainConfig, tokenizer, rows: list[Row], examples: list[Example], device
+) -> torch.Tensor | None:
+    """(C,) first-token ids of --choices for the restricted loss, or None for the full one."""
+    if cfg.choices is None or cfg.choice_loss == "full":
+        return None
+    ids = choice_first_ids(tokenizer, parse_choices(cfg.choices), cfg.data.target_delimiter)
+    check_choice_targets(rows, examples, ids)
+    say(f"classification mode: loss over the first tokens of {cfg.choices} only")
+    return torch.tensor(ids, device=device)
 
 
 def _clip(accelerator: Accelerator, prompt: SoftPrompt, max_norm: float | None) -> float:

@@ -120,8 +120,10 @@ def test_restricted_loss_is_a_softmax_over_the_choices(tiny):
 
 def test_few_shot_k_shrinks_to_fit_the_context(tiny):
     tok = tiny.tokenizer
-    train = [Example(f"review : {w} film sentiment :", lab, "t") for w, lab in
-             [("great", "positive"), ("bad", "negative")] * 5]  # fmt: skip
+    train = [
+        Example(f"review : {w} film sentiment :", lab, "t")
+        for w, lab in [("great", "positive"), ("bad", "negative")] * 5
+    ]
     query = [Example("review : boring book sentiment :", "negative", "q")]
     got, k = few_shot(query, train, tok, k=4, context=512)
     assert k == 4 and got[0].source.count("sentiment :") == 5
@@ -134,11 +136,16 @@ def test_run_eval_writes_results_and_predictions(tiny_dir, pairs_file, tmp_path)
     cfg = EvalConfig(
         model=ModelConfig(model=str(tiny_dir)),
         data=DataConfig(
-            data=str(pairs_file), input_field="review", target_field="label",
+            data=str(pairs_file),
+            input_field="review",
+            target_field="label",
             template="review : {input} sentiment :",
         ),
-        choices="negative,positive", generate=True, max_new_tokens=3, output=str(tmp_path / "ev"),
-    )  # fmt: skip
+        choices="negative,positive",
+        generate=True,
+        max_new_tokens=3,
+        output=str(tmp_path / "ev"),
+    )
     results = run_eval(cfg)
     m = results["metrics"]
     assert m["examples"] == 12 and 0 <= m["accuracy"] <= 1 and m["loss"] > 0
@@ -156,10 +163,26 @@ def test_run_eval_writes_results_and_predictions(tiny_dir, pairs_file, tmp_path)
 
 def test_eval_cli_prints_a_table(tiny_dir, pairs_file, capsys):
     code = main(
-        ["eval", "--model", str(tiny_dir), "--data", str(pairs_file), "--input-field", "review",
-         "--target-field", "label", "--choices", "negative,positive", "--shots", "2",
-         "--shots-data", str(pairs_file), "--limit", "4"]
-    )  # fmt: skip
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(pairs_file),
+            "--input-field",
+            "review",
+            "--target-field",
+            "label",
+            "--choices",
+            "negative,positive",
+            "--shots",
+            "2",
+            "--shots-data",
+            str(pairs_file),
+            "--limit",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "accuracy" in out and "macro-F1" in out and "gold \\ pred" in out

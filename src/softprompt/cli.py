@@ -13,6 +13,7 @@ from pathlib import Path
 
 from softprompt import __version__
 from softprompt.config import (
+    CompareConfig,
     EvalConfig,
     GenerateConfig,
     ModelConfig,
@@ -153,7 +154,56 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_config_args(ev, EvalConfig, skip=("validation", "val_fraction"))
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning side by side",
+        formatter_class=fmt,
+        description="Run zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning on the "
+        "same train and test data and write report.md and a self-contained report.html with "
+        "quality, trainable parameters, training time, peak memory, artifact size and inference "
+        "cost per example.\n\nExample:\n  softprompt compare --data "
+        "examples/sentiment/train.jsonl --validation examples/sentiment/validation.jsonl "
+        "--test examples/sentiment/test.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 30 "
+        "--output runs/compare",
+    )
+    add_config_args(cmp, CompareConfig)
+    cmp.set_defaults(func=cmd_compare)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="nearest vocabulary tokens, norms and drift of a trained prompt",
+        description="Show, per virtual token of a trained prompt, its nearest vocabulary tokens "
+        "(cosine), its norm against the real tokens' norms, and its drift from the initial value.",
+    )
+    ins.add_argument("prompt_dir", metavar="DIR", help="folder of a trained prompt")
+    ins.add_argument("--top-k", type=int, default=5, help="nearest tokens shown (default: 5)")
+    ins.add_argument("--model", default=None, help="base model (default: the prompt's own)")
+    ins.set_defaults(func=cmd_inspect)
     return parser
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from softprompt.compare import run_compare
+
+    output = run_compare(build_config(CompareConfig, ns))
+    print((output / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {output / 'report.html'}")
+    return 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    from softprompt.artifacts import read_meta
+    from softprompt.inspection import format_inspection, inspect_prompt
+    from softprompt.loading import load_model
+
+    if ns.top_k < 1:
+        raise SoftpromptError("--top-k must be at least 1")
+    meta = read_meta(ns.prompt_dir)
+    loaded = load_model(ModelConfig(model=ns.model or _base_model_of(meta, ns.prompt_dir)))
+    print(format_inspection(inspect_prompt(loaded, ns.prompt_dir, ns.top_k)))
+    return 0
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

@@ -305,3 +305,51 @@ class EvalConfig:
             raise ConfigError("--batch-size, --max-new-tokens must be >= 1 and --context >= 8")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1")
+
+
+COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full-ft")
+
+
+@dataclass
+class CompareConfig:
+    """Everything `softprompt compare` needs: one data set, five ways to adapt a model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    test: str = opt("", "Test data, same format as --data: every method is measured on it.")
+    output: str = opt("", "Folder for report.md, report.html, metrics.jsonl and artifacts.")
+    choices: str | None = opt(
+        None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
+    )
+    methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
+    steps: int = opt(30, "Step budget of every trained method (prompt tuning, LoRA, full FT).")
+    batch_size: int = opt(8, "Rows per step for the trained methods, and per scoring pass.")
+    shots: int = opt(8, "Few-shot: examples in the hard prompt (fewer if they do not fit).")
+    context: int = opt(1024, "Most tokens per scored row, few-shot examples included.")
+    num_virtual_tokens: int = opt(20, "Prompt tuning: number of virtual tokens.")
+    prompt_lr: float = opt(3e-2, "Prompt tuning: learning rate.")
+    lora_r: int = opt(8, "LoRA: rank of the adapters on every linear layer.")
+    lora_lr: float = opt(1e-3, "LoRA: learning rate.")
+    full_lr: float = opt(2e-5, "Full fine-tuning: learning rate.")
+    limit: int | None = opt(None, "Use only the first N test examples.")
+    seed: int = opt(0, "Seed for every method.")
+    overwrite: bool = opt(False, "Replace an earlier comparison in --output.")
+
+    def __post_init__(self) -> None:
+        if not self.data.data or not self.test:
+            raise ConfigError("compare needs --data (training) and --test files")
+        if not self.output:
+            raise ConfigError("--output is required: the folder for the report")
+        bad = [m for m in self.method_list() if m not in COMPARE_METHODS]
+        if bad or not self.method_list():
+            raise ConfigError(
+                f"--methods: unknown {', '.join(bad) or 'empty list'}; choose from "
+                + ", ".join(COMPARE_METHODS)
+            )
+        if self.choices is not None:
+            parse_choices(self.choices)
+        if min(self.steps, self.batch_size, self.num_virtual_tokens, self.lora_r) < 1:
+            raise ConfigError("--steps, --batch-size, --num-virtual-tokens, --lora-r must be >= 1")
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]

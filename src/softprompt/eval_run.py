@@ -51,9 +51,16 @@ def evaluate_examples(
     if choices:
         kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size}
         (preds, scores), seconds = timed(
-            classify, model, tok, prompt, sources, choices, delimiter=delimiter,
-            max_tokens=cfg.context - n_virtual, **kwargs,
-        )  # fmt: skip
+            classify,
+            model,
+            tok,
+            prompt,
+            sources,
+            choices,
+            delimiter=delimiter,
+            max_tokens=cfg.context - n_virtual,
+            **kwargs,
+        )
         result["seconds_per_example"] = seconds / len(examples)
         if all(g is not None for g in golds):
             result.update(classification_metrics(golds, preds, choices))
@@ -91,9 +98,14 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
 
         demos = load_examples(cfg.shots_data, cfg.data)
         examples, shots_used = few_shot(
-            examples, demos, loaded.tokenizer, cfg.shots, cfg.context,
-            cfg.data.target_delimiter, cfg.seed,
-        )  # fmt: skip
+            examples,
+            demos,
+            loaded.tokenizer,
+            cfg.shots,
+            cfg.context,
+            cfg.data.target_delimiter,
+            cfg.seed,
+        )
         say(f"few-shot: {shots_used} examples in the hard prompt (asked for {cfg.shots})")
     choices = parse_choices(cfg.choices) if cfg.choices else None
     metrics, records = evaluate_examples(loaded, prompt, examples, cfg, choices)

@@ -17,6 +17,7 @@ from softprompt.config import (
     EvalConfig,
     GenerateConfig,
     ModelConfig,
+    SweepConfig,
     TrainConfig,
     flat_fields,
 )
@@ -181,7 +182,30 @@ def make_parser() -> argparse.ArgumentParser:
     ins.add_argument("--top-k", type=int, default=5, help="nearest tokens shown (default: 5)")
     ins.add_argument("--model", default=None, help="base model (default: the prompt's own)")
     ins.set_defaults(func=cmd_inspect)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="try a small grid of learning rates, initialisations and prompt lengths",
+        formatter_class=fmt,
+        description="Train one short run per recipe (prompt length x init x learning rate) and "
+        "rank them on validation data: accuracy with --choices, exact match/chrF with "
+        "--generate, else validation loss. Writes sweep.md and sweep.jsonl.\n\nExample:\n  "
+        "softprompt sweep --data examples/sentiment/train.jsonl --validation "
+        "examples/sentiment/validation.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 20 "
+        "--output runs/sweep",
+    )
+    add_config_args(sw, SweepConfig)
+    sw.set_defaults(func=cmd_sweep)
     return parser
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from softprompt.sweep import format_sweep, run_sweep
+
+    rows = run_sweep(build_config(SweepConfig, ns))
+    print(format_sweep(rows))
+    return 0
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
@@ -200,6 +224,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
     if ns.top_k < 1:
         raise SoftpromptError("--top-k must be at least 1")
+    if not Path(ns.prompt_dir).is_dir():
+        raise SoftpromptError(f"{ns.prompt_dir} is not a folder; give the --output of a train run")
     meta = read_meta(ns.prompt_dir)
     loaded = load_model(ModelConfig(model=ns.model or _base_model_of(meta, ns.prompt_dir)))
     print(format_inspection(inspect_prompt(loaded, ns.prompt_dir, ns.top_k)))

@@ -353,3 +353,44 @@ class CompareConfig:
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+@dataclass
+class SweepConfig:
+    """Everything `softprompt sweep` needs: a small grid of prompt-tuning recipes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: str = opt("", "Folder for one run per recipe, sweep.jsonl and sweep.md.")
+    lrs: str = opt("3e-3,3e-2,3e-1", "Comma-separated learning rates to try.")
+    inits: str = opt("vocab,random", "Comma-separated initialisations to try.")
+    lengths: str = opt("20", "Comma-separated prompt lengths (virtual tokens) to try.")
+    steps: int = opt(30, "Optimizer steps per recipe (validated at the end).")
+    batch_size: int = opt(8, "Rows per step.")
+    choices: str | None = opt(
+        None, "Classification: label words; recipes are also ranked by validation accuracy."
+    )
+    generate: bool = opt(
+        False, "Generation task: also score greedy answers on validation (exact match, chrF)."
+    )
+    seed: int = opt(0, "Seed of every run.")
+    overwrite: bool = opt(False, "Replace an earlier sweep in --output.")
+
+    def __post_init__(self) -> None:
+        if not self.data.data or not self.output:
+            raise ConfigError("sweep needs --data and --output")
+        try:
+            lrs = [float(x) for x in self.lrs.split(",")]
+            lengths = [int(x) for x in self.lengths.split(",")]
+        except ValueError:
+            raise ConfigError(
+                "--lrs takes numbers and --lengths integers, comma-separated"
+            ) from None
+        if not all(lr > 0 for lr in lrs) or not all(n >= 1 for n in lengths):
+            raise ConfigError("--lrs must be positive and --lengths at least 1")
+        for init in self.inits.split(","):
+            PromptConfig(init=init.strip(), init_text="x")  # validates the name
+        if self.choices is not None:
+            parse_choices(self.choices)
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("--steps and --batch-size must be at least 1")

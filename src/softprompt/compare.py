@@ -181,6 +181,7 @@ def run_prompt_tuning(ctx: Context) -> dict:
         batch_size=cfg.batch_size,
         lr=cfg.prompt_lr,
         choices=cfg.choices,
+        choice_loss=cfg.choice_loss,
         eval_every=max(1, cfg.steps // 4),
         seed=cfg.seed,
         overwrite=True,
@@ -205,7 +206,7 @@ def run_prompt_tuning(ctx: Context) -> dict:
 def _rows_and_choices(ctx: Context):
     tok, d = ctx.loaded.tokenizer, ctx.cfg.data
     rows = tokenize(ctx.train, tok, d.max_length, d.target_delimiter)
-    if not ctx.choices:
+    if not ctx.choices or ctx.cfg.choice_loss == "full":
         return rows, None
     ids = choice_first_ids(tok, ctx.choices, d.target_delimiter)
     check_choice_targets(rows, ctx.train, ids)

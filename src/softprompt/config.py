@@ -321,6 +321,11 @@ class CompareConfig:
     choices: str | None = opt(
         None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
     )
+    choice_loss: str = opt(
+        "restricted",
+        "With --choices: the training loss of every trained method (see `train --choice-loss`).",
+        choices=CHOICE_LOSSES,
+    )
     methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
     steps: int = opt(30, "Step budget of every trained method (prompt tuning, LoRA, full FT).")
     batch_size: int = opt(8, "Rows per step for the trained methods, and per scoring pass.")

@@ -211,7 +211,12 @@ def _setup_lines(config: dict) -> list[str]:
         f"`{c['test']}`" + (f" (first {c['limit']} examples)" if c.get("limit") else "") + ".",
         f"Trained methods get {c['steps']} optimizer steps of batch {c['batch_size']}; learning "
         f"rates: prompt {c['prompt_lr']}, LoRA {c['lora_lr']} (rank {c['lora_r']}), full "
-        f"fine-tuning {c['full_lr']}. Prompt tuning keeps its best validation checkpoint.",
+        f"fine-tuning {c['full_lr']}. Prompt tuning keeps its best validation checkpoint."
+        + (
+            f" Choices: {c['choices']}; training loss: {c.get('choice_loss', 'restricted')}."
+            if c.get("choices")
+            else ""
+        ),
         "Peak memory is the increase over the loaded base model while the method ran (process "
         "memory on CPU). Inference time is per test example, scoring every choice.",
         f"softprompt {config['versions']['softprompt']}, torch {config['versions']['torch']}, "

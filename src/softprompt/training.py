@@ -191,6 +191,9 @@ def train(
                 if loss is not None:
                     bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{loss:.4f}")
             checkpoint()
+    last_val = max((r["step"] for r in log.records if r.get("kind") == "val"), default=-1)
+    if val_rows and 0 < state.step != last_val:  # e.g. --max-steps inside the first epoch
+        after_validation(validate())
     bar.close()
     elapsed = time.perf_counter() - started
 

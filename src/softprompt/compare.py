@@ -182,7 +182,7 @@ def run_prompt_tuning(ctx: Context) -> dict:
         lr=cfg.prompt_lr,
         choices=cfg.choices,
         choice_loss=cfg.choice_loss,
-        eval_every=max(1, cfg.steps // 4),
+        eval_every=max(1, cfg.steps // 2),  # each validation costs several steps on a CPU
         seed=cfg.seed,
         overwrite=True,
     )

@@ -81,6 +81,14 @@ METHOD_NAMES = {
     "lora": "LoRA (PEFT)",
     "full-ft": "Full fine-tuning",
 }
+# One colour and marker per method in every plot.
+STYLE = {
+    "zero-shot": ("#7f7f7f", "o"),
+    "few-shot": ("#bcbd22", "s"),
+    "prompt-tuning": ("#1f77b4", "D"),
+    "lora": ("#ff7f0e", "^"),
+    "full-ft": ("#2ca02c", "v"),
+}
 COLUMNS = [
     "Method",
     "Quality",
@@ -152,7 +160,7 @@ def plot_compare(records: list[dict], folder: Path) -> dict[str, Path]:
             for r in records
             if r["kind"] == "train" and r["method"] == method
         ]
-        ax.plot(*zip(*pts), lw=1.8, label=METHOD_NAMES.get(method, method))
+        ax.plot(*zip(*pts), lw=1.8, color=STYLE[method][0], label=METHOD_NAMES[method])
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss per step")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -163,28 +171,30 @@ def plot_compare(records: list[dict], folder: Path) -> dict[str, Path]:
     plt.close(fig)
 
     key = "accuracy" if results and "accuracy" in results[0]["quality"] else "loss"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for ax, (field, label) in zip(
-        axes,
-        [
-            ("trainable_params", "trainable parameters (symlog)"),
-            ("train_seconds", "training time, s (symlog)"),
-        ],
-    ):
-        for r in results:
-            ax.scatter(r[field], r["quality"][key], s=60)
-            ax.annotate(
-                METHOD_NAMES.get(r["method"], r["method"]),
-                (r[field], r["quality"][key]),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize=8,
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    panels = [
+        ("trainable_params", "trainable parameters (symlog)"),
+        ("train_seconds", "training time, s (symlog)"),
+    ]
+    for ax, (field, label) in zip(axes, panels):
+        for r in results:  # a legend, not labels: methods with no training share x = 0
+            colour, marker = STYLE[r["method"]]
+            ax.scatter(
+                r[field],
+                r["quality"][key],
+                s=70,
+                color=colour,
+                marker=marker,
+                label=METHOD_NAMES[r["method"]],
+                alpha=0.85,
             )
         ax.set_xscale("symlog", linthresh=1)
         ax.set(xlabel=label, ylabel=key)
         ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"Quality ({key}) against cost")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(paths["cost"])
     plt.close(fig)
     return paths

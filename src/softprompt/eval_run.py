@@ -14,8 +14,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from torch import nn
-
 from softprompt import __version__
 from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig, parse_choices
 from softprompt.data import Example, load_examples, tokenize
@@ -212,8 +210,3 @@ def confusion_table(labels: list[str], matrix: list[list[int]]) -> str:
         for g, row in zip(labels, matrix)
     ]
     return "\n".join([head, *body])
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain causal LM inside a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -12,7 +12,16 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from softprompt import __version__
-from softprompt.config import GenerateConfig, ModelConfig, ServeConfig, TrainConfig, flat_fields
+from softprompt.config import (
+    CompareConfig,
+    EvalConfig,
+    GenerateConfig,
+    ModelConfig,
+    ServeConfig,
+    SweepConfig,
+    TrainConfig,
+    flat_fields,
+)
 from softprompt.errors import SoftpromptError
 
 _TYPES = {"str": str, "int": int, "float": float}
@@ -133,6 +142,62 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_config_args(gen, GenerateConfig)
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure a prompt or the base model: loss, choice accuracy, generations",
+        formatter_class=fmt,
+        description="Measure the base model, or the base model with a trained prompt, on a data "
+        "file: loss and perplexity of the targets, accuracy/macro-F1/confusion matrix with "
+        "--choices, exact match and chrF with --generate; few-shot baselines with --shots.\n\n"
+        "Example:\n  softprompt eval --prompt runs/sentiment --data "
+        "examples/sentiment/test.jsonl --input-field review --target-field label "
+        "--choices negative,positive --output runs/sentiment-eval",
+    )
+    add_config_args(ev, EvalConfig, skip=("validation", "val_fraction"))
+    ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning side by side",
+        formatter_class=fmt,
+        description="Run zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning on the "
+        "same train and test data and write report.md and a self-contained report.html with "
+        "quality, trainable parameters, training time, peak memory, artifact size and inference "
+        "cost per example.\n\nExample:\n  softprompt compare --data "
+        "examples/sentiment/train.jsonl --validation examples/sentiment/validation.jsonl "
+        "--test examples/sentiment/test.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 30 "
+        "--output runs/compare",
+    )
+    add_config_args(cmp, CompareConfig)
+    cmp.set_defaults(func=cmd_compare)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="nearest vocabulary tokens, norms and drift of a trained prompt",
+        description="Show, per virtual token of a trained prompt, its nearest vocabulary tokens "
+        "(cosine), its norm against the real tokens' norms, and its drift from the initial value.",
+    )
+    ins.add_argument("prompt_dir", metavar="DIR", help="folder of a trained prompt")
+    ins.add_argument("--top-k", type=int, default=5, help="nearest tokens shown (default: 5)")
+    ins.add_argument("--model", default=None, help="base model (default: the prompt's own)")
+    ins.set_defaults(func=cmd_inspect)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="try a small grid of learning rates, initialisations and prompt lengths",
+        formatter_class=fmt,
+        description="Train one short run per recipe (prompt length x init x learning rate) and "
+        "rank them on validation data: accuracy with --choices, exact match/chrF with "
+        "--generate, else validation loss. Writes sweep.md and sweep.jsonl.\n\nExample:\n  "
+        "softprompt sweep --data examples/sentiment/train.jsonl --validation "
+        "examples/sentiment/validation.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 20 "
+        "--output runs/sweep",
+    )
+    add_config_args(sw, SweepConfig)
+    sw.set_defaults(func=cmd_sweep)
     _add_serve(sub, fmt)
     return parser
 
@@ -150,6 +215,46 @@ def _add_serve(sub, fmt) -> None:
     )
     add_config_args(serve, ServeConfig)
     serve.set_defaults(func=cmd_serve)
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from softprompt.sweep import format_sweep, run_sweep
+
+    rows = run_sweep(build_config(SweepConfig, ns))
+    print(format_sweep(rows))
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from softprompt.compare import run_compare
+
+    output = run_compare(build_config(CompareConfig, ns))
+    print((output / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {output / 'report.html'}")
+    return 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    from softprompt.artifacts import read_meta
+    from softprompt.inspection import format_inspection, inspect_prompt
+    from softprompt.loading import load_model
+
+    if ns.top_k < 1:
+        raise SoftpromptError("--top-k must be at least 1")
+    if not Path(ns.prompt_dir).is_dir():
+        raise SoftpromptError(f"{ns.prompt_dir} is not a folder; give the --output of a train run")
+    meta = read_meta(ns.prompt_dir)
+    loaded = load_model(ModelConfig(model=ns.model or _base_model_of(meta, ns.prompt_dir)))
+    print(format_inspection(inspect_prompt(loaded, ns.prompt_dir, ns.top_k)))
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from softprompt.eval_run import format_table, run_eval
+
+    results = run_eval(build_config(EvalConfig, ns))
+    print(format_table(results))
+    return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -16,6 +16,18 @@ from softprompt.errors import ConfigError
 EMBEDDED_MODEL = "embedded"
 INIT_CHOICES = ("random", "text", "vocab")
 DTYPE_CHOICES = ("float32", "bfloat16")
+CHOICE_LOSSES = ("restricted", "full")
+
+
+def parse_choices(text: str) -> list[str]:
+    """'negative,positive' -> ['negative', 'positive']; fewer than two is a ConfigError."""
+    choices = [c.strip() for c in text.split(",") if c.strip()]
+    if len(choices) < 2 or len(set(choices)) < len(choices):
+        raise ConfigError(
+            f"--choices {text!r} must name two or more different labels, comma-separated, "
+            "e.g. 'negative,positive'"
+        )
+    return choices
 
 
 def template_fields(template: str) -> list[str]:
@@ -170,6 +182,17 @@ class TrainConfig:
     patience: int | None = opt(
         None, "Stop after this many validations without improvement (default: never)."
     )
+    choices: str | None = opt(
+        None,
+        "Classification mode: the comma-separated label words, e.g. 'negative,positive'. The "
+        "targets must be these words.",
+    )
+    choice_loss: str = opt(
+        "restricted",
+        "With --choices: 'restricted' puts the softmax over the choices' first tokens at the "
+        "answer position only; 'full' keeps the whole-vocabulary loss on every target token.",
+        choices=CHOICE_LOSSES,
+    )
     resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")
     overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
 
@@ -191,6 +214,10 @@ class TrainConfig:
             )
         if not self.data.data:
             raise ConfigError("--data is required: a .jsonl, .csv, .tsv or .txt file")
+        if self.choices is not None:
+            parse_choices(self.choices)
+        if self.choice_loss not in CHOICE_LOSSES:
+            raise ConfigError(f"--choice-loss must be one of {', '.join(CHOICE_LOSSES)}")
 
 
 @dataclass
@@ -261,3 +288,149 @@ def flat_fields(cls) -> list:
         else:
             out.append(f)
     return out
+
+
+@dataclass
+class EvalConfig:
+    """Everything `softprompt eval` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: str | None = opt(
+        None,
+        "Folder of a trained prompt. Its base model, template and choices are used unless "
+        "given here. Without it the bare base model is measured.",
+    )
+    choices: str | None = opt(
+        None,
+        "Classification: comma-separated label words; the prediction is the one with the "
+        "highest log-likelihood as a continuation of the input.",
+    )
+    length_norm: bool = opt(
+        False, "Score each choice by its mean log-likelihood per token instead of the sum."
+    )
+    generate: bool = opt(
+        False, "Also generate an answer per input (greedy) and score it against the target."
+    )
+    shots: int = opt(
+        0,
+        "Few-shot baseline: put K examples of --shots-data before each input (fewer if they do "
+        "not fit --context). 0 = zero-shot.",
+    )
+    shots_data: str | None = opt(None, "Where the few-shot examples come from (training data).")
+    context: int = opt(1024, "Most tokens per scored row, few-shot examples included.")
+    limit: int | None = opt(None, "Use only the first N examples of --data.")
+    batch_size: int = opt(8, "Rows per forward pass.")
+    max_new_tokens: int = opt(16, "Most tokens generated per input with --generate.")
+    seed: int = opt(0, "Seed for picking few-shot examples.")
+    output: str | None = opt(
+        None, "Folder for results.json (and generations.jsonl). Default: only print the table."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.data.data:
+            raise ConfigError("--data is required: the .jsonl, .csv, .tsv or .txt file to measure")
+        if self.choices is not None:
+            parse_choices(self.choices)
+        if self.shots < 0:
+            raise ConfigError("--shots must be 0 or more")
+        if self.shots and not self.shots_data:
+            raise ConfigError("--shots needs --shots-data FILE (the examples to show)")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.context < 8:
+            raise ConfigError("--batch-size, --max-new-tokens must be >= 1 and --context >= 8")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+
+
+COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full-ft")
+
+
+@dataclass
+class CompareConfig:
+    """Everything `softprompt compare` needs: one data set, five ways to adapt a model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    test: str = opt("", "Test data, same format as --data: every method is measured on it.")
+    output: str = opt("", "Folder for report.md, report.html, metrics.jsonl and artifacts.")
+    choices: str | None = opt(
+        None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
+    )
+    choice_loss: str = opt(
+        "restricted",
+        "With --choices: the training loss of every trained method (see `train --choice-loss`).",
+        choices=CHOICE_LOSSES,
+    )
+    methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
+    steps: int = opt(30, "Step budget of every trained method (prompt tuning, LoRA, full FT).")
+    batch_size: int = opt(8, "Rows per step for the trained methods, and per scoring pass.")
+    shots: int = opt(8, "Few-shot: examples in the hard prompt (fewer if they do not fit).")
+    context: int = opt(1024, "Most tokens per scored row, few-shot examples included.")
+    num_virtual_tokens: int = opt(20, "Prompt tuning: number of virtual tokens.")
+    prompt_lr: float = opt(3e-2, "Prompt tuning: learning rate.")
+    lora_r: int = opt(8, "LoRA: rank of the adapters on every linear layer.")
+    lora_lr: float = opt(1e-3, "LoRA: learning rate.")
+    full_lr: float = opt(2e-5, "Full fine-tuning: learning rate.")
+    limit: int | None = opt(None, "Use only the first N test examples.")
+    seed: int = opt(0, "Seed for every method.")
+    overwrite: bool = opt(False, "Replace an earlier comparison in --output.")
+
+    def __post_init__(self) -> None:
+        if not self.data.data or not self.test:
+            raise ConfigError("compare needs --data (training) and --test files")
+        if not self.output:
+            raise ConfigError("--output is required: the folder for the report")
+        bad = [m for m in self.method_list() if m not in COMPARE_METHODS]
+        if bad or not self.method_list():
+            raise ConfigError(
+                f"--methods: unknown {', '.join(bad) or 'empty list'}; choose from "
+                + ", ".join(COMPARE_METHODS)
+            )
+        if self.choices is not None:
+            parse_choices(self.choices)
+        if min(self.steps, self.batch_size, self.num_virtual_tokens, self.lora_r) < 1:
+            raise ConfigError("--steps, --batch-size, --num-virtual-tokens, --lora-r must be >= 1")
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+@dataclass
+class SweepConfig:
+    """Everything `softprompt sweep` needs: a small grid of prompt-tuning recipes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: str = opt("", "Folder for one run per recipe, sweep.jsonl and sweep.md.")
+    lrs: str = opt("3e-3,3e-2,3e-1", "Comma-separated learning rates to try.")
+    inits: str = opt("vocab,random", "Comma-separated initialisations to try.")
+    lengths: str = opt("20", "Comma-separated prompt lengths (virtual tokens) to try.")
+    steps: int = opt(30, "Optimizer steps per recipe (validated at the end).")
+    batch_size: int = opt(8, "Rows per step.")
+    choices: str | None = opt(
+        None, "Classification: label words; recipes are also ranked by validation accuracy."
+    )
+    generate: bool = opt(
+        False, "Generation task: also score greedy answers on validation (exact match, chrF)."
+    )
+    seed: int = opt(0, "Seed of every run.")
+    overwrite: bool = opt(False, "Replace an earlier sweep in --output.")
+
+    def __post_init__(self) -> None:
+        if not self.data.data or not self.output:
+            raise ConfigError("sweep needs --data and --output")
+        try:
+            lrs = [float(x) for x in self.lrs.split(",")]
+            lengths = [int(x) for x in self.lengths.split(",")]
+        except ValueError:
+            raise ConfigError(
+                "--lrs takes numbers and --lengths integers, comma-separated"
+            ) from None
+        if not all(lr > 0 for lr in lrs) or not all(n >= 1 for n in lengths):
+            raise ConfigError("--lrs must be positive and --lengths at least 1")
+        for init in self.inits.split(","):
+            PromptConfig(init=init.strip(), init_text="x")  # validates the name
+        if self.choices is not None:
+            parse_choices(self.choices)
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("--steps and --batch-size must be at least 1")

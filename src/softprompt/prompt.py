@@ -116,6 +116,7 @@ def lm_loss(
     batch: dict[str, Tensor],
     fast_head: bool = True,
     shared_prefix: bool = True,
+    choice_ids: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and their count.
 
@@ -126,26 +127,42 @@ def lm_loss(
     - ``shared_prefix``: the virtual tokens come first and attend only to each other, so
       they are run once (batch 1) and their keys/values are shared by every row; the
       gradient flows back through that cache to the prompt.
+    With ``choice_ids`` (C,) (classification mode) only each row's first labelled position
+    counts, and its softmax runs over the choices' first tokens alone.
     """
     labels = batch["labels"]
     if prompt is not None and fast_head and shared_prefix and uses_shared_prefix(model):
         hidden = _hidden_with_shared_prefix(model, prompt, batch)  # (B, 1+T, H)
-        keep = labels != IGNORE_INDEX  # hidden[:, j] predicts labels[:, j]
-        logits = _head(model, hidden[keep])
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
+        keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
+        return _score(_head(model, hidden[keep]), labels[keep], choice_ids), int(keep.sum())
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
     if prompt is not None:
         embeds, mask, labels = prompt.prepend(embeds, mask, labels)  # (B, N+T, ...)
     targets = labels[:, 1:]  # position t predicts token t+1
-    keep = targets != IGNORE_INDEX  # (B, T'-1)
+    keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast_head and uses_fast_head(model):
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = _head(model, hidden[:, :-1][keep])  # (K, V): labelled positions only
     else:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return _score(logits, targets[keep], choice_ids), int(keep.sum())
+
+
+def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """Where the loss is taken: every label, or (classification) each row's first one."""
+    keep = targets != IGNORE_INDEX
+    if choice_ids is not None:  # the answer's first token only: one position per row
+        keep = keep & (keep.cumsum(dim=1) == 1)
+    return keep
+
+
+def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """Summed cross-entropy in float32, over the vocabulary or over the choices only."""
+    if choice_ids is not None:
+        logits = logits[:, choice_ids]  # (K, C)
+        gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
+    return F.cross_entropy(logits.float(), gold, reduction="sum")
 
 
 def _hidden_with_shared_prefix(

@@ -25,7 +25,7 @@ import softprompt
 from softprompt.artifacts import META, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, parse_choices
 from softprompt.data import (
     Example,
     Row,
@@ -36,7 +36,7 @@ from softprompt.data import (
     tokenize,
 )
 from softprompt.errors import ConfigError, TrainingError
-from softprompt.evaluate import evaluate_loss
+from softprompt.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
 from softprompt.loading import LoadedModel, load_model, say
 from softprompt.prompt import IGNORE_INDEX, SoftPrompt, init_prompt, lm_loss, uses_shared_prefix
 from softprompt.report import MetricsLog, plot_metrics
@@ -81,6 +81,9 @@ def train(
     model.to(accelerator.device)
     train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer)
     pad_id = tokenizer.pad_token_id
+    choice_ids = _choice_ids(
+        cfg, tokenizer, train_rows + val_rows, train_ex + val_ex, accelerator.device
+    )
 
     # The prompt, its optimizer and the schedule.
     prompt = init_prompt(model, tokenizer, cfg.prompt, seed=cfg.seed)
@@ -107,12 +110,12 @@ def train(
     def validate() -> float | None:
         if not val_rows:
             return None
-        result = evaluate_loss(model, core, val_rows, cfg.batch_size, pad_id)
+        result = evaluate_loss(model, core, val_rows, cfg.batch_size, pad_id, choice_ids)
         log.write(kind="val", step=state.step, epoch=state.epoch, **result)
         return result["loss"]
 
     if state.step == 0 and val_rows:  # the before: base model alone, and the initial prompt
-        base = evaluate_loss(model, None, val_rows, cfg.batch_size, pad_id)
+        base = evaluate_loss(model, None, val_rows, cfg.batch_size, pad_id, choice_ids)
         log.write(kind="base", step=0, **base)
         state.extra["base_val_loss"] = base["loss"]
         state.extra["initial_val_loss"] = validate()
@@ -154,7 +157,9 @@ def train(
         while state.group < len(groups) and state.step < total_steps and not state.stop_reason:
             group = [[train_rows[i] for i in b] for b in groups[state.group]]
             t0 = time.perf_counter()
-            loss_sum, n_tok, processed = _forward_backward(accelerator, model, core, group, pad_id)
+            loss_sum, n_tok, processed = _forward_backward(
+                accelerator, model, core, group, pad_id, choice_ids
+            )
             tokens_seen += processed
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad()
@@ -190,6 +195,9 @@ def train(
                 if loss is not None:
                     bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{loss:.4f}")
             checkpoint()
+    last_val = max((r["step"] for r in log.records if r.get("kind") == "val"), default=-1)
+    if val_rows and 0 < state.step != last_val:  # e.g. --max-steps inside the first epoch
+        after_validation(validate())
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -267,14 +275,21 @@ def _tokenize(
     return train_rows, val_rows, info
 
 
-def _label_count(rows: list[Row]) -> int:
+def _label_count(rows: list[Row], first_only: bool = False) -> int:
     # Labels at position 0 are never predicted (nothing comes before them but the prompt's
     # last virtual token, which does predict them), so every label counts.
+    if first_only:  # classification mode: one answer position per row
+        return len(rows)
     return sum(sum(1 for x in r.labels if x != IGNORE_INDEX) for r in rows)
 
 
 def _forward_backward(
-    accelerator: Accelerator, model, prompt: SoftPrompt, group: list[list[Row]], pad_id: int
+    accelerator: Accelerator,
+    model,
+    prompt: SoftPrompt,
+    group: list[list[Row]],
+    pad_id: int,
+    choice_ids: torch.Tensor | None = None,
 ) -> tuple[float, int, int]:
     """Forward and backward for one optimizer step over ``group`` (its micro-batches).
 
@@ -284,7 +299,8 @@ def _forward_backward(
     tokens, positions the body ran), each over all processes.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
-    n_tok = sum(_label_count(rows) for rows in group)  # the whole step's denominator
+    # the whole step's denominator (classification mode: one position per row)
+    n_tok = sum(_label_count(rows, choice_ids is not None) for rows in group)
     loss_sum = torch.zeros((), device=accelerator.device)
     processed = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for rows in group:
@@ -292,7 +308,7 @@ def _forward_backward(
         if not mine:
             continue
         batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
-        loss, _ = lm_loss(model, prompt, batch)
+        loss, _ = lm_loss(model, prompt, batch, choice_ids=choice_ids)
         accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
         loss_sum += loss.detach()
         processed += _processed_tokens(model, batch, prompt.num_virtual_tokens)
@@ -312,6 +328,18 @@ def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
     when they are shared, else once per row)."""
     rows, width = batch["input_ids"].shape
     return rows * width + (n_virtual if uses_shared_prefix(model) else rows * n_virtual)
+
+
+def _choice_ids(
+    cfg: TrainConfig, tokenizer, rows: list[Row], examples: list[Example], device
+) -> torch.Tensor | None:
+    """(C,) first-token ids of --choices for the restricted loss, or None for the full one."""
+    if cfg.choices is None or cfg.choice_loss == "full":
+        return None
+    ids = choice_first_ids(tokenizer, parse_choices(cfg.choices), cfg.data.target_delimiter)
+    check_choice_targets(rows, examples, ids)
+    say(f"classification mode: loss over the first tokens of {cfg.choices} only")
+    return torch.tensor(ids, device=device)
 
 
 def _clip(accelerator: Accelerator, prompt: SoftPrompt, max_norm: float | None) -> float:

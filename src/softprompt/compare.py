@@ -1,0 +1,270 @@
+"""`softprompt compare`: the quality/compute trade-off table, measured on the user's data.
+
+Zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning run on the same train and
+test examples; each gets quality, trainable parameters, training time, peak memory,
+artifact size and inference cost per example. Everything goes to one metrics.jsonl, and
+report.md / report.html are made from that file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig, parse_choices
+from softprompt.data import Example, load_examples, split_validation, tokenize
+from softprompt.errors import ConfigError
+from softprompt.eval_run import environment, evaluate_examples
+from softprompt.evaluate import check_choice_targets, choice_first_ids
+from softprompt.loading import LoadedModel, load_model, say
+from softprompt.prompt import SoftPrompt
+from softprompt.report import MetricsLog
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocations on a GPU, else the process's
+    resident set, sampled every 10 ms by a thread (torch's CPU allocator has no counter)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        proc = psutil.Process()
+        self._start, self._peak, self._stop = proc.memory_info().rss, 0, threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.01):
+                self._peak = max(self._peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, psutil.Process().memory_info().rss)
+        self.peak_mb = max(peak - self._start, 0) / 2**20
+
+
+@dataclass
+class Context:
+    cfg: CompareConfig
+    loaded: LoadedModel
+    train: list[Example]  # what the trained methods learn from
+    test: list[Example]
+    output: Path
+    log: MetricsLog
+    choices: list[str] | None
+
+
+def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
+    """Run every method of ``cfg`` and write the report; returns the output folder."""
+    from softprompt.report import write_compare_report
+
+    output = _prepare_output(cfg)
+    examples = load_examples(cfg.data.data, cfg.data)
+    if not cfg.data.validation:  # the same split prompt tuning makes, for every method
+        examples, _ = split_validation(examples, cfg.data.val_fraction, cfg.seed)
+    test = load_examples(cfg.test, cfg.data)[: cfg.limit]
+    loaded = loaded or load_model(cfg.model)
+    log = MetricsLog(output / "metrics.jsonl")
+    log.write(kind="config", config=dataclasses.asdict(cfg), model=loaded.name, **environment())
+    choices = parse_choices(cfg.choices) if cfg.choices else None
+    ctx = Context(cfg, loaded, examples, test, output, log, choices)
+    device = loaded.model.get_input_embeddings().weight.device
+    for method in cfg.method_list():
+        say(f"compare: {method}")
+        gc.collect()
+        with PeakMemory(device) as mem:
+            row = RUNNERS[method](ctx)
+        log.write(kind="result", method=method, peak_memory_mb=round(mem.peak_mb, 1), **row)
+        say(f"compare: {method}: {_headline(row)}")
+    write_compare_report(output)
+    return output
+
+
+def _prepare_output(cfg: CompareConfig) -> Path:
+    output = Path(cfg.output)
+    if (output / "metrics.jsonl").exists():
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"{output} already holds a comparison; pass --overwrite or another --output"
+            )
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _headline(row: dict) -> str:
+    q = row["quality"]
+    key = "accuracy" if "accuracy" in q else "loss"
+    return f"{key} {q[key]:.4f}, {row['trainable_params']:,} trainable, {row['train_seconds']:.0f}s"
+
+
+def measure(ctx: Context, model: nn.Module, prompt: SoftPrompt | None, examples) -> dict:
+    """Quality on the test examples and inference seconds per example."""
+    cfg = ctx.cfg
+    ecfg = EvalConfig(
+        model=cfg.model,
+        data=cfg.data,
+        batch_size=cfg.batch_size,
+        context=cfg.context,
+        choices=cfg.choices,
+    )
+    loaded = LoadedModel(model=model, tokenizer=ctx.loaded.tokenizer, name=ctx.loaded.name)
+    start = time.perf_counter()
+    quality, _ = evaluate_examples(loaded, prompt, examples, ecfg, ctx.choices)
+    per_example = quality.pop("seconds_per_example", None)
+    if per_example is None:  # no choices: the loss pass is the inference
+        per_example = (time.perf_counter() - start) / len(examples)
+    return {"quality": quality, "seconds_per_example": per_example}
+
+
+def _row(trainable: int, seconds: float, artifact: int, **extra) -> dict:
+    return {
+        "trainable_params": trainable,
+        "train_seconds": seconds,
+        "artifact_bytes": artifact,
+        **extra,
+    }
+
+
+def run_zero_shot(ctx: Context) -> dict:
+    return {**measure(ctx, ctx.loaded.model, None, ctx.test), **_row(0, 0.0, 0)}
+
+
+def run_few_shot(ctx: Context) -> dict:
+    from softprompt.baselines import few_shot
+
+    cfg = ctx.cfg
+    shown, k = few_shot(
+        ctx.test,
+        ctx.train,
+        ctx.loaded.tokenizer,
+        cfg.shots,
+        cfg.context,
+        cfg.data.target_delimiter,
+        cfg.seed,
+    )
+    return {**measure(ctx, ctx.loaded.model, None, shown), **_row(0, 0.0, 0, shots=k)}
+
+
+def run_prompt_tuning(ctx: Context) -> dict:
+    from softprompt.inspection import inspect_prompt
+    from softprompt.training import train
+
+    cfg, folder = ctx.cfg, ctx.output / "prompt-tuning"
+    tcfg = TrainConfig(
+        model=cfg.model,
+        data=cfg.data,
+        prompt=PromptConfig(num_virtual_tokens=cfg.num_virtual_tokens),
+        output=str(folder),
+        max_steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.prompt_lr,
+        choices=cfg.choices,
+        choice_loss=cfg.choice_loss,
+        eval_every=max(1, cfg.steps // 2),  # each validation costs several steps on a CPU
+        seed=cfg.seed,
+        overwrite=True,
+    )
+    result = train(tcfg, loaded=ctx.loaded, progress=False)
+    for rec in MetricsLog(folder / "metrics.jsonl").records:
+        if rec.get("kind") in ("train", "val"):
+            ctx.log.write(
+                kind=rec["kind"], method="prompt-tuning", step=rec["step"], loss=rec["loss"]
+            )
+    ctx.log.write(kind="inspect", method="prompt-tuning", **inspect_prompt(ctx.loaded, folder))
+    size = sum(
+        (folder / f).stat().st_size for f in ("adapter_model.safetensors", "adapter_config.json")
+    )
+    trainable = result.prompt.embedding.numel()
+    return {
+        **measure(ctx, ctx.loaded.model, result.prompt, ctx.test),
+        **_row(trainable, result.summary["train_seconds"], size),
+    }
+
+
+def _rows_and_choices(ctx: Context):
+    tok, d = ctx.loaded.tokenizer, ctx.cfg.data
+    rows = tokenize(ctx.train, tok, d.max_length, d.target_delimiter)
+    if not ctx.choices or ctx.cfg.choice_loss == "full":
+        return rows, None
+    ids = choice_first_ids(tok, ctx.choices, d.target_delimiter)
+    check_choice_targets(rows, ctx.train, ids)
+    device = ctx.loaded.model.get_input_embeddings().weight.device
+    return rows, torch.tensor(ids, device=device)
+
+
+def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> float:
+    from softprompt.finetune import train_weights
+
+    rows, choice_ids = _rows_and_choices(ctx)
+    cfg = ctx.cfg
+    return train_weights(
+        model,
+        rows,
+        steps=cfg.steps,
+        lr=lr,
+        batch_size=cfg.batch_size,
+        pad_id=ctx.loaded.tokenizer.pad_token_id,
+        seed=cfg.seed,
+        choice_ids=choice_ids,
+        log=lambda s, loss: ctx.log.write(kind="train", method=method, step=s, loss=loss),
+    )
+
+
+def run_lora(ctx: Context) -> dict:
+    from softprompt.finetune import add_lora, count_trainable, remove_lora
+
+    peft_model = add_lora(ctx.loaded.model, ctx.cfg.lora_r)
+    try:
+        inner = peft_model.get_base_model()  # the causal LM with the adapters injected
+        seconds = _train_weights(ctx, inner, ctx.cfg.lora_lr, "lora")
+        quality = measure(ctx, inner, None, ctx.test)
+        folder = ctx.output / "lora"
+        peft_model.save_pretrained(str(folder))
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return {**quality, **_row(count_trainable(peft_model), seconds, size)}
+    finally:
+        remove_lora(peft_model)  # the frozen base serves the other methods unchanged
+
+
+def run_full_ft(ctx: Context) -> dict:
+    from softprompt.finetune import count_trainable, state_bytes, trainable_copy
+
+    model = trainable_copy(ctx.loaded.model)
+    seconds = _train_weights(ctx, model, ctx.cfg.full_lr, "full-ft")
+    quality = measure(ctx, model, None, ctx.test)
+    # Not written to disk (a full copy of the model): its size is what saving would take.
+    row = {**quality, **_row(count_trainable(model), seconds, state_bytes(model))}
+    del model
+    gc.collect()
+    return row
+
+
+RUNNERS = {
+    "zero-shot": run_zero_shot,
+    "few-shot": run_few_shot,
+    "prompt-tuning": run_prompt_tuning,
+    "lora": run_lora,
+    "full-ft": run_full_ft,
+}

@@ -1,0 +1,212 @@
+"""`softprompt eval`: measure one model (+ optional prompt) on a data file and record it.
+
+The results JSON carries the config, package versions and the git commit, so a number
+can always be traced to what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from softprompt import __version__
+from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig, parse_choices
+from softprompt.data import Example, load_examples, tokenize
+from softprompt.evaluate import (
+    classification_metrics,
+    classify,
+    evaluate_loss,
+    generation_metrics,
+    timed,
+)
+from softprompt.loading import LoadedModel, load_model, say
+from softprompt.prompt import SoftPrompt
+
+
+def evaluate_examples(
+    loaded: LoadedModel,
+    prompt: SoftPrompt | None,
+    examples: list[Example],
+    cfg: EvalConfig,
+    choices: list[str] | None,
+) -> tuple[dict, list[dict]]:
+    """Metrics over ``examples`` and one prediction record per example."""
+    model, tok = loaded.model, loaded.tokenizer
+    delimiter = cfg.data.target_delimiter
+    n_virtual = prompt.num_virtual_tokens if prompt is not None else 0
+    result: dict = {"examples": len(examples)}
+    records = [{"input": ex.source, "target": ex.target} for ex in examples]
+    golds = [ex.target for ex in examples]
+    if all(g is not None for g in golds):
+        rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter)
+        result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
+    sources = [ex.source for ex in examples]
+    if choices:
+        kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size}
+        (preds, scores), seconds = timed(
+            classify,
+            model,
+            tok,
+            prompt,
+            sources,
+            choices,
+            delimiter=delimiter,
+            max_tokens=cfg.context - n_virtual,
+            **kwargs,
+        )
+        result["seconds_per_example"] = seconds / len(examples)
+        if all(g is not None for g in golds):
+            result.update(classification_metrics(golds, preds, choices))
+        for rec, pred, score in zip(records, preds, scores):
+            rec.update(prediction=pred, scores=dict(zip(choices, score)))
+    if cfg.generate:
+        from softprompt.generation import generate
+
+        gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        outputs, seconds = timed(generate, loaded, sources, prompt, gen_cfg, None)
+        result["generate_seconds_per_example"] = seconds / len(examples)
+        if all(g is not None for g in golds):
+            result.update(generation_metrics(outputs, golds))
+        for rec, out in zip(records, outputs):
+            rec["generation"] = out
+    return result, records
+
+
+def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
+    """Load what ``cfg`` names, measure it, write results.json (with --output); return it."""
+    from softprompt.artifacts import load_prompt, read_meta
+
+    meta = read_meta(cfg.prompt) if cfg.prompt else {}
+    cfg = _with_prompt_defaults(cfg, meta)
+    examples = load_examples(cfg.data.data, cfg.data)[: cfg.limit]
+    if loaded is None:
+        loaded = load_model(cfg.model)
+    prompt = None
+    if cfg.prompt:
+        prompt, _ = load_prompt(cfg.prompt, loaded.model)
+        prompt.to(loaded.model.get_input_embeddings().weight.device)
+    shots_used = 0
+    if cfg.shots:
+        from softprompt.baselines import few_shot
+
+        demos = load_examples(cfg.shots_data, cfg.data)
+        examples, shots_used = few_shot(
+            examples,
+            demos,
+            loaded.tokenizer,
+            cfg.shots,
+            cfg.context,
+            cfg.data.target_delimiter,
+            cfg.seed,
+        )
+        say(f"few-shot: {shots_used} examples in the hard prompt (asked for {cfg.shots})")
+    choices = parse_choices(cfg.choices) if cfg.choices else None
+    metrics, records = evaluate_examples(loaded, prompt, examples, cfg, choices)
+    results = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": loaded.name,
+        "prompt": cfg.prompt,
+        "shots": shots_used,
+        "metrics": metrics,
+        "config": dataclasses.asdict(cfg),
+        **environment(),
+    }
+    if cfg.output:
+        write_results(Path(cfg.output), results, records)
+    return results
+
+
+def _with_prompt_defaults(cfg: EvalConfig, meta: dict) -> EvalConfig:
+    """Fill what the user left out from the prompt's softprompt.json."""
+    if not meta:
+        return cfg
+    data = cfg.data
+    if data.template is None and meta.get("template"):
+        data = replace(data, template=meta["template"])
+    model = cfg.model
+    base = meta.get("base_model", {}).get("name")
+    if model.model == EMBEDDED_MODEL and base:
+        model = replace(model, model=base)
+    choices = cfg.choices or meta.get("training", {}).get("choices")
+    return replace(cfg, data=data, model=model, choices=choices)
+
+
+def environment() -> dict:
+    """Package versions and the git commit of this source tree (None outside a checkout)."""
+    import torch
+    import transformers
+
+    try:
+        here = Path(__file__).parent
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit, dirty = "", ""
+    return {
+        "versions": {
+            "softprompt": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "git": {"commit": commit or None, "dirty": bool(dirty)},
+    }
+
+
+def write_results(folder: Path, results: dict, records: list[dict]) -> None:
+    """results.json and predictions.jsonl (one line per input, its outputs beside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    with (folder / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    say(f"wrote {folder / 'results.json'} and {folder / 'predictions.jsonl'}")
+
+
+def format_table(results: dict) -> str:
+    """The headline numbers as an aligned two-column table, then the confusion matrix."""
+    m = results["metrics"]
+    lines = [("examples", str(m["examples"]))]
+    if results.get("shots"):
+        lines.append(("few-shot examples", str(results["shots"])))
+    for key, label, fmt in _ROWS:
+        if m.get(key) is not None:
+            lines.append((label, fmt.format(m[key])))
+    width = max(len(a) for a, _ in lines)
+    out = [f"{a:<{width}}  {b}" for a, b in lines]
+    if "confusion" in m:
+        out += ["", confusion_table(m["confusion"]["labels"], m["confusion"]["matrix"])]
+    return "\n".join(out)
+
+
+_ROWS = [
+    ("loss", "loss (nats/target token)", "{:.4f}"),
+    ("ppl", "perplexity", "{:.2f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("macro_f1", "macro-F1", "{:.3f}"),
+    ("exact_match", "exact match", "{:.3f}"),
+    ("chrf", "chrF", "{:.1f}"),
+    ("seconds_per_example", "scoring s/example", "{:.4f}"),
+    ("generate_seconds_per_example", "generation s/example", "{:.4f}"),
+]
+
+
+def confusion_table(labels: list[str], matrix: list[list[int]]) -> str:
+    """Rows are gold labels, columns predictions."""
+    corner = "gold \\ pred"
+    width = max(len(x) for x in [*labels, corner])
+    head = f"{corner:<{width}}  " + "  ".join(f"{x:>{width}}" for x in labels)
+    body = [
+        f"{g:<{width}}  " + "  ".join(f"{n:>{width}}" for n in row)
+        for g, row in zip(labels, matrix)
+    ]
+    return "\n".join([head, *body])

@@ -1,0 +1,72 @@
+"""Scores from predictions: pure functions of lists, so tests can check them by hand.
+
+Classification: accuracy, macro-F1 and the confusion matrix over a fixed label list.
+Generation: exact match after whitespace normalisation, and chrF (character n-gram F-score,
+Popovic 2015) from sacrebleu, the reference implementation used by WMT.
+"""
+
+from __future__ import annotations
+
+
+def accuracy(gold: list[str], pred: list[str]) -> float:
+    """Fraction of positions where the prediction equals the gold label."""
+    if not gold:
+        return 0.0
+    return sum(g == p for g, p in zip(gold, pred)) / len(gold)
+
+
+def confusion_matrix(gold: list[str], pred: list[str], labels: list[str]) -> list[list[int]]:
+    """``matrix[i][j]``: how many examples of gold ``labels[i]`` were predicted ``labels[j]``.
+
+    Gold labels outside ``labels`` are not counted (they cannot be predicted anyway).
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        if g in index and p in index:
+            matrix[index[g]][index[p]] += 1
+    return matrix
+
+
+def per_label_f1(gold: list[str], pred: list[str], labels: list[str]) -> dict[str, float]:
+    """F1 = 2TP / (2TP + FP + FN) per label; 0 where the label is neither gold nor predicted."""
+    out = {}
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(gold, pred))
+        fp = sum(g != label and p == label for g, p in zip(gold, pred))
+        fn = sum(g == label and p != label for g, p in zip(gold, pred))
+        out[label] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return out
+
+
+def macro_f1(gold: list[str], pred: list[str], labels: list[str]) -> float:
+    """Unweighted mean of the per-label F1 scores: every class counts the same."""
+    scores = per_label_f1(gold, pred, labels)
+    return sum(scores.values()) / len(scores) if scores else 0.0
+
+
+def normalise(text: str) -> str:
+    """Whitespace collapsed and trimmed; case is kept (an answer's case can matter)."""
+    return " ".join(text.split())
+
+
+def exact_match(preds: list[str], refs: list[str]) -> float:
+    """Fraction of predictions equal to their reference after ``normalise``."""
+    if not refs:
+        return 0.0
+    return sum(normalise(p) == normalise(r) for p, r in zip(preds, refs)) / len(refs)
+
+
+def chrf(preds: list[str], refs: list[str]) -> float:
+    """Corpus-level chrF (0-100) with sacrebleu's defaults (character 6-grams, beta 2)."""
+    from sacrebleu.metrics import CHRF
+
+    if not refs:
+        return 0.0
+    return float(CHRF().corpus_score(preds, [refs]).score)
+
+
+def first_line(text: str) -> str:
+    """A generated answer up to its first newline: base models keep writing after it."""
+    stripped = text.strip()
+    return stripped.splitlines()[0].strip() if stripped else ""

@@ -1,0 +1,196 @@
+"""Evaluation: metrics on hand-computed cases, choice log-likelihoods checked against a plain
+forward pass, the classification-mode loss, few-shot fitting, and `softprompt eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from softprompt import metrics
+from softprompt.baselines import few_shot
+from softprompt.cli import main
+from softprompt.config import DataConfig, EvalConfig, ModelConfig
+from softprompt.data import Example, Row, collate
+from softprompt.eval_run import run_eval
+from softprompt.evaluate import (
+    choice_first_ids,
+    classify,
+    continuation_rows,
+    evaluate_loss,
+    row_logprobs,
+)
+from softprompt.loading import load_model
+from softprompt.prompt import SoftPrompt, lm_loss
+
+GOLD = ["a", "a", "a", "b", "b", "c"]
+PRED = ["a", "a", "b", "b", "c", "c"]
+
+
+def test_classification_metrics_by_hand():
+    """a: TP2 FP0 FN1 -> F1 4/5; b: TP1 FP1 FN1 -> 1/2; c: TP1 FP1 FN0 -> 2/3."""
+    assert metrics.accuracy(GOLD, PRED) == pytest.approx(4 / 6)
+    assert metrics.per_label_f1(GOLD, PRED, ["a", "b", "c"]) == pytest.approx(
+        {"a": 0.8, "b": 0.5, "c": 2 / 3}
+    )
+    assert metrics.macro_f1(GOLD, PRED, ["a", "b", "c"]) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert metrics.confusion_matrix(GOLD, PRED, ["a", "b", "c"]) == [
+        [2, 1, 0],
+        [0, 1, 1],
+        [0, 0, 1],
+    ]
+    # A label never gold nor predicted scores 0 and still counts in the macro mean.
+    assert metrics.macro_f1(["a"], ["a"], ["a", "z"]) == pytest.approx(0.5)
+
+
+def test_generation_metrics_by_hand():
+    assert metrics.exact_match([" cold ", "big  dog", "up"], ["cold", "big dog", "down"]) == (
+        pytest.approx(2 / 3)
+    )
+    assert metrics.chrf(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
+    assert metrics.chrf(["xyz"], ["abc"]) == pytest.approx(0.0)
+    partial = metrics.chrf(["the cat sat"], ["the cat sat down"])
+    assert 0 < partial < 100
+    assert metrics.first_line("  cold\nWord: hot") == "cold"
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dirs):
+    return load_model(ModelConfig(model=str(model_dirs["llama"])))
+
+
+@torch.no_grad()
+def _manual_logprob(model, tok, prompt, source, continuation):
+    """log P(continuation | prompt, source) from one plain full forward pass."""
+    src = tok(source)["input_ids"]
+    tgt = tok(" " + continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([src + tgt])
+    embeds = model.get_input_embeddings()(ids)
+    if prompt is not None:
+        embeds = torch.cat([prompt.embedding.unsqueeze(0), embeds], dim=1)
+    logp = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), dim=-1)
+    start = embeds.shape[1] - len(tgt)
+    return sum(float(logp[start + j - 1, t]) for j, t in enumerate(tgt)), len(tgt)
+
+
+def test_choice_scores_match_a_plain_forward_pass(tiny):
+    """Multi-token choices are summed; length_norm divides by the token count."""
+    model, tok = tiny.model, tiny.tokenizer
+    torch.manual_seed(1)
+    prompt = SoftPrompt(torch.randn(3, 16) * 0.5)
+    sources = ["review : the food was awful sentiment :", "review : great film sentiment :"]
+    choices = ["very good", "bad"]  # 2 tokens and 1 token
+    preds, scores = classify(model, tok, prompt, sources, choices, batch_size=1)
+    for i, src in enumerate(sources):
+        for c, choice in enumerate(choices):
+            want, _ = _manual_logprob(model, tok, prompt, src, choice)
+            assert scores[i][c] == pytest.approx(want, abs=1e-4)
+        assert preds[i] == choices[max(range(2), key=scores[i].__getitem__)]
+    _, normed = classify(model, tok, prompt, sources, choices, length_norm=True, batch_size=2)
+    assert normed[0][0] == pytest.approx(scores[0][0] / 2, abs=1e-4)
+    assert normed[0][1] == pytest.approx(scores[0][1], abs=1e-4)
+
+
+def test_row_logprobs_are_independent_of_batching(tiny):
+    tok = tiny.tokenizer
+    rows = continuation_rows(tok, ["the movie", "i love this phone and it"], "works", " ", 64)
+    alone = [row_logprobs(tiny.model, None, [r], 1, tok.pad_token_id)[0] for r in rows]
+    batched = row_logprobs(tiny.model, None, rows, 2, tok.pad_token_id)
+    for (a, n), (b, m) in zip(alone, batched):
+        assert a == pytest.approx(b, abs=1e-4) and n == m == 1
+
+
+def test_restricted_loss_is_a_softmax_over_the_choices(tiny):
+    """Only the first answer token counts, and only the choices' logits compete."""
+    model, tok = tiny.model, tiny.tokenizer
+    ids = choice_first_ids(tok, ["positive", "negative"])
+    src = tok("the movie was great")["input_ids"]
+    row = Row(src + [ids[0], tok.eos_token_id], [-100] * len(src) + [ids[0], tok.eos_token_id])
+    batch = collate([row], tok.pad_token_id)
+    loss, n = lm_loss(model, None, batch, choice_ids=torch.tensor(ids))
+    logits = model(input_ids=torch.tensor([src])).logits[0, -1]
+    want = -torch.log_softmax(logits[ids].float(), dim=-1)[0]
+    assert n == 1 and float(loss) == pytest.approx(float(want), abs=1e-5)
+    mean = evaluate_loss(model, None, [row], 1, tok.pad_token_id, torch.tensor(ids))
+    assert mean["loss"] == pytest.approx(float(want), abs=1e-5)
+    assert mean["loss"] < math.log(2) + 1.0  # two choices: near log 2 for a random model
+
+
+def test_few_shot_k_shrinks_to_fit_the_context(tiny):
+    tok = tiny.tokenizer
+    train = [
+        Example(f"review : {w} film sentiment :", lab, "t")
+        for w, lab in [("great", "positive"), ("bad", "negative")] * 5
+    ]
+    query = [Example("review : boring book sentiment :", "negative", "q")]
+    got, k = few_shot(query, train, tok, k=4, context=512)
+    assert k == 4 and got[0].source.count("sentiment :") == 5
+    assert {"positive", "negative"} <= set(got[0].source.split())  # both labels shown
+    _, k_small = few_shot(query, train, tok, k=4, context=20)
+    assert k_small == 1  # one 6-token demonstration fits beside the query, two do not
+
+
+def test_run_eval_writes_results_and_predictions(tiny_dir, pairs_file, tmp_path):
+    cfg = EvalConfig(
+        model=ModelConfig(model=str(tiny_dir)),
+        data=DataConfig(
+            data=str(pairs_file),
+            input_field="review",
+            target_field="label",
+            template="review : {input} sentiment :",
+        ),
+        choices="negative,positive",
+        generate=True,
+        max_new_tokens=3,
+        output=str(tmp_path / "ev"),
+    )
+    results = run_eval(cfg)
+    m = results["metrics"]
+    assert m["examples"] == 12 and 0 <= m["accuracy"] <= 1 and m["loss"] > 0
+    assert sum(map(sum, m["confusion"]["matrix"])) == 12
+    assert {"exact_match", "chrf", "seconds_per_example"} <= set(m)
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert saved["config"]["choices"] == "negative,positive"
+    assert {"torch", "transformers", "softprompt", "python"} <= set(saved["versions"])
+    assert "commit" in saved["git"]
+    lines = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert len(lines) == 12 and first["prediction"] in ("negative", "positive")
+    assert set(first["scores"]) == {"negative", "positive"} and "generation" in first
+
+
+def test_eval_cli_prints_a_table(tiny_dir, pairs_file, capsys):
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(pairs_file),
+            "--input-field",
+            "review",
+            "--target-field",
+            "label",
+            "--choices",
+            "negative,positive",
+            "--shots",
+            "2",
+            "--shots-data",
+            str(pairs_file),
+            "--limit",
+            "4",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "accuracy" in out and "macro-F1" in out and "gold \\ pred" in out
+    assert "few-shot examples 2" in " ".join(out.split())
+
+
+def test_eval_cli_errors_are_one_line(tiny_dir, pairs_file, capsys):
+    code = main(["eval", "--data", str(pairs_file), "--choices", "positive"])
+    assert code == 2 and "--choices 'positive' must name two or more" in capsys.readouterr().err
+    code = main(["eval", "--data", str(pairs_file), "--shots", "3"])
+    assert code == 2 and "--shots needs --shots-data" in capsys.readouterr().err

@@ -172,3 +172,22 @@ def test_bf16_weights_keep_a_float32_prompt_and_close_loss(tiny_dir):
         assert prompt.embedding.grad.dtype == torch.float32
         losses.append(float(loss.detach()) / n)
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_choice_loss_equal_on_both_paths(loaded_all, arch):
+    """The classification loss (softmax over the choices' first tokens, first labelled
+    position of each row) is the same with and without the shared prefix."""
+    loaded = loaded_all[arch]
+    model, tok = loaded.model, loaded.tokenizer
+    batch = collate(_rows(tok, PAIRS), tok.pad_token_id)
+    choices = torch.tensor([tok.convert_tokens_to_ids(w) for w in ("positive", "negative")])
+    results = []
+    for shared in (True, False):
+        prompt = init_prompt(model, tok, PromptConfig(num_virtual_tokens=5, init="random"), seed=2)
+        loss, n = lm_loss(model, prompt, batch, shared_prefix=shared, choice_ids=choices)
+        (loss / n).backward()
+        results.append((loss.detach(), n, prompt.embedding.grad.clone()))
+    assert results[0][1] == results[1][1] == len(PAIRS)  # one position per row
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)

@@ -81,13 +81,16 @@ def compile_prefix(model: torch.nn.Module, prompt: SoftPrompt) -> PromptPrefix:
     return PromptPrefix(embeds=embeds, keys=keys, values=values)
 
 
-def pack_rows(model: torch.nn.Module, rows: Sequence[Row]) -> tuple[Tensor, Tensor, DynamicCache]:
+def pack_rows(
+    model: torch.nn.Module, rows: Sequence[Row]
+) -> tuple[Tensor, Tensor, DynamicCache | None]:
     """Batch inputs for ``model.generate``: embeds (B, C+T, H), mask (B, C+T), cache (C slots).
 
     T is the longest text; C the virtual tokens that cannot fit in the padding before a
     row's text. Row i keeps its first m_i virtual tokens in the cache (right-aligned) and
     runs the rest in the input where its padding would be, so the batch costs what a base
     batch of the same texts costs. The first C columns of the embeds are never read.
+    The cache is None when every prompt fits in its row's padding.
     """
     weight = model.get_input_embeddings().weight
     width = max(len(r.ids) for r in rows)  # T
@@ -130,7 +133,7 @@ def plain_rows(model: torch.nn.Module, texts: Sequence[list[int]], prompts: Sequ
     for ids, prompt in zip(texts, prompts):
         emb = embed_tokens(model, torch.tensor([ids], device=weight.device))[0]  # (t, H)
         if isinstance(prompt, SoftPrompt):
-            emb = torch.cat([prompt.embedding.to(emb.dtype), emb])
+            emb = torch.cat([prompt.embedding.to(emb), emb])  # emb's dtype and device
         elif isinstance(prompt, PromptPrefix):
             emb = torch.cat([prompt.embeds, emb])
         parts.append(emb)
@@ -270,7 +273,7 @@ def _score_batch(model, tok, batch: list[tuple[str, str, SoftPrompt | None]]):
         emb = embed_tokens(model, torch.tensor([ctx + cont], device=weight.device))[0]
         n = prompt.num_virtual_tokens if prompt is not None else 0
         if prompt is not None:
-            emb = torch.cat([prompt.embedding.to(emb.dtype), emb])
+            emb = torch.cat([prompt.embedding.to(emb), emb])  # emb's dtype and device
         parts.append(emb)
         targets.append((n + len(ctx), cont))  # where the continuation starts, its ids
     width = max(p.shape[0] for p in parts)

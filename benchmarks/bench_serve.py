@@ -27,12 +27,12 @@ from pathlib import Path
 import openai
 import torch
 
-from softprompt.api import create_app
 from softprompt.artifacts import save_prompt
 from softprompt.config import ModelConfig, PromptConfig, ServeConfig
 from softprompt.loading import load_model
 from softprompt.prompt import init_prompt
-from softprompt.serve import BackgroundServer
+from softprompt.serving.api import create_app
+from softprompt.serving.server import BackgroundServer
 
 LENGTHS = (8, 16, 24, 32)
 TEXTS = [

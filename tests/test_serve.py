@@ -13,17 +13,17 @@ import openai
 import pytest
 import torch
 
-import softprompt.batcher
-from softprompt.api import create_app
+import softprompt.serving.batcher
 from softprompt.artifacts import save_prompt
-from softprompt.batcher import Batcher
-from softprompt.batcher import Request as Row
 from softprompt.cli import main
 from softprompt.config import GenerateConfig, ServeConfig, flat_fields
 from softprompt.generation import generate
 from softprompt.loading import load_model
 from softprompt.prompt import SoftPrompt
-from softprompt.serve import BackgroundServer
+from softprompt.serving.api import create_app
+from softprompt.serving.batcher import Batcher
+from softprompt.serving.batcher import Request as Row
+from softprompt.serving.server import BackgroundServer
 
 TEMPLATE = "review : {input} sentiment :"
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
@@ -213,14 +213,14 @@ def test_a_failing_request_leaves_the_others_served(server, monkeypatch):
     """A batch that fails is retried row by row: only the request at fault gets a 500."""
     client, state = server["client"], server["state"]
     poison = server["loaded"].tokenizer.convert_tokens_to_ids("boring")
-    real = softprompt.batcher.generate_ids
+    real = softprompt.serving.batcher.generate_ids
 
     def faulty(model, ids, *args, **kwargs):
         if any(poison in row for row in ids):
             raise RuntimeError("poisoned row")
         return real(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(softprompt.batcher, "generate_ids", faulty)
+    monkeypatch.setattr(softprompt.serving.batcher, "generate_ids", faulty)
     failed_before = state.batcher.metrics.failed_requests
     outcome: dict[str, object] = {}
 

@@ -302,7 +302,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from softprompt.serve import serve
+    from softprompt.serving import serve
 
     serve(build_config(ServeConfig, ns))
     return 0

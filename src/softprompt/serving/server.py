@@ -121,7 +121,7 @@ def serve(cfg: ServeConfig) -> None:
     """Load the model and the prompts, then answer HTTP requests until interrupted."""
     import uvicorn
 
-    from softprompt.api import create_app
+    from softprompt.serving.api import create_app
 
     folder = Path(cfg.prompts).expanduser()
     if not folder.is_dir():

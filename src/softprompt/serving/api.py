@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from softprompt.batcher import Batcher
-from softprompt.batcher import Request as Row
 from softprompt.config import ServeConfig
 from softprompt.generation import apply_template
 from softprompt.loading import LoadedModel
-from softprompt.serve import BASE, ApiError, Entry, PromptStore
+from softprompt.serving.batcher import Batcher
+from softprompt.serving.batcher import Request as Row
+from softprompt.serving.server import BASE, ApiError, Entry, PromptStore
 
 
 class _Body(BaseModel):

@@ -194,3 +194,22 @@ def test_eval_cli_errors_are_one_line(tiny_dir, pairs_file, capsys):
     assert code == 2 and "--choices 'positive' must name two or more" in capsys.readouterr().err
     code = main(["eval", "--data", str(pairs_file), "--shots", "3"])
     assert code == 2 and "--shots needs --shots-data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "compare", "sweep", "inspect"])
+def test_new_commands_document_every_flag(command, capsys, monkeypatch):
+    """Each config field is a flag whose help text is the field's documentation."""
+    from softprompt.config import CompareConfig, SweepConfig, flat_fields
+
+    monkeypatch.setenv("COLUMNS", "3000")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    classes = {"eval": EvalConfig, "compare": CompareConfig, "sweep": SweepConfig}
+    skip = {"validation", "val_fraction"} if command == "eval" else set()
+    for f in flat_fields(classes[command]) if command in classes else []:
+        if f.name not in skip:
+            assert "--" + f.name.replace("_", "-") in out
+            assert " ".join(f.metadata["help"].split())[:40] in out
+    if command == "inspect":
+        assert "--top-k" in out and "DIR" in out

@@ -96,6 +96,11 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
         with PeakMemory(device) as mem:
             row = RUNNERS[method](ctx)
         log.write(kind="result", method=method, peak_memory_mb=round(mem.peak_mb, 1), **row)
+        if method == "prompt-tuning":  # outside the memory window: it copies the vocabulary
+            from softprompt.inspection import inspect_prompt
+
+            info = inspect_prompt(loaded, output / "prompt-tuning")
+            log.write(kind="inspect", method=method, **info)
         say(f"compare: {method}: {_headline(row)}")
     write_compare_report(output)
     return output
@@ -168,7 +173,6 @@ def run_few_shot(ctx: Context) -> dict:
 
 
 def run_prompt_tuning(ctx: Context) -> dict:
-    from softprompt.inspection import inspect_prompt
     from softprompt.training import train
 
     cfg, folder = ctx.cfg, ctx.output / "prompt-tuning"
@@ -192,7 +196,6 @@ def run_prompt_tuning(ctx: Context) -> dict:
             ctx.log.write(
                 kind=rec["kind"], method="prompt-tuning", step=rec["step"], loss=rec["loss"]
             )
-    ctx.log.write(kind="inspect", method="prompt-tuning", **inspect_prompt(ctx.loaded, folder))
     size = sum(
         (folder / f).stat().st_size for f in ("adapter_model.safetensors", "adapter_config.json")
     )

@@ -190,7 +190,9 @@ class TrainConfig:
     choice_loss: str = opt(
         "restricted",
         "With --choices: 'restricted' puts the softmax over the choices' first tokens at the "
-        "answer position only; 'full' keeps the whole-vocabulary loss on every target token.",
+        "answer position only (the default: 0.96 vs 0.54 validation accuracy after one epoch "
+        "on the sentiment example, docs/measurements.md); 'full' keeps the whole-vocabulary "
+        "loss on every target token, which also teaches the prompt to generate the label.",
         choices=CHOICE_LOSSES,
     )
     resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")

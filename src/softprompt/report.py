@@ -221,7 +221,12 @@ def _setup_lines(config: dict) -> list[str]:
         f"`{c['test']}`" + (f" (first {c['limit']} examples)" if c.get("limit") else "") + ".",
         f"Trained methods get {c['steps']} optimizer steps of batch {c['batch_size']}; learning "
         f"rates: prompt {c['prompt_lr']}, LoRA {c['lora_lr']} (rank {c['lora_r']}), full "
-        f"fine-tuning {c['full_lr']}. Prompt tuning keeps its best validation checkpoint."
+        f"fine-tuning {c['full_lr']}. "
+        + (
+            "Prompt tuning keeps its best validation checkpoint; the others their last step."
+            if c["data"].get("validation") or c["data"].get("val_fraction")
+            else "Every method keeps its last step (no validation data)."
+        )
         + (
             f" Choices: {c['choices']}; training loss: {c.get('choice_loss', 'restricted')}."
             if c.get("choices")

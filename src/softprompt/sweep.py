@@ -102,7 +102,16 @@ def rank(rows: list[dict]) -> list[dict]:
 def format_sweep(rows: list[dict]) -> str:
     """A markdown table of the ranked recipes."""
     extra = [k for k in ("val_accuracy", "exact_match", "chrf") if rows and k in rows[0]]
-    head = ["rank", "prompt length", "init", "lr", "val loss", *extra, "train s"]
+    names = {"val_accuracy": "val accuracy", "exact_match": "val exact match", "chrf": "val chrF"}
+    head = [
+        "rank",
+        "prompt length",
+        "init",
+        "lr",
+        "val loss",
+        *(names[k] for k in extra),
+        "train s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rank(rows), 1):
         cells = [str(i), str(r["length"]), r["init"], f"{r['lr']:g}", f"{r['val_loss']:.4f}"]

@@ -13,6 +13,9 @@ Variants:
   linear schedule, model(**batch).loss, evaluation each epoch).
 - ``softprompt``: ``softprompt.train`` with its defaults (float32).
 - ``softprompt-bf16``: the same with the frozen weights in bfloat16.
+- ``softprompt-choices`` (and ``-bf16``): with ``--choices positive,negative``, softprompt's
+  classification mode (loss over the label words at the answer position), which is what
+  softprompt does by default when it is told the task has labels.
 
 Test accuracy: for each test review, the label whose tokens get the higher log-likelihood
 after the template. Every prompt is scored by the same function in float32 (softprompt
@@ -165,6 +168,8 @@ def run_softprompt(args, loaded, train_rows, val_rows, dtype: str) -> dict:
         batch_size=args.batch_size,
     )
     cfg.prompt.num_virtual_tokens = args.virtual_tokens
+    if "choices" in args.run:  # softprompt's classification mode (its default for labels)
+        cfg.choices = ",".join(CHOICES)
     result = train(cfg, loaded=loaded, progress=False)
     records = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
@@ -182,7 +187,7 @@ def run_variant(args) -> None:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    dtype = "bfloat16" if args.run == "softprompt-bf16" else "float32"
+    dtype = "bfloat16" if args.run.endswith("bf16") else "float32"
     loaded = load_model(model=args.model, dtype=dtype)
     train_rows, test_rows = read("train", args.train_examples), read("test", args.test_examples)
     val_rows = read("validation", args.val_examples)

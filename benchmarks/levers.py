@@ -1,5 +1,6 @@
 """Each speed lever measured on the same batches: alone (against PEFT-like plain training)
-and cumulatively. Run through bench_train.py (``--levers``), in its own process."""
+and together. Sharing the virtual tokens needs the labelled-positions head path, so that
+lever is measured on top of it. Run through bench_train.py (``--levers``), in its own process."""
 
 from __future__ import annotations
 
@@ -67,10 +68,10 @@ def run_levers(args) -> None:
         ("plain: pad to 64, full head, prompt per row, fp32", fixed, plain, False),
         ("alone: pad to the batch, bucketed", bucketed, plain, False),
         ("alone: LM head only at labels", fixed, dict(shared_prefix=False), False),
-        ("alone: virtual tokens once per batch", fixed, {}, False),
+        ("head at labels + virtual tokens once per batch", fixed, {}, False),
         ("alone: bf16 weights", fixed, plain, True),
-        ("all four (fp32: no bf16)", bucketed, {}, False),
-        ("all four with bf16", bucketed, {}, True),
+        ("all three fp32 levers", bucketed, {}, False),
+        ("all three + bf16 weights", bucketed, {}, True),
     ]
     results = []
     for name, batches, kw, bf16 in configs:

@@ -48,12 +48,12 @@ def main() -> None:
     model._softprompt_fast_head = model._softprompt_shared_prefix = None
     results["bfloat16"] = loss_and_grad()
     head32 = model.get_output_embeddings().weight.float()
-    original = prompt_mod._head
-    prompt_mod._head = lambda m, h: F.linear(h.float(), head32)  # the head alone in fp32
+    original = prompt_mod.head_logits
+    prompt_mod.head_logits = lambda m, h: F.linear(h.float(), head32)  # the head alone in fp32
     try:
         results["bfloat16 body, float32 head"] = loss_and_grad()
     finally:
-        prompt_mod._head = original
+        prompt_mod.head_logits = original
     ref = results["float32"][1]
     print("| weights | loss | gradient cosine to fp32 | gradient error (relative) |")
     print("| --- | --- | --- | --- |")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from softprompt import __version__
-from softprompt.errors import ArtifactError
+from softprompt.errors import ArtifactError, ConfigError
 from softprompt.prompt import SoftPrompt
 
 PROMPT_KEY = "prompt_embeddings"
@@ -161,6 +162,19 @@ def check_fits(
             f"prompt {folder} was trained for {was} (embedding fingerprint {expected}), not this "
             "model; load that model with --model, or pass --allow-mismatch to use it anyway"
         )
+
+
+def fresh_output(output: Path, marker: str, what: str, overwrite: bool) -> Path:
+    """Make ``output``; if ``marker`` shows it already holds ``what``, refuse unless
+    ``overwrite``, then start it afresh."""
+    if (output / marker).exists():
+        if not overwrite:
+            raise ConfigError(
+                f"{output} already holds {what}; pass --overwrite or another --output"
+            )
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return output
 
 
 def atomic_write(path: Path, write) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ import psutil
 import torch
 from torch import nn
 
+from softprompt.artifacts import fresh_output
 from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig, parse_choices
 from softprompt.data import Example, load_examples, split_validation, tokenize
-from softprompt.errors import ConfigError
 from softprompt.eval_run import environment, evaluate_examples
 from softprompt.evaluate import check_choice_targets, choice_first_ids
 from softprompt.loading import LoadedModel, load_model, say
@@ -107,15 +106,7 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
 
 
 def _prepare_output(cfg: CompareConfig) -> Path:
-    output = Path(cfg.output)
-    if (output / "metrics.jsonl").exists():
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{output} already holds a comparison; pass --overwrite or another --output"
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    return fresh_output(Path(cfg.output), "metrics.jsonl", "a comparison", cfg.overwrite)
 
 
 def _headline(row: dict) -> str:

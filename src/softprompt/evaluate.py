@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from softprompt import metrics
 from softprompt.data import Example, Row, collate
 from softprompt.errors import ConfigError
-from softprompt.prompt import IGNORE_INDEX, SoftPrompt, embed_tokens, lm_loss, uses_fast_head
+from softprompt.prompt import (
+    IGNORE_INDEX,
+    SoftPrompt,
+    embed_tokens,
+    head_logits,
+    lm_loss,
+    uses_fast_head,
+)
 
 
 @torch.no_grad()
@@ -88,9 +95,7 @@ def _logits_at(model: nn.Module, embeds: Tensor, mask: Tensor, keep: Tensor) -> 
     """(K, V) logits at the K positions where ``keep`` (B, T-1) is set."""
     if uses_fast_head(model):  # the head only where needed, as in lm_loss
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return head_logits(model, hidden[:, :-1][keep])
     return model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
 
 

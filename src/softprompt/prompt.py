@@ -134,7 +134,7 @@ def lm_loss(
     if prompt is not None and fast_head and shared_prefix and uses_shared_prefix(model):
         hidden = _hidden_with_shared_prefix(model, prompt, batch)  # (B, 1+T, H)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
-        return _score(_head(model, hidden[keep]), labels[keep], choice_ids), int(keep.sum())
+        return _score(head_logits(model, hidden[keep]), labels[keep], choice_ids), int(keep.sum())
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
     if prompt is not None:
@@ -143,7 +143,7 @@ def lm_loss(
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast_head and uses_fast_head(model):
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = _head(model, hidden[:, :-1][keep])  # (K, V): labelled positions only
+        logits = head_logits(model, hidden[:, :-1][keep])  # (K, V): labelled positions only
     else:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
@@ -189,7 +189,8 @@ def _hidden_with_shared_prefix(
     return torch.cat([last_virtual, text[:, :-1]], dim=1)[:, : ids.shape[1]]
 
 
-def _head(model: nn.Module, hidden: Tensor) -> Tensor:
+def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """The LM head (and any logit soft-capping) applied to hidden states (..., H)."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2 style soft-capping, as the model's own forward does it
@@ -201,7 +202,7 @@ def _head(model: nn.Module, hidden: Tensor) -> Tensor:
 def uses_fast_head(model: nn.Module) -> bool:
     """Whether body + head alone reproduce the model's logits (checked once per model).
 
-    Architectures that rescale logits in ways not handled by ``_head`` fall back to the
+    Architectures that rescale logits in ways not handled by ``head_logits`` fall back to the
     full forward, so the speed-up never changes results.
     """
     cached = getattr(model, "_softprompt_fast_head", None)
@@ -213,7 +214,7 @@ def uses_fast_head(model: nn.Module) -> bool:
         ids = torch.arange(1, 9, device=device).unsqueeze(0)
         full = model(input_ids=ids).logits.float()
         hidden = model.base_model(input_ids=ids).last_hidden_state
-        ok = torch.allclose(_head(model, hidden).float(), full, atol=1e-4, rtol=1e-3)
+        ok = torch.allclose(head_logits(model, hidden).float(), full, atol=1e-4, rtol=1e-3)
     model._softprompt_fast_head = ok
     return ok
 

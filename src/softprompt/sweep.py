@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
 from pathlib import Path
 
+from softprompt.artifacts import fresh_output
 from softprompt.config import GenerateConfig, PromptConfig, SweepConfig, TrainConfig, parse_choices
 from softprompt.data import Example, load_examples, split_validation
 from softprompt.errors import ConfigError
@@ -122,14 +122,7 @@ def format_sweep(rows: list[dict]) -> str:
 
 def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> list[dict]:
     """Run every recipe; write sweep.jsonl and sweep.md in ``cfg.output``; ranked rows."""
-    output = Path(cfg.output)
-    if (output / "sweep.jsonl").exists():
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{output} already holds a sweep; pass --overwrite or another --output"
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = fresh_output(Path(cfg.output), "sweep.jsonl", "a sweep", cfg.overwrite)
     val = validation_examples(cfg)
     loaded = loaded or load_model(cfg.model)
     log = MetricsLog(output / "sweep.jsonl")

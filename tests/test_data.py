@@ -374,11 +374,17 @@ def test_batch_order_no_shuffle_is_sequential():
 
 
 def test_collate_right_pads_with_mask_and_ignored_labels():
-    """Right padding to the longest row; mask 1 on real tokens; labels -100 on padding."""
-    rows = [Row([2, 5, 6], [IGNORE_INDEX, 5, 6]), Row([2, 7, 8, 9, 1], [IGNORE_INDEX] * 3 + [9, 1])]
+    """Right padding to the longest row; mask 1 on real tokens; labels -100 on padding;
+    each row's task index (multi-task runs) alongside."""
+    rows = [
+        Row([2, 5, 6], [IGNORE_INDEX, 5, 6], task=1),
+        Row([2, 7, 8, 9, 1], [IGNORE_INDEX] * 3 + [9, 1]),
+    ]
     batch = collate(rows, pad_id=PAD)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert all(t.shape == (2, 5) and t.dtype == torch.long for t in batch.values())
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "task"}
+    assert batch["task"].tolist() == [1, 0]
+    assert all(batch[k].shape == (2, 5) for k in ("input_ids", "attention_mask", "labels"))
+    assert all(t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"].tolist() == [[2, 5, 6, 0, 0], [2, 7, 8, 9, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 5, 6, -100, -100], [-100, -100, -100, 9, 1]]

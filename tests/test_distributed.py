@@ -3,6 +3,7 @@ with the same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,15 +47,58 @@ def _env() -> dict:
     return env
 
 
+def _tasks_file(path: Path, reviews: Path) -> Path:
+    """The reviews as two tasks: the label, and the label of the next review."""
+    records = [json.loads(x) for x in reviews.read_text().splitlines()]
+    shifted = [
+        {**r, "task": "b", "label": records[(i + 1) % len(records)]["label"]}
+        for i, r in enumerate(records)
+    ]
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in [{**r, "task": "a"} for r in records] + shifted)
+    )
+    return path
+
+
+def _prompts(out: Path, tasks: bool) -> dict[str, torch.Tensor]:
+    folders = {"a": out / "a", "b": out / "b"} if tasks else {"": out}
+    return {
+        name: load_file(str(f / "adapter_model.safetensors"))["prompt_embeddings"]
+        for name, f in folders.items()
+    }
+
+
+CASES = {
+    # data parallelism: 6 rows per batch split 3 + 3
+    "data-parallel": [],
+    # FSDP2 layers: 9 rows in batches of 4 leave one process without a row in the last
+    # batch (it still runs the forward, for the collective weight gathers)
+    "sharded": ["--shard-model", "--batch-size", "4"],
+    # two tasks' prompts, mixed batches, a task's gradient summed only where it has rows
+    "multi-task": ["--task-field", "task"],
+}
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None
     and shutil.which("torchrun") is None,
     reason="torchrun not installed",
 )
-def test_two_processes_equal_one(tiny_dir, pairs_file, tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one(tiny_dir, pairs_file, tmp_path, case):
     torchrun = Path(sys.executable).parent / "torchrun"
+    tasks = case == "multi-task"
+    data = _tasks_file(tmp_path / "tasks.jsonl", pairs_file) if tasks else pairs_file
+    extra = CASES[case]
+    one_extra = [x for x in extra if x != "--shard-model"]  # one process: nothing to shard
     one = subprocess.run(
-        [sys.executable, "-m", "softprompt", *_train_args(tiny_dir, pairs_file, tmp_path / "one")],
+        [
+            sys.executable,
+            "-m",
+            "softprompt",
+            *_train_args(tiny_dir, data, tmp_path / "one"),
+            *one_extra,
+        ],
         env=_env(),
         capture_output=True,
         text=True,
@@ -67,10 +111,11 @@ def test_two_processes_equal_one(tiny_dir, pairs_file, tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(29517 + list(CASES).index(case)),
             "-m",
             "softprompt",
-            *_train_args(tiny_dir, pairs_file, tmp_path / "two"),
+            *_train_args(tiny_dir, data, tmp_path / "two"),
+            *extra,
         ],
         env=_env(),
         capture_output=True,
@@ -78,16 +123,36 @@ def test_two_processes_equal_one(tiny_dir, pairs_file, tmp_path):
         timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))["prompt_embeddings"]
-    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))["prompt_embeddings"]
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(
-        a, load_file(str(tmp_path / "one" / "initial_prompt.safetensors"))["prompt_embeddings"]
-    )
+    a, b = _prompts(tmp_path / "one", tasks), _prompts(tmp_path / "two", tasks)
+    initial = _initial(tmp_path / "one", tasks)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(a[name], initial[name])
     # Only rank 0 writes: one metrics file with one line per step, one closing message.
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"kind": "train"' in x for x in lines) == 6
+    ref = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    steps = sum('"kind": "train"' in x for x in ref)
+    assert steps == {"data-parallel": 6, "sharded": 9, "multi-task": 9}[case]
+    assert sum('"kind": "train"' in x for x in lines) == steps
     assert two.stderr.count("[softprompt] done:") == 1
+    if case == "sharded":
+        assert "sharded 2 decoder layers across 2 processes (FSDP2)" in two.stderr
+
+
+def _initial(out: Path, tasks: bool) -> dict[str, torch.Tensor]:
+    folders = {"a": out / "a", "b": out / "b"} if tasks else {"": out}
+    return {
+        name: load_file(str(f / "initial_prompt.safetensors"))["prompt_embeddings"]
+        for name, f in folders.items()
+    }
+
+
+def test_shard_model_needs_several_processes(tiny_dir, pairs_file, tmp_path):
+    from softprompt.cli import main
+
+    args = _train_args(tiny_dir, pairs_file, tmp_path / "run") + ["--shard-model"]
+    assert main(args) == 2
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_sigkill_then_resume_ends_with_the_same_prompt(tiny_dir, pairs_file, tmp_path):

@@ -195,6 +195,18 @@ class TrainConfig:
         "loss on every target token, which also teaches the prompt to generate the label.",
         choices=CHOICE_LOSSES,
     )
+    task_field: str | None = opt(
+        None,
+        "Multi-task training: the field naming each record's task. One prompt per task is "
+        "trained in this run, the tasks mixed in batches, and each is saved in OUTPUT/<task>/ "
+        "(serve them all with `softprompt serve --prompts OUTPUT`).",
+    )
+    shard_model: bool = opt(
+        False,
+        "With several processes (torchrun / accelerate launch): split the frozen model's "
+        "decoder layers across them with PyTorch FSDP2, for base models too large for one "
+        "device. Embeddings and LM head stay whole on each process. Same results as without.",
+    )
     resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")
     overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
 

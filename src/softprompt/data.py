@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ class Example:
     source: str  # the templated input, or the whole text in plain-text mode
     target: str | None  # None in plain-text mode
     where: str  # "file.jsonl:12", for messages
+    task: str | None = None  # multi-task training: the record's task name
 
 
 @dataclass
 class Row:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss
+    task: int = 0  # index of the row's task (its prompt) in a multi-task run
 
 
 # --- reading --------------------------------------------------------------------------
@@ -119,14 +122,32 @@ def _read_hub(spec: str) -> Iterator[tuple[dict, str]]:
 # --- records -> examples --------------------------------------------------------------
 
 
-def load_examples(spec: str, cfg: DataConfig) -> list[Example]:
-    """Read ``spec`` and turn each record into an Example, per the field flags."""
+def load_examples(spec: str, cfg: DataConfig, task_field: str | None = None) -> list[Example]:
+    """Read ``spec`` and turn each record into an Example, per the field flags (and, with
+    ``task_field``, the record's task name)."""
     examples: list[Example] = []
     for record, where in read_records(spec):
-        examples.append(_to_example(record, where, cfg))
+        example = _to_example(record, where, cfg)
+        if task_field is not None:
+            example.task = _task_name(record, task_field, where)
+        examples.append(example)
     if not examples:
         raise DataError(f"{spec} holds no examples; check that the file is not empty")
     return examples
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _task_name(record: dict, name: str, where: str) -> str:
+    """A task name becomes a folder (and a served model) name: keep it plain."""
+    task = _field(record, name, where, "--task-field")
+    if not TASK_NAME.fullmatch(task):
+        raise DataError(
+            f"{where}: task name {task!r} cannot name a folder; use letters, digits, '.', '_' "
+            "and '-' (starting with a letter or digit, at most 64)"
+        )
+    return task
 
 
 def _to_example(record: dict, where: str, cfg: DataConfig) -> Example:
@@ -173,10 +194,24 @@ def _apply_template(
 def split_validation(
     examples: list[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Hold out ``fraction`` of the examples (shuffled with ``seed``) for validation."""
+    """Hold out ``fraction`` of the examples (shuffled with ``seed``) for validation; with
+    tasks, ``fraction`` of each task's examples, so that every task is validated."""
+    if examples and examples[0].task is not None:
+        train, val = [], []
+        for task in sorted({ex.task for ex in examples}):
+            t, v = _split([ex for ex in examples if ex.task == task], fraction, seed, task)
+            train, val = train + t, val + v
+        return train, val
+    return _split(examples, fraction, seed)
+
+
+def _split(
+    examples: list[Example], fraction: float, seed: int, task: str | None = None
+) -> tuple[list[Example], list[Example]]:
     n_val = round(len(examples) * fraction)
     if fraction > 0 and (n_val == 0 or n_val >= len(examples)):
-        warn(f"{len(examples)} examples are too few to hold out {fraction:.0%}; no validation")
+        of = f" of task {task!r}" if task else ""
+        warn(f"{len(examples)} examples{of} are too few to hold out {fraction:.0%}; no validation")
         return examples, []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -189,12 +224,18 @@ def split_validation(
 
 
 def tokenize(
-    examples: list[Example], tokenizer, max_text_tokens: int, delimiter: str = " "
+    examples: list[Example],
+    tokenizer,
+    max_text_tokens: int,
+    delimiter: str = " ",
+    task_ids: dict[str, int] | None = None,
 ) -> list[Row]:
-    """Token rows with labels; rows longer than ``max_text_tokens`` are cut (and counted)."""
+    """Token rows with labels; rows longer than ``max_text_tokens`` are cut (and counted).
+    ``task_ids`` maps task names to the rows' task indices in a multi-task run."""
     rows, cut = [], 0
     for ex in examples:
         row, was_cut = _tokenize_one(ex, tokenizer, max_text_tokens, delimiter)
+        row.task = task_ids[ex.task] if task_ids else 0
         rows.append(row)
         cut += was_cut
     if cut:
@@ -252,12 +293,13 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    task = torch.tensor([r.task for r in rows], dtype=torch.long)  # (B,) multi-task runs
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         ids[i, :n] = torch.tensor(r.input_ids)
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
 
 
 def warn(msg: str) -> None:

@@ -40,13 +40,60 @@ class SoftPrompt(nn.Module):
         self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Put the prompt before each row: embeds (B, N+T, H), mask (B, N+T), labels (B, N+T)."""
-        b, n = inputs_embeds.shape[0], self.num_virtual_tokens
-        prompt = self.embedding.to(inputs_embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, N, H)
-        embeds = torch.cat([prompt, inputs_embeds], dim=1)
-        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
-        if labels is not None:
-            labels = torch.cat([labels.new_full((b, n), IGNORE_INDEX), labels], dim=1)
-        return embeds, mask, labels
+        b = inputs_embeds.shape[0]
+        return prepend(
+            self.embedding.unsqueeze(0).expand(b, -1, -1), inputs_embeds, attention_mask, labels
+        )
+
+
+class PromptSet(nn.Module):
+    """One soft prompt per task, trained side by side on one frozen model.
+
+    A batch may mix tasks: ``batch["task"]`` (B,) holds each row's index into ``names``.
+    Each task's prompt is its own parameter, so a task absent from a step gets no gradient
+    (and no optimizer update).
+    """
+
+    def __init__(self, names: list[str], prompts: list[SoftPrompt]):
+        super().__init__()
+        if len({p.embedding.shape for p in prompts}) != 1:
+            raise ConfigError("every task's prompt needs the same number of virtual tokens")
+        self.names = list(names)
+        self.prompts = nn.ModuleList(prompts)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompts[0].num_virtual_tokens
+
+    def stacked(self) -> Tensor:
+        """All prompts, (K, N, H), detached."""
+        return torch.stack([p.embedding.detach() for p in self.prompts])
+
+    def load_stacked(self, values: Tensor) -> None:
+        for p, v in zip(self.prompts, values):
+            p.embedding.data.copy_(v)
+
+
+def prepend(
+    virtual: Tensor, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Put each row's virtual tokens ``virtual`` (B, N, H) before its text (B, T, H)."""
+    b, n = inputs_embeds.shape[0], virtual.shape[1]
+    embeds = torch.cat([virtual.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+    mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+    if labels is not None:
+        labels = torch.cat([labels.new_full((b, n), IGNORE_INDEX), labels], dim=1)
+    return embeds, mask, labels
+
+
+def rows_prompts(prompt: SoftPrompt | PromptSet, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The distinct prompts a batch uses, (K, N, H), and each row's index into them, (B,)."""
+    ids = batch["input_ids"]
+    if isinstance(prompt, PromptSet):
+        present, which = torch.unique(batch["task"], return_inverse=True)
+        virtual = torch.stack([prompt.prompts[i].embedding for i in present.tolist()])
+        return virtual, which.to(ids.device)
+    return prompt.embedding.unsqueeze(0), ids.new_zeros(ids.shape[0])
 
 
 def embed_tokens(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -112,7 +159,7 @@ def _common_token_ids(tokenizer, model: nn.Module) -> Tensor:
 
 def lm_loss(
     model: nn.Module,
-    prompt: SoftPrompt | None,
+    prompt: SoftPrompt | PromptSet | None,
     batch: dict[str, Tensor],
     fast_head: bool = True,
     shared_prefix: bool = True,
@@ -128,17 +175,20 @@ def lm_loss(
       they are run once (batch 1) and their keys/values are shared by every row; the
       gradient flows back through that cache to the prompt.
     With ``choice_ids`` (C,) (classification mode) only each row's first labelled position
-    counts, and its softmax runs over the choices' first tokens alone.
+    counts, and its softmax runs over the choices' first tokens alone. With a ``PromptSet``
+    each row gets its own task's prompt (``batch["task"]``); rows of one task share its
+    prefix.
     """
     labels = batch["labels"]
     if prompt is not None and fast_head and shared_prefix and uses_shared_prefix(model):
-        hidden = _hidden_with_shared_prefix(model, prompt, batch)  # (B, 1+T, H)
+        hidden = _hidden_with_shared_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
         return _score(head_logits(model, hidden[keep]), labels[keep], choice_ids), int(keep.sum())
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
     if prompt is not None:
-        embeds, mask, labels = prompt.prepend(embeds, mask, labels)  # (B, N+T, ...)
+        virtual, which = rows_prompts(prompt, batch)
+        embeds, mask, labels = prepend(virtual[which], embeds, mask, labels)  # (B, N+T, ...)
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast_head and uses_fast_head(model):
@@ -166,18 +216,21 @@ def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
 
 
 def _hidden_with_shared_prefix(
-    model: nn.Module, prompt: SoftPrompt, batch: dict[str, Tensor]
+    model: nn.Module, virtual: Tensor, which: Tensor, batch: dict[str, Tensor]
 ) -> Tensor:
     """Final hidden states that predict each text token: (B, 1+T, H), where column 0 is the
-    last virtual token's state (it predicts the first text token)."""
+    last virtual token's state (it predicts the first text token).
+
+    ``virtual`` (K, N, H) runs once (batch K, usually 1); row i then reads prompt
+    ``which[i]``'s keys and values from the shared cache.
+    """
     body = model.base_model
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, n = ids.shape[0], prompt.num_virtual_tokens
+    b, n = ids.shape[0], virtual.shape[1]
     weight = model.get_input_embeddings().weight
-    virtual = prompt.embedding.to(weight.dtype).unsqueeze(0)  # (1, N, H)
-    head = body(inputs_embeds=virtual, use_cache=True)  # the prompt, once
+    head = body(inputs_embeds=virtual.to(weight.dtype), use_cache=True)  # the prompts, once
     cache = head.past_key_values
-    cache.batch_repeat_interleave(b)  # (1, kv, N, d) -> (B, kv, N, d), differentiable
+    cache.batch_select_indices(which)  # (K, kv, N, d) -> (B, kv, N, d), differentiable
     full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)  # (B, N+T)
     text = body(
         inputs_embeds=embed_tokens(model, ids),
@@ -185,7 +238,7 @@ def _hidden_with_shared_prefix(
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state  # (B, T, H)
-    last_virtual = head.last_hidden_state[:, -1:].expand(b, 1, -1)  # (B, 1, H)
+    last_virtual = head.last_hidden_state[which, -1:]  # (B, 1, H)
     return torch.cat([last_virtual, text[:, :-1]], dim=1)[:, : ids.shape[1]]
 
 

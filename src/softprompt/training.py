@@ -3,6 +3,10 @@
 Read top to bottom: set up (model, data, prompt, optimizer), measure the baseline,
 loop over steps (forward, backward, clip, step, log, validate, checkpoint), then save
 the best prompt as a PEFT-compatible artifact with its metrics and loss curve.
+
+With ``--task-field`` one run trains one prompt per task: the tasks' rows are mixed in
+batches (each row meets its own task's prompt), each task keeps its own best prompt, and
+each is saved in ``OUTPUT/<task>/``. A single task is the one-prompt case of the same loop.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import softprompt
-from softprompt.artifacts import META, save_prompt
+from softprompt.artifacts import META, save_prompt, write_json
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
 from softprompt.config import TrainConfig, parse_choices
@@ -38,11 +42,27 @@ from softprompt.data import (
 from softprompt.errors import ConfigError, TrainingError
 from softprompt.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
 from softprompt.loading import LoadedModel, load_model, say
-from softprompt.prompt import IGNORE_INDEX, SoftPrompt, init_prompt, lm_loss, uses_shared_prefix
+from softprompt.prompt import (
+    IGNORE_INDEX,
+    PromptSet,
+    SoftPrompt,
+    init_prompt,
+    lm_loss,
+    uses_shared_prefix,
+)
 from softprompt.report import MetricsLog, plot_metrics
 
 # Settings that may change between a run and its --resume (the rest must match).
-RESUMABLE = {"epochs", "max_steps", "eval_every", "save_every", "patience", "resume", "overwrite"}
+RESUMABLE = {
+    "epochs",
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "patience",
+    "resume",
+    "overwrite",
+    "shard_model",
+}
 
 
 @dataclass
@@ -62,8 +82,9 @@ class RunState:
 @dataclass
 class TrainResult:
     output: Path
-    prompt: SoftPrompt
+    prompt: SoftPrompt  # the trained prompt (a multi-task run: its first task's)
     summary: dict
+    prompts: dict[str, SoftPrompt] = field(default_factory=dict)  # multi-task: task -> prompt
 
 
 def train(
@@ -73,67 +94,102 @@ def train(
     # One process, or one of many under `accelerate launch` / torchrun. Without a GPU,
     # accelerate uses gloo across CPU processes only when told cpu=True.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.shard_model and accelerator.num_processes == 1:
+        raise ConfigError(
+            "--shard-model splits the model across processes: launch with torchrun or "
+            "accelerate launch and 2 or more processes (README, 'Scaling out')"
+        )
     train_ex, val_ex = _load_examples(cfg)  # bad data fails before anything slow or written
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     loaded = loaded or load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(accelerator.device)
-    train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer)
+    if cfg.shard_model:
+        _shard_layers(model, accelerator)
+    tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else []
+    train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer, tasks)
     pad_id = tokenizer.pad_token_id
     choice_ids = _choice_ids(
         cfg, tokenizer, train_rows + val_rows, train_ex + val_ex, accelerator.device
     )
+    # validation rows per task (a single task: all of them)
+    val_by_task = [[r for r in val_rows if r.task == i] for i in range(max(len(tasks), 1))]
 
-    # The prompt, its optimizer and the schedule.
-    prompt = init_prompt(model, tokenizer, cfg.prompt, seed=cfg.seed)
-    initial = prompt.embedding.detach().clone()
+    # The prompts (one, or one per task), the optimizer and the schedule.
+    first = init_prompt(model, tokenizer, cfg.prompt, seed=cfg.seed)
+    core = PromptSet(
+        tasks or [""], [SoftPrompt(first.embedding) for _ in range(max(len(tasks), 1))]
+    ).to(accelerator.device)
+    initial = core.stacked().clone()  # (K, N, H)
     batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = torch.optim.AdamW([prompt.embedding], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
+    optimizer = torch.optim.AdamW(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
     # Not wrapped in DDP: the gradient is all-reduced by hand in _forward_backward, which
     # keeps one code path (and the shared prefix) for one process or many.
-    core = prompt.to(accelerator.device)
 
-    state, best = RunState(), core.embedding.detach().clone()
+    state, best = RunState(), core.stacked().clone()
     log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
     if cfg.resume:
         state, best, initial = _restore(output, cfg, core, optimizer, scheduler, log)
     else:
         log.write(kind="config", config=dataclasses.asdict(cfg), data=data_info)
+        state.extra["task_best"] = [[None, 0] for _ in core.names]  # per task: [loss, step]
 
-    def validate() -> float | None:
+    def measure(prompts: PromptSet | None, kind: str) -> tuple[float, list] | None:
+        """Validation loss of every task, logged: (pooled over tasks, per task)."""
         if not val_rows:
             return None
-        result = evaluate_loss(model, core, val_rows, cfg.batch_size, pad_id, choice_ids)
-        log.write(kind="val", step=state.step, epoch=state.epoch, **result)
-        return result["loss"]
+        per_task, total, count = [], 0.0, 0
+        for i, rows in enumerate(val_by_task):
+            if not rows:
+                per_task.append(None)
+                continue
+            prompt = prompts.prompts[i] if prompts is not None else None
+            result = evaluate_loss(model, prompt, rows, cfg.batch_size, pad_id, choice_ids)
+            per_task.append(result["loss"])
+            total, count = total + result["loss"] * result["tokens"], count + result["tokens"]
+            if tasks:
+                log.write(kind=f"task_{kind}", task=tasks[i], step=state.step, **result)
+        pooled = total / max(count, 1)
+        ppl = math.exp(min(pooled, 50.0))
+        log.write(kind=kind, step=state.step, epoch=state.epoch, loss=pooled, ppl=ppl, tokens=count)
+        return pooled, per_task
+
+    def validate() -> tuple[float, list] | None:
+        return measure(core, "val")
 
     if state.step == 0 and val_rows:  # the before: base model alone, and the initial prompt
-        base = evaluate_loss(model, None, val_rows, cfg.batch_size, pad_id, choice_ids)
-        log.write(kind="base", step=0, **base)
-        state.extra["base_val_loss"] = base["loss"]
-        state.extra["initial_val_loss"] = validate()
+        base, base_tasks = measure(None, "base")
+        state.extra["base_val_loss"], state.extra["task_base"] = base, base_tasks
+        initial_loss, initial_tasks = validate()
+        state.extra["initial_val_loss"], state.extra["task_initial"] = initial_loss, initial_tasks
         say(
-            f"validation loss before training: base model {base['loss']:.4f}, "
-            f"with the initial prompt {state.extra['initial_val_loss']:.4f}"
+            f"validation loss before training: base model {base:.4f}, "
+            f"with the initial prompt{'s' if tasks else ''} {initial_loss:.4f}"
         )
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
             _save_checkpoint(output, cfg, state, core, best, initial, optimizer, scheduler)
 
-    def after_validation(loss: float | None) -> None:
-        if loss is None:
+    def after_validation(result: tuple[float, list] | None) -> None:
+        if result is None:
             return
+        loss, per_task = result
+        for i, task_loss in enumerate(per_task):  # each task keeps its own best prompt
+            record = state.extra["task_best"][i]
+            if task_loss is not None and (record[0] is None or task_loss < record[0] - 1e-6):
+                record[:] = [task_loss, state.step]
+                best[i].copy_(core.prompts[i].embedding.detach())
         if loss < state.best_loss - 1e-6:
             state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
-            best.copy_(core.embedding.detach())
         else:
             state.bad_evals += 1
             if cfg.patience and state.bad_evals >= cfg.patience:
@@ -164,7 +220,7 @@ def train(
             if not math.isfinite(loss_sum):
                 optimizer.zero_grad()
                 _stop_non_finite(cfg, output, state, core, best, loaded, data_info, log)
-            grad_norm = _clip(accelerator, core, cfg.max_grad_norm)
+            grad_norm = _clip(core, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -190,10 +246,10 @@ def train(
         if state.group >= len(groups):  # the epoch is complete
             state.epoch, state.group = state.epoch + 1, 0
             if not (cfg.eval_every and state.step % cfg.eval_every == 0):
-                loss = validate()
-                after_validation(loss)
-                if loss is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{loss:.4f}")
+                result = validate()
+                after_validation(result)
+                if result is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{result[0]:.4f}")
             checkpoint()
     last_val = max((r["step"] for r in log.records if r.get("kind") == "val"), default=-1)
     if val_rows and 0 < state.step != last_val:  # e.g. --max-steps inside the first epoch
@@ -201,16 +257,18 @@ def train(
     bar.close()
     elapsed = time.perf_counter() - started
 
-    final = best if val_rows else core.embedding.detach()
-    core.embedding.data.copy_(final)
+    for i, rows in enumerate(val_by_task):  # each task's best prompt (or last, if unvalidated)
+        if rows and state.extra["task_best"][i][0] is not None:
+            core.prompts[i].embedding.data.copy_(best[i])
     summary = _summary(state, log, elapsed, tokens_seen)
     if accelerator.is_main_process:
-        _save_artifact(output, cfg, core, initial, loaded, data_info, summary)
+        _save_artifacts(output, cfg, core, initial, loaded, data_info, summary, state)
         plot_metrics(output / "metrics.jsonl", output / "loss.png")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        say(_closing_line(summary, output))
-    return TrainResult(output=output, prompt=core, summary=summary)
+        say(_closing_line(summary, output, tasks))
+    prompts = dict(zip(tasks, core.prompts)) if tasks else {}
+    return TrainResult(output=output, prompt=core.prompts[0], summary=summary, prompts=prompts)
 
 
 # --- set-up ---------------------------------------------------------------------------
@@ -249,19 +307,26 @@ def _check_output(cfg: TrainConfig, output: Path) -> None:
 
 def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     d = cfg.data
-    examples = load_examples(d.data, d)
+    examples = load_examples(d.data, d, cfg.task_field)
     if d.validation:
-        return examples, load_examples(d.validation, d)
+        val = load_examples(d.validation, d, cfg.task_field)
+        unknown = sorted({ex.task for ex in val} - {ex.task for ex in examples} - {None})
+        if unknown:
+            raise ConfigError(
+                f"{d.validation}: task {unknown[0]!r} has no training examples in {d.data}"
+            )
+        return examples, val
     return split_validation(examples, d.val_fraction, cfg.seed)
 
 
 def _tokenize(
-    cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example], tokenizer
+    cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example], tokenizer, tasks: list[str]
 ) -> tuple[list[Row], list[Row], dict]:
     d = cfg.data
     max_text = d.max_length - cfg.prompt.num_virtual_tokens
-    train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter)
-    val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter)
+    ids = {name: i for i, name in enumerate(tasks)}
+    train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter, ids)
+    val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter, ids)
     if not any(_label_count([r]) for r in train_rows):
         raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
     mode = "text" if train_ex[0].target is None else "pairs"
@@ -271,6 +336,16 @@ def _tokenize(
         "train_examples": len(train_rows),
         "val_examples": len(val_rows),
     }
+    if tasks:
+        info["tasks"] = {
+            name: {
+                "train_examples": sum(r.task == i for r in train_rows),
+                "val_examples": sum(r.task == i for r in val_rows),
+            }
+            for name, i in ids.items()
+        }
+        counts = ", ".join(f"{n} {v['train_examples']}" for n, v in info["tasks"].items())
+        say(f"multi-task: {len(tasks)} tasks, one prompt each, mixed in batches ({counts})")
     say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
     return train_rows, val_rows, info
 
@@ -286,7 +361,7 @@ def _label_count(rows: list[Row], first_only: bool = False) -> int:
 def _forward_backward(
     accelerator: Accelerator,
     model,
-    prompt: SoftPrompt,
+    prompts: PromptSet,
     group: list[list[Row]],
     pad_id: int,
     choice_ids: torch.Tensor | None = None,
@@ -296,7 +371,8 @@ def _forward_backward(
     Each of the P processes takes rows rank, rank+P, ... of every micro-batch; the loss is
     divided by the label tokens of *all* rows, and the gradients are summed across
     processes, so P processes make the same step as one. Returns (summed loss, label
-    tokens, positions the body ran), each over all processes.
+    tokens, positions the body ran), each over all processes. A task with no row in the
+    whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     # the whole step's denominator (classification mode: one position per row)
@@ -304,18 +380,28 @@ def _forward_backward(
     loss_sum = torch.zeros((), device=accelerator.device)
     processed = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for rows in group:
-        mine = rows[rank::world]
+        mine, weight = rows[rank::world], 1.0
         if not mine:
-            continue
+            if not getattr(model, "_softprompt_sharded", False):
+                continue
+            # Sharded layers gather their weights collectively: every process must run
+            # every forward, so this one runs a row and throws its loss away.
+            mine, weight = rows[:1], 0.0
         batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
-        loss, _ = lm_loss(model, prompt, batch, choice_ids=choice_ids)
+        loss, _ = lm_loss(model, prompts, batch, choice_ids=choice_ids)
+        loss = loss * weight
         accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
         loss_sum += loss.detach()
-        processed += _processed_tokens(model, batch, prompt.num_virtual_tokens)
+        if weight:
+            processed += _processed_tokens(model, batch, prompts.num_virtual_tokens)
     if world > 1:
-        if prompt.embedding.grad is None:  # no rows here this step: contribute zeros
-            prompt.embedding.grad = torch.zeros_like(prompt.embedding)
-        prompt.embedding.grad = accelerator.reduce(prompt.embedding.grad, "sum")
+        in_step = {r.task for rows in group for r in rows}
+        for i, p in enumerate(prompts.parameters()):
+            if i not in in_step:  # no row of this task on any process
+                continue
+            if p.grad is None:  # no rows of it here: contribute zeros
+                p.grad = torch.zeros_like(p)
+            p.grad = accelerator.reduce(p.grad, "sum")
         loss_sum, processed = (
             accelerator.reduce(loss_sum, "sum"),
             accelerator.reduce(processed, "sum"),
@@ -324,10 +410,44 @@ def _forward_backward(
 
 
 def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
-    """Positions the model body ran: padded text, plus the virtual tokens (once per batch
-    when they are shared, else once per row)."""
+    """Positions the model body ran: padded text, plus the virtual tokens (once per task in
+    the batch when they are shared, else once per row)."""
     rows, width = batch["input_ids"].shape
-    return rows * width + (n_virtual if uses_shared_prefix(model) else rows * n_virtual)
+    if uses_shared_prefix(model):
+        return rows * width + n_virtual * len(torch.unique(batch["task"]))
+    return rows * width + rows * n_virtual
+
+
+def _shard_layers(model, accelerator: Accelerator) -> None:
+    """Split every decoder layer's weights across the processes with PyTorch FSDP2
+    (``fully_shard``): a layer gathers its weights just before it runs and frees them after,
+    forward and backward. The embeddings, final norm and LM head stay whole on every process:
+    softprompt calls the body and the head separately (the head only at labelled positions),
+    outside any root wrapper. The prompt is tiny and stays replicated."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = accelerator.num_processes
+    layers = _decoder_layers(model)
+    mesh = init_device_mesh(accelerator.device.type, (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    model._softprompt_sharded = True
+    whole = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for layer in layers for p in layer.parameters()
+    )
+    say(
+        f"sharded {len(layers)} decoder layers across {world} processes (FSDP2); "
+        f"{whole / 1e6:.0f}M parameters (embeddings, norm, head) stay whole on each"
+    )
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList holding most of its weights."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"--shard-model: no layer list found in {type(model).__name__}")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def _choice_ids(
@@ -342,10 +462,16 @@ def _choice_ids(
     return torch.tensor(ids, device=device)
 
 
-def _clip(accelerator: Accelerator, prompt: SoftPrompt, max_norm: float | None) -> float:
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(prompt.parameters(), max_norm))
-    return float(prompt.embedding.grad.norm()) if prompt.embedding.grad is not None else 0.0
+def _clip(prompts: PromptSet, max_norm: float | None) -> float:
+    """Clip each task's gradient on its own (the prompts are independent); return the norm
+    over all of them before clipping."""
+    norms = []
+    for p in prompts.parameters():
+        if p.grad is not None:
+            norms.append(
+                torch.nn.utils.clip_grad_norm_([p], max_norm) if max_norm else p.grad.norm()
+            )
+    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -354,13 +480,13 @@ def _clip(accelerator: Accelerator, prompt: SoftPrompt, max_norm: float | None) 
 def _save_checkpoint(output, cfg, state, prompt, best, initial, optimizer, scheduler) -> None:
     opt_state = optimizer.state_dict()
     tensors = {
-        "prompt": prompt.embedding,
+        "prompt": prompt.stacked(),  # (K, N, H): one row per task
         "best": best,
         "initial": initial,
         "rng": torch.get_rng_state(),
     }
-    moments = opt_state["state"].get(0, {})
-    tensors.update({f"optim.{k}": torch.as_tensor(v) for k, v in moments.items()})
+    for index, moments in opt_state["state"].items():  # only tasks that have had a step
+        tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
     record = {
         "run": dataclasses.asdict(state),
         "config": dataclasses.asdict(cfg),
@@ -377,11 +503,13 @@ def _restore(output, cfg, prompt, optimizer, scheduler, log) -> tuple:
     record, tensors, folder = found
     _check_same_run(record["config"], dataclasses.asdict(cfg))
     state = RunState(**record["run"])
-    prompt.embedding.data.copy_(tensors["prompt"])
-    moments = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("optim.")}
-    optimizer.load_state_dict(
-        {"state": {0: moments} if moments else {}, "param_groups": record["param_groups"]}
-    )
+    prompt.load_stacked(tensors["prompt"])
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": record["param_groups"]})
     scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(tensors["rng"])
     log.truncate_after(state.step)
@@ -415,12 +543,12 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, ob
 
 
 def _stop_non_finite(cfg, output, state, prompt, best, loaded, data_info, log) -> None:
-    """Keep the last good prompt and stop with a message that says what to change."""
-    good = best if state.best_step else prompt.embedding.detach()
-    prompt.embedding.data.copy_(good)
+    """Keep the last good prompts and stop with a message that says what to change."""
+    if state.best_step:
+        prompt.load_stacked(best)
     summary = _summary(state, log, 0.0, 0)
     summary["stopped"] = f"non-finite loss at step {state.step + 1}"
-    _save_artifact(output, cfg, prompt, prompt.embedding.detach(), loaded, data_info, summary)
+    _save_artifacts(output, cfg, prompt, prompt.stacked(), loaded, data_info, summary, state)
     raise TrainingError(
         f"the loss became NaN or infinite at step {state.step + 1}; the last good prompt is "
         f"saved in {output}. Lower --lr (now {cfg.lr}) or set --max-grad-norm"
@@ -445,7 +573,8 @@ def _summary(state: RunState, log: MetricsLog, elapsed: float, tokens: int) -> d
     }
 
 
-def _save_artifact(output, cfg, prompt, initial, loaded, data_info, summary) -> None:
+def _save_artifacts(output, cfg, prompts, initial, loaded, data_info, summary, state) -> None:
+    """One prompt folder: OUTPUT itself, or OUTPUT/<task>/ per task (and tasks.json)."""
     meta = {
         "template": cfg.data.template,
         "target_delimiter": cfg.data.target_delimiter,
@@ -456,17 +585,43 @@ def _save_artifact(output, cfg, prompt, initial, loaded, data_info, summary) -> 
         },
         "metrics": summary,
     }
-    save_prompt(output, prompt, loaded.model, loaded.name, meta, initial=initial)
+    if not cfg.task_field:
+        save_prompt(output, prompts.prompts[0], loaded.model, loaded.name, meta, initial[0])
+        return
+    index = {}
+    for i, task in enumerate(prompts.names):
+        best_loss, best_step = state.extra["task_best"][i]
+        task_metrics = {
+            "task": task,
+            **data_info["tasks"][task],
+            "base_val_loss": _at(state.extra.get("task_base"), i),
+            "initial_val_loss": _at(state.extra.get("task_initial"), i),
+            "best_val_loss": best_loss,
+            "best_step": best_step,
+        }
+        task_meta = {**meta, "task": task, "metrics": {**summary, "task": task_metrics}}
+        save_prompt(
+            output / task, prompts.prompts[i], loaded.model, loaded.name, task_meta, initial[i]
+        )
+        index[task] = {"folder": task, **task_metrics}
+    write_json(output / "tasks.json", {"tasks": index})
 
 
-def _closing_line(summary: dict, output: Path) -> str:
+def _at(values: list | None, i: int):
+    return values[i] if values else None
+
+
+def _closing_line(summary: dict, output: Path, tasks: list[str]) -> str:
     parts = [f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s"]
     if summary["best_val_loss"] is not None:
         parts.append(
             f"validation loss {summary['base_val_loss']:.4f} (base model) -> "
             f"{summary['best_val_loss']:.4f} (tuned)"
         )
-    parts.append(f"saved to {output}")
+    if tasks:
+        parts.append(f"{len(tasks)} prompts saved in {output}/<task>/: {', '.join(tasks)}")
+    else:
+        parts.append(f"saved to {output}")
     return "; ".join(parts)
 
 

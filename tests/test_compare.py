@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.compare import run_compare
 from softprompt.config import COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig
-from softprompt.inspection import CAVEAT
 from softprompt.loading import load_model
+from softprompt.measure.compare import run_compare
+from softprompt.measure.inspection import CAVEAT
 
 TEMPLATE = "review : {input} sentiment :"
 

@@ -218,7 +218,7 @@ def _add_serve(sub, fmt) -> None:
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
-    from softprompt.sweep import format_sweep, run_sweep
+    from softprompt.measure.sweep import format_sweep, run_sweep
 
     rows = run_sweep(build_config(SweepConfig, ns))
     print(format_sweep(rows))
@@ -226,7 +226,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from softprompt.compare import run_compare
+    from softprompt.measure.compare import run_compare
 
     output = run_compare(build_config(CompareConfig, ns))
     print((output / "report.md").read_text(encoding="utf-8"))
@@ -236,8 +236,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
     from softprompt.artifacts import read_meta
-    from softprompt.inspection import format_inspection, inspect_prompt
     from softprompt.loading import load_model
+    from softprompt.measure.inspection import format_inspection, inspect_prompt
 
     if ns.top_k < 1:
         raise SoftpromptError("--top-k must be at least 1")
@@ -250,7 +250,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from softprompt.eval_run import format_table, run_eval
+    from softprompt.measure.eval_run import format_table, run_eval
 
     results = run_eval(build_config(EvalConfig, ns))
     print(format_table(results))

@@ -134,8 +134,60 @@ REVIEWS = [
 ]
 
 
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
-    path = tmp_path / "train.jsonl"
+def write_reviews(path: Path) -> Path:
+    """Write REVIEWS to ``path`` as JSONL records with fields ``review`` and ``label``."""
     path.write_text("".join(json.dumps({"review": r, "label": y}) + "\n" for r, y in REVIEWS))
     return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_reviews(tmp_path / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def loaded_all(model_dirs):
+    """Every tiny model loaded (frozen), once per test module."""
+    from softprompt.loading import load_model
+
+    return {k: load_model(model=str(v)) for k, v in model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """The embedded Gemma 3 270M, loaded once per (slow) test module."""
+    from softprompt.loading import load_model
+
+    return load_model()
+
+
+def random_prompt(seed: int = 0, n: int = 3):
+    """A seeded random SoftPrompt of ``n`` virtual tokens for the 16-wide tiny models."""
+    from softprompt.prompt import SoftPrompt
+
+    return SoftPrompt(torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) * 2)
+
+
+def train_config(model_dir, data, out, **kw):
+    """A TrainConfig for a few quick steps of a 4-token prompt on REVIEWS-style data.
+
+    Keywords naming DataConfig fields go to the data config, the rest to TrainConfig."""
+    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+
+    data_kw = {k: kw.pop(k) for k in list(kw) if k in DataConfig.__dataclass_fields__}
+    data_kw.setdefault("val_fraction", 0.25)
+    return TrainConfig(
+        model=ModelConfig(model=str(model_dir)),
+        data=DataConfig(
+            data=str(data),
+            input_field="review",
+            target_field="label",
+            template="review : {input} sentiment :",
+            **data_kw,
+        ),
+        prompt=PromptConfig(num_virtual_tokens=4, init=kw.pop("init", "vocab")),
+        output=str(out),
+        batch_size=kw.pop("batch_size", 3),
+        lr=kw.pop("lr", 0.3),
+        **kw,
+    )

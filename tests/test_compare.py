@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_reviews
 
 from softprompt.cli import main
-from softprompt.compare import run_compare
 from softprompt.config import COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig
-from softprompt.inspection import CAVEAT
 from softprompt.loading import load_model
+from softprompt.measure.compare import run_compare
+from softprompt.measure.inspection import CAVEAT
 
 TEMPLATE = "review : {input} sentiment :"
 
@@ -23,11 +24,8 @@ TEMPLATE = "review : {input} sentiment :"
 @pytest.fixture(scope="module")
 def compared(model_dirs, tmp_path_factory) -> Path:
     """One small comparison shared by the tests below (about ten seconds)."""
-    from tests.conftest import REVIEWS
-
     root = tmp_path_factory.mktemp("compare")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"review": r, "label": y}) + "\n" for r, y in REVIEWS))
+    data = write_reviews(root / "train.jsonl")
     cfg = CompareConfig(
         model=ModelConfig(model=str(model_dirs["llama"])),
         data=DataConfig(

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.slow
 DATA = "examples/sentiment/train.jsonl"
 
 
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model()
-
-
 def test_embedded_model_loads_offline(gemma):
     model = gemma.model
     assert gemma.name == "embedded"

@@ -7,16 +7,10 @@ import json
 import pytest
 
 from softprompt.config import DataConfig, EvalConfig
-from softprompt.eval_run import run_eval
-from softprompt.evaluate import choice_first_ids
-from softprompt.loading import load_model
+from softprompt.measure.eval_run import run_eval
+from softprompt.measure.evaluate import choice_first_ids
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model()
 
 
 def test_sentiment_labels_start_with_different_tokens(gemma):

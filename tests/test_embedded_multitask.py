@@ -8,8 +8,8 @@ import pytest
 
 from softprompt.config import DataConfig, PromptConfig, TrainConfig
 from softprompt.data import Example, tokenize
-from softprompt.evaluate import classify, evaluate_loss
 from softprompt.loading import load_model
+from softprompt.measure.evaluate import classify, evaluate_loss
 from softprompt.training import train
 
 pytestmark = pytest.mark.slow

@@ -9,20 +9,20 @@ import math
 import pytest
 import torch
 
-from softprompt import metrics
-from softprompt.baselines import few_shot
 from softprompt.cli import main
 from softprompt.config import DataConfig, EvalConfig, ModelConfig
 from softprompt.data import Example, Row, collate
-from softprompt.eval_run import run_eval
-from softprompt.evaluate import (
+from softprompt.loading import load_model
+from softprompt.measure import metrics
+from softprompt.measure.baselines import few_shot
+from softprompt.measure.eval_run import run_eval
+from softprompt.measure.evaluate import (
     choice_first_ids,
     classify,
     continuation_rows,
     evaluate_loss,
     row_logprobs,
 )
-from softprompt.loading import load_model
 from softprompt.prompt import SoftPrompt, lm_loss
 
 GOLD = ["a", "a", "a", "b", "b", "c"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import random_prompt
 
 from softprompt.artifacts import save_prompt
 from softprompt.cli import main
@@ -11,18 +11,8 @@ from softprompt.config import GenerateConfig
 from softprompt.errors import ConfigError
 from softprompt.generation import apply_template, generate
 from softprompt.loading import load_model
-from softprompt.prompt import SoftPrompt
 
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
-
-
-@pytest.fixture(scope="module")
-def loaded_all(model_dirs):
-    return {k: load_model(model=str(v)) for k, v in model_dirs.items()}
-
-
-def _prompt(seed=0, n=3):
-    return SoftPrompt(torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) * 2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
@@ -32,7 +22,7 @@ def test_batched_rows_equal_rows_alone(loaded_all, arch):
     loaded = loaded_all[arch]
     cfg_batch = GenerateConfig(max_new_tokens=6, batch_size=3)
     cfg_single = GenerateConfig(max_new_tokens=6, batch_size=1)
-    for prompt in (None, _prompt()):
+    for prompt in (None, random_prompt()):
         together = generate(loaded, TEXTS, prompt, cfg_batch)
         alone = generate(loaded, TEXTS, prompt, cfg_single)
         assert together == alone
@@ -42,7 +32,7 @@ def test_batched_rows_equal_rows_alone(loaded_all, arch):
 def test_prompt_changes_the_output(loaded_all):
     loaded = loaded_all["llama"]
     cfg = GenerateConfig(max_new_tokens=6)
-    assert generate(loaded, TEXTS, None, cfg) != generate(loaded, TEXTS, _prompt(1, 6), cfg)
+    assert generate(loaded, TEXTS, None, cfg) != generate(loaded, TEXTS, random_prompt(1, 6), cfg)
 
 
 def test_sampling_is_seeded(loaded_all):
@@ -72,7 +62,7 @@ def test_cli_compare_uses_the_prompt_base_model_and_template(tiny_dir, tmp_path,
     loaded = load_model(model=str(tiny_dir))
     save_prompt(
         tmp_path / "p",
-        _prompt(2),
+        random_prompt(2),
         loaded.model,
         loaded.name,
         {"template": "review : {input} sentiment :"},

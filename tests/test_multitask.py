@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import REVIEWS
+from conftest import REVIEWS, train_config
 from safetensors.torch import load_file
 
 from softprompt.artifacts import load_prompt
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.config import TrainConfig
 from softprompt.data import Row, collate, tokenize
 from softprompt.errors import ConfigError, DataError
 from softprompt.loading import load_model
@@ -34,22 +34,9 @@ def tasks_file(tmp_path):
 
 
 def _cfg(model_dir, data, out, **kw) -> TrainConfig:
-    return TrainConfig(
-        model=ModelConfig(model=str(model_dir)),
-        data=DataConfig(
-            data=str(data),
-            input_field="review",
-            target_field="label",
-            template="review : {input} sentiment :",
-            val_fraction=0.25,
-        ),
-        prompt=PromptConfig(num_virtual_tokens=4),
-        output=str(out),
-        batch_size=4,
-        lr=0.3,
-        task_field=kw.pop("task_field", "task"),
-        **kw,
-    )
+    kw.setdefault("task_field", "task")
+    kw.setdefault("batch_size", 4)
+    return train_config(model_dir, data, out, **kw)
 
 
 def _rows(tok, n_tasks: int) -> list[Row]:

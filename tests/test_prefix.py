@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_prompt
 from transformers import GenerationConfig
 
 from softprompt.config import GenerateConfig
@@ -21,15 +22,6 @@ from softprompt.prompt import SoftPrompt
 
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
 ARCHS = ["llama", "gemma3", "gpt2"]  # gemma3: sliding window 4 + full attention
-
-
-@pytest.fixture(scope="module")
-def loaded_all(model_dirs):
-    return {k: load_model(model=str(v)) for k, v in model_dirs.items()}
-
-
-def _prompt(seed: int, n: int) -> SoftPrompt:
-    return SoftPrompt(torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) * 2)
 
 
 def _logits(model, ids, prompts, cached: bool):
@@ -54,7 +46,7 @@ def _logits(model, ids, prompts, cached: bool):
 def test_prefix_equals_plain_path(loaded_all, arch, n):
     loaded = loaded_all[arch]
     model, tok = loaded.model, loaded.tokenizer
-    prompt = _prompt(0, n)
+    prompt = random_prompt(0, n)
     ids = [tok(t)["input_ids"] for t in TEXTS]
     prefix = compile_prefix(model, prompt)
     tokens, logits = _logits(model, ids, [prefix] * 3, cached=True)
@@ -67,7 +59,7 @@ def test_prefix_equals_plain_path(loaded_all, arch, n):
 def test_mixed_batch_equals_rows_alone(loaded_all, arch):
     """Each row its own prompt (3, 12 virtual tokens, or none): batched == alone == plain."""
     loaded = loaded_all[arch]
-    short, long = _prompt(1, 3), _prompt(2, 12)
+    short, long = random_prompt(1, 3), random_prompt(2, 12)
     texts = TEXTS + TEXTS[:2]
     prompts = [long, None, short, short, long]
     cfg = GenerateConfig(max_new_tokens=6, batch_size=5)
@@ -93,7 +85,7 @@ def test_prefix_runs_only_the_text(loaded_all):
         with_kwargs=True,
     )
     try:
-        prefix = compile_prefix(model, _prompt(0, 20))
+        prefix = compile_prefix(model, random_prompt(0, 20))
         widths.clear()
         generate(loaded, TEXTS, prefix, GenerateConfig(max_new_tokens=2))
     finally:
@@ -104,7 +96,7 @@ def test_prefix_runs_only_the_text(loaded_all):
 
 def test_compile_all_compiles_each_prompt_once(loaded_all):
     model = loaded_all["gemma3"].model
-    p = _prompt(3, 5)
+    p = random_prompt(3, 5)
     compiled = compile_all(model, [p, None, p])
     assert compiled[0] is compiled[2] and compiled[1] is None
     assert compiled[0].length == 5 and len(compiled[0].keys) == model.config.num_hidden_layers
@@ -113,7 +105,7 @@ def test_compile_all_compiles_each_prompt_once(loaded_all):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_scoring_equals_rows_alone(loaded_all, arch):
     loaded = loaded_all[arch]
-    prompts = [_prompt(4, 6), None, _prompt(5, 2)]
+    prompts = [random_prompt(4, 6), None, random_prompt(5, 2)]
     conts = [" positive", " negative , bad", " good"]
     mixed = score_continuations(loaded, TEXTS, conts, prompts)
     alone = [

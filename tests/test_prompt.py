@@ -15,11 +15,6 @@ from softprompt.prompt import IGNORE_INDEX, SoftPrompt, embed_tokens, init_promp
 ARCHS = ["llama", "gemma3", "gpt2"]
 
 
-@pytest.fixture(scope="module")
-def loaded_all(model_dirs):
-    return {k: load_model(model=str(v)) for k, v in model_dirs.items()}
-
-
 def _rows(tok, texts_targets, limit=64):
     exs = [Example(s, t, "test") for s, t in texts_targets]
     return tokenize(exs, tok, limit)

@@ -11,7 +11,7 @@ import urllib.request
 
 import openai
 import pytest
-import torch
+from conftest import random_prompt
 
 import softprompt.serving.batcher
 from softprompt.artifacts import save_prompt
@@ -19,7 +19,6 @@ from softprompt.cli import main
 from softprompt.config import GenerateConfig, ServeConfig, flat_fields
 from softprompt.generation import generate
 from softprompt.loading import load_model
-from softprompt.prompt import SoftPrompt
 from softprompt.serving.api import create_app
 from softprompt.serving.batcher import Batcher
 from softprompt.serving.batcher import Request as Row
@@ -29,16 +28,16 @@ TEMPLATE = "review : {input} sentiment :"
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
 
 
-def _prompt(seed: int, n: int) -> SoftPrompt:
-    return SoftPrompt(torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) * 2)
-
-
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
     """A running server with prompts short (3 tokens), long (12) and tmpl (with template)."""
     loaded = load_model(model=str(model_dirs["llama"]))
     folder = tmp_path_factory.mktemp("prompts")
-    prompts = {"short": _prompt(0, 3), "long": _prompt(1, 12), "tmpl": _prompt(2, 5)}
+    prompts = {
+        "short": random_prompt(0, 3),
+        "long": random_prompt(1, 12),
+        "tmpl": random_prompt(2, 5),
+    }
     for name, prompt in prompts.items():
         meta = {"template": TEMPLATE} if name == "tmpl" else {}
         save_prompt(folder / name, prompt, loaded.model, loaded.name, meta)
@@ -194,11 +193,11 @@ def test_prompt_names_cannot_leave_the_folder(server, tmp_path):
 def test_prompts_added_and_removed_without_restart(server):
     client, url, folder = server["client"], server["url"], server["folder"]
     loaded = server["loaded"]
-    save_prompt(folder / "fresh", _prompt(9, 4), loaded.model, loaded.name)
+    save_prompt(folder / "fresh", random_prompt(9, 4), loaded.model, loaded.name)
     with pytest.raises(openai.NotFoundError):
         _complete(client, "fresh", "good")
     assert _raw(url, "/v1/rescan")[1]["added"] == ["fresh"]
-    expected = generate(loaded, ["good"], _prompt(9, 4), GenerateConfig(max_new_tokens=6))[0]
+    expected = generate(loaded, ["good"], random_prompt(9, 4), GenerateConfig(max_new_tokens=6))[0]
     assert _complete(client, "fresh", "good").choices[0].text == expected
     assert _raw(url, "/v1/prompts/fresh", method="DELETE") == (200, {"removed": "fresh"})
     with pytest.raises(openai.NotFoundError):

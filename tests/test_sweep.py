@@ -8,7 +8,7 @@ import pytest
 
 from softprompt.cli import main
 from softprompt.config import SweepConfig
-from softprompt.sweep import rank, recipes
+from softprompt.measure.sweep import rank, recipes
 
 
 def test_recipes_cover_the_grid():

@@ -6,29 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import train_config
 
 from softprompt.artifacts import INITIAL, PROMPT_KEY, load_prompt
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.errors import ConfigError
 from softprompt.training import train
-
-
-def _cfg(model_dir, data, out, **kw) -> TrainConfig:
-    return TrainConfig(
-        model=ModelConfig(model=str(model_dir)),
-        data=DataConfig(
-            data=str(data),
-            input_field="review",
-            target_field="label",
-            template="review : {input} sentiment :",
-            val_fraction=0.25,
-        ),
-        prompt=PromptConfig(num_virtual_tokens=4),
-        output=str(out),
-        batch_size=3,
-        lr=0.3,
-        **kw,
-    )
 
 
 def _records(out) -> list[dict]:
@@ -37,7 +19,10 @@ def _records(out) -> list[dict]:
 
 def test_restricted_choice_loss_trains_on_one_position_per_row(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "cls"
-    train(_cfg(tiny_dir, pairs_file, out, epochs=2, choices="negative,positive"), progress=False)
+    train(
+        train_config(tiny_dir, pairs_file, out, epochs=2, choices="negative,positive"),
+        progress=False,
+    )
     base = next(r for r in _records(out) if r["kind"] == "base")
     assert base["tokens"] == 3  # 3 validation rows: one answer position each
     assert base["loss"] < 2.0  # a two-way softmax, not the whole vocabulary
@@ -48,14 +33,16 @@ def test_restricted_choice_loss_trains_on_one_position_per_row(tiny_dir, pairs_f
 
 def test_full_choice_loss_keeps_every_target_token(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "full"
-    cfg = _cfg(tiny_dir, pairs_file, out, epochs=1, choices="negative,positive", choice_loss="full")
+    cfg = train_config(
+        tiny_dir, pairs_file, out, epochs=1, choices="negative,positive", choice_loss="full"
+    )
     train(cfg, progress=False)
     base = next(r for r in _records(out) if r["kind"] == "base")
     assert base["tokens"] == 6  # label word + end-of-sequence per row
 
 
 def test_targets_that_are_not_choices_are_refused(tiny_dir, pairs_file, tmp_path):
-    cfg = _cfg(tiny_dir, pairs_file, tmp_path / "x", choices="good,bad")
+    cfg = train_config(tiny_dir, pairs_file, tmp_path / "x", choices="good,bad")
     with pytest.raises(ConfigError, match="does not start like any of --choices"):
         train(cfg, progress=False)
 
@@ -64,7 +51,7 @@ def test_max_steps_inside_the_first_epoch_still_validates(tiny_dir, pairs_file, 
     """A run shorter than an epoch is validated at its last step; the saved prompt is the
     trained one, not the initial value."""
     out = tmp_path / "short"
-    train(_cfg(tiny_dir, pairs_file, out, max_steps=2), progress=False)
+    train(train_config(tiny_dir, pairs_file, out, max_steps=2), progress=False)
     vals = [r["step"] for r in _records(out) if r["kind"] == "val"]
     assert vals == [0, 2]
     from safetensors.torch import load_file

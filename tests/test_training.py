@@ -7,35 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import train_config
 from safetensors.torch import load_file
 
 from softprompt.artifacts import load_prompt
-from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.errors import ConfigError, TrainingError
 from softprompt.loading import load_model
 from softprompt.training import train
 
 train_mod = importlib.import_module("softprompt.training")  # the module, not the function
-
-
-def _cfg(model_dir, data, out, **kw) -> TrainConfig:
-    data_kw = {k: kw.pop(k) for k in list(kw) if k in DataConfig.__dataclass_fields__}
-    data_kw.setdefault("val_fraction", 0.25)
-    return TrainConfig(
-        model=ModelConfig(model=str(model_dir)),
-        data=DataConfig(
-            data=str(data),
-            input_field="review",
-            target_field="label",
-            template="review : {input} sentiment :",
-            **data_kw,
-        ),
-        prompt=PromptConfig(num_virtual_tokens=4, init=kw.pop("init", "vocab")),
-        output=str(out),
-        batch_size=kw.pop("batch_size", 3),
-        lr=kw.pop("lr", 0.3),
-        **kw,
-    )
 
 
 def _final(out) -> torch.Tensor:
@@ -45,7 +25,7 @@ def _final(out) -> torch.Tensor:
 def test_train_writes_the_artifact(tiny_dir, pairs_file, tmp_path):
     """A run writes exactly the documented files, logs every step, and learns."""
     out = tmp_path / "run"
-    result = train(_cfg(tiny_dir, pairs_file, out, epochs=8), progress=False)
+    result = train(train_config(tiny_dir, pairs_file, out, epochs=8), progress=False)
     files = {p.name for p in out.iterdir()}
     assert files == {
         "adapter_config.json",
@@ -75,9 +55,9 @@ def test_train_writes_the_artifact(tiny_dir, pairs_file, tmp_path):
 
 def test_same_seed_same_prompt(tiny_dir, pairs_file, tmp_path):
     """Training the same data twice with the same seed gives the same prompt; another seed not."""
-    a = train(_cfg(tiny_dir, pairs_file, tmp_path / "a", epochs=2), progress=False)
-    b = train(_cfg(tiny_dir, pairs_file, tmp_path / "b", epochs=2), progress=False)
-    c = train(_cfg(tiny_dir, pairs_file, tmp_path / "c", epochs=2, seed=1), progress=False)
+    a = train(train_config(tiny_dir, pairs_file, tmp_path / "a", epochs=2), progress=False)
+    b = train(train_config(tiny_dir, pairs_file, tmp_path / "b", epochs=2), progress=False)
+    c = train(train_config(tiny_dir, pairs_file, tmp_path / "c", epochs=2, seed=1), progress=False)
     assert torch.equal(_final(tmp_path / "a"), _final(tmp_path / "b"))
     assert not torch.equal(_final(tmp_path / "a"), _final(tmp_path / "c"))
     assert a.summary["best_val_loss"] == b.summary["best_val_loss"] != c.summary["best_val_loss"]
@@ -87,21 +67,21 @@ def test_grad_accum_matches_bigger_batch(tiny_dir, pairs_file, tmp_path):
     """Two accumulated batches of 6 make the same steps as one batch of 12 (every step sees
     all 12 rows either way, so only float summation order differs)."""
     kw = dict(max_steps=3, val_fraction=0.0, warmup_ratio=0.0)
-    train(_cfg(tiny_dir, pairs_file, tmp_path / "big", batch_size=12, **kw), progress=False)
+    train(train_config(tiny_dir, pairs_file, tmp_path / "big", batch_size=12, **kw), progress=False)
     train(
-        _cfg(tiny_dir, pairs_file, tmp_path / "acc", batch_size=6, grad_accum=2, **kw),
+        train_config(tiny_dir, pairs_file, tmp_path / "acc", batch_size=6, grad_accum=2, **kw),
         progress=False,
     )
     torch.testing.assert_close(
         _final(tmp_path / "acc"), _final(tmp_path / "big"), rtol=1e-4, atol=1e-5
     )
-    train(_cfg(tiny_dir, pairs_file, tmp_path / "one", batch_size=6, **kw), progress=False)
+    train(train_config(tiny_dir, pairs_file, tmp_path / "one", batch_size=6, **kw), progress=False)
     assert not torch.allclose(_final(tmp_path / "one"), _final(tmp_path / "big"), atol=1e-3)
 
 
 def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_path, monkeypatch):
     """Interrupt mid-epoch, then --resume: the final prompt equals an uninterrupted run's."""
-    train(_cfg(tiny_dir, pairs_file, tmp_path / "ref", epochs=3), progress=False)
+    train(train_config(tiny_dir, pairs_file, tmp_path / "ref", epochs=3), progress=False)
 
     real_loss, calls = train_mod.lm_loss, {"n": 0}
 
@@ -113,11 +93,14 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_pa
 
     monkeypatch.setattr(train_mod, "lm_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2), progress=False)
+        train(
+            train_config(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2),
+            progress=False,
+        )
     monkeypatch.setattr(train_mod, "lm_loss", real_loss)
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = train(
-        _cfg(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2, resume=True),
+        train_config(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2, resume=True),
         progress=False,
     )
     torch.testing.assert_close(_final(tmp_path / "cut"), _final(tmp_path / "ref"))
@@ -132,29 +115,32 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_pa
 
 def test_corrupt_checkpoint_falls_back(tiny_dir, pairs_file, tmp_path, capsys):
     out = tmp_path / "run"
-    train(_cfg(tiny_dir, pairs_file, out, epochs=2), progress=False)
+    train(train_config(tiny_dir, pairs_file, out, epochs=2), progress=False)
     newest = sorted((out / "checkpoints").iterdir())[-1]
     (newest / "tensors.safetensors").write_bytes(b"broken")
-    train(_cfg(tiny_dir, pairs_file, out, epochs=2, resume=True), progress=False)
+    train(train_config(tiny_dir, pairs_file, out, epochs=2, resume=True), progress=False)
     assert "is corrupt" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_settings(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(tiny_dir, pairs_file, out, epochs=1), progress=False)
+    train(train_config(tiny_dir, pairs_file, out, epochs=1), progress=False)
     with pytest.raises(ConfigError, match=r"lr \(was 0.3, now 0.1\)"):
-        train(_cfg(tiny_dir, pairs_file, out, epochs=2, lr=0.1, resume=True), progress=False)
+        train(
+            train_config(tiny_dir, pairs_file, out, epochs=2, lr=0.1, resume=True), progress=False
+        )
 
 
 def test_existing_run_is_not_overwritten(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(tiny_dir, pairs_file, out, max_steps=1), progress=False)
+    train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)
     with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
-        train(_cfg(tiny_dir, pairs_file, out, max_steps=1), progress=False)
-    train(_cfg(tiny_dir, pairs_file, out, max_steps=2, overwrite=True), progress=False)
+        train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)
+    train(train_config(tiny_dir, pairs_file, out, max_steps=2, overwrite=True), progress=False)
     with pytest.raises(ConfigError, match="no checkpoints"):
         train(
-            _cfg(tiny_dir, pairs_file, tmp_path / "new", max_steps=1, resume=True), progress=False
+            train_config(tiny_dir, pairs_file, tmp_path / "new", max_steps=1, resume=True),
+            progress=False,
         )
 
 
@@ -169,7 +155,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_prompt(tiny_dir, pairs_file, tmp
     monkeypatch.setattr(train_mod, "lm_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="NaN or infinite at step 3.*Lower --lr"):
-        train(_cfg(tiny_dir, pairs_file, out, epochs=2, val_fraction=0.0), progress=False)
+        train(train_config(tiny_dir, pairs_file, out, epochs=2, val_fraction=0.0), progress=False)
     saved = _final(out)
     assert torch.isfinite(saved).all()
     meta = json.loads((out / "softprompt.json").read_text())
@@ -178,7 +164,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_prompt(tiny_dir, pairs_file, tmp
 
 def test_early_stopping(tiny_dir, pairs_file, tmp_path):
     """With a learning rate too small to help, patience ends the run early."""
-    cfg = _cfg(tiny_dir, pairs_file, tmp_path / "run", epochs=20, patience=1, lr=1e-9)
+    cfg = train_config(tiny_dir, pairs_file, tmp_path / "run", epochs=20, patience=1, lr=1e-9)
     result = train(cfg, progress=False)
     assert result.summary["stop_reason"].startswith("early stop")
     assert result.summary["epochs_completed"] < 20
@@ -186,4 +172,4 @@ def test_early_stopping(tiny_dir, pairs_file, tmp_path):
 
 def test_max_length_below_prompt_is_refused(tiny_dir, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match="--max-length 5 leaves no room"):
-        _cfg(tiny_dir, pairs_file, tmp_path, max_length=5)
+        train_config(tiny_dir, pairs_file, tmp_path, max_length=5)

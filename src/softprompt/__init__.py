@@ -19,7 +19,7 @@ import time
 __version__ = "0.1.0"
 STARTED = time.time()  # when the package was first imported: the start of a CLI command
 
-_EXPORTS = {
+_EXPORTS = {  # name -> its module, relative to softprompt ("measure.evaluate")
     "DataConfig": "config",
     "GenerateConfig": "config",
     "ModelConfig": "config",
@@ -30,15 +30,15 @@ _EXPORTS = {
     "load_model": "loading",
     "SoftPrompt": "prompt",
     "init_prompt": "prompt",
-    "evaluate_loss": "evaluate",
-    "classify": "evaluate",
+    "evaluate_loss": "measure.evaluate",
+    "classify": "measure.evaluate",
     "EvalConfig": "config",
     "CompareConfig": "config",
     "SweepConfig": "config",
-    "run_eval": "eval_run",
-    "run_compare": "compare",
-    "run_sweep": "sweep",
-    "inspect_prompt": "inspection",
+    "run_eval": "measure.eval_run",
+    "run_compare": "measure.compare",
+    "run_sweep": "measure.sweep",
+    "inspect_prompt": "measure.inspection",
     "generate": "generation",
     "load_prompt": "artifacts",
     "save_prompt": "artifacts",

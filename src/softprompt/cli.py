@@ -1,14 +1,16 @@
 """The command line: each subcommand maps to one typed function of the library.
 
 Flags are generated from the config dataclasses, so ``--help`` shows the same text as
-the fields' documentation in the Python API.
+the fields' documentation in the Python API. ``COMMANDS`` is the map: one entry per
+subcommand (help, flags, handler), turned into argparse by ``make_parser``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from softprompt import __version__
@@ -77,148 +79,8 @@ def build_config(cls, ns: argparse.Namespace):
     return cls(**values)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="softprompt",
-        description="Train, use and share soft prompts for frozen causal language models.",
-    )
-    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
-
-    train = sub.add_parser(
-        "train",
-        help="train a soft prompt on a data file",
-        formatter_class=fmt,
-        description="Train a soft prompt (the base model stays frozen) and save it as a "
-        "PEFT-compatible folder with metrics.jsonl and loss.png.\n\nExample:\n  softprompt "
-        "train --data examples/sentiment/train.jsonl --input-field review --target-field label "
-        "--template 'Review: {input}\\nSentiment:' --output runs/sentiment",
-    )
-    add_config_args(train, TrainConfig)
-    train.set_defaults(func=cmd_train)
-
-    gen = sub.add_parser(
-        "generate",
-        help="continue texts with the base model and/or a trained prompt",
-        formatter_class=fmt,
-        description="Generate continuations. With --prompt the saved template and base model "
-        "are used unless overridden; --compare shows base and tuned side by side.\n\n"
-        "Example:\n  softprompt generate --prompt runs/sentiment --compare "
-        "'The battery died in a day.'",
-    )
-    gen.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue")
-    gen.add_argument("--prompt", help="folder of a trained prompt (ours or a PEFT adapter)")
-    gen.add_argument(
-        "--compare",
-        action="store_true",
-        help="print the base model's output beside the tuned one's",
-    )
-    gen.add_argument("--file", help="also read inputs from a data file (its input field)")
-    gen.add_argument(
-        "--input-field",
-        default=None,
-        help="field of --file holding the inputs (default: the prompt's, or 'input')",
-    )
-    gen.add_argument("--limit", type=int, default=None, help="use only the first N rows of --file")
-    gen.add_argument(
-        "--template",
-        default=None,
-        type=unescape,
-        help="template for the inputs (default: the one the prompt was trained with)",
-    )
-    gen.add_argument("--no-template", action="store_true", help="use the inputs as they are")
-    gen.add_argument(
-        "--allow-mismatch",
-        action="store_true",
-        help="load a prompt even if it was trained for another base model",
-    )
-    add_config_args(gen, ModelConfig, skip=("model",))
-    model_help = next(f for f in flat_fields(ModelConfig) if f.name == "model").metadata["help"]
-    gen.add_argument(
-        "--model",
-        default=None,
-        help=f"{model_help} Default: the model --prompt was trained on, else 'embedded'.",
-    )
-    add_config_args(gen, GenerateConfig)
-    gen.set_defaults(func=cmd_generate)
-
-    ev = sub.add_parser(
-        "eval",
-        help="measure a prompt or the base model: loss, choice accuracy, generations",
-        formatter_class=fmt,
-        description="Measure the base model, or the base model with a trained prompt, on a data "
-        "file: loss and perplexity of the targets, accuracy/macro-F1/confusion matrix with "
-        "--choices, exact match and chrF with --generate; few-shot baselines with --shots.\n\n"
-        "Example:\n  softprompt eval --prompt runs/sentiment --data "
-        "examples/sentiment/test.jsonl --input-field review --target-field label "
-        "--choices negative,positive --output runs/sentiment-eval",
-    )
-    add_config_args(ev, EvalConfig, skip=("validation", "val_fraction"))
-    ev.set_defaults(func=cmd_eval)
-
-    cmp = sub.add_parser(
-        "compare",
-        help="zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning side by side",
-        formatter_class=fmt,
-        description="Run zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning on the "
-        "same train and test data and write report.md and a self-contained report.html with "
-        "quality, trainable parameters, training time, peak memory, artifact size and inference "
-        "cost per example.\n\nExample:\n  softprompt compare --data "
-        "examples/sentiment/train.jsonl --validation examples/sentiment/validation.jsonl "
-        "--test examples/sentiment/test.jsonl --input-field review --target-field label "
-        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 30 "
-        "--output runs/compare",
-    )
-    add_config_args(cmp, CompareConfig)
-    cmp.set_defaults(func=cmd_compare)
-
-    ins = sub.add_parser(
-        "inspect",
-        help="nearest vocabulary tokens, norms and drift of a trained prompt",
-        description="Show, per virtual token of a trained prompt, its nearest vocabulary tokens "
-        "(cosine), its norm against the real tokens' norms, and its drift from the initial value.",
-    )
-    ins.add_argument("prompt_dir", metavar="DIR", help="folder of a trained prompt")
-    ins.add_argument("--top-k", type=int, default=5, help="nearest tokens shown (default: 5)")
-    ins.add_argument("--model", default=None, help="base model (default: the prompt's own)")
-    ins.set_defaults(func=cmd_inspect)
-
-    sw = sub.add_parser(
-        "sweep",
-        help="try a small grid of learning rates, initialisations and prompt lengths",
-        formatter_class=fmt,
-        description="Train one short run per recipe (prompt length x init x learning rate) and "
-        "rank them on validation data: accuracy with --choices, exact match/chrF with "
-        "--generate, else validation loss. Writes sweep.md and sweep.jsonl.\n\nExample:\n  "
-        "softprompt sweep --data examples/sentiment/train.jsonl --validation "
-        "examples/sentiment/validation.jsonl --input-field review --target-field label "
-        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 20 "
-        "--output runs/sweep",
-    )
-    add_config_args(sw, SweepConfig)
-    sw.set_defaults(func=cmd_sweep)
-    _add_serve(sub, fmt)
-    return parser
-
-
-def _add_serve(sub, fmt) -> None:
-    serve = sub.add_parser(
-        "serve",
-        help="serve many prompts from one model over an OpenAI-compatible HTTP API",
-        formatter_class=fmt,
-        description="Serve the base model and every prompt in --prompts (one sub-folder each, "
-        "named by the API's `model`) with dynamic batching across prompts. Endpoints: "
-        "/v1/models, /v1/completions, /v1/chat/completions, /v1/prompts/NAME (POST loads, "
-        "DELETE unloads), /v1/rescan, /health, /metrics.\n\nExample:\n  softprompt serve "
-        "--prompts runs --port 8000",
-    )
-    add_config_args(serve, ServeConfig)
-    serve.set_defaults(func=cmd_serve)
-
-
 def cmd_sweep(ns: argparse.Namespace) -> int:
-    from softprompt.sweep import format_sweep, run_sweep
+    from softprompt.measure.sweep import format_sweep, run_sweep
 
     rows = run_sweep(build_config(SweepConfig, ns))
     print(format_sweep(rows))
@@ -226,7 +88,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from softprompt.compare import run_compare
+    from softprompt.measure.compare import run_compare
 
     output = run_compare(build_config(CompareConfig, ns))
     print((output / "report.md").read_text(encoding="utf-8"))
@@ -236,8 +98,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
     from softprompt.artifacts import read_meta
-    from softprompt.inspection import format_inspection, inspect_prompt
     from softprompt.loading import load_model
+    from softprompt.measure.inspection import format_inspection, inspect_prompt
 
     if ns.top_k < 1:
         raise SoftpromptError("--top-k must be at least 1")
@@ -250,7 +112,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from softprompt.eval_run import format_table, run_eval
+    from softprompt.measure.eval_run import format_table, run_eval
 
     results = run_eval(build_config(EvalConfig, ns))
     print(format_table(results))
@@ -330,6 +192,160 @@ def _print_generations(texts, base, tuned, expected) -> None:
         if expected[i] is not None:
             print(f"  expected: {expected[i]!r}")
     sys.stdout.flush()
+
+
+def _generate_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue")
+    parser.add_argument("--prompt", help="folder of a trained prompt (ours or a PEFT adapter)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the base model's output beside the tuned one's",
+    )
+    parser.add_argument("--file", help="also read inputs from a data file (its input field)")
+    parser.add_argument(
+        "--input-field",
+        default=None,
+        help="field of --file holding the inputs (default: the prompt's, or 'input')",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N rows of --file"
+    )
+    parser.add_argument(
+        "--template",
+        default=None,
+        type=unescape,
+        help="template for the inputs (default: the one the prompt was trained with)",
+    )
+    parser.add_argument("--no-template", action="store_true", help="use the inputs as they are")
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="load a prompt even if it was trained for another base model",
+    )
+    add_config_args(parser, ModelConfig, skip=("model",))
+    model_help = next(f for f in flat_fields(ModelConfig) if f.name == "model").metadata["help"]
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"{model_help} Default: the model --prompt was trained on, else 'embedded'.",
+    )
+    add_config_args(parser, GenerateConfig)
+
+
+def _inspect_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt_dir", metavar="DIR", help="folder of a trained prompt")
+    parser.add_argument("--top-k", type=int, default=5, help="nearest tokens shown (default: 5)")
+    parser.add_argument("--model", default=None, help="base model (default: the prompt's own)")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help, its flags (a config's fields and/or its own) and its handler."""
+
+    help: str
+    description: str
+    handler: Callable[[argparse.Namespace], int]
+    config: type | None = None  # one flag per leaf field, less those in skip
+    skip: tuple[str, ...] = ()
+    flags: Callable[[argparse.ArgumentParser], None] | None = None  # flags of its own
+    formatter: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter
+
+
+COMMANDS = {
+    "train": Command(
+        help="train a soft prompt on a data file",
+        description="Train a soft prompt (the base model stays frozen) and save it as a "
+        "PEFT-compatible folder with metrics.jsonl and loss.png.\n\nExample:\n  softprompt "
+        "train --data examples/sentiment/train.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --output runs/sentiment",
+        handler=cmd_train,
+        config=TrainConfig,
+    ),
+    "generate": Command(
+        help="continue texts with the base model and/or a trained prompt",
+        description="Generate continuations. With --prompt the saved template and base model "
+        "are used unless overridden; --compare shows base and tuned side by side.\n\n"
+        "Example:\n  softprompt generate --prompt runs/sentiment --compare "
+        "'The battery died in a day.'",
+        handler=cmd_generate,
+        flags=_generate_flags,
+    ),
+    "eval": Command(
+        help="measure a prompt or the base model: loss, choice accuracy, generations",
+        description="Measure the base model, or the base model with a trained prompt, on a data "
+        "file: loss and perplexity of the targets, accuracy/macro-F1/confusion matrix with "
+        "--choices, exact match and chrF with --generate; few-shot baselines with --shots.\n\n"
+        "Example:\n  softprompt eval --prompt runs/sentiment --data "
+        "examples/sentiment/test.jsonl --input-field review --target-field label "
+        "--choices negative,positive --output runs/sentiment-eval",
+        handler=cmd_eval,
+        config=EvalConfig,
+        skip=("validation", "val_fraction"),
+    ),
+    "compare": Command(
+        help="zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning side by side",
+        description="Run zero-shot, few-shot, prompt tuning, LoRA and full fine-tuning on the "
+        "same train and test data and write report.md and a self-contained report.html with "
+        "quality, trainable parameters, training time, peak memory, artifact size and inference "
+        "cost per example.\n\nExample:\n  softprompt compare --data "
+        "examples/sentiment/train.jsonl --validation examples/sentiment/validation.jsonl "
+        "--test examples/sentiment/test.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 30 "
+        "--output runs/compare",
+        handler=cmd_compare,
+        config=CompareConfig,
+    ),
+    "inspect": Command(
+        help="nearest vocabulary tokens, norms and drift of a trained prompt",
+        description="Show, per virtual token of a trained prompt, its nearest vocabulary tokens "
+        "(cosine), its norm against the real tokens' norms, and its drift from the initial value.",
+        handler=cmd_inspect,
+        flags=_inspect_flags,
+        formatter=argparse.HelpFormatter,  # no example: let argparse wrap the description
+    ),
+    "sweep": Command(
+        help="try a small grid of learning rates, initialisations and prompt lengths",
+        description="Train one short run per recipe (prompt length x init x learning rate) and "
+        "rank them on validation data: accuracy with --choices, exact match/chrF with "
+        "--generate, else validation loss. Writes sweep.md and sweep.jsonl.\n\nExample:\n  "
+        "softprompt sweep --data examples/sentiment/train.jsonl --validation "
+        "examples/sentiment/validation.jsonl --input-field review --target-field label "
+        "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 20 "
+        "--output runs/sweep",
+        handler=cmd_sweep,
+        config=SweepConfig,
+    ),
+    "serve": Command(
+        help="serve many prompts from one model over an OpenAI-compatible HTTP API",
+        description="Serve the base model and every prompt in --prompts (one sub-folder each, "
+        "named by the API's `model`) with dynamic batching across prompts. Endpoints: "
+        "/v1/models, /v1/completions, /v1/chat/completions, /v1/prompts/NAME (POST loads, "
+        "DELETE unloads), /v1/rescan, /health, /metrics.\n\nExample:\n  softprompt serve "
+        "--prompts runs --port 8000",
+        handler=cmd_serve,
+        config=ServeConfig,
+    ),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softprompt",
+        description="Train, use and share soft prompts for frozen causal language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=cmd.help, description=cmd.description, formatter_class=cmd.formatter
+        )
+        if cmd.flags is not None:
+            cmd.flags(p)
+        if cmd.config is not None:
+            add_config_args(p, cmd.config, skip=cmd.skip)
+        p.set_defaults(func=cmd.handler)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

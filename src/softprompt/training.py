@@ -40,8 +40,8 @@ from softprompt.data import (
     tokenize,
 )
 from softprompt.errors import ConfigError, TrainingError
-from softprompt.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
 from softprompt.loading import LoadedModel, load_model, say
+from softprompt.measure.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
 from softprompt.prompt import (
     IGNORE_INDEX,
     PromptSet,

@@ -17,14 +17,14 @@ from pathlib import Path
 from softprompt import __version__
 from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig, parse_choices
 from softprompt.data import Example, load_examples, tokenize
-from softprompt.evaluate import (
+from softprompt.loading import LoadedModel, load_model, say
+from softprompt.measure.evaluate import (
     classification_metrics,
     classify,
     evaluate_loss,
     generation_metrics,
     timed,
 )
-from softprompt.loading import LoadedModel, load_model, say
 from softprompt.prompt import SoftPrompt
 
 
@@ -92,7 +92,7 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
         prompt.to(loaded.model.get_input_embeddings().weight.device)
     shots_used = 0
     if cfg.shots:
-        from softprompt.baselines import few_shot
+        from softprompt.measure.baselines import few_shot
 
         demos = load_examples(cfg.shots_data, cfg.data)
         examples, shots_used = few_shot(

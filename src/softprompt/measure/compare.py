@@ -22,9 +22,9 @@ from torch import nn
 from softprompt.artifacts import fresh_output
 from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig, parse_choices
 from softprompt.data import Example, load_examples, split_validation, tokenize
-from softprompt.eval_run import environment, evaluate_examples
-from softprompt.evaluate import check_choice_targets, choice_first_ids
 from softprompt.loading import LoadedModel, load_model, say
+from softprompt.measure.eval_run import environment, evaluate_examples
+from softprompt.measure.evaluate import check_choice_targets, choice_first_ids
 from softprompt.prompt import SoftPrompt
 from softprompt.report import MetricsLog
 
@@ -96,7 +96,7 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
             row = RUNNERS[method](ctx)
         log.write(kind="result", method=method, peak_memory_mb=round(mem.peak_mb, 1), **row)
         if method == "prompt-tuning":  # outside the memory window: it copies the vocabulary
-            from softprompt.inspection import inspect_prompt
+            from softprompt.measure.inspection import inspect_prompt
 
             info = inspect_prompt(loaded, output / "prompt-tuning")
             log.write(kind="inspect", method=method, **info)
@@ -148,7 +148,7 @@ def run_zero_shot(ctx: Context) -> dict:
 
 
 def run_few_shot(ctx: Context) -> dict:
-    from softprompt.baselines import few_shot
+    from softprompt.measure.baselines import few_shot
 
     cfg = ctx.cfg
     shown, k = few_shot(
@@ -209,7 +209,7 @@ def _rows_and_choices(ctx: Context):
 
 
 def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> float:
-    from softprompt.finetune import train_weights
+    from softprompt.measure.finetune import train_weights
 
     rows, choice_ids = _rows_and_choices(ctx)
     cfg = ctx.cfg
@@ -227,7 +227,7 @@ def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> fl
 
 
 def run_lora(ctx: Context) -> dict:
-    from softprompt.finetune import add_lora, count_trainable, remove_lora
+    from softprompt.measure.finetune import add_lora, count_trainable, remove_lora
 
     peft_model = add_lora(ctx.loaded.model, ctx.cfg.lora_r)
     try:
@@ -243,7 +243,7 @@ def run_lora(ctx: Context) -> dict:
 
 
 def run_full_ft(ctx: Context) -> dict:
-    from softprompt.finetune import count_trainable, state_bytes, trainable_copy
+    from softprompt.measure.finetune import count_trainable, state_bytes, trainable_copy
 
     model = trainable_copy(ctx.loaded.model)
     seconds = _train_weights(ctx, model, ctx.cfg.full_lr, "full-ft")

@@ -16,9 +16,9 @@ from softprompt.artifacts import fresh_output
 from softprompt.config import GenerateConfig, PromptConfig, SweepConfig, TrainConfig, parse_choices
 from softprompt.data import Example, load_examples, split_validation
 from softprompt.errors import ConfigError
-from softprompt.evaluate import classify, generation_metrics
 from softprompt.loading import LoadedModel, load_model, say
-from softprompt.metrics import accuracy
+from softprompt.measure.evaluate import classify, generation_metrics
+from softprompt.measure.metrics import accuracy
 from softprompt.report import MetricsLog
 
 

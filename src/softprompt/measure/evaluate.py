@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softprompt import metrics
 from softprompt.data import Example, Row, collate
 from softprompt.errors import ConfigError
+from softprompt.measure import metrics
 from softprompt.prompt import (
     IGNORE_INDEX,
     SoftPrompt,

@@ -16,6 +16,14 @@ Variants:
 - ``softprompt-choices`` (and ``-bf16``): with ``--choices positive,negative``, softprompt's
   classification mode (loss over the label words at the answer position), which is what
   softprompt does by default when it is told the task has labels.
+- ``softprompt-text``: softprompt's defaults but PEFT's own initialisation (the recipe's
+  init text): the same recipe as ``peft``, so the ratio isolates the implementation.
+
+Throughput is reported twice: over the whole training wall time (validation passes,
+checkpoints and logging included) and over the optimizer steps alone (the sum of the
+``step_s`` that metrics.jsonl records), which is what the matmul-peak target is about.
+Memory: RSS before loading, after loading the model and tokenizer, and at the peak, next
+to the bytes of the fp32 weights.
 
 Test accuracy: for each test review, the label whose tokens get the higher log-likelihood
 after the template. Every prompt is scored by the same function in float32 (softprompt
@@ -54,35 +62,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    """Resident memory now (the weights are memory-mapped: they count once touched)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 # --- scoring (shared by every variant) ----------------------------------------------------
 
 
 @torch.no_grad()
 def accuracy(model, tok, prompt_embedding: torch.Tensor, test: list[dict]) -> float:
-    """Share of test reviews whose true label has the higher summed log-likelihood."""
-    from softprompt.data import Example, collate, tokenize
-    from softprompt.prompt import IGNORE_INDEX, SoftPrompt, embed_tokens
+    """Share of test reviews whose true label has the higher summed log-likelihood, scored
+    by softprompt's own `classify` (the one `softprompt eval` uses) in float32."""
+    from softprompt.measure.evaluate import classify
+    from softprompt.prompt import SoftPrompt
 
-    model = model.float()
-    prompt = SoftPrompt(prompt_embedding.float())
-    exs = [Example(TEMPLATE.format(input=r["review"]), c, "") for r in test for c in CHOICES]
-    rows = tokenize(exs, tok, 512)
-    for r in rows:  # score the label words only, not the end-of-sequence token
-        r.labels[-1] = IGNORE_INDEX
-    scores = []
-    for start in range(0, len(rows), 16):
-        batch = collate(rows[start : start + 16], tok.pad_token_id)
-        emb, mask, labels = prompt.prepend(
-            embed_tokens(model, batch["input_ids"]), batch["attention_mask"], batch["labels"]
-        )
-        logits = model(inputs_embeds=emb, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        scores += (logp * keep).sum(1).tolist()
-    pairs = torch.tensor(scores).view(len(test), len(CHOICES))
-    gold = torch.tensor([CHOICES.index(r["label"]) for r in test])
-    return float((pairs.argmax(1) == gold).float().mean())
+    sources = [TEMPLATE.format(input=r["review"]) for r in test]
+    pred, _ = classify(
+        model.float(), tok, SoftPrompt(prompt_embedding.float()), sources, CHOICES, batch_size=16
+    )
+    return sum(p == r["label"] for p, r in zip(pred, test)) / len(test)
 
 
 # --- variant: PEFT's documented recipe ------------------------------------------------------
@@ -168,6 +169,8 @@ def run_softprompt(args, loaded, train_rows, val_rows, dtype: str) -> dict:
         batch_size=args.batch_size,
     )
     cfg.prompt.num_virtual_tokens = args.virtual_tokens
+    if "text" in args.run:  # the PEFT recipe's initialisation
+        cfg.prompt.init, cfg.prompt.init_text = "text", INIT_TEXT
     if "choices" in args.run:  # softprompt's classification mode (its default for labels)
         cfg.choices = ",".join(CHOICES)
     result = train(cfg, loaded=loaded, progress=False)
@@ -175,6 +178,7 @@ def run_softprompt(args, loaded, train_rows, val_rows, dtype: str) -> dict:
     steps = [r for r in records if r["kind"] == "train"]
     return {
         "wall_s": result.summary["train_seconds"],
+        "step_s": sum(r["step_s"] for r in steps),
         "tokens": result.summary["tokens"],
         "prompt": result.prompt.embedding.detach().clone(),
         "steps": len(steps),
@@ -188,7 +192,9 @@ def run_variant(args) -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     dtype = "bfloat16" if args.run.endswith("bf16") else "float32"
+    rss_start = rss_mb()
     loaded = load_model(model=args.model, dtype=dtype)
+    rss_loaded = rss_mb()
     train_rows, test_rows = read("train", args.train_examples), read("test", args.test_examples)
     val_rows = read("validation", args.val_examples)
     if args.run == "peft":
@@ -200,8 +206,12 @@ def run_variant(args) -> None:
 
     out["nonembedding_params"] = nonembedding_params(loaded.model)
     acc = accuracy(loaded.model, loaded.tokenizer, out.pop("prompt"), test_rows)
+    weights = sum(p.numel() for p in loaded.model.parameters()) * 4 / 2**20  # fp32 bytes
     out.update(
         variant=args.run,
+        rss_start_mb=rss_start,
+        rss_loaded_mb=rss_loaded,
+        fp32_weights_mb=weights,
         peak_rss_mb=rss,
         test_accuracy=acc,
         total_s=time.perf_counter() - t0,
@@ -264,7 +274,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--virtual-tokens", type=int, default=20)
-    p.add_argument("--variants", default="peft,softprompt,softprompt-bf16")
+    p.add_argument(
+        "--variants",
+        default="peft,softprompt,softprompt-text,softprompt-choices,softprompt-bf16,softprompt-choices-bf16",
+    )
     p.add_argument("--skip-levers", action="store_true")
     p.add_argument("--skip-cold-start", action="store_true")
     p.add_argument("--quick", action="store_true", help="32/32 examples, 1 epoch: a smoke run")
@@ -357,12 +370,13 @@ def report(args) -> None:
 
 def print_table(results: dict, peaks: dict) -> None:
     rows = [(k, v) for k, v in results.items() if isinstance(v, dict) and "variant" in v]
-    print("\n| variant | train wall s | tokens/s | peak RSS MB | test accuracy |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| variant | train wall s | steps s | tokens/s | peak RSS MB | test accuracy |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, r in rows:
+        steps = f"{r['step_s']:.1f}" if "step_s" in r else "-"
         print(
-            f"| {name} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} "
-            f"| {r['test_accuracy']:.3f} |"
+            f"| {name} | {r['wall_s']:.1f} | {steps} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['test_accuracy']:.3f} |"
         )
     base = results.get("peft")
     for name, r in rows:
@@ -373,13 +387,25 @@ def print_table(results: dict, peaks: dict) -> None:
             )
     for name, r in rows:
         params = r["nonembedding_params"]
-        if name.startswith("softprompt"):
-            dtype = "bfloat16" if name.endswith("bf16") else "float32"
-            flops = 4 * params * r["tokens_per_s"] / 1e9
-            print(
-                f"{name}: {flops:.0f} GFLOP/s of body work = {flops / peaks[dtype]:.0%} of the "
-                f"{dtype} matmul peak (4 x {params / 1e6:.0f}M FLOPs per processed token)"
+        dtype = "bfloat16" if name.endswith("bf16") else "float32"
+        work = 4 * params * r["tokens"] / 1e9  # GFLOP of body work, 4N per processed token
+        line = (
+            f"{name}: {work / r['wall_s']:.0f} GFLOP/s over the wall time = "
+            f"{work / r['wall_s'] / peaks[dtype]:.0%} of the {dtype} matmul peak"
+        )
+        if "step_s" in r:
+            line += (
+                f"; over the optimizer steps alone {work / r['step_s']:.0f} GFLOP/s = "
+                f"{work / r['step_s'] / peaks[dtype]:.0%}"
             )
+        print(line + f" (4 x {params / 1e6:.0f}M FLOPs per processed token)")
+    for name, r in rows:
+        print(
+            f"{name} memory: {r['rss_start_mb']:.0f} MB before loading, "
+            f"{r['rss_loaded_mb']:.0f} MB with model and tokenizer loaded, peak "
+            f"{r['peak_rss_mb']:.0f} MB; fp32 weights {r['fp32_weights_mb']:.0f} MB "
+            f"(peak = {r['peak_rss_mb'] / r['fp32_weights_mb']:.2f}x the weights)"
+        )
 
 
 if __name__ == "__main__":

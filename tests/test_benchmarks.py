@@ -33,7 +33,9 @@ def test_bench_train_quick_runs(tiny_dir, tmp_path):
     text = proc.stdout
     assert "matmul peak: float32" in text
     assert "| peft |" in text and "| softprompt |" in text and "| softprompt-bf16 |" in text
+    assert "| softprompt-text |" in text and "| softprompt-choices |" in text
     assert "PEFT recipe / softprompt wall time =" in text
+    assert "over the optimizer steps alone" in text and "with model and tokenizer loaded" in text
     assert "alone: LM head only at labels" in text
     import json
 

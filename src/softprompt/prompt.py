@@ -183,7 +183,8 @@ def lm_loss(
     if prompt is not None and fast_head and shared_prefix and uses_shared_prefix(model):
         hidden = _hidden_with_shared_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
-        return _score(head_logits(model, hidden[keep]), labels[keep], choice_ids), int(keep.sum())
+        logits = head_logits(model, hidden[keep], choice_ids)  # (K, V), or (K, C) with choices
+        return _score(logits, labels[keep], choice_ids), int(keep.sum())
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
     if prompt is not None:
@@ -193,9 +194,11 @@ def lm_loss(
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast_head and uses_fast_head(model):
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = head_logits(model, hidden[:, :-1][keep])  # (K, V): labelled positions only
+        logits = head_logits(model, hidden[:, :-1][keep], choice_ids)  # labelled positions only
     else:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
+        if choice_ids is not None:
+            logits = logits[:, choice_ids]  # (K, C)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
 
 
@@ -208,9 +211,9 @@ def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
 
 
 def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
-    """Summed cross-entropy in float32, over the vocabulary or over the choices only."""
+    """Summed cross-entropy in float32, over the vocabulary (K, V) or, with ``choice_ids``,
+    over the choices only (logits (K, C))."""
     if choice_ids is not None:
-        logits = logits[:, choice_ids]  # (K, C)
         gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
     return F.cross_entropy(logits.float(), gold, reduction="sum")
 
@@ -242,9 +245,18 @@ def _hidden_with_shared_prefix(
     return torch.cat([last_virtual, text[:, :-1]], dim=1)[:, : ids.shape[1]]
 
 
-def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
-    """The LM head (and any logit soft-capping) applied to hidden states (..., H)."""
-    logits = model.get_output_embeddings()(hidden)
+def head_logits(model: nn.Module, hidden: Tensor, ids: Tensor | None = None) -> Tensor:
+    """The LM head (and any logit soft-capping) applied to hidden states (..., H): logits
+    (..., V), or only the columns ``ids`` (..., C), which costs C/V of the full head (the
+    classification loss needs two of Gemma's 262k columns)."""
+    head = model.get_output_embeddings()
+    if ids is None:
+        logits = head(hidden)
+    elif isinstance(head, nn.Linear):
+        bias = None if head.bias is None else head.bias[ids]
+        logits = F.linear(hidden, head.weight[ids], bias)
+    else:
+        logits = head(hidden)[..., ids]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2 style soft-capping, as the model's own forward does it
         logits = torch.tanh(logits / cap) * cap

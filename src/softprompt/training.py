@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -236,6 +237,7 @@ def train(
                 lr=scheduler.get_last_lr()[0],
                 grad_norm=grad_norm,
                 step_s=time.perf_counter() - t0,
+                rss_mb=round(psutil.Process().memory_info().rss / 2**20, 1),
             )
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", epoch=state.epoch + 1)

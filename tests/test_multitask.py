@@ -15,10 +15,11 @@ from softprompt.config import TrainConfig
 from softprompt.data import Row, collate, tokenize
 from softprompt.errors import ConfigError, DataError
 from softprompt.loading import load_model
+from softprompt.parallel import forward_backward
 from softprompt.prompt import PromptSet, SoftPrompt, lm_loss
 from softprompt.training import train
 
-train_mod = importlib.import_module("softprompt.training")
+step_mod = importlib.import_module("softprompt.parallel")  # where the training step calls lm_loss
 FLIP = {"positive": "negative", "negative": "positive"}
 
 
@@ -86,7 +87,7 @@ def test_task_absent_from_a_step_is_not_touched(tiny_dir):
     before = prompts.stacked().clone()
     from accelerate import Accelerator
 
-    loss, n_tok, _ = train_mod._forward_backward(
+    loss, n_tok, _ = forward_backward(
         Accelerator(cpu=True), loaded.model, prompts, [rows], loaded.tokenizer.pad_token_id
     )
     assert n_tok > 0 and loss > 0
@@ -138,7 +139,7 @@ def test_multitask_run_saves_a_prompt_per_task(tiny_dir, tasks_file, tmp_path):
 def test_multitask_resume_equals_uninterrupted(tiny_dir, tasks_file, tmp_path, monkeypatch):
     """Interrupted mid-epoch and resumed, every task's prompt equals an uninterrupted run's."""
     train(_cfg(tiny_dir, tasks_file, tmp_path / "ref", epochs=2), progress=False)
-    real_loss, calls = train_mod.lm_loss, {"n": 0}
+    real_loss, calls = step_mod.lm_loss, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -146,10 +147,10 @@ def test_multitask_resume_equals_uninterrupted(tiny_dir, tasks_file, tmp_path, m
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "lm_loss", flaky)
+    monkeypatch.setattr(step_mod, "lm_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_dir, tasks_file, tmp_path / "cut", epochs=2, save_every=3), progress=False)
-    monkeypatch.setattr(train_mod, "lm_loss", real_loss)
+    monkeypatch.setattr(step_mod, "lm_loss", real_loss)
     train(
         _cfg(tiny_dir, tasks_file, tmp_path / "cut", epochs=2, save_every=3, resume=True),
         progress=False,

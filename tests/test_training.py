@@ -15,7 +15,7 @@ from softprompt.errors import ConfigError, TrainingError
 from softprompt.loading import load_model
 from softprompt.training import train
 
-train_mod = importlib.import_module("softprompt.training")  # the module, not the function
+step_mod = importlib.import_module("softprompt.parallel")  # where the training step calls lm_loss
 
 
 def _final(out) -> torch.Tensor:
@@ -83,7 +83,7 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_pa
     """Interrupt mid-epoch, then --resume: the final prompt equals an uninterrupted run's."""
     train(train_config(tiny_dir, pairs_file, tmp_path / "ref", epochs=3), progress=False)
 
-    real_loss, calls = train_mod.lm_loss, {"n": 0}
+    real_loss, calls = step_mod.lm_loss, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -91,13 +91,13 @@ def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_pa
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "lm_loss", flaky)
+    monkeypatch.setattr(step_mod, "lm_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         train(
             train_config(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2),
             progress=False,
         )
-    monkeypatch.setattr(train_mod, "lm_loss", real_loss)
+    monkeypatch.setattr(step_mod, "lm_loss", real_loss)
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = train(
         train_config(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2, resume=True),
@@ -145,14 +145,14 @@ def test_existing_run_is_not_overwritten(tiny_dir, pairs_file, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_prompt(tiny_dir, pairs_file, tmp_path, monkeypatch):
-    real_loss, calls = train_mod.lm_loss, {"n": 0}
+    real_loss, calls = step_mod.lm_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, n = real_loss(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan"), n) if calls["n"] == 3 else (loss, n)
 
-    monkeypatch.setattr(train_mod, "lm_loss", poisoned)
+    monkeypatch.setattr(step_mod, "lm_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="NaN or infinite at step 3.*Lower --lr"):
         train(train_config(tiny_dir, pairs_file, out, epochs=2, val_fraction=0.0), progress=False)

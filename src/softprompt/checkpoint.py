@@ -5,20 +5,30 @@ Each checkpoint is a folder ``checkpoints/step-NNNNNNNN`` holding ``tensors.safe
 scheduler settings, the config, and the tensors file's sha256). It is written under a
 temporary name and renamed; the newest two are kept, and a corrupt one is skipped in favour
 of the one before it.
+
+``save_run`` / ``restore_run`` put a training run in a checkpoint and take it back: the
+prompts (one row per task), the best and initial prompts, AdamW's moments, the scheduler,
+the RNG and the loop's counters (``RunState``); ``--resume`` refuses changed settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from softprompt.data import warn
+from softprompt.errors import ConfigError
+from softprompt.loading import say
 
 FOLDER = "checkpoints"
 KEEP = 2
@@ -61,3 +71,98 @@ def load_latest_checkpoint(output: Path) -> tuple[dict, dict[str, Tensor], Path]
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Settings that may change between a run and its --resume (the rest must match).
+RESUMABLE = {
+    "epochs",
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "patience",
+    "resume",
+    "overwrite",
+    "shard_model",
+}
+
+
+@dataclass
+class RunState:
+    """Counters that a checkpoint must restore to continue exactly where a run stopped."""
+
+    epoch: int = 0
+    group: int = 0  # next optimizer-step group within the epoch
+    step: int = 0
+    best_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    stop_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --- a training run's state ------------------------------------------------------------
+
+
+def save_run(output, cfg, state, prompt, best, initial, optimizer, scheduler) -> None:
+    """Checkpoint the run at ``state.step`` (main process only)."""
+    opt_state = optimizer.state_dict()
+    tensors = {
+        "prompt": prompt.stacked(),  # (K, N, H): one row per task
+        "best": best,
+        "initial": initial,
+        "rng": torch.get_rng_state(),
+    }
+    for index, moments in opt_state["state"].items():  # only tasks that have had a step
+        tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
+    record = {
+        "run": dataclasses.asdict(state),
+        "config": dataclasses.asdict(cfg),
+        "param_groups": opt_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+    }
+    save_checkpoint(output, state.step, record, tensors)
+
+
+def restore_run(output, cfg, prompt, optimizer, scheduler, log) -> tuple:
+    """Load the newest good checkpoint into the prompts, optimizer and scheduler; return
+    (RunState, best prompts, initial prompts)."""
+    found = load_latest_checkpoint(output)
+    if found is None:
+        raise ConfigError(f"--resume: no usable checkpoint in {output / FOLDER}")
+    record, tensors, folder = found
+    _check_same_run(record["config"], dataclasses.asdict(cfg))
+    state = RunState(**record["run"])
+    prompt.load_stacked(tensors["prompt"])
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": record["param_groups"]})
+    scheduler.load_state_dict(record["scheduler"])
+    torch.set_rng_state(tensors["rng"])
+    log.truncate_after(state.step)
+    say(f"resuming from {folder.name}: epoch {state.epoch + 1}, step {state.step}")
+    return state, tensors["best"].clone(), tensors["initial"].clone()
+
+
+def _check_same_run(saved: dict, now: dict, prefix: str = "") -> None:
+    diffs = _differences(saved, now)
+    if diffs:
+        raise ConfigError(
+            "--resume needs the same settings as the interrupted run; these differ: "
+            + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, a, b in diffs)
+        )
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key, value in now.items():
+        if key in RESUMABLE:
+            continue
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out += _differences(old, value, prefix + key + ".")
+        elif old != value:
+            out.append((prefix + key, old, value))
+    return out

@@ -29,13 +29,12 @@ from transformers import get_linear_schedule_with_warmup
 import softprompt
 from softprompt.artifacts import META, save_prompt, write_json
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
-from softprompt.checkpoint import load_latest_checkpoint, save_checkpoint
+from softprompt.checkpoint import RunState, restore_run, save_run
 from softprompt.config import TrainConfig, parse_choices
 from softprompt.data import (
     Example,
     Row,
     batch_order,
-    collate,
     load_examples,
     split_validation,
     tokenize,
@@ -43,41 +42,9 @@ from softprompt.data import (
 from softprompt.errors import ConfigError, TrainingError
 from softprompt.loading import LoadedModel, load_model, say
 from softprompt.measure.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
-from softprompt.prompt import (
-    IGNORE_INDEX,
-    PromptSet,
-    SoftPrompt,
-    init_prompt,
-    lm_loss,
-    uses_shared_prefix,
-)
+from softprompt.parallel import forward_backward, label_count, shard_layers
+from softprompt.prompt import PromptSet, SoftPrompt, init_prompt
 from softprompt.report import MetricsLog, plot_metrics
-
-# Settings that may change between a run and its --resume (the rest must match).
-RESUMABLE = {
-    "epochs",
-    "max_steps",
-    "eval_every",
-    "save_every",
-    "patience",
-    "resume",
-    "overwrite",
-    "shard_model",
-}
-
-
-@dataclass
-class RunState:
-    """Counters that a checkpoint must restore to continue exactly where a run stopped."""
-
-    epoch: int = 0
-    group: int = 0  # next optimizer-step group within the epoch
-    step: int = 0
-    best_loss: float = math.inf
-    best_step: int = 0
-    bad_evals: int = 0
-    stop_reason: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -107,7 +74,7 @@ def train(
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(accelerator.device)
     if cfg.shard_model:
-        _shard_layers(model, accelerator)
+        shard_layers(model, accelerator)
     tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else []
     train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer, tasks)
     pad_id = tokenizer.pad_token_id
@@ -132,13 +99,13 @@ def train(
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
-    # Not wrapped in DDP: the gradient is all-reduced by hand in _forward_backward, which
+    # Not wrapped in DDP: the gradient is all-reduced by hand in forward_backward, which
     # keeps one code path (and the shared prefix) for one process or many.
 
     state, best = RunState(), core.stacked().clone()
     log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
     if cfg.resume:
-        state, best, initial = _restore(output, cfg, core, optimizer, scheduler, log)
+        state, best, initial = restore_run(output, cfg, core, optimizer, scheduler, log)
     else:
         log.write(kind="config", config=dataclasses.asdict(cfg), data=data_info)
         state.extra["task_best"] = [[None, 0] for _ in core.names]  # per task: [loss, step]
@@ -178,7 +145,7 @@ def train(
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
-            _save_checkpoint(output, cfg, state, core, best, initial, optimizer, scheduler)
+            save_run(output, cfg, state, core, best, initial, optimizer, scheduler)
 
     def after_validation(result: tuple[float, list] | None) -> None:
         if result is None:
@@ -214,7 +181,7 @@ def train(
         while state.group < len(groups) and state.step < total_steps and not state.stop_reason:
             group = [[train_rows[i] for i in b] for b in groups[state.group]]
             t0 = time.perf_counter()
-            loss_sum, n_tok, processed = _forward_backward(
+            loss_sum, n_tok, processed = forward_backward(
                 accelerator, model, core, group, pad_id, choice_ids
             )
             tokens_seen += processed
@@ -329,7 +296,7 @@ def _tokenize(
     ids = {name: i for i, name in enumerate(tasks)}
     train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter, ids)
     val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter, ids)
-    if not any(_label_count([r]) for r in train_rows):
+    if not any(label_count([r]) for r in train_rows):
         raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
     mode = "text" if train_ex[0].target is None else "pairs"
     info = {
@@ -350,106 +317,6 @@ def _tokenize(
         say(f"multi-task: {len(tasks)} tasks, one prompt each, mixed in batches ({counts})")
     say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
     return train_rows, val_rows, info
-
-
-def _label_count(rows: list[Row], first_only: bool = False) -> int:
-    # Labels at position 0 are never predicted (nothing comes before them but the prompt's
-    # last virtual token, which does predict them), so every label counts.
-    if first_only:  # classification mode: one answer position per row
-        return len(rows)
-    return sum(sum(1 for x in r.labels if x != IGNORE_INDEX) for r in rows)
-
-
-def _forward_backward(
-    accelerator: Accelerator,
-    model,
-    prompts: PromptSet,
-    group: list[list[Row]],
-    pad_id: int,
-    choice_ids: torch.Tensor | None = None,
-) -> tuple[float, int, int]:
-    """Forward and backward for one optimizer step over ``group`` (its micro-batches).
-
-    Each of the P processes takes rows rank, rank+P, ... of every micro-batch; the loss is
-    divided by the label tokens of *all* rows, and the gradients are summed across
-    processes, so P processes make the same step as one. Returns (summed loss, label
-    tokens, positions the body ran), each over all processes. A task with no row in the
-    whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
-    """
-    rank, world = accelerator.process_index, accelerator.num_processes
-    # the whole step's denominator (classification mode: one position per row)
-    n_tok = sum(_label_count(rows, choice_ids is not None) for rows in group)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    processed = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    for rows in group:
-        mine, weight = rows[rank::world], 1.0
-        if not mine:
-            if not getattr(model, "_softprompt_sharded", False):
-                continue
-            # Sharded layers gather their weights collectively: every process must run
-            # every forward, so this one runs a row and throws its loss away.
-            mine, weight = rows[:1], 0.0
-        batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
-        loss, _ = lm_loss(model, prompts, batch, choice_ids=choice_ids)
-        loss = loss * weight
-        accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
-        loss_sum += loss.detach()
-        if weight:
-            processed += _processed_tokens(model, batch, prompts.num_virtual_tokens)
-    if world > 1:
-        in_step = {r.task for rows in group for r in rows}
-        for i, p in enumerate(prompts.parameters()):
-            if i not in in_step:  # no row of this task on any process
-                continue
-            if p.grad is None:  # no rows of it here: contribute zeros
-                p.grad = torch.zeros_like(p)
-            p.grad = accelerator.reduce(p.grad, "sum")
-        loss_sum, processed = (
-            accelerator.reduce(loss_sum, "sum"),
-            accelerator.reduce(processed, "sum"),
-        )
-    return float(loss_sum), n_tok, int(processed)
-
-
-def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
-    """Positions the model body ran: padded text, plus the virtual tokens (once per task in
-    the batch when they are shared, else once per row)."""
-    rows, width = batch["input_ids"].shape
-    if uses_shared_prefix(model):
-        return rows * width + n_virtual * len(torch.unique(batch["task"]))
-    return rows * width + rows * n_virtual
-
-
-def _shard_layers(model, accelerator: Accelerator) -> None:
-    """Split every decoder layer's weights across the processes with PyTorch FSDP2
-    (``fully_shard``): a layer gathers its weights just before it runs and frees them after,
-    forward and backward. The embeddings, final norm and LM head stay whole on every process:
-    softprompt calls the body and the head separately (the head only at labelled positions),
-    outside any root wrapper. The prompt is tiny and stays replicated."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    world = accelerator.num_processes
-    layers = _decoder_layers(model)
-    mesh = init_device_mesh(accelerator.device.type, (world,))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    model._softprompt_sharded = True
-    whole = sum(p.numel() for p in model.parameters()) - sum(
-        p.numel() for layer in layers for p in layer.parameters()
-    )
-    say(
-        f"sharded {len(layers)} decoder layers across {world} processes (FSDP2); "
-        f"{whole / 1e6:.0f}M parameters (embeddings, norm, head) stay whole on each"
-    )
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: the ModuleList holding most of its weights."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not lists:
-        raise ConfigError(f"--shard-model: no layer list found in {type(model).__name__}")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def _choice_ids(
@@ -474,71 +341,6 @@ def _clip(prompts: PromptSet, max_norm: float | None) -> float:
                 torch.nn.utils.clip_grad_norm_([p], max_norm) if max_norm else p.grad.norm()
             )
     return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-# --- checkpoints ----------------------------------------------------------------------
-
-
-def _save_checkpoint(output, cfg, state, prompt, best, initial, optimizer, scheduler) -> None:
-    opt_state = optimizer.state_dict()
-    tensors = {
-        "prompt": prompt.stacked(),  # (K, N, H): one row per task
-        "best": best,
-        "initial": initial,
-        "rng": torch.get_rng_state(),
-    }
-    for index, moments in opt_state["state"].items():  # only tasks that have had a step
-        tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
-    record = {
-        "run": dataclasses.asdict(state),
-        "config": dataclasses.asdict(cfg),
-        "param_groups": opt_state["param_groups"],
-        "scheduler": scheduler.state_dict(),
-    }
-    save_checkpoint(output, state.step, record, tensors)
-
-
-def _restore(output, cfg, prompt, optimizer, scheduler, log) -> tuple:
-    found = load_latest_checkpoint(output)
-    if found is None:
-        raise ConfigError(f"--resume: no usable checkpoint in {output / CKPT_FOLDER}")
-    record, tensors, folder = found
-    _check_same_run(record["config"], dataclasses.asdict(cfg))
-    state = RunState(**record["run"])
-    prompt.load_stacked(tensors["prompt"])
-    moments: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            moments.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": moments, "param_groups": record["param_groups"]})
-    scheduler.load_state_dict(record["scheduler"])
-    torch.set_rng_state(tensors["rng"])
-    log.truncate_after(state.step)
-    say(f"resuming from {folder.name}: epoch {state.epoch + 1}, step {state.step}")
-    return state, tensors["best"].clone(), tensors["initial"].clone()
-
-
-def _check_same_run(saved: dict, now: dict, prefix: str = "") -> None:
-    diffs = _differences(saved, now)
-    if diffs:
-        raise ConfigError(
-            "--resume needs the same settings as the interrupted run; these differ: "
-            + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, a, b in diffs)
-        )
-
-
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    out = []
-    for key, value in now.items():
-        if key in RESUMABLE:
-            continue
-        old = saved.get(key)
-        if isinstance(value, dict) and isinstance(old, dict):
-            out += _differences(old, value, prefix + key + ".")
-        elif old != value:
-            out.append((prefix + key, old, value))
-    return out
 
 
 # --- the end ---------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Several processes, one run: rows split across processes, the prompt's gradient summed,
+and (``--shard-model``) the frozen model's decoder layers sharded with PyTorch FSDP2.
+
+Launched by torchrun or ``accelerate launch``; with one process everything here reduces to
+the plain single-process step.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from softprompt.data import Row, collate
+from softprompt.errors import ConfigError
+from softprompt.loading import say
+from softprompt.prompt import IGNORE_INDEX, PromptSet, lm_loss, uses_shared_prefix
+
+
+def label_count(rows: list[Row], first_only: bool = False) -> int:
+    """Label tokens of ``rows`` (classification mode: one answer position per row)."""
+    # Labels at position 0 are never predicted (nothing comes before them but the prompt's
+    # last virtual token, which does predict them), so every label counts.
+    if first_only:
+        return len(rows)
+    return sum(sum(1 for x in r.labels if x != IGNORE_INDEX) for r in rows)
+
+
+def forward_backward(
+    accelerator: Accelerator,
+    model,
+    prompts: PromptSet,
+    group: list[list[Row]],
+    pad_id: int,
+    choice_ids: torch.Tensor | None = None,
+) -> tuple[float, int, int]:
+    """Forward and backward for one optimizer step over ``group`` (its micro-batches).
+
+    Each of the P processes takes rows rank, rank+P, ... of every micro-batch; the loss is
+    divided by the label tokens of *all* rows, and the gradients are summed across
+    processes, so P processes make the same step as one. Returns (summed loss, label
+    tokens, positions the body ran), each over all processes. A task with no row in the
+    whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # the whole step's denominator (classification mode: one position per row)
+    n_tok = sum(label_count(rows, choice_ids is not None) for rows in group)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    processed = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for rows in group:
+        mine, weight = rows[rank::world], 1.0
+        if not mine:
+            if not getattr(model, "_softprompt_sharded", False):
+                continue
+            # Sharded layers gather their weights collectively: every process must run
+            # every forward, so this one runs a row and throws its loss away.
+            mine, weight = rows[:1], 0.0
+        batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
+        loss, _ = lm_loss(model, prompts, batch, choice_ids=choice_ids)
+        loss = loss * weight
+        accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
+        loss_sum += loss.detach()
+        if weight:
+            processed += _processed_tokens(model, batch, prompts.num_virtual_tokens)
+    if world > 1:
+        in_step = {r.task for rows in group for r in rows}
+        for i, p in enumerate(prompts.parameters()):
+            if i not in in_step:  # no row of this task on any process
+                continue
+            if p.grad is None:  # no rows of it here: contribute zeros
+                p.grad = torch.zeros_like(p)
+            p.grad = accelerator.reduce(p.grad, "sum")
+        loss_sum, processed = (
+            accelerator.reduce(loss_sum, "sum"),
+            accelerator.reduce(processed, "sum"),
+        )
+    return float(loss_sum), n_tok, int(processed)
+
+
+def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
+    """Positions the model body ran: padded text, plus the virtual tokens (once per task in
+    the batch when they are shared, else once per row)."""
+    rows, width = batch["input_ids"].shape
+    if uses_shared_prefix(model):
+        return rows * width + n_virtual * len(torch.unique(batch["task"]))
+    return rows * width + rows * n_virtual
+
+
+def shard_layers(model, accelerator: Accelerator) -> None:
+    """Split every decoder layer's weights across the processes with PyTorch FSDP2
+    (``fully_shard``): a layer gathers its weights just before it runs and frees them after,
+    forward and backward. The embeddings, final norm and LM head stay whole on every process:
+    softprompt calls the body and the head separately (the head only at labelled positions),
+    outside any root wrapper. The prompt is tiny and stays replicated."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = accelerator.num_processes
+    layers = _decoder_layers(model)
+    mesh = init_device_mesh(accelerator.device.type, (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    model._softprompt_sharded = True
+    whole = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for layer in layers for p in layer.parameters()
+    )
+    say(
+        f"sharded {len(layers)} decoder layers across {world} processes (FSDP2); "
+        f"{whole / 1e6:.0f}M parameters (embeddings, norm, head) stay whole on each"
+    )
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList holding most of its weights."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"--shard-model: no layer list found in {type(model).__name__}")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))

@@ -35,7 +35,8 @@ class MetricsLog:
 
 
 def plot_metrics(metrics: Path, png: Path) -> Path:
-    """Training loss per step (and a moving average) with validation loss on top."""
+    """Training loss per step (and a moving average) with validation loss on top (and each
+    task's, in a multi-task run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,6 +46,10 @@ def plot_metrics(metrics: Path, png: Path) -> Path:
     train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
     val = [(r["step"], r["loss"]) for r in records if r["kind"] == "val"]
     base = [r["loss"] for r in records if r["kind"] == "base"]
+    tasks: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r["kind"] == "task_val":
+            tasks.setdefault(r["task"], []).append((r["step"], r["loss"]))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train)
@@ -56,7 +61,12 @@ def plot_metrics(metrics: Path, png: Path) -> Path:
         ]
         ax.plot(steps, smooth, color="#2171b5", lw=2, label=f"train loss (mean of {k})")
     if val:
-        ax.plot(*zip(*val), "o-", color="#e6550d", lw=2, label="validation loss")
+        label = "validation loss (all tasks)" if tasks else "validation loss"
+        ax.plot(*zip(*val), "o-", color="#e6550d", lw=2, label=label)
+    for i, (task, points) in enumerate(sorted(tasks.items())):  # multi-task runs
+        ax.plot(
+            *zip(*points), "s--", lw=1.2, color=plt.cm.tab10((i + 2) % 10), label=f"val: {task}"
+        )
     if base:
         ax.axhline(base[0], color="#636363", ls="--", lw=1, label="base model, no prompt (val)")
     ax.set_xlabel("optimizer step")

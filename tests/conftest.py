@@ -7,8 +7,10 @@ through the same `--model FOLDER` path as users.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,24 @@ def train_config(model_dir, data, out, **kw):
         lr=kw.pop("lr", 0.3),
         **kw,
     )
+
+
+@contextmanager
+def interrupted_at(call: int):
+    """Run the body expecting a KeyboardInterrupt raised by the training step's ``call``-th
+    loss computation (a user pressing Ctrl-C mid-run); the real loss comes back after."""
+    step = importlib.import_module("softprompt.parallel")  # where the step calls lm_loss
+    real, calls = step.lm_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    step.lm_loss = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        step.lm_loss = real

@@ -15,30 +15,24 @@ import torch
 from safetensors.torch import load_file
 
 
-def _train_args(model_dir: Path, data: Path, out: Path) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--input-field",
-        "review",
-        "--target-field",
-        "label",
-        "--num-virtual-tokens",
-        "4",
-        "--batch-size",
-        "6",
-        "--epochs",
-        "3",
-        "--lr",
-        "0.3",
-        "--val-fraction",
-        "0.25",
-        "--output",
-        str(out),
-    ]
+def _train_args(model_dir: Path, data: Path, out: Path, **flags) -> list[str]:
+    """`softprompt train` arguments for the tiny model; ``flags`` override the defaults
+    (a value of None drops the flag)."""
+    flags = {
+        "input_field": "review",
+        "target_field": "label",
+        "num_virtual_tokens": 4,
+        "batch_size": 6,
+        "epochs": 3,
+        "lr": 0.3,
+        "val_fraction": 0.25,
+        **flags,
+    }
+    args = ["train", "--model", str(model_dir), "--data", str(data)]
+    for name, value in flags.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args + ["--output", str(out)]
 
 
 def _env() -> dict:
@@ -167,31 +161,12 @@ def test_sigkill_then_resume_ends_with_the_same_prompt(tiny_dir, pairs_file, tmp
     import time
 
     def args(out: Path) -> list[str]:
+        flags = dict(batch_size=3, epochs=60, save_every=5, lr=0.1, val_fraction=None)
         return [
             sys.executable,
             "-m",
             "softprompt",
-            "train",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(pairs_file),
-            "--input-field",
-            "review",
-            "--target-field",
-            "label",
-            "--num-virtual-tokens",
-            "4",
-            "--batch-size",
-            "3",
-            "--epochs",
-            "60",
-            "--save-every",
-            "5",
-            "--lr",
-            "0.1",
-            "--output",
-            str(out),
+            *_train_args(tiny_dir, pairs_file, out, **flags),
         ]
 
     ref = subprocess.run(args(tmp_path / "ref"), env=_env(), capture_output=True, text=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 import torch
-from conftest import REVIEWS, train_config
+from conftest import REVIEWS, interrupted_at, train_config
 from safetensors.torch import load_file
 
 from softprompt.artifacts import load_prompt
@@ -19,7 +18,6 @@ from softprompt.parallel import forward_backward
 from softprompt.prompt import PromptSet, SoftPrompt, lm_loss
 from softprompt.training import train
 
-step_mod = importlib.import_module("softprompt.parallel")  # where the training step calls lm_loss
 FLIP = {"positive": "negative", "negative": "positive"}
 
 
@@ -136,21 +134,11 @@ def test_multitask_run_saves_a_prompt_per_task(tiny_dir, tasks_file, tmp_path):
     assert store.rescan()["added"] == ["flipped", "sentiment"]
 
 
-def test_multitask_resume_equals_uninterrupted(tiny_dir, tasks_file, tmp_path, monkeypatch):
+def test_multitask_resume_equals_uninterrupted(tiny_dir, tasks_file, tmp_path):
     """Interrupted mid-epoch and resumed, every task's prompt equals an uninterrupted run's."""
     train(_cfg(tiny_dir, tasks_file, tmp_path / "ref", epochs=2), progress=False)
-    real_loss, calls = step_mod.lm_loss, {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:  # in epoch 2 (5 batches per epoch), after the step-6 checkpoint
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(step_mod, "lm_loss", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(7):  # in epoch 2 (5 batches per epoch), after the step-6 checkpoint
         train(_cfg(tiny_dir, tasks_file, tmp_path / "cut", epochs=2, save_every=3), progress=False)
-    monkeypatch.setattr(step_mod, "lm_loss", real_loss)
     train(
         _cfg(tiny_dir, tasks_file, tmp_path / "cut", epochs=2, save_every=3, resume=True),
         progress=False,

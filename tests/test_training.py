@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_config
+from conftest import interrupted_at, train_config
 from safetensors.torch import load_file
 
 from softprompt.artifacts import load_prompt
@@ -79,25 +79,15 @@ def test_grad_accum_matches_bigger_batch(tiny_dir, pairs_file, tmp_path):
     assert not torch.allclose(_final(tmp_path / "one"), _final(tmp_path / "big"), atol=1e-3)
 
 
-def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_prompt(tiny_dir, pairs_file, tmp_path):
     """Interrupt mid-epoch, then --resume: the final prompt equals an uninterrupted run's."""
     train(train_config(tiny_dir, pairs_file, tmp_path / "ref", epochs=3), progress=False)
 
-    real_loss, calls = step_mod.lm_loss, {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # in epoch 2 (3 batches per epoch), after the step-4 checkpoint
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(step_mod, "lm_loss", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(5):  # in epoch 2 (3 batches per epoch), after the step-4 checkpoint
         train(
             train_config(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2),
             progress=False,
         )
-    monkeypatch.setattr(step_mod, "lm_loss", real_loss)
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = train(
         train_config(tiny_dir, pairs_file, tmp_path / "cut", epochs=3, save_every=2, resume=True),

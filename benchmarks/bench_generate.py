@@ -27,8 +27,9 @@ import torch
 
 from softprompt.artifacts import save_prompt
 from softprompt.config import GenerateConfig, ModelConfig, PromptConfig
-from softprompt.generation import compile_prefix, generate
+from softprompt.generation import generate
 from softprompt.loading import load_model
+from softprompt.prefix import compile_prefix
 from softprompt.prompt import init_prompt
 
 TEXTS = [

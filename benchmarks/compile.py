@@ -19,7 +19,8 @@ import torch
 from softprompt.config import PromptConfig
 from softprompt.data import Example, batch_order, collate, tokenize
 from softprompt.loading import load_model
-from softprompt.prompt import init_prompt, lm_loss
+from softprompt.loss import lm_loss
+from softprompt.prompt import init_prompt
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "sentiment" / "train.jsonl"
 

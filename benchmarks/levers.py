@@ -44,7 +44,7 @@ def _batches(tok, args, pad_to: int | None) -> list[dict]:
 
 
 def _time_steps(model, prompt, batches, **kw) -> float:
-    from softprompt.prompt import lm_loss
+    from softprompt.loss import lm_loss
 
     loss, n = lm_loss(model, prompt, batches[0], **kw)  # warm-up
     (loss / n).backward()
@@ -76,7 +76,6 @@ def run_levers(args) -> None:
     results = []
     for name, batches, kw, bf16 in configs:
         model.to(torch.bfloat16 if bf16 else torch.float32)
-        model._softprompt_fast_head = model._softprompt_shared_prefix = None  # re-check per dtype
         seconds = _time_steps(model, prompt, batches, **kw)
         results.append({"lever": name, "s_per_step": seconds})
     base = results[0]["s_per_step"]

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     from softprompt import PromptConfig, SoftPrompt, init_prompt, load_model
-    from softprompt import prompt as prompt_mod
+    from softprompt import loss as loss_mod
     from softprompt.data import Example, collate, tokenize
-    from softprompt.prompt import lm_loss
+    from softprompt.loss import lm_loss
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded")
@@ -45,15 +45,16 @@ def main() -> None:
 
     results = {"float32": loss_and_grad()}
     model.to(torch.bfloat16)
-    model._softprompt_fast_head = model._softprompt_shared_prefix = None
     results["bfloat16"] = loss_and_grad()
     head32 = model.get_output_embeddings().weight.float()
-    original = prompt_mod.head_logits
-    prompt_mod.head_logits = lambda m, h: F.linear(h.float(), head32)  # the head alone in fp32
+    original = loss_mod.head_logits
+    loss_mod.head_logits = lambda m, h, ids=None: F.linear(
+        h.float(), head32
+    )  # the head alone in fp32
     try:
         results["bfloat16 body, float32 head"] = loss_and_grad()
     finally:
-        prompt_mod.head_logits = original
+        loss_mod.head_logits = original
     ref = results["float32"][1]
     print("| weights | loss | gradient cosine to fp32 | gradient error (relative) |")
     print("| --- | --- | --- | --- |")

@@ -13,6 +13,7 @@ from conftest import make_tokenizer
 
 from softprompt.config import DataConfig
 from softprompt.data import (
+    IGNORE_INDEX,
     Example,
     Row,
     batch_order,
@@ -23,7 +24,6 @@ from softprompt.data import (
     tokenize,
 )
 from softprompt.errors import ConfigError, DataError
-from softprompt.prompt import IGNORE_INDEX
 
 BOS, EOS, PAD = 2, 1, 0
 CFG = DataConfig(data="unused")

@@ -9,7 +9,8 @@ import pytest
 from softprompt.config import DataConfig, PromptConfig, TrainConfig
 from softprompt.data import Example, tokenize
 from softprompt.loading import load_model
-from softprompt.measure.evaluate import classify, evaluate_loss
+from softprompt.loss import evaluate_loss
+from softprompt.measure.evaluate import classify
 from softprompt.training import train
 
 pytestmark = pytest.mark.slow

@@ -13,17 +13,18 @@ from softprompt.cli import main
 from softprompt.config import DataConfig, EvalConfig, ModelConfig
 from softprompt.data import Example, Row, collate
 from softprompt.loading import load_model
+from softprompt.loss import (
+    choice_first_ids,
+    continuation_rows,
+    evaluate_loss,
+    lm_loss,
+    row_logprobs,
+)
 from softprompt.measure import metrics
 from softprompt.measure.baselines import few_shot
 from softprompt.measure.eval_run import run_eval
-from softprompt.measure.evaluate import (
-    choice_first_ids,
-    classify,
-    continuation_rows,
-    evaluate_loss,
-    row_logprobs,
-)
-from softprompt.prompt import SoftPrompt, lm_loss
+from softprompt.measure.evaluate import classify
+from softprompt.prompt import SoftPrompt
 
 GOLD = ["a", "a", "a", "b", "b", "c"]
 PRED = ["a", "a", "b", "b", "c", "c"]

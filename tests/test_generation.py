@@ -9,8 +9,9 @@ from softprompt.artifacts import save_prompt
 from softprompt.cli import main
 from softprompt.config import GenerateConfig
 from softprompt.errors import ConfigError
-from softprompt.generation import apply_template, generate
+from softprompt.generation import generate
 from softprompt.loading import load_model
+from softprompt.templates import apply_template
 
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
 

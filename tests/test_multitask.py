@@ -14,8 +14,9 @@ from softprompt.config import TrainConfig
 from softprompt.data import Row, collate, tokenize
 from softprompt.errors import ConfigError, DataError
 from softprompt.loading import load_model
+from softprompt.loss import lm_loss
 from softprompt.parallel import forward_backward
-from softprompt.prompt import PromptSet, SoftPrompt, lm_loss
+from softprompt.prompt import PromptSet, SoftPrompt
 from softprompt.training import train
 
 FLIP = {"positive": "negative", "negative": "positive"}
@@ -127,7 +128,7 @@ def test_multitask_run_saves_a_prompt_per_task(tiny_dir, tasks_file, tmp_path):
     assert sum(r["kind"] == "val" for r in records) == len(task_vals) // 2
     assert (out / "loss.png").is_file() and not (out / "adapter_model.safetensors").exists()
     # `softprompt serve --prompts OUTPUT` serves every task under its name
-    from softprompt.serving.server import PromptStore, base_model_of
+    from softprompt.serving.registry import PromptStore, base_model_of
 
     assert base_model_of(out) == str(tiny_dir)
     store = PromptStore(out, load_model(model=str(tiny_dir)))

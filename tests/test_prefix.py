@@ -8,16 +8,11 @@ from conftest import random_prompt
 from transformers import GenerationConfig
 
 from softprompt.config import GenerateConfig
-from softprompt.generation import (
-    Row,
-    compile_all,
-    compile_prefix,
-    generate,
-    pack_rows,
-    plain_rows,
-    score_continuations,
-)
+from softprompt.generation import GenerationRow as Row
+from softprompt.generation import generate, pack_rows, plain_rows
 from softprompt.loading import load_model
+from softprompt.loss import score_continuations
+from softprompt.prefix import compile_all, compile_prefix
 from softprompt.prompt import SoftPrompt
 
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from softprompt.config import PromptConfig
-from softprompt.data import Example, collate, tokenize
+from softprompt.data import IGNORE_INDEX, Example, collate, tokenize
 from softprompt.loading import load_model
-from softprompt.prompt import IGNORE_INDEX, SoftPrompt, embed_tokens, init_prompt, lm_loss
+from softprompt.loss import lm_loss, support
+from softprompt.prompt import SoftPrompt, embed_tokens, init_prompt
 
 ARCHS = ["llama", "gemma3", "gpt2"]
 
@@ -111,7 +112,7 @@ def test_fast_head_equals_full_forward(loaded_all, arch):
         loss, n = lm_loss(model, prompt, batch, fast_head=fast)
         (loss / n).backward()
         results.append((loss.detach(), prompt.embedding.grad.clone()))
-    assert model._softprompt_fast_head is True
+    assert support(model).fast_head is True
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
 
@@ -147,7 +148,7 @@ def test_shared_prefix_equals_prompt_per_row(loaded_all, arch, label_first):
         loss, n = lm_loss(model, prompt, batch, shared_prefix=shared)
         (loss / n).backward()
         results.append((loss.detach(), n, prompt.embedding.grad.clone()))
-    assert model._softprompt_shared_prefix is True
+    assert support(model).shared_prefix is True
     assert results[0][1] == results[1][1]
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)

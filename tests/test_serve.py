@@ -21,7 +21,7 @@ from softprompt.generation import generate
 from softprompt.loading import load_model
 from softprompt.serving.api import create_app
 from softprompt.serving.batcher import Batcher
-from softprompt.serving.batcher import Request as Row
+from softprompt.serving.batcher import Job as Row
 from softprompt.serving.server import BackgroundServer
 
 TEMPLATE = "review : {input} sentiment :"

@@ -134,15 +134,20 @@ def test_existing_run_is_not_overwritten(tiny_dir, pairs_file, tmp_path):
         )
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_prompt(tiny_dir, pairs_file, tmp_path, monkeypatch):
+def _nan_at(monkeypatch, call: int) -> None:
+    """Make the training step's ``call``-th loss NaN."""
     real_loss, calls = step_mod.lm_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, n = real_loss(*args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan"), n) if calls["n"] == 3 else (loss, n)
+        return (loss * float("nan"), n) if calls["n"] == call else (loss, n)
 
     monkeypatch.setattr(step_mod, "lm_loss", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_prompt(tiny_dir, pairs_file, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, 3)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="NaN or infinite at step 3.*Lower --lr"):
         train(train_config(tiny_dir, pairs_file, out, epochs=2, val_fraction=0.0), progress=False)
@@ -150,6 +155,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_prompt(tiny_dir, pairs_file, tmp
     assert torch.isfinite(saved).all()
     meta = json.loads((out / "softprompt.json").read_text())
     assert meta["metrics"]["stopped"] == "non-finite loss at step 3"
+
+
+def test_nan_stop_saves_the_true_initial_prompt(tiny_dir, pairs_file, tmp_path, monkeypatch):
+    """A run stopped by a NaN loss writes the prompt it started from as the initial prompt,
+    not its last good prompt (they differ after two steps)."""
+    kw = dict(epochs=2, val_fraction=0.0)
+    train(train_config(tiny_dir, pairs_file, tmp_path / "ref", max_steps=1, **kw), progress=False)
+    start = load_file(str(tmp_path / "ref" / "initial_prompt.safetensors"))["prompt_embeddings"]
+    _nan_at(monkeypatch, 3)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError):
+        train(train_config(tiny_dir, pairs_file, out, **kw), progress=False)
+    initial = load_file(str(out / "initial_prompt.safetensors"))["prompt_embeddings"]
+    assert torch.equal(initial, start)  # the same seed starts from the same prompt
+    assert not torch.allclose(_final(out), initial)  # two steps were taken after it
 
 
 def test_early_stopping(tiny_dir, pairs_file, tmp_path):

@@ -164,6 +164,15 @@ def check_fits(
         )
 
 
+def trained_base_model(folder: str | Path) -> str | None:
+    """The base model a saved prompt names (softprompt.json, else PEFT's adapter_config.json)."""
+    folder = Path(folder)
+    name = read_meta(folder).get("base_model", {}).get("name")
+    if name is None and (folder / ADAPTER_CONFIG).exists():
+        name = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+    return name
+
+
 def fresh_output(output: Path, marker: str, what: str, overwrite: bool) -> Path:
     """Make ``output``; if ``marker`` shows it already holds ``what``, refuse unless
     ``overwrite``, then start it afresh."""

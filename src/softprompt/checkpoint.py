@@ -6,9 +6,10 @@ scheduler settings, the config, and the tensors file's sha256). It is written un
 temporary name and renamed; the newest two are kept, and a corrupt one is skipped in favour
 of the one before it.
 
-``save_run`` / ``restore_run`` put a training run in a checkpoint and take it back: the
-prompts (one row per task), the best and initial prompts, AdamW's moments, the scheduler,
-the RNG and the loop's counters (``RunState``); ``--resume`` refuses changed settings.
+``save_run`` / ``restore_run`` put a training run (anything ``Resumable``) in a checkpoint and
+take it back: the prompts (one row per task), the best and initial prompts, AdamW's moments,
+the scheduler, the RNG and where the run stands (``RunState``); ``--resume`` refuses changed
+settings.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from softprompt.data import warn
+from softprompt.config import TrainConfig
+from softprompt.console import say, warn
 from softprompt.errors import ConfigError
-from softprompt.loading import say
+from softprompt.prompt import PromptSet
 
 FOLDER = "checkpoints"
 KEEP = 2
@@ -87,66 +90,99 @@ RESUMABLE = {
 
 
 @dataclass
-class RunState:
-    """Counters that a checkpoint must restore to continue exactly where a run stopped."""
+class TaskBest:
+    """A task's best validation loss so far and the step it was reached at."""
 
-    epoch: int = 0
-    group: int = 0  # next optimizer-step group within the epoch
+    loss: float | None = None
     step: int = 0
-    best_loss: float = math.inf
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint must restore to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    group: int = 0  # next optimizer-step group within the epoch
+    step: int = 0  # optimizer steps done
+    best_loss: float = math.inf  # best pooled validation loss
     best_step: int = 0
-    bad_evals: int = 0
+    bad_evals: int = 0  # validations since the last improvement (--patience)
     stop_reason: str = ""
-    extra: dict = field(default_factory=dict)
+    base_val_loss: float | None = None  # the base model alone, before training
+    initial_val_loss: float | None = None  # the initial prompt
+    first_step_s: float | None = None  # cold start: command -> first step done
+    task_base: list[float | None] = field(default_factory=list)  # per task
+    task_initial: list[float | None] = field(default_factory=list)
+    task_best: list[TaskBest] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> RunState:
+        """Read back ``dataclasses.asdict(state)`` from a checkpoint."""
+        state = cls(**{k: v for k, v in record.items() if k != "task_best"})
+        state.task_best = [TaskBest(**t) for t in record.get("task_best", [])]
+        return state
+
+
+class Resumable(Protocol):
+    """What a checkpoint holds of a training run (``training.Run`` has these)."""
+
+    cfg: TrainConfig
+    output: Path
+    state: RunState
+    prompts: PromptSet
+    best: Tensor  # (K, N, H): each task's best prompt
+    initial: Tensor  # (K, N, H): each task's starting prompt
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
 # --- a training run's state ------------------------------------------------------------
 
 
-def save_run(output, cfg, state, prompt, best, initial, optimizer, scheduler) -> None:
-    """Checkpoint the run at ``state.step`` (main process only)."""
-    opt_state = optimizer.state_dict()
+def save_run(run: Resumable) -> None:
+    """Checkpoint the run at ``run.state.step`` (main process only)."""
+    opt_state = run.optimizer.state_dict()
     tensors = {
-        "prompt": prompt.stacked(),  # (K, N, H): one row per task
-        "best": best,
-        "initial": initial,
+        "prompt": run.prompts.stacked(),  # (K, N, H): one row per task
+        "best": run.best,
+        "initial": run.initial,
         "rng": torch.get_rng_state(),
     }
     for index, moments in opt_state["state"].items():  # only tasks that have had a step
         tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
     record = {
-        "run": dataclasses.asdict(state),
-        "config": dataclasses.asdict(cfg),
+        "run": dataclasses.asdict(run.state),
+        "config": dataclasses.asdict(run.cfg),
         "param_groups": opt_state["param_groups"],
-        "scheduler": scheduler.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
     }
-    save_checkpoint(output, state.step, record, tensors)
+    save_checkpoint(run.output, run.state.step, record, tensors)
 
 
-def restore_run(output, cfg, prompt, optimizer, scheduler, log) -> tuple:
-    """Load the newest good checkpoint into the prompts, optimizer and scheduler; return
-    (RunState, best prompts, initial prompts)."""
-    found = load_latest_checkpoint(output)
+def restore_run(run: Resumable) -> Path:
+    """Load the newest good checkpoint into the run: its prompts, best and initial prompts,
+    optimizer, scheduler, RNG and state. Returns the checkpoint's folder."""
+    found = load_latest_checkpoint(run.output)
     if found is None:
-        raise ConfigError(f"--resume: no usable checkpoint in {output / FOLDER}")
+        raise ConfigError(f"--resume: no usable checkpoint in {run.output / FOLDER}")
     record, tensors, folder = found
-    _check_same_run(record["config"], dataclasses.asdict(cfg))
-    state = RunState(**record["run"])
-    prompt.load_stacked(tensors["prompt"])
+    _check_same_run(record["config"], dataclasses.asdict(run.cfg))
+    run.state = RunState.from_dict(record["run"])
+    run.prompts.load_stacked(tensors["prompt"])
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             moments.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": moments, "param_groups": record["param_groups"]})
-    scheduler.load_state_dict(record["scheduler"])
+    run.optimizer.load_state_dict({"state": moments, "param_groups": record["param_groups"]})
+    run.scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(tensors["rng"])
-    log.truncate_after(state.step)
-    say(f"resuming from {folder.name}: epoch {state.epoch + 1}, step {state.step}")
-    return state, tensors["best"].clone(), tensors["initial"].clone()
+    run.best, run.initial = tensors["best"].clone(), tensors["initial"].clone()
+    say(f"resuming from {folder.name}: epoch {run.state.epoch + 1}, step {run.state.step}")
+    return folder
 
 
-def _check_same_run(saved: dict, now: dict, prefix: str = "") -> None:
+def _check_same_run(saved: dict, now: dict) -> None:
     diffs = _differences(saved, now)
     if diffs:
         raise ConfigError(

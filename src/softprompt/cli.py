@@ -2,23 +2,27 @@
 
 Flags are generated from the config dataclasses, so ``--help`` shows the same text as
 the fields' documentation in the Python API. ``COMMANDS`` is the map: one entry per
-subcommand (help, flags, handler), turned into argparse by ``make_parser``.
+subcommand (help, config, handler), turned into argparse by ``make_parser``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
+from typing import Literal
 
 from softprompt import __version__
 from softprompt.config import (
     CompareConfig,
     EvalConfig,
-    GenerateConfig,
-    ModelConfig,
+    Flag,
+    GenerateRunConfig,
+    InspectConfig,
     ServeConfig,
     SweepConfig,
     TrainConfig,
@@ -26,229 +30,130 @@ from softprompt.config import (
 )
 from softprompt.errors import SoftpromptError
 
-_TYPES = {"str": str, "int": int, "float": float}
-
 
 def unescape(text: str) -> str:
     """Read \\n and \\t typed in a shell as newline and tab."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _converter(annotation: str, escapes: bool = False):
-    base = annotation.replace(" | None", "")
-    convert = unescape if escapes else _TYPES[base]
-    if "None" not in annotation:
-        return convert
-    return lambda s: None if s.lower() == "none" else convert(s)
+def _argparse_kwargs(flag: Flag) -> dict:
+    """type / choices / nargs for one flag, from its resolved annotation."""
+    kind, optional = flag.type, False
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind, optional = args[0], len(args) < len(typing.get_args(kind))
+    if typing.get_origin(kind) is Literal:
+        return {"type": str, "choices": typing.get_args(kind)}
+    if typing.get_origin(kind) is list:
+        return {"type": str, "nargs": "*"}
+    convert = unescape if flag.metadata.get("escapes") else kind
+    if not optional:
+        return {"type": convert}
+    return {"type": lambda s: None if s.lower() == "none" else convert(s)}
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per leaf field of ``cls``, with the field's help and default."""
-    for f in flat_fields(cls):
-        if f.name in skip:
+    """One ``--flag`` (or positional) per leaf field of ``cls``, with its help and default."""
+    for flag in flat_fields(cls):
+        if flag.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+        meta = flag.metadata
+        if meta.get("positional"):
+            parser.add_argument(
+                flag.name, metavar=meta["metavar"], help=meta["help"], **_argparse_kwargs(flag)
+            )
             continue
-        default = f.default if f.default is not MISSING else None
-        kwargs = {
-            "type": _converter(f.type, meta.get("escapes", False)),
-            "default": default,
-            "choices": meta.get("choices"),
-        }
+        name = "--" + flag.name.replace("_", "-")
+        if flag.type is bool:
+            parser.add_argument(name, action="store_true", help=meta["help"])
+            continue
+        kwargs = {"default": flag.default, **_argparse_kwargs(flag)}
+        help_text = meta["help"]
         if meta.get("required"):
             kwargs["required"] = True
-            help_text = meta["help"]
-        else:
-            help_text = meta["help"] + (
-                f" (default: {default!r})" if default not in (None, "") else ""
-            )
-        parser.add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)
+        elif flag.default not in (None, ""):
+            help_text += f" (default: {flag.default!r})"
+        parser.add_argument(name, help=help_text.replace("%", "%%"), **kwargs)
 
 
 def build_config(cls, ns: argparse.Namespace):
-    """Instantiate ``cls`` (and its nested configs) from parsed flags; validation runs here."""
+    """Instantiate ``cls`` (and its nested configs) from parsed flags; validation runs here.
+    Fields a command does not show as flags keep their defaults."""
     values = {}
     for f in fields(cls):
-        if f.metadata.get("help") is None:
-            values[f.name] = build_config(f.default_factory, ns)
+        if f.metadata.get("nested"):
+            sample = f.default_factory()
+            given = {
+                sub.name: getattr(ns, sub.name)
+                for sub in fields(sample)
+                if hasattr(ns, sub.name)
+            }
+            if any(sub.metadata.get("nested") for sub in fields(sample)):
+                values[f.name] = build_config(type(sample), ns)
+            else:
+                values[f.name] = dataclasses.replace(sample, **given)
         elif hasattr(ns, f.name):
             values[f.name] = getattr(ns, f.name)
     return cls(**values)
 
 
-def cmd_sweep(ns: argparse.Namespace) -> int:
-    from softprompt.measure.sweep import format_sweep, run_sweep
-
-    rows = run_sweep(build_config(SweepConfig, ns))
-    print(format_sweep(rows))
-    return 0
+# --- handlers: build the config, call the library, print -------------------------------
 
 
-def cmd_compare(ns: argparse.Namespace) -> int:
-    from softprompt.measure.compare import run_compare
-
-    output = run_compare(build_config(CompareConfig, ns))
-    print((output / "report.md").read_text(encoding="utf-8"))
-    print(f"report: {output / 'report.html'}")
-    return 0
-
-
-def cmd_inspect(ns: argparse.Namespace) -> int:
-    from softprompt.artifacts import read_meta
-    from softprompt.loading import load_model
-    from softprompt.measure.inspection import format_inspection, inspect_prompt
-
-    if ns.top_k < 1:
-        raise SoftpromptError("--top-k must be at least 1")
-    if not Path(ns.prompt_dir).is_dir():
-        raise SoftpromptError(f"{ns.prompt_dir} is not a folder; give the --output of a train run")
-    meta = read_meta(ns.prompt_dir)
-    loaded = load_model(ModelConfig(model=ns.model or _base_model_of(meta, ns.prompt_dir)))
-    print(format_inspection(inspect_prompt(loaded, ns.prompt_dir, ns.top_k)))
-    return 0
-
-
-def cmd_eval(ns: argparse.Namespace) -> int:
-    from softprompt.measure.eval_run import format_table, run_eval
-
-    results = run_eval(build_config(EvalConfig, ns))
-    print(format_table(results))
-    return 0
-
-
-def cmd_train(ns: argparse.Namespace) -> int:
+def cmd_train(cfg: TrainConfig) -> None:
     from softprompt.training import train
 
-    train(build_config(TrainConfig, ns))
-    return 0
+    train(cfg)
 
 
-def cmd_generate(ns: argparse.Namespace) -> int:
-    from softprompt.artifacts import load_prompt, read_meta
-    from softprompt.data import read_records
-    from softprompt.generation import generate
-    from softprompt.loading import load_model
+def cmd_generate(cfg: GenerateRunConfig) -> None:
+    from softprompt.generation import format_generations, run_generate
 
-    meta = read_meta(ns.prompt) if ns.prompt else {}
-    texts, expected = list(ns.texts), [None] * len(ns.texts)
-    if ns.file:
-        field = ns.input_field or meta.get("data", {}).get("input_field") or "input"
-        target = meta.get("data", {}).get("target_field") or "target"
-        for i, (record, where) in enumerate(read_records(ns.file)):
-            if ns.limit is not None and i >= ns.limit:
-                break
-            if field not in record:
-                raise SoftpromptError(f"{where}: no field {field!r}; set --input-field")
-            texts.append(str(record[field]))
-            expected.append(record.get(target))
-    if not texts:
-        raise SoftpromptError("nothing to generate: give TEXT arguments or --file")
-    if ns.compare and not ns.prompt:
-        raise SoftpromptError("--compare needs --prompt DIR (the tuned prompt to compare)")
-    if ns.model is None:
-        ns.model = _base_model_of(meta, ns.prompt)
-    loaded = load_model(build_config(ModelConfig, ns))
-    prompt = None
-    if ns.prompt:
-        prompt, meta = load_prompt(ns.prompt, loaded.model, allow_mismatch=ns.allow_mismatch)
-        prompt.to(loaded.model.device)
-    template = None if ns.no_template else (ns.template or meta.get("template"))
-    cfg = build_config(GenerateConfig, ns)
-    tuned = generate(loaded, texts, prompt, cfg, template) if prompt is not None else None
-    base = generate(loaded, texts, None, cfg, template) if (ns.compare or prompt is None) else None
-    _print_generations(texts, base, tuned, expected)
-    return 0
+    print(format_generations(run_generate(cfg)), flush=True)
 
 
-def cmd_serve(ns: argparse.Namespace) -> int:
+def cmd_eval(cfg: EvalConfig) -> None:
+    from softprompt.measure.eval_run import format_table, run_eval
+
+    print(format_table(run_eval(cfg)))
+
+
+def cmd_compare(cfg: CompareConfig) -> None:
+    from softprompt.measure.compare import run_compare
+
+    output = run_compare(cfg)
+    print((output / "report.md").read_text(encoding="utf-8"))
+    print(f"report: {output / 'report.html'}")
+
+
+def cmd_inspect(cfg: InspectConfig) -> None:
+    from softprompt.measure.inspection import format_inspection, run_inspect
+
+    print(format_inspection(run_inspect(cfg)))
+
+
+def cmd_sweep(cfg: SweepConfig) -> None:
+    from softprompt.measure.sweep import format_sweep, run_sweep
+
+    print(format_sweep(run_sweep(cfg)))
+
+
+def cmd_serve(cfg: ServeConfig) -> None:
     from softprompt.serving import serve
 
-    serve(build_config(ServeConfig, ns))
-    return 0
-
-
-def _base_model_of(meta: dict, prompt_dir: str | None) -> str:
-    if not prompt_dir:
-        return ModelConfig().model
-    name = meta.get("base_model", {}).get("name")
-    if name is None:
-        from softprompt.artifacts import ADAPTER_CONFIG, _read_json
-
-        cfg_path = Path(prompt_dir) / ADAPTER_CONFIG
-        name = _read_json(cfg_path).get("base_model_name_or_path") if cfg_path.exists() else None
-    return name or ModelConfig().model
-
-
-def _print_generations(texts, base, tuned, expected) -> None:
-    for i, text in enumerate(texts):
-        print(f"[{i + 1}] {text}")
-        if base is not None:
-            print(f"  base    : {base[i].strip()!r}")
-        if tuned is not None:
-            print(f"  tuned   : {tuned[i].strip()!r}")
-        if expected[i] is not None:
-            print(f"  expected: {expected[i]!r}")
-    sys.stdout.flush()
-
-
-def _generate_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("texts", nargs="*", metavar="TEXT", help="inputs to continue")
-    parser.add_argument("--prompt", help="folder of a trained prompt (ours or a PEFT adapter)")
-    parser.add_argument(
-        "--compare",
-        action="store_true",
-        help="print the base model's output beside the tuned one's",
-    )
-    parser.add_argument("--file", help="also read inputs from a data file (its input field)")
-    parser.add_argument(
-        "--input-field",
-        default=None,
-        help="field of --file holding the inputs (default: the prompt's, or 'input')",
-    )
-    parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N rows of --file"
-    )
-    parser.add_argument(
-        "--template",
-        default=None,
-        type=unescape,
-        help="template for the inputs (default: the one the prompt was trained with)",
-    )
-    parser.add_argument("--no-template", action="store_true", help="use the inputs as they are")
-    parser.add_argument(
-        "--allow-mismatch",
-        action="store_true",
-        help="load a prompt even if it was trained for another base model",
-    )
-    add_config_args(parser, ModelConfig, skip=("model",))
-    model_help = next(f for f in flat_fields(ModelConfig) if f.name == "model").metadata["help"]
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"{model_help} Default: the model --prompt was trained on, else 'embedded'.",
-    )
-    add_config_args(parser, GenerateConfig)
-
-
-def _inspect_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt_dir", metavar="DIR", help="folder of a trained prompt")
-    parser.add_argument("--top-k", type=int, default=5, help="nearest tokens shown (default: 5)")
-    parser.add_argument("--model", default=None, help="base model (default: the prompt's own)")
+    serve(cfg)
 
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help, its flags (a config's fields and/or its own) and its handler."""
+    """One subcommand: its help, its config (one flag per leaf field, less ``skip``) and its
+    handler, which receives the validated config."""
 
     help: str
     description: str
-    handler: Callable[[argparse.Namespace], int]
-    config: type | None = None  # one flag per leaf field, less those in skip
+    config: type
+    handler: Callable
     skip: tuple[str, ...] = ()
-    flags: Callable[[argparse.ArgumentParser], None] | None = None  # flags of its own
     formatter: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter
 
 
@@ -259,8 +164,8 @@ COMMANDS = {
         "PEFT-compatible folder with metrics.jsonl and loss.png.\n\nExample:\n  softprompt "
         "train --data examples/sentiment/train.jsonl --input-field review --target-field label "
         "--template 'Review: {input}\\nSentiment:' --output runs/sentiment",
-        handler=cmd_train,
         config=TrainConfig,
+        handler=cmd_train,
     ),
     "generate": Command(
         help="continue texts with the base model and/or a trained prompt",
@@ -268,8 +173,8 @@ COMMANDS = {
         "are used unless overridden; --compare shows base and tuned side by side.\n\n"
         "Example:\n  softprompt generate --prompt runs/sentiment --compare "
         "'The battery died in a day.'",
+        config=GenerateRunConfig,
         handler=cmd_generate,
-        flags=_generate_flags,
     ),
     "eval": Command(
         help="measure a prompt or the base model: loss, choice accuracy, generations",
@@ -279,8 +184,8 @@ COMMANDS = {
         "Example:\n  softprompt eval --prompt runs/sentiment --data "
         "examples/sentiment/test.jsonl --input-field review --target-field label "
         "--choices negative,positive --output runs/sentiment-eval",
-        handler=cmd_eval,
         config=EvalConfig,
+        handler=cmd_eval,
         skip=("validation", "val_fraction"),
     ),
     "compare": Command(
@@ -293,15 +198,15 @@ COMMANDS = {
         "--test examples/sentiment/test.jsonl --input-field review --target-field label "
         "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 30 "
         "--output runs/compare",
-        handler=cmd_compare,
         config=CompareConfig,
+        handler=cmd_compare,
     ),
     "inspect": Command(
         help="nearest vocabulary tokens, norms and drift of a trained prompt",
         description="Show, per virtual token of a trained prompt, its nearest vocabulary tokens "
         "(cosine), its norm against the real tokens' norms, and its drift from the initial value.",
+        config=InspectConfig,
         handler=cmd_inspect,
-        flags=_inspect_flags,
         formatter=argparse.HelpFormatter,  # no example: let argparse wrap the description
     ),
     "sweep": Command(
@@ -313,8 +218,8 @@ COMMANDS = {
         "examples/sentiment/validation.jsonl --input-field review --target-field label "
         "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 20 "
         "--output runs/sweep",
-        handler=cmd_sweep,
         config=SweepConfig,
+        handler=cmd_sweep,
     ),
     "serve": Command(
         help="serve many prompts from one model over an OpenAI-compatible HTTP API",
@@ -323,8 +228,8 @@ COMMANDS = {
         "/v1/models, /v1/completions, /v1/chat/completions, /v1/prompts/NAME (POST loads, "
         "DELETE unloads), /v1/rescan, /health, /metrics.\n\nExample:\n  softprompt serve "
         "--prompts runs --port 8000",
-        handler=cmd_serve,
         config=ServeConfig,
+        handler=cmd_serve,
     ),
 }
 
@@ -340,19 +245,18 @@ def make_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             name, help=cmd.help, description=cmd.description, formatter_class=cmd.formatter
         )
-        if cmd.flags is not None:
-            cmd.flags(p)
-        if cmd.config is not None:
-            add_config_args(p, cmd.config, skip=cmd.skip)
-        p.set_defaults(func=cmd.handler)
+        add_config_args(p, cmd.config, skip=cmd.skip)
+        p.set_defaults(command=name, func=cmd.handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     ns = parser.parse_args(argv)
+    cmd = COMMANDS[ns.command]
     try:
-        return ns.func(ns)
+        cmd.handler(build_config(cmd.config, ns))
+        return 0
     except SoftpromptError as err:
         print(f"softprompt: error: {err}", file=sys.stderr)
         return 2

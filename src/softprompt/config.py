@@ -1,27 +1,70 @@
 """Typed settings for every command, validated where they are created.
 
-Each field's ``help`` metadata is the text of its ``--flag`` in the CLI, so the
-Python API and the command line describe the same thing in the same words.
+Each field's ``help`` metadata is the text of its ``--flag`` in the CLI, so the Python API
+and the command line describe the same thing in the same words. A nested config (a
+``ModelConfig`` inside ``ServeConfig``) contributes its flags to its parent's command;
+``nested(...)`` can pick and reorder those flags and word them for that command.
+
+Comma-separated options (``choices``, ``methods``, ``lrs``, ...) keep the text the user gave
+(it is what results files record); the one parser of each is a property beside it
+(``choice_list``, ``method_list``, ...), checked in ``__post_init__`` and used by the code.
 """
 
 from __future__ import annotations
 
 import math
-import string
-from dataclasses import dataclass, field, fields
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 
 from softprompt.errors import ConfigError
+from softprompt.templates import template_fields
 
 EMBEDDED_MODEL = "embedded"
 INIT_CHOICES = ("random", "text", "vocab")
-DTYPE_CHOICES = ("float32", "bfloat16")
-CHOICE_LOSSES = ("restricted", "full")
+Dtype = Literal["float32", "bfloat16"]
+ChoiceLoss = Literal["restricted", "full"]
+DTYPE_CHOICES = typing.get_args(Dtype)
+CHOICE_LOSSES = typing.get_args(ChoiceLoss)
 
 
-def parse_choices(text: str) -> list[str]:
+def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
+    """A dataclass field whose ``help`` becomes the CLI flag's help. ``extra`` may hold
+    ``required``, ``escapes`` (read \\n and \\t), ``positional``, ``metavar``."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def nested(
+    factory: Callable[[], object],
+    only: tuple[str, ...] | None = None,
+    help: dict[str, str] | None = None,  # noqa: A002
+):
+    """A nested config field. ``only`` names the sub-fields that become flags of this
+    command, in this order (default: all, in their own order); ``help`` rewords some."""
+    return field(default_factory=factory, metadata={"nested": True, "only": only, "help_for": help})
+
+
+def check_choice(value: object, allowed: tuple, flag: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def parse_list(text: str | list | tuple, flag: str, convert: Callable = str) -> list:
+    """'a,b' (or an already split list) -> [convert('a'), convert('b')]."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        return [convert(x.strip() if isinstance(x, str) else x) for x in items if str(x).strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated values") from None
+
+
+def parse_choices(text: str | list[str]) -> list[str]:
     """'negative,positive' -> ['negative', 'positive']; fewer than two is a ConfigError."""
-    choices = [c.strip() for c in text.split(",") if c.strip()]
+    choices = parse_list(text, "--choices")
     if len(choices) < 2 or len(set(choices)) < len(choices):
         raise ConfigError(
             f"--choices {text!r} must name two or more different labels, comma-separated, "
@@ -30,51 +73,30 @@ def parse_choices(text: str) -> list[str]:
     return choices
 
 
-def template_fields(template: str) -> list[str]:
-    """The ``{names}`` a template uses; a malformed template is a ConfigError naming --template."""
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as err:
-        raise ConfigError(
-            f"--template {template!r} is malformed ({err}); write {{input}} or {{field}} for "
-            "values and {{ }} for literal braces"
-        ) from None
-    bad = [n for n in names if not n.isidentifier()]
-    if bad:
-        raise ConfigError(
-            f"--template {template!r} has the field {{{bad[0]}}}; name a field, e.g. {{input}}"
-        )
-    return names
-
-
-def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
-    """A dataclass field whose ``help`` becomes the CLI flag's help."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class ModelConfig:
     """Which frozen base model to load, and how."""
 
-    model: str = opt(
+    model: str | None = opt(
         EMBEDDED_MODEL,
         "Base model: a Hugging Face id (needs the network the first time), a local folder, "
         "a .gguf file, or 'embedded' for the bundled Gemma 3 270M that works offline.",
     )
-    dtype: str = opt(
+    dtype: Dtype = opt(
         "float32",
         "Precision of the frozen model's weights. The soft prompt itself always stays float32.",
-        choices=DTYPE_CHOICES,
     )
     trust_remote_code: bool = opt(
         False, "Allow a hub model to run its own Python code. Only for models you trust."
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(
-                f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {self.dtype!r}"
-            )
+        check_choice(self.dtype, DTYPE_CHOICES, "--dtype")
+
+
+def prompt_model() -> ModelConfig:
+    """A model config whose default is the model a saved prompt was trained on (None)."""
+    return ModelConfig(model=None)
 
 
 @dataclass
@@ -157,14 +179,19 @@ class PromptConfig:
         if self.init == "text" and not self.init_text:
             raise ConfigError("--init text needs --init-text 'a phrase describing the task'")
 
+    @property
+    def from_folder(self) -> bool:
+        """Whether ``init`` names a saved prompt's folder."""
+        return self.init not in INIT_CHOICES
+
 
 @dataclass
 class TrainConfig:
     """Everything `softprompt train` needs."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    model: ModelConfig = nested(ModelConfig)
+    data: DataConfig = nested(DataConfig)
+    prompt: PromptConfig = nested(PromptConfig)
     output: str = opt("", "Folder for the trained prompt, metrics, plot and checkpoints.")
     epochs: int = opt(3, "Passes over the training data (ignored when --max-steps is set).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
@@ -187,13 +214,12 @@ class TrainConfig:
         "Classification mode: the comma-separated label words, e.g. 'negative,positive'. The "
         "targets must be these words.",
     )
-    choice_loss: str = opt(
+    choice_loss: ChoiceLoss = opt(
         "restricted",
         "With --choices: 'restricted' puts the softmax over the choices' first tokens at the "
-        "answer position only (the default: 0.96 vs 0.54 validation accuracy after one epoch "
-        "on the sentiment example, docs/measurements.md); 'full' keeps the whole-vocabulary "
-        "loss on every target token, which also teaches the prompt to generate the label.",
-        choices=CHOICE_LOSSES,
+        "answer position only (the default; docs/measurements.md compares the two); 'full' "
+        "keeps the whole-vocabulary loss on every target token, which also teaches the prompt "
+        "to generate the label.",
     )
     task_field: str | None = opt(
         None,
@@ -228,15 +254,23 @@ class TrainConfig:
             )
         if not self.data.data:
             raise ConfigError("--data is required: a .jsonl, .csv, .tsv or .txt file")
-        if self.choices is not None:
-            parse_choices(self.choices)
-        if self.choice_loss not in CHOICE_LOSSES:
-            raise ConfigError(f"--choice-loss must be one of {', '.join(CHOICE_LOSSES)}")
+        _ = self.choice_list
+        check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
+
+    @property
+    def choice_list(self) -> list[str] | None:
+        """--choices as a list of labels (None: not a classification run)."""
+        return parse_choices(self.choices) if self.choices is not None else None
+
+    @property
+    def restricted_choices(self) -> list[str] | None:
+        """The label words of the restricted classification loss, or None (the full loss)."""
+        return self.choice_list if self.choice_loss == "restricted" else None
 
 
 @dataclass
 class GenerateConfig:
-    """Settings of `softprompt generate`."""
+    """Sampling settings of `softprompt generate` (and of ``softprompt.generate``)."""
 
     max_new_tokens: int = opt(32, "Most tokens to generate per input.")
     temperature: float = opt(0.0, "Sampling temperature; 0 means greedy decoding.")
@@ -259,6 +293,59 @@ class GenerateConfig:
 
 
 @dataclass
+class GenerateRunConfig:
+    """Everything `softprompt generate` needs: inputs, an optional prompt, sampling."""
+
+    texts: list[str] = opt([], "inputs to continue", positional=True, metavar="TEXT")
+    prompt: str | None = opt(None, "folder of a trained prompt (ours or a PEFT adapter)")
+    compare: bool = opt(False, "print the base model's output beside the tuned one's")
+    file: str | None = opt(None, "also read inputs from a data file (its input field)")
+    input_field: str | None = opt(
+        None, "field of --file holding the inputs (default: the prompt's, or 'input')"
+    )
+    limit: int | None = opt(None, "use only the first N rows of --file")
+    template: str | None = opt(
+        None,
+        "template for the inputs (default: the one the prompt was trained with)",
+        escapes=True,
+    )
+    no_template: bool = opt(False, "use the inputs as they are")
+    allow_mismatch: bool = opt(False, "load a prompt even if it was trained for another base model")
+    model: ModelConfig = nested(
+        prompt_model,
+        only=("dtype", "trust_remote_code", "model"),
+        help={
+            "model": ModelConfig.__dataclass_fields__["model"].metadata["help"]
+            + " Default: the model --prompt was trained on, else 'embedded'."
+        },
+    )
+    sampling: GenerateConfig = nested(GenerateConfig)
+
+    def __post_init__(self) -> None:
+        if self.compare and not self.prompt:
+            raise ConfigError("--compare needs --prompt DIR (the tuned prompt to compare)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+        if self.template is not None:
+            template_fields(self.template)
+
+
+@dataclass
+class InspectConfig:
+    """Everything `softprompt inspect` needs."""
+
+    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    top_k: int = opt(5, "nearest tokens shown")
+    model: ModelConfig = nested(
+        prompt_model, only=("model",), help={"model": "base model (default: the prompt's own)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError("--top-k must be at least 1")
+
+
+@dataclass
 class ServeConfig:
     """Settings of `softprompt serve`."""
 
@@ -268,12 +355,15 @@ class ServeConfig:
         "model name in the API.",
         required=True,
     )
-    model: str | None = opt(
-        None,
-        "Base model (a hub id, folder, .gguf or 'embedded'). Default: the model the prompts "
-        "were trained on, else 'embedded'.",
+    model: ModelConfig = nested(
+        prompt_model,
+        only=("model", "dtype"),
+        help={
+            "model": "Base model (a hub id, folder, .gguf or 'embedded'). Default: the model "
+            "the prompts were trained on, else 'embedded'.",
+            "dtype": "Precision of the base model's weights.",
+        },
     )
-    dtype: str = opt("float32", "Precision of the base model's weights.", choices=DTYPE_CHOICES)
     host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 accepts other machines).")
     port: int = opt(8000, "Port to listen on.")
     max_batch_size: int = opt(16, "Most rows generated together; also most prompts per request.")
@@ -289,27 +379,14 @@ class ServeConfig:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
         if self.batch_wait_ms < 0:
             raise ConfigError("--batch-wait-ms must be 0 or more")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}")
-
-
-def flat_fields(cls) -> list:
-    """The leaf fields of a config, nested configs expanded (for the CLI)."""
-    out = []
-    for f in fields(cls):
-        if f.metadata.get("help") is None:
-            out.extend(flat_fields(f.default_factory))  # a nested config
-        else:
-            out.append(f)
-    return out
 
 
 @dataclass
 class EvalConfig:
     """Everything `softprompt eval` needs."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = nested(ModelConfig)
+    data: DataConfig = nested(DataConfig)
     prompt: str | None = opt(
         None,
         "Folder of a trained prompt. Its base model, template and choices are used unless "
@@ -341,11 +418,15 @@ class EvalConfig:
         None, "Folder for results.json (and generations.jsonl). Default: only print the table."
     )
 
+    @property
+    def choice_list(self) -> list[str] | None:
+        """--choices as a list of labels (None: no classification)."""
+        return parse_choices(self.choices) if self.choices is not None else None
+
     def __post_init__(self) -> None:
         if not self.data.data:
             raise ConfigError("--data is required: the .jsonl, .csv, .tsv or .txt file to measure")
-        if self.choices is not None:
-            parse_choices(self.choices)
+        _ = self.choice_list
         if self.shots < 0:
             raise ConfigError("--shots must be 0 or more")
         if self.shots and not self.shots_data:
@@ -363,17 +444,16 @@ COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full-ft")
 class CompareConfig:
     """Everything `softprompt compare` needs: one data set, five ways to adapt a model."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = nested(ModelConfig)
+    data: DataConfig = nested(DataConfig)
     test: str = opt("", "Test data, same format as --data: every method is measured on it.")
     output: str = opt("", "Folder for report.md, report.html, metrics.jsonl and artifacts.")
     choices: str | None = opt(
         None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
     )
-    choice_loss: str = opt(
+    choice_loss: ChoiceLoss = opt(
         "restricted",
         "With --choices: the training loss of every trained method (see `train --choice-loss`).",
-        choices=CHOICE_LOSSES,
     )
     methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
     steps: int = opt(30, "Step budget of every trained method (prompt tuning, LoRA, full FT).")
@@ -389,32 +469,39 @@ class CompareConfig:
     seed: int = opt(0, "Seed for every method.")
     overwrite: bool = opt(False, "Replace an earlier comparison in --output.")
 
+    @property
+    def choice_list(self) -> list[str] | None:
+        """--choices as a list of labels (None: quality is the loss)."""
+        return parse_choices(self.choices) if self.choices is not None else None
+
+    @property
+    def method_list(self) -> list[str]:
+        """--methods as a list, in order."""
+        return parse_list(self.methods, "--methods")
+
     def __post_init__(self) -> None:
         if not self.data.data or not self.test:
             raise ConfigError("compare needs --data (training) and --test files")
         if not self.output:
             raise ConfigError("--output is required: the folder for the report")
-        bad = [m for m in self.method_list() if m not in COMPARE_METHODS]
-        if bad or not self.method_list():
+        bad = [m for m in self.method_list if m not in COMPARE_METHODS]
+        if bad or not self.method_list:
             raise ConfigError(
                 f"--methods: unknown {', '.join(bad) or 'empty list'}; choose from "
                 + ", ".join(COMPARE_METHODS)
             )
-        if self.choices is not None:
-            parse_choices(self.choices)
+        _ = self.choice_list
+        check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
         if min(self.steps, self.batch_size, self.num_virtual_tokens, self.lora_r) < 1:
             raise ConfigError("--steps, --batch-size, --num-virtual-tokens, --lora-r must be >= 1")
-
-    def method_list(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
 
 
 @dataclass
 class SweepConfig:
     """Everything `softprompt sweep` needs: a small grid of prompt-tuning recipes."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = nested(ModelConfig)
+    data: DataConfig = nested(DataConfig)
     output: str = opt("", "Folder for one run per recipe, sweep.jsonl and sweep.md.")
     lrs: str = opt("3e-3,3e-2,3e-1", "Comma-separated learning rates to try.")
     inits: str = opt("vocab,random", "Comma-separated initialisations to try.")
@@ -430,21 +517,67 @@ class SweepConfig:
     seed: int = opt(0, "Seed of every run.")
     overwrite: bool = opt(False, "Replace an earlier sweep in --output.")
 
+    @property
+    def lr_list(self) -> list[float]:
+        return parse_list(self.lrs, "--lrs", float)
+
+    @property
+    def init_list(self) -> list[str]:
+        return parse_list(self.inits, "--inits")
+
+    @property
+    def length_list(self) -> list[int]:
+        return parse_list(self.lengths, "--lengths", int)
+
+    @property
+    def choice_list(self) -> list[str] | None:
+        return parse_choices(self.choices) if self.choices is not None else None
+
     def __post_init__(self) -> None:
         if not self.data.data or not self.output:
             raise ConfigError("sweep needs --data and --output")
         try:
-            lrs = [float(x) for x in self.lrs.split(",")]
-            lengths = [int(x) for x in self.lengths.split(",")]
-        except ValueError:
+            lrs, lengths = self.lr_list, self.length_list
+        except ConfigError:
             raise ConfigError(
                 "--lrs takes numbers and --lengths integers, comma-separated"
             ) from None
         if not all(lr > 0 for lr in lrs) or not all(n >= 1 for n in lengths):
             raise ConfigError("--lrs must be positive and --lengths at least 1")
-        for init in self.inits.split(","):
-            PromptConfig(init=init.strip(), init_text="x")  # validates the name
-        if self.choices is not None:
-            parse_choices(self.choices)
+        for init in self.init_list:
+            PromptConfig(init=init, init_text="x")  # validates the name
+        _ = self.choice_list
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("--steps and --batch-size must be at least 1")
+
+
+# --- the configs' flags, for the CLI ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: a leaf field of a config, as its command shows it."""
+
+    name: str
+    type: Any  # the resolved annotation, e.g. int | None, Literal[...]
+    default: Any
+    metadata: dict
+
+
+def flat_fields(cls) -> list[Flag]:
+    """The leaf fields of a config as flags, nested configs expanded (as ``nested`` says)."""
+    hints = typing.get_type_hints(cls)
+    out: list[Flag] = []
+    for f in fields(cls):
+        if f.metadata.get("nested"):
+            inner = {flag.name: flag for flag in flat_fields(type(f.default_factory()))}
+            sample = f.default_factory()
+            rewording = f.metadata["help_for"] or {}
+            for name in f.metadata["only"] or list(inner):
+                flag = inner[name]
+                meta = {**flag.metadata, "help": rewording.get(name, flag.metadata["help"])}
+                out.append(Flag(name, flag.type, getattr(sample, name), meta))
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        out.append(Flag(f.name, hints[f.name], default, dict(f.metadata)))
+    return out

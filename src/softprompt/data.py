@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from softprompt.config import DataConfig, template_fields
+from softprompt.config import DataConfig
+from softprompt.console import warn
 from softprompt.errors import DataError
-from softprompt.prompt import IGNORE_INDEX
+from softprompt.templates import INPUT, as_text, render, uses_input
 
+IGNORE_INDEX = -100  # the one label value that carries no loss
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
 
@@ -36,6 +36,8 @@ class Example:
 
 @dataclass
 class Row:
+    """One tokenized example: its ids and their labels (the loss's targets)."""
+
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss
     task: int = 0  # index of the row's task (its prompt) in a multi-task run
@@ -156,10 +158,22 @@ def _to_example(record: dict, where: str, cfg: DataConfig) -> Example:
         text_field = "text"  # a plain-text file, or records with only a text field
     if text_field is not None:
         text = _field(record, text_field, where, "--text-field")
-        return Example(_apply_template(cfg.template, record, text, where, "text"), None, where)
+        return Example(
+            render(cfg.template, text, record, (INPUT, "text"), f"{where}: ", "the record"),
+            None,
+            where,
+        )
+    names = (INPUT, cfg.input_field)
+    if not uses_input(cfg.template, names):
+        raise DataError(
+            f"--template {cfg.template!r} never places the input; write {{input}} (or "
+            f"{{{cfg.input_field}}}) where it goes"
+        )
     source = _field(record, cfg.input_field, where, "--input-field")
     target = _field(record, cfg.target_field, where, "--target-field")
-    return Example(_apply_template(cfg.template, record, source, where), target, where)
+    return Example(
+        render(cfg.template, source, record, names, f"{where}: ", "the record"), target, where
+    )
 
 
 def _field(record: dict, name: str, where: str, flag: str) -> str:
@@ -169,26 +183,7 @@ def _field(record: dict, name: str, where: str, flag: str) -> str:
             raise DataError(f"{where}: field {name!r} is empty (null); give it a value")
         found = ", ".join(repr(k) for k in record) or "none"
         raise DataError(f"{where}: no field {name!r} (fields found: {found}); set {flag}")
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _apply_template(
-    template: str | None, record: dict, value: str, where: str, alias: str = "input"
-) -> str:
-    """Fill ``template``: {input} (and {text} in plain-text mode) is the value; other names
-    are the record's own fields."""
-    if template is None:
-        return value
-    names = template_fields(template)
-    values = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in record.items()}
-    values.update({"input": value, alias: value})
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise DataError(
-            f"{where}: template field {{{missing[0]}}} is not in the record (fields: "
-            f"{', '.join(record)}); use {{input}} or a field name, and {{{{ }}}} for braces"
-        )
-    return template.format_map(values)
+    return as_text(value)
 
 
 def split_validation(
@@ -300,9 +295,3 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
-
-
-def warn(msg: str) -> None:
-    """A warning on stderr, from the first process only when there are several."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[softprompt] warning: {msg}", file=sys.stderr, flush=True)

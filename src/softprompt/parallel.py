@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from softprompt.data import Row, collate
+from softprompt.console import say
+from softprompt.data import IGNORE_INDEX, Row, collate
 from softprompt.errors import ConfigError
-from softprompt.loading import say
-from softprompt.prompt import IGNORE_INDEX, PromptSet, lm_loss, uses_shared_prefix
+from softprompt.loss import lm_loss, support
+from softprompt.prompt import PromptSet
 
 
 def label_count(rows: list[Row], first_only: bool = False) -> int:
@@ -32,12 +33,14 @@ def forward_backward(
     group: list[list[Row]],
     pad_id: int,
     choice_ids: torch.Tensor | None = None,
+    sharded: bool = False,
 ) -> tuple[float, int, int]:
     """Forward and backward for one optimizer step over ``group`` (its micro-batches).
 
     Each of the P processes takes rows rank, rank+P, ... of every micro-batch; the loss is
     divided by the label tokens of *all* rows, and the gradients are summed across
-    processes, so P processes make the same step as one. Returns (summed loss, label
+    processes, so P processes make the same step as one. With ``sharded`` layers (FSDP2)
+    every process must run every forward. Returns (summed loss, label
     tokens, positions the body ran), each over all processes. A task with no row in the
     whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
     """
@@ -49,7 +52,7 @@ def forward_backward(
     for rows in group:
         mine, weight = rows[rank::world], 1.0
         if not mine:
-            if not getattr(model, "_softprompt_sharded", False):
+            if not sharded:
                 continue
             # Sharded layers gather their weights collectively: every process must run
             # every forward, so this one runs a row and throws its loss away.
@@ -80,7 +83,7 @@ def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
     """Positions the model body ran: padded text, plus the virtual tokens (once per task in
     the batch when they are shared, else once per row)."""
     rows, width = batch["input_ids"].shape
-    if uses_shared_prefix(model):
+    if support(model).shared_prefix:
         return rows * width + n_virtual * len(torch.unique(batch["task"]))
     return rows * width + rows * n_virtual
 
@@ -99,7 +102,6 @@ def shard_layers(model, accelerator: Accelerator) -> None:
     mesh = init_device_mesh(accelerator.device.type, (world,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    model._softprompt_sharded = True
     whole = sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for layer in layers for p in layer.parameters()
     )

@@ -1,7 +1,8 @@
 """The training loop: only the soft prompt learns; the base model stays frozen.
 
-Read top to bottom: set up (model, data, prompt, optimizer), measure the baseline,
-loop over steps (forward, backward, clip, step, log, validate, checkpoint), then save
+Read ``train`` top to bottom: set a run up (``Run.start``: data, output folder, model,
+prompts, optimizer, or a resumed run's state), measure where it starts, loop over optimizer
+steps (forward and backward, clip, step, log; validate and checkpoint when due), then save
 the best prompt as a PEFT-compatible artifact with its metrics and loss curve.
 
 With ``--task-field`` one run trains one prompt per task: the tasks' rows are mixed in
@@ -12,7 +13,6 @@ each is saved in ``OUTPUT/<task>/``. A single task is the one-prompt case of the
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -23,28 +23,23 @@ import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import softprompt
-from softprompt.artifacts import META, save_prompt, write_json
+from softprompt.artifacts import META, load_prompt, save_prompt, write_json
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
-from softprompt.checkpoint import RunState, restore_run, save_run
-from softprompt.config import TrainConfig, parse_choices
-from softprompt.data import (
-    Example,
-    Row,
-    batch_order,
-    load_examples,
-    split_validation,
-    tokenize,
-)
+from softprompt.checkpoint import RunState, TaskBest, restore_run, save_run
+from softprompt.config import TrainConfig
+from softprompt.console import say
+from softprompt.data import Example, Row, batch_order, load_examples, split_validation, tokenize
 from softprompt.errors import ConfigError, TrainingError
-from softprompt.loading import LoadedModel, load_model, say
-from softprompt.measure.evaluate import check_choice_targets, choice_first_ids, evaluate_loss
+from softprompt.loading import LoadedModel, load_model
+from softprompt.loss import check_choice_targets, choice_first_ids, evaluate_loss, perplexity
 from softprompt.parallel import forward_backward, label_count, shard_layers
 from softprompt.prompt import PromptSet, SoftPrompt, init_prompt
-from softprompt.report import MetricsLog, plot_metrics
+from softprompt.tracking import MetricsLog, plot_metrics
 
 
 @dataclass
@@ -59,185 +54,331 @@ def train(
     cfg: TrainConfig, loaded: LoadedModel | None = None, progress: bool = True
 ) -> TrainResult:
     """Train a soft prompt as ``cfg`` says and save it to ``cfg.output``."""
-    # One process, or one of many under `accelerate launch` / torchrun. Without a GPU,
-    # accelerate uses gloo across CPU processes only when told cpu=True.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if cfg.shard_model and accelerator.num_processes == 1:
-        raise ConfigError(
-            "--shard-model splits the model across processes: launch with torchrun or "
-            "accelerate launch and 2 or more processes (README, 'Scaling out')"
+    run = Run.start(cfg, loaded)
+    if run.state.step == 0:
+        run.measure_start()  # the before: the base model alone, and the initial prompt
+    state = run.state
+    bar = tqdm(
+        total=run.total_steps,
+        initial=state.step,
+        desc="training",
+        unit="step",
+        disable=not (progress and run.accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    while state.epoch < run.epochs and not run.done:
+        groups = run.epoch_groups()
+        while state.group < len(groups) and not run.done:
+            run.step(groups[state.group])
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.last_loss:.4f}", epoch=state.epoch + 1)
+            if _due(state.step, cfg.eval_every):
+                run.validate()
+            if _due(state.step, cfg.save_every):
+                run.checkpoint()
+        if state.group >= len(groups):  # the epoch is complete
+            state.epoch, state.group = state.epoch + 1, 0
+            if not _due(state.step, cfg.eval_every) and (val := run.validate()) is not None:
+                bar.set_postfix(loss=f"{run.last_loss:.4f}", val=f"{val:.4f}")
+            run.checkpoint()
+    if run.has_validation and 0 < state.step != run.last_validated:
+        run.validate()  # e.g. --max-steps inside the first epoch
+    bar.close()
+    return run.finish(time.perf_counter() - started)
+
+
+def _due(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+@dataclass
+class TrainData:
+    """A run's token rows and what was learned about them."""
+
+    train_rows: list[Row]
+    val_by_task: list[list[Row]]  # validation rows of each task (a single task: one list)
+    tasks: list[str]  # task names, one prompt each (a single-task run: [""])
+    info: dict  # recorded in metrics.jsonl and softprompt.json
+    choice_ids: Tensor | None  # (C,) first tokens of --choices, for the restricted loss
+
+    @property
+    def multi_task(self) -> bool:
+        return "tasks" in self.info
+
+
+@dataclass(eq=False)
+class Run:
+    """One training run: its settings, model, data, prompts, optimizer and where it stands.
+
+    ``checkpoint.save_run`` / ``restore_run`` read and write the parts a checkpoint holds.
+    """
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    output: Path
+    loaded: LoadedModel
+    data: TrainData
+    prompts: PromptSet  # (K tasks) x (N, H), float32
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    epochs: int
+    log: MetricsLog
+    state: RunState = field(default_factory=RunState)
+    best: Tensor | None = None  # (K, N, H): each task's best prompt so far
+    initial: Tensor | None = None  # (K, N, H): each task's starting prompt
+    tokens_seen: int = 0
+    last_loss: float = math.nan
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
+        """Everything set up; a resumed run restored from its newest good checkpoint."""
+        # One process, or one of many under `accelerate launch` / torchrun. Without a GPU,
+        # accelerate uses gloo across CPU processes only when told cpu=True.
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if cfg.shard_model and accelerator.num_processes == 1:
+            raise ConfigError(
+                "--shard-model splits the model across processes: launch with torchrun or "
+                "accelerate launch and 2 or more processes (README, 'Scaling out')"
+            )
+        examples = _load_examples(cfg)  # bad data fails before anything slow or written
+        output = _prepare_output(cfg, accelerator)
+        torch.manual_seed(cfg.seed)
+        loaded = loaded or load_model(cfg.model)
+        loaded.model.to(accelerator.device)
+        if cfg.shard_model:
+            shard_layers(loaded.model, accelerator)
+        data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device)
+        first = _starting_prompt(cfg, loaded)
+        prompts = PromptSet(data.tasks, [SoftPrompt(first.embedding) for _ in data.tasks])
+        prompts.to(accelerator.device)
+        steps_per_epoch = math.ceil(
+            math.ceil(len(data.train_rows) / cfg.batch_size) / cfg.grad_accum
         )
-    train_ex, val_ex = _load_examples(cfg)  # bad data fails before anything slow or written
-    output = _prepare_output(cfg, accelerator)
-    torch.manual_seed(cfg.seed)
-    loaded = loaded or load_model(cfg.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    model.to(accelerator.device)
-    if cfg.shard_model:
-        shard_layers(model, accelerator)
-    tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else []
-    train_rows, val_rows, data_info = _tokenize(cfg, train_ex, val_ex, tokenizer, tasks)
-    pad_id = tokenizer.pad_token_id
-    choice_ids = _choice_ids(
-        cfg, tokenizer, train_rows + val_rows, train_ex + val_ex, accelerator.device
-    )
-    # validation rows per task (a single task: all of them)
-    val_by_task = [[r for r in val_rows if r.task == i] for i in range(max(len(tasks), 1))]
+        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
+        optimizer = torch.optim.AdamW(
+            prompts.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+        )
+        # Not wrapped in DDP: forward_backward all-reduces the gradient itself, which keeps
+        # one code path (and the shared prefix) for one process or many.
+        log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
+        run = cls(cfg, accelerator, output, loaded, data, prompts, optimizer, scheduler,
+                  total_steps, math.ceil(total_steps / steps_per_epoch), log)  # fmt: skip
+        run.best, run.initial = prompts.stacked().clone(), prompts.stacked().clone()
+        if cfg.resume:
+            restore_run(run)
+            log.truncate_after(run.state.step)
+        else:
+            log.write(kind="config", config=dataclasses.asdict(cfg), data=data.info)
+            run.state.task_best = [TaskBest() for _ in data.tasks]
+        return run
 
-    # The prompts (one, or one per task), the optimizer and the schedule.
-    first = init_prompt(model, tokenizer, cfg.prompt, seed=cfg.seed)
-    core = PromptSet(
-        tasks or [""], [SoftPrompt(first.embedding) for _ in range(max(len(tasks), 1))]
-    ).to(accelerator.device)
-    initial = core.stacked().clone()  # (K, N, H)
-    batches_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
-    optimizer = torch.optim.AdamW(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
-    )
-    # Not wrapped in DDP: the gradient is all-reduced by hand in forward_backward, which
-    # keeps one code path (and the shared prefix) for one process or many.
+    # --- the loop's parts ------------------------------------------------------------
 
-    state, best = RunState(), core.stacked().clone()
-    log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
-    if cfg.resume:
-        state, best, initial = restore_run(output, cfg, core, optimizer, scheduler, log)
-    else:
-        log.write(kind="config", config=dataclasses.asdict(cfg), data=data_info)
-        state.extra["task_best"] = [[None, 0] for _ in core.names]  # per task: [loss, step]
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps or bool(self.state.stop_reason)
 
-    def measure(prompts: PromptSet | None, kind: str) -> tuple[float, list] | None:
-        """Validation loss of every task, logged: (pooled over tasks, per task)."""
-        if not val_rows:
+    @property
+    def has_validation(self) -> bool:
+        return any(self.data.val_by_task)
+
+    @property
+    def last_validated(self) -> int:
+        return max((r["step"] for r in self.log.records if r.get("kind") == "val"), default=-1)
+
+    def epoch_groups(self) -> list[list[list[Row]]]:
+        """This epoch's optimizer steps, each a group of ``grad_accum`` batches of rows."""
+        rows, cfg = self.data.train_rows, self.cfg
+        lengths = [len(r.input_ids) for r in rows]
+        order = batch_order(lengths, cfg.batch_size, cfg.seed, self.state.epoch)
+        groups = [order[i : i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
+        return [[[rows[i] for i in batch] for batch in group] for group in groups]
+
+    def step(self, group: list[list[Row]]) -> None:
+        """One optimizer step over ``group``: forward, backward, clip, update, log."""
+        t0 = time.perf_counter()
+        loss_sum, n_tok, processed = forward_backward(
+            self.accelerator, self.loaded.model, self.prompts, group,
+            self.loaded.tokenizer.pad_token_id, self.data.choice_ids, self.cfg.shard_model,
+        )  # fmt: skip
+        self.tokens_seen += processed
+        if not math.isfinite(loss_sum):
+            self.optimizer.zero_grad()
+            self._stop_non_finite()
+        grad_norm = _clip(self.prompts, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        state = self.state
+        state.step, state.group = state.step + 1, state.group + 1
+        self.last_loss = loss_sum / max(n_tok, 1)
+        if state.first_step_s is None:  # cold start: command -> first step done
+            state.first_step_s = round(time.time() - softprompt.STARTED, 2)
+        self.log.write(
+            kind="train",
+            step=state.step,
+            epoch=state.epoch,
+            loss=self.last_loss,
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=grad_norm,
+            step_s=time.perf_counter() - t0,
+            rss_mb=round(psutil.Process().memory_info().rss / 2**20, 1),
+        )
+
+    def measure(self, prompts: PromptSet | None, kind: str) -> tuple[float, list] | None:
+        """Validation loss of every task (with ``prompts``, or the base model), logged:
+        (pooled over tasks, per task), or None without validation data."""
+        if not self.has_validation:
             return None
+        model, pad_id = self.loaded.model, self.loaded.tokenizer.pad_token_id
         per_task, total, count = [], 0.0, 0
-        for i, rows in enumerate(val_by_task):
+        for i, rows in enumerate(self.data.val_by_task):
             if not rows:
                 per_task.append(None)
                 continue
             prompt = prompts.prompts[i] if prompts is not None else None
-            result = evaluate_loss(model, prompt, rows, cfg.batch_size, pad_id, choice_ids)
+            result = evaluate_loss(
+                model, prompt, rows, self.cfg.batch_size, pad_id, self.data.choice_ids
+            )
             per_task.append(result["loss"])
             total, count = total + result["loss"] * result["tokens"], count + result["tokens"]
-            if tasks:
-                log.write(kind=f"task_{kind}", task=tasks[i], step=state.step, **result)
+            if self.data.multi_task:
+                self.log.write(kind=f"task_{kind}", task=self.data.tasks[i], step=self.state.step,
+                               **result)  # fmt: skip
         pooled = total / max(count, 1)
-        ppl = math.exp(min(pooled, 50.0))
-        log.write(kind=kind, step=state.step, epoch=state.epoch, loss=pooled, ppl=ppl, tokens=count)
+        self.log.write(kind=kind, step=self.state.step, epoch=self.state.epoch, loss=pooled,
+                       ppl=perplexity(pooled), tokens=count)  # fmt: skip
         return pooled, per_task
 
-    def validate() -> tuple[float, list] | None:
-        return measure(core, "val")
-
-    if state.step == 0 and val_rows:  # the before: base model alone, and the initial prompt
-        base, base_tasks = measure(None, "base")
-        state.extra["base_val_loss"], state.extra["task_base"] = base, base_tasks
-        initial_loss, initial_tasks = validate()
-        state.extra["initial_val_loss"], state.extra["task_initial"] = initial_loss, initial_tasks
+    def measure_start(self) -> None:
+        """Validation loss of the base model alone and with the initial prompts."""
+        if not self.has_validation:
+            return
+        state = self.state
+        state.base_val_loss, state.task_base = self.measure(None, "base")
+        state.initial_val_loss, state.task_initial = self.measure(self.prompts, "val")
         say(
-            f"validation loss before training: base model {base:.4f}, "
-            f"with the initial prompt{'s' if tasks else ''} {initial_loss:.4f}"
+            f"validation loss before training: base model {state.base_val_loss:.4f}, with the "
+            f"initial prompt{'s' if self.data.multi_task else ''} {state.initial_val_loss:.4f}"
         )
 
-    def checkpoint() -> None:
-        if accelerator.is_main_process:
-            save_run(output, cfg, state, core, best, initial, optimizer, scheduler)
-
-    def after_validation(result: tuple[float, list] | None) -> None:
+    def validate(self) -> float | None:
+        """Validate the current prompts; keep each task's best; count towards --patience.
+        Returns the pooled validation loss (None without validation data)."""
+        result = self.measure(self.prompts, "val")
         if result is None:
-            return
+            return None
         loss, per_task = result
+        state = self.state
         for i, task_loss in enumerate(per_task):  # each task keeps its own best prompt
-            record = state.extra["task_best"][i]
-            if task_loss is not None and (record[0] is None or task_loss < record[0] - 1e-6):
-                record[:] = [task_loss, state.step]
-                best[i].copy_(core.prompts[i].embedding.detach())
+            record = state.task_best[i]
+            if task_loss is not None and (record.loss is None or task_loss < record.loss - 1e-6):
+                record.loss, record.step = task_loss, state.step
+                self.best[i].copy_(self.prompts.prompts[i].embedding.detach())
         if loss < state.best_loss - 1e-6:
             state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
         else:
             state.bad_evals += 1
-            if cfg.patience and state.bad_evals >= cfg.patience:
+            if self.cfg.patience and state.bad_evals >= self.cfg.patience:
                 state.stop_reason = (
-                    f"early stop: no better validation loss in {cfg.patience} checks"
+                    f"early stop: no better validation loss in {self.cfg.patience} checks"
                 )
+        return loss
 
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        desc="training",
-        unit="step",
-        disable=not (progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-    started, tokens_seen, step_loss = time.perf_counter(), 0, math.nan
-    lengths = [len(r.input_ids) for r in train_rows]
-    while state.epoch < n_epochs and state.step < total_steps and not state.stop_reason:
-        order = batch_order(lengths, cfg.batch_size, cfg.seed, state.epoch)
-        groups = [order[i : i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
-        while state.group < len(groups) and state.step < total_steps and not state.stop_reason:
-            group = [[train_rows[i] for i in b] for b in groups[state.group]]
-            t0 = time.perf_counter()
-            loss_sum, n_tok, processed = forward_backward(
-                accelerator, model, core, group, pad_id, choice_ids
-            )
-            tokens_seen += processed
-            if not math.isfinite(loss_sum):
-                optimizer.zero_grad()
-                _stop_non_finite(cfg, output, state, core, best, loaded, data_info, log)
-            grad_norm = _clip(core, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            state.step, state.group = state.step + 1, state.group + 1
-            step_loss = loss_sum / max(n_tok, 1)
-            if "first_step_s" not in state.extra:  # cold start: command -> first step done
-                state.extra["first_step_s"] = round(time.time() - softprompt.STARTED, 2)
-            log.write(
-                kind="train",
-                step=state.step,
-                epoch=state.epoch,
-                loss=step_loss,
-                lr=scheduler.get_last_lr()[0],
-                grad_norm=grad_norm,
-                step_s=time.perf_counter() - t0,
-                rss_mb=round(psutil.Process().memory_info().rss / 2**20, 1),
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", epoch=state.epoch + 1)
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
-                after_validation(validate())
-            if cfg.save_every and state.step % cfg.save_every == 0:
-                checkpoint()
-        if state.group >= len(groups):  # the epoch is complete
-            state.epoch, state.group = state.epoch + 1, 0
-            if not (cfg.eval_every and state.step % cfg.eval_every == 0):
-                result = validate()
-                after_validation(result)
-                if result is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}", val=f"{result[0]:.4f}")
-            checkpoint()
-    last_val = max((r["step"] for r in log.records if r.get("kind") == "val"), default=-1)
-    if val_rows and 0 < state.step != last_val:  # e.g. --max-steps inside the first epoch
-        after_validation(validate())
-    bar.close()
-    elapsed = time.perf_counter() - started
+    def checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            save_run(self)
 
-    for i, rows in enumerate(val_by_task):  # each task's best prompt (or last, if unvalidated)
-        if rows and state.extra["task_best"][i][0] is not None:
-            core.prompts[i].embedding.data.copy_(best[i])
-    summary = _summary(state, log, elapsed, tokens_seen)
-    if accelerator.is_main_process:
-        _save_artifacts(output, cfg, core, initial, loaded, data_info, summary, state)
-        plot_metrics(output / "metrics.jsonl", output / "loss.png")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        say(_closing_line(summary, output, tasks))
-    prompts = dict(zip(tasks, core.prompts)) if tasks else {}
-    return TrainResult(output=output, prompt=core.prompts[0], summary=summary, prompts=prompts)
+    # --- the end ---------------------------------------------------------------------
+
+    def finish(self, elapsed: float) -> TrainResult:
+        """Put each task's best prompt (or its last, if never validated) in place and save."""
+        for i, record in enumerate(self.state.task_best):
+            if self.data.val_by_task[i] and record.loss is not None:
+                self.prompts.prompts[i].embedding.data.copy_(self.best[i])
+        summary = self.summary(elapsed)
+        if self.accelerator.is_main_process:
+            self.save(summary)
+            plot_metrics(self.output / "metrics.jsonl", self.output / "loss.png")
+        self.accelerator.wait_for_everyone()
+        say(_closing_line(summary, self.output, self.data))
+        prompts = self.prompts.prompts
+        named = dict(zip(self.data.tasks, prompts)) if self.data.multi_task else {}
+        return TrainResult(output=self.output, prompt=prompts[0], summary=summary, prompts=named)
+
+    def summary(self, elapsed: float) -> dict:
+        state, tokens = self.state, self.tokens_seen
+        train_losses = [r["loss"] for r in self.log.records if r.get("kind") == "train"]
+        return {
+            "steps": state.step,
+            "epochs_completed": state.epoch,
+            "base_val_loss": state.base_val_loss,
+            "initial_val_loss": state.initial_val_loss,
+            "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss,
+            "best_step": state.best_step,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "train_seconds": round(elapsed, 2),
+            "tokens": tokens,
+            "first_step_s": state.first_step_s,
+            "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            "stop_reason": state.stop_reason or "finished",
+        }
+
+    def save(self, summary: dict) -> None:
+        """One prompt folder: OUTPUT itself, or OUTPUT/<task>/ per task (and tasks.json)."""
+        cfg, data, model, name = self.cfg, self.data, self.loaded.model, self.loaded.name
+        meta = {
+            "template": cfg.data.template,
+            "target_delimiter": cfg.data.target_delimiter,
+            "data": data.info,
+            "prompt": dataclasses.asdict(cfg.prompt),
+            "training": {
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("model", "data", "prompt")
+            },
+            "metrics": summary,
+        }
+        if not data.multi_task:
+            save_prompt(self.output, self.prompts.prompts[0], model, name, meta, self.initial[0])
+            return
+        index = {}
+        for i, task in enumerate(data.tasks):
+            state = self.state
+            task_metrics = {
+                "task": task,
+                **data.info["tasks"][task],
+                "base_val_loss": state.task_base[i] if state.task_base else None,
+                "initial_val_loss": state.task_initial[i] if state.task_initial else None,
+                "best_val_loss": state.task_best[i].loss,
+                "best_step": state.task_best[i].step,
+            }
+            task_meta = {**meta, "task": task, "metrics": {**summary, "task": task_metrics}}
+            folder = self.output / task
+            save_prompt(folder, self.prompts.prompts[i], model, name, task_meta, self.initial[i])
+            index[task] = {"folder": task, **task_metrics}
+        write_json(self.output / "tasks.json", {"tasks": index})
+
+    def _stop_non_finite(self) -> None:
+        """Keep the last good prompts (and the true initial ones) and stop, saying what to
+        change."""
+        if self.state.best_step:
+            self.prompts.load_stacked(self.best)
+        summary = self.summary(0.0)
+        summary["stopped"] = f"non-finite loss at step {self.state.step + 1}"
+        if self.accelerator.is_main_process:
+            self.save(summary)
+        raise TrainingError(
+            f"the loss became NaN or infinite at step {self.state.step + 1}; the last good "
+            f"prompt is saved in {self.output}. Lower --lr (now {self.cfg.lr}) or set "
+            "--max-grad-norm"
+        )
 
 
 # --- set-up ---------------------------------------------------------------------------
@@ -275,6 +416,7 @@ def _check_output(cfg: TrainConfig, output: Path) -> None:
 
 
 def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples: --validation, or a split of --data."""
     d = cfg.data
     examples = load_examples(d.data, d, cfg.task_field)
     if d.validation:
@@ -288,47 +430,48 @@ def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     return split_validation(examples, d.val_fraction, cfg.seed)
 
 
-def _tokenize(
-    cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example], tokenizer, tasks: list[str]
-) -> tuple[list[Row], list[Row], dict]:
+def _prepare_data(
+    cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example], tokenizer, device
+) -> TrainData:
+    """Token rows (each with its task's index), per-task validation rows, the choices' ids."""
     d = cfg.data
     max_text = d.max_length - cfg.prompt.num_virtual_tokens
-    ids = {name: i for i, name in enumerate(tasks)}
+    tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else [""]
+    ids = {name: i for i, name in enumerate(tasks)} if cfg.task_field else None
     train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter, ids)
     val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter, ids)
     if not any(label_count([r]) for r in train_rows):
         raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
     mode = "text" if train_ex[0].target is None else "pairs"
-    info = {
-        **dataclasses.asdict(d),
-        "mode": mode,
-        "train_examples": len(train_rows),
-        "val_examples": len(val_rows),
-    }
-    if tasks:
+    info = {**dataclasses.asdict(d), "mode": mode, "train_examples": len(train_rows),
+            "val_examples": len(val_rows)}  # fmt: skip
+    if cfg.task_field:
         info["tasks"] = {
             name: {
                 "train_examples": sum(r.task == i for r in train_rows),
                 "val_examples": sum(r.task == i for r in val_rows),
             }
-            for name, i in ids.items()
+            for i, name in enumerate(tasks)
         }
         counts = ", ".join(f"{n} {v['train_examples']}" for n, v in info["tasks"].items())
         say(f"multi-task: {len(tasks)} tasks, one prompt each, mixed in batches ({counts})")
     say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
-    return train_rows, val_rows, info
+    val_by_task = [[r for r in val_rows if r.task == i] for i in range(len(tasks))]
+    choice_ids = None
+    if (choices := cfg.restricted_choices) is not None:
+        first = choice_first_ids(tokenizer, choices, d.target_delimiter)
+        check_choice_targets(train_rows + val_rows, train_ex + val_ex, first)
+        say(f"classification mode: loss over the first tokens of {cfg.choices} only")
+        choice_ids = torch.tensor(first, device=device)
+    return TrainData(train_rows, val_by_task, tasks, info, choice_ids)
 
 
-def _choice_ids(
-    cfg: TrainConfig, tokenizer, rows: list[Row], examples: list[Example], device
-) -> torch.Tensor | None:
-    """(C,) first-token ids of --choices for the restricted loss, or None for the full one."""
-    if cfg.choices is None or cfg.choice_loss == "full":
-        return None
-    ids = choice_first_ids(tokenizer, parse_choices(cfg.choices), cfg.data.target_delimiter)
-    check_choice_targets(rows, examples, ids)
-    say(f"classification mode: loss over the first tokens of {cfg.choices} only")
-    return torch.tensor(ids, device=device)
+def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:
+    """The prompt training starts from: ``--init`` (a saved prompt's folder, or a method)."""
+    if cfg.prompt.from_folder:
+        saved, _ = load_prompt(Path(cfg.prompt.init), model=loaded.model)
+        return saved
+    return init_prompt(loaded.model, loaded.tokenizer, cfg.prompt, seed=cfg.seed)
 
 
 def _clip(prompts: PromptSet, max_norm: float | None) -> float:
@@ -343,91 +486,17 @@ def _clip(prompts: PromptSet, max_norm: float | None) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-# --- the end ---------------------------------------------------------------------------
-
-
-def _stop_non_finite(cfg, output, state, prompt, best, loaded, data_info, log) -> None:
-    """Keep the last good prompts and stop with a message that says what to change."""
-    if state.best_step:
-        prompt.load_stacked(best)
-    summary = _summary(state, log, 0.0, 0)
-    summary["stopped"] = f"non-finite loss at step {state.step + 1}"
-    _save_artifacts(output, cfg, prompt, prompt.stacked(), loaded, data_info, summary, state)
-    raise TrainingError(
-        f"the loss became NaN or infinite at step {state.step + 1}; the last good prompt is "
-        f"saved in {output}. Lower --lr (now {cfg.lr}) or set --max-grad-norm"
-    )
-
-
-def _summary(state: RunState, log: MetricsLog, elapsed: float, tokens: int) -> dict:
-    train_losses = [r["loss"] for r in log.records if r.get("kind") == "train"]
-    return {
-        "steps": state.step,
-        "epochs_completed": state.epoch,
-        "base_val_loss": state.extra.get("base_val_loss"),
-        "initial_val_loss": state.extra.get("initial_val_loss"),
-        "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss,
-        "best_step": state.best_step,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "train_seconds": round(elapsed, 2),
-        "tokens": tokens,
-        "first_step_s": state.extra.get("first_step_s"),
-        "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
-        "stop_reason": state.stop_reason or "finished",
-    }
-
-
-def _save_artifacts(output, cfg, prompts, initial, loaded, data_info, summary, state) -> None:
-    """One prompt folder: OUTPUT itself, or OUTPUT/<task>/ per task (and tasks.json)."""
-    meta = {
-        "template": cfg.data.template,
-        "target_delimiter": cfg.data.target_delimiter,
-        "data": data_info,
-        "prompt": dataclasses.asdict(cfg.prompt),
-        "training": {
-            k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "data", "prompt")
-        },
-        "metrics": summary,
-    }
-    if not cfg.task_field:
-        save_prompt(output, prompts.prompts[0], loaded.model, loaded.name, meta, initial[0])
-        return
-    index = {}
-    for i, task in enumerate(prompts.names):
-        best_loss, best_step = state.extra["task_best"][i]
-        task_metrics = {
-            "task": task,
-            **data_info["tasks"][task],
-            "base_val_loss": _at(state.extra.get("task_base"), i),
-            "initial_val_loss": _at(state.extra.get("task_initial"), i),
-            "best_val_loss": best_loss,
-            "best_step": best_step,
-        }
-        task_meta = {**meta, "task": task, "metrics": {**summary, "task": task_metrics}}
-        save_prompt(
-            output / task, prompts.prompts[i], loaded.model, loaded.name, task_meta, initial[i]
-        )
-        index[task] = {"folder": task, **task_metrics}
-    write_json(output / "tasks.json", {"tasks": index})
-
-
-def _at(values: list | None, i: int):
-    return values[i] if values else None
-
-
-def _closing_line(summary: dict, output: Path, tasks: list[str]) -> str:
+def _closing_line(summary: dict, output: Path, data: TrainData) -> str:
     parts = [f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s"]
     if summary["best_val_loss"] is not None:
         parts.append(
             f"validation loss {summary['base_val_loss']:.4f} (base model) -> "
             f"{summary['best_val_loss']:.4f} (tuned)"
         )
-    if tasks:
-        parts.append(f"{len(tasks)} prompts saved in {output}/<task>/: {', '.join(tasks)}")
+    if data.multi_task:
+        parts.append(
+            f"{len(data.tasks)} prompts saved in {output}/<task>/: {', '.join(data.tasks)}"
+        )
     else:
         parts.append(f"saved to {output}")
     return "; ".join(parts)
-
-
-def load_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -20,13 +20,17 @@ import torch
 from torch import nn
 
 from softprompt.artifacts import fresh_output
-from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig, parse_choices
+from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig
+from softprompt.console import say
 from softprompt.data import Example, load_examples, split_validation, tokenize
-from softprompt.loading import LoadedModel, load_model, say
+from softprompt.loading import LoadedModel, load_model
+from softprompt.loss import check_choice_targets, choice_first_ids
 from softprompt.measure.eval_run import environment, evaluate_examples
-from softprompt.measure.evaluate import check_choice_targets, choice_first_ids
+from softprompt.measure.inspection import inspect_prompt
+from softprompt.measure.report import write_compare_report
 from softprompt.prompt import SoftPrompt
-from softprompt.report import MetricsLog
+from softprompt.tracking import MetricsLog
+from softprompt.training import train
 
 
 class PeakMemory:
@@ -76,8 +80,6 @@ class Context:
 
 def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
     """Run every method of ``cfg`` and write the report; returns the output folder."""
-    from softprompt.report import write_compare_report
-
     output = _prepare_output(cfg)
     examples = load_examples(cfg.data.data, cfg.data)
     if not cfg.data.validation:  # the same split prompt tuning makes, for every method
@@ -86,18 +88,15 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
     loaded = loaded or load_model(cfg.model)
     log = MetricsLog(output / "metrics.jsonl")
     log.write(kind="config", config=dataclasses.asdict(cfg), model=loaded.name, **environment())
-    choices = parse_choices(cfg.choices) if cfg.choices else None
-    ctx = Context(cfg, loaded, examples, test, output, log, choices)
+    ctx = Context(cfg, loaded, examples, test, output, log, cfg.choice_list)
     device = loaded.model.get_input_embeddings().weight.device
-    for method in cfg.method_list():
+    for method in cfg.method_list:
         say(f"compare: {method}")
         gc.collect()
         with PeakMemory(device) as mem:
             row = RUNNERS[method](ctx)
         log.write(kind="result", method=method, peak_memory_mb=round(mem.peak_mb, 1), **row)
         if method == "prompt-tuning":  # outside the memory window: it copies the vocabulary
-            from softprompt.measure.inspection import inspect_prompt
-
             info = inspect_prompt(loaded, output / "prompt-tuning")
             log.write(kind="inspect", method=method, **info)
         say(f"compare: {method}: {_headline(row)}")
@@ -164,8 +163,6 @@ def run_few_shot(ctx: Context) -> dict:
 
 
 def run_prompt_tuning(ctx: Context) -> dict:
-    from softprompt.training import train
-
     cfg, folder = ctx.cfg, ctx.output / "prompt-tuning"
     tcfg = TrainConfig(
         model=cfg.model,

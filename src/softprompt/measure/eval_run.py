@@ -15,13 +15,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from softprompt import __version__
-from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig, parse_choices
+from softprompt.artifacts import load_prompt, read_meta
+from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig
+from softprompt.console import say
 from softprompt.data import Example, load_examples, tokenize
-from softprompt.loading import LoadedModel, load_model, say
+from softprompt.generation import generate
+from softprompt.loading import LoadedModel, load_model
+from softprompt.loss import evaluate_loss
 from softprompt.measure.evaluate import (
     classification_metrics,
     classify,
-    evaluate_loss,
     generation_metrics,
     timed,
 )
@@ -65,8 +68,6 @@ def evaluate_examples(
         for rec, pred, score in zip(records, preds, scores):
             rec.update(prediction=pred, scores=dict(zip(choices, score)))
     if cfg.generate:
-        from softprompt.generation import generate
-
         gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         outputs, seconds = timed(generate, loaded, sources, prompt, gen_cfg, None)
         result["generate_seconds_per_example"] = seconds / len(examples)
@@ -79,8 +80,6 @@ def evaluate_examples(
 
 def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     """Load what ``cfg`` names, measure it, write results.json (with --output); return it."""
-    from softprompt.artifacts import load_prompt, read_meta
-
     meta = read_meta(cfg.prompt) if cfg.prompt else {}
     cfg = _with_prompt_defaults(cfg, meta)
     examples = load_examples(cfg.data.data, cfg.data)[: cfg.limit]
@@ -105,8 +104,7 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
             cfg.seed,
         )
         say(f"few-shot: {shots_used} examples in the hard prompt (asked for {cfg.shots})")
-    choices = parse_choices(cfg.choices) if cfg.choices else None
-    metrics, records = evaluate_examples(loaded, prompt, examples, cfg, choices)
+    metrics, records = evaluate_examples(loaded, prompt, examples, cfg, cfg.choice_list)
     results = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": loaded.name,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
 from softprompt.data import Row, batch_order, collate
-from softprompt.prompt import lm_loss
+from softprompt.loss import lm_loss
 
 
 def train_weights(

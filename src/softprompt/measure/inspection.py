@@ -6,13 +6,17 @@ distribution of real token norms, and how far it moved from its initial value.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from softprompt.artifacts import INITIAL, PROMPT_KEY
-from softprompt.loading import LoadedModel
+from softprompt.artifacts import INITIAL, PROMPT_KEY, load_prompt, trained_base_model
+from softprompt.config import InspectConfig
+from softprompt.errors import SoftpromptError
+from softprompt.loading import LoadedModel, load_model
 from softprompt.prompt import embed_tokens
 
 CAVEAT = (
@@ -36,10 +40,6 @@ def vocab_embeddings(model: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def inspect_prompt(loaded: LoadedModel, folder: str | Path, top_k: int = 5) -> dict:
     """Nearest tokens, norm percentile and drift per virtual token of the prompt in ``folder``."""
-    from safetensors.torch import load_file
-
-    from softprompt.artifacts import load_prompt
-
     prompt, _ = load_prompt(folder, loaded.model)
     p = prompt.embedding.detach().float().cpu()  # (N, H)
     vocab = vocab_embeddings(loaded.model)  # (V, H)
@@ -71,6 +71,16 @@ def inspect_prompt(loaded: LoadedModel, folder: str | Path, top_k: int = 5) -> d
         "vocab_norm": {"p5": float(q[0]), "median": float(q[1]), "p95": float(q[2])},
         "caveat": CAVEAT,
     }
+
+
+def run_inspect(cfg: InspectConfig, loaded: LoadedModel | None = None) -> dict:
+    """`softprompt inspect`: load the prompt's base model (unless given) and inspect it."""
+    if not Path(cfg.prompt_dir).is_dir():
+        raise SoftpromptError(f"{cfg.prompt_dir} is not a folder; give the --output of a train run")
+    if loaded is None:
+        model = cfg.model.model or trained_base_model(cfg.prompt_dir)
+        loaded = load_model(replace(cfg.model, model=model))
+    return inspect_prompt(loaded, cfg.prompt_dir, cfg.top_k)
 
 
 def format_inspection(info: dict) -> str:

@@ -13,22 +13,22 @@ import itertools
 from pathlib import Path
 
 from softprompt.artifacts import fresh_output
-from softprompt.config import GenerateConfig, PromptConfig, SweepConfig, TrainConfig, parse_choices
+from softprompt.config import GenerateConfig, PromptConfig, SweepConfig, TrainConfig
+from softprompt.console import say
 from softprompt.data import Example, load_examples, split_validation
 from softprompt.errors import ConfigError
-from softprompt.loading import LoadedModel, load_model, say
+from softprompt.generation import generate
+from softprompt.loading import LoadedModel, load_model
 from softprompt.measure.evaluate import classify, generation_metrics
 from softprompt.measure.metrics import accuracy
-from softprompt.report import MetricsLog
+from softprompt.tracking import MetricsLog
+from softprompt.training import train
 
 
 def recipes(cfg: SweepConfig) -> list[dict]:
     """Every (prompt length, init, lr) of the grid, named for its run folder."""
     out = []
-    lengths = [int(x) for x in cfg.lengths.split(",")]
-    inits = [x.strip() for x in cfg.inits.split(",")]
-    lrs = [float(x) for x in cfg.lrs.split(",")]
-    for n, init, lr in itertools.product(lengths, inits, lrs):
+    for n, init, lr in itertools.product(cfg.length_list, cfg.init_list, cfg.lr_list):
         out.append({"name": f"n{n}-{init}-lr{lr:g}", "length": n, "init": init, "lr": lr})
     return out
 
@@ -47,8 +47,6 @@ def validation_examples(cfg: SweepConfig) -> list[Example]:
 
 def run_recipe(cfg: SweepConfig, recipe: dict, loaded: LoadedModel, val: list[Example]) -> dict:
     """Train one recipe for ``cfg.steps`` steps and score it on the validation examples."""
-    from softprompt.training import train
-
     tcfg = TrainConfig(
         model=cfg.model,
         data=cfg.data,
@@ -70,20 +68,18 @@ def run_recipe(cfg: SweepConfig, recipe: dict, loaded: LoadedModel, val: list[Ex
     }
     sources = [ex.source for ex in val]
     delimiter = cfg.data.target_delimiter
-    if cfg.choices:
+    if cfg.choice_list:
         preds, _ = classify(
             loaded.model,
             loaded.tokenizer,
             result.prompt,
             sources,
-            parse_choices(cfg.choices),
+            cfg.choice_list,
             delimiter=delimiter,
             batch_size=cfg.batch_size,
         )
         row["val_accuracy"] = accuracy([ex.target for ex in val], preds)
     if cfg.generate:
-        from softprompt.generation import generate
-
         gen = GenerateConfig(max_new_tokens=16, batch_size=cfg.batch_size)
         outputs = generate(loaded, sources, result.prompt, gen, None)
         row.update(generation_metrics(outputs, [ex.target for ex in val]))

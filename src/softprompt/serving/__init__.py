@@ -1,8 +1,9 @@
 """`softprompt serve`: one frozen model, many compiled soft prompts, an OpenAI-compatible API.
 
-- server.py   the prompt folder (PromptStore), model loading, uvicorn, BackgroundServer
-- api.py      the FastAPI routes
-- batcher.py  dynamic batching across prompts in a worker thread
+- registry.py  the prompt folder (PromptStore): load, compile, rescan
+- api.py       the FastAPI routes
+- batcher.py   dynamic batching across prompts in a worker thread
+- server.py    model loading, uvicorn, BackgroundServer
 """
 
 from softprompt.serving.server import BackgroundServer, serve

@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
-from softprompt.generation import apply_template
+from softprompt.errors import DataError
 from softprompt.loading import LoadedModel
-from softprompt.serving.batcher import Batcher
-from softprompt.serving.batcher import Request as Row
-from softprompt.serving.server import BASE, ApiError, Entry, PromptStore
+from softprompt.serving.batcher import Batcher, Job
+from softprompt.serving.registry import BASE, ApiError, Entry, PromptStore
+from softprompt.templates import render
 
 
 class _Body(BaseModel):
@@ -166,7 +166,10 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "stream supports one prompt per request")
         entry = _entry(state, body.model)
         template = entry.template if entry else None
-        ids = [_tokens(state, apply_template(t, template), True) for t in texts]
+        try:
+            ids = [_tokens(state, render(template, t), True) for t in texts]
+        except DataError as err:
+            raise ApiError(400, str(err)) from None
         rows = _rows(state, body, ids, entry, body.max_tokens or 16)
         return await _answer(state, body, rows, chat=False)
 
@@ -213,8 +216,8 @@ def _chat_text(tokenizer, messages: list[Message]) -> tuple[str, bool]:
 
 def _rows(
     state: ServerState, body: _Body, ids: list[list[int]], entry: Entry | None, max_tokens: int
-) -> list[Row]:
-    """Batcher rows for one request, after every limit has been checked."""
+) -> list[Job]:
+    """Batcher jobs for one request, after every limit has been checked."""
     cfg = state.cfg
     if max_tokens > cfg.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit {cfg.max_tokens}")
@@ -236,13 +239,13 @@ def _rows(
             raise ApiError(400, f"prompt + max_tokens exceed the model's {positions} positions")
     loop = asyncio.get_running_loop()
     return [
-        Row(r, entry.prefix if entry else None, max_tokens, body.temperature, body.top_p, stop,
+        Job(r, entry.prefix if entry else None, max_tokens, body.temperature, body.top_p, stop,
             state.loaded.tokenizer, loop)
         for r in ids
     ]  # fmt: skip
 
 
-async def _answer(state: ServerState, body: _Body, rows: list[Row], chat: bool):
+async def _answer(state: ServerState, body: _Body, rows: list[Job], chat: bool):
     state.batcher.metrics.add(requests=1)
     if not state.batcher.submit(rows):
         state.batcher.metrics.add(failed_requests=1)
@@ -274,7 +277,7 @@ def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-async def _stream(row: Row, model: str, rid: str, chat: bool):
+async def _stream(row: Job, model: str, rid: str, chat: bool):
     """Server-sent events as OpenAI sends them: one chunk per text delta, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 

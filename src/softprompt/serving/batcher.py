@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from softprompt.generation import PromptPrefix, generate_ids
+from softprompt.generation import generate_ids
 from softprompt.loading import LoadedModel
+from softprompt.prefix import Prefix
 
 
 @dataclass
@@ -41,11 +42,11 @@ class Metrics:
 
 
 @dataclass(eq=False)  # identity: two requests with the same text are still two
-class Request:
+class Job:
     """One row to generate, and the channel its text goes back through."""
 
     ids: list[int]
-    prefix: PromptPrefix | None
+    prefix: Prefix | None
     max_tokens: int
     temperature: float
     top_p: float
@@ -98,7 +99,7 @@ class Request:
 class _Feed(StoppingCriteria):
     """Called by generate after every step: hands each row its token, says who is done."""
 
-    def __init__(self, requests: list[Request], eos: set[int]):
+    def __init__(self, requests: list[Job], eos: set[int]):
         self.requests, self.eos = requests, eos
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -118,7 +119,7 @@ class Batcher:
         self.loaded, self.max_batch_size = loaded, max_batch_size
         self.wait_s, self.max_queue = wait_ms / 1000, max_queue
         self.metrics = Metrics()
-        self._pending: list[Request] = []
+        self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
@@ -128,7 +129,7 @@ class Batcher:
         with self._cond:
             return len(self._pending)
 
-    def submit(self, requests: list[Request]) -> bool:
+    def submit(self, requests: list[Job]) -> bool:
         """Queue the rows of one API request together; False if the queue is full."""
         with self._cond:
             if len(self._pending) + len(requests) > self.max_queue:
@@ -143,7 +144,7 @@ class Batcher:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _next_batch(self) -> list[Request]:
+    def _next_batch(self) -> list[Job]:
         with self._cond:
             while not self._pending and not self._stopped:
                 self._cond.wait()
@@ -185,7 +186,7 @@ class Batcher:
                     except Exception as single:  # noqa: BLE001
                         self._failed(req, single)
 
-    def _run(self, batch: list[Request]) -> None:
+    def _run(self, batch: list[Job]) -> None:
         tok = self.loaded.tokenizer
         for req in batch:  # a retried row starts again from nothing
             req.tokens, req.text, req.sent, req.finish_reason = [], "", 0, None
@@ -213,7 +214,7 @@ class Batcher:
                 req.finish("length")
             self.metrics.add(prompt_tokens=len(req.ids), completion_tokens=len(req.tokens))
 
-    def _failed(self, req: Request, err: Exception) -> None:
+    def _failed(self, req: Job, err: Exception) -> None:
         print(f"[softprompt] request failed: {type(err).__name__}: {err}", file=sys.stderr)
         self.metrics.add(failed_requests=1)
         req.fail(f"generation failed: {type(err).__name__}: {err}")

@@ -1,88 +1,11 @@
-"""Metrics go to one JSONL file; plots and reports read only that file."""
+"""The compare report: report.md and a self-contained report.html, made from the
+comparison's metrics.jsonl alone."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl``: one JSON object per logged event, flushed at once."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        self.records: list[dict] = []
-        if enabled and path.exists():
-            self.records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-    def write(self, **record) -> None:
-        self.records.append(record)
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, default=str) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-
-    def truncate_after(self, step: int) -> None:
-        """Drop what was logged after ``step`` (a resumed run logs those steps again)."""
-        self.records = [
-            r for r in self.records if r.get("step", 0) <= step or r["kind"] == "config"
-        ]
-        if self.enabled:
-            text = "".join(json.dumps(r, default=str) + "\n" for r in self.records)
-            self.path.write_text(text, encoding="utf-8")
-
-
-def plot_metrics(metrics: Path, png: Path) -> Path:
-    """Training loss per step (and a moving average) with validation loss on top (and each
-    task's, in a multi-task run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
-    val = [(r["step"], r["loss"]) for r in records if r["kind"] == "val"]
-    base = [r["loss"] for r in records if r["kind"] == "base"]
-    tasks: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        if r["kind"] == "task_val":
-            tasks.setdefault(r["task"], []).append((r["step"], r["loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="#9ecae1", lw=1, label="train loss (per step)")
-        k = max(1, len(losses) // 20)
-        smooth = [
-            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        ax.plot(steps, smooth, color="#2171b5", lw=2, label=f"train loss (mean of {k})")
-    if val:
-        label = "validation loss (all tasks)" if tasks else "validation loss"
-        ax.plot(*zip(*val), "o-", color="#e6550d", lw=2, label=label)
-    for i, (task, points) in enumerate(sorted(tasks.items())):  # multi-task runs
-        ax.plot(
-            *zip(*points), "s--", lw=1.2, color=plt.cm.tab10((i + 2) % 10), label=f"val: {task}"
-        )
-    if base:
-        ax.axhline(base[0], color="#636363", ls="--", lw=1, label="base model, no prompt (val)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / target token)")
-    ax.set_title("softprompt training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
-
-
-# --- the compare report: report.md and a self-contained report.html ------------------------
+from softprompt.tracking import read_records
 
 METHOD_NAMES = {
     "zero-shot": "Zero-shot (template)",
@@ -108,11 +31,6 @@ COLUMNS = [
     "Artifact",
     "Inference / example",
 ]
-
-
-def read_records(metrics: Path) -> list[dict]:
-    """Every record of a metrics.jsonl file."""
-    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
 
 
 def _size(n: float) -> str:

@@ -1,0 +1,330 @@
+"""Scoring: the loss of target tokens and the log-likelihood of continuations.
+
+Everything that turns a model (with or without a prompt) and token rows into numbers lives
+here, for training, evaluation and comparison alike:
+
+- ``lm_loss``: summed next-token cross-entropy over labelled positions (or, in
+  classification mode, a softmax over the choices' first tokens at the answer position);
+- ``evaluate_loss``: its mean over a list of rows, with perplexity;
+- ``row_logprobs`` / ``score_continuations``: log-likelihood of each row's labelled tokens
+  (multiple choice is the argmax over the choices' log-likelihoods);
+- ``Support``: which shortcuts reproduce the plain path on a given model (checked once).
+
+Two shortcuts, each used only where ``support(model)`` confirmed it changes nothing:
+- the fast head: the LM head runs only where a label exists (for Gemma 3 270M the 262k-word
+  head costs more than the whole body at every other position);
+- the shared prefix (``prefix.py``): the virtual tokens run once per batch and every row
+  reads their keys/values; the gradient flows back through that cache to the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softprompt.data import IGNORE_INDEX, Example, Row, collate
+from softprompt.errors import ConfigError
+from softprompt.prefix import hidden_after_prefix
+from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens, prepend, rows_prompts
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a model supports, checked once against its own full forward."""
+
+    fast_head: bool  # body + ``head_logits`` reproduce the model's logits
+    shared_prefix: bool  # the prompt run once and shared reproduces a prompt per row
+
+
+_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def support(model: nn.Module) -> Support:
+    """The model's ``Support`` in its current dtype, computed on first use and remembered
+    while the model lives."""
+    known = _SUPPORT.setdefault(model, {})
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype not in known:
+        fast = _check_fast_head(model)
+        known[dtype] = Support(fast, fast and _check_shared_prefix(model))
+    return known[dtype]
+
+
+def lm_loss(
+    model: nn.Module,
+    prompt: SoftPrompt | PromptSet | None,
+    batch: dict[str, Tensor],
+    fast_head: bool = True,
+    shared_prefix: bool = True,
+    choice_ids: Tensor | None = None,
+) -> tuple[Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and their count.
+
+    ``fast_head`` / ``shared_prefix`` allow the two shortcuts where the model supports them.
+    With ``choice_ids`` (C,) (classification mode) only each row's first labelled position
+    counts, and its softmax runs over the choices' first tokens alone. With a ``PromptSet``
+    each row gets its own task's prompt (``batch["task"]``); rows of one task share its
+    prefix.
+    """
+    able = support(model)
+    fast = fast_head and able.fast_head
+    return _loss(
+        model, prompt, batch, fast, fast and shared_prefix and able.shared_prefix, choice_ids
+    )
+
+
+def _loss(
+    model: nn.Module,
+    prompt: SoftPrompt | PromptSet | None,
+    batch: dict[str, Tensor],
+    fast: bool,
+    shared: bool,
+    choice_ids: Tensor | None,
+) -> tuple[Tensor, int]:
+    """``lm_loss`` with the shortcuts given, not checked (``support`` compares the paths)."""
+    labels = batch["labels"]
+    if prompt is not None and shared:
+        hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
+        keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
+        logits = head_logits(model, hidden[keep], choice_ids)  # (K, V), or (K, C) with choices
+        return _score(logits, labels[keep], choice_ids), int(keep.sum())
+    embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
+    mask = batch["attention_mask"]
+    if prompt is not None:
+        virtual, which = rows_prompts(prompt, batch)
+        embeds, mask, labels = prepend(virtual[which], embeds, mask, labels)  # (B, N+T, ...)
+    targets = labels[:, 1:]  # position t predicts token t+1
+    keep = _positions(targets, choice_ids)  # (B, T'-1)
+    if fast:
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        logits = head_logits(model, hidden[:, :-1][keep], choice_ids)  # labelled positions only
+    else:
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
+        if choice_ids is not None:
+            logits = logits[:, choice_ids]  # (K, C)
+    return _score(logits, targets[keep], choice_ids), int(keep.sum())
+
+
+def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """Where the loss is taken: every label, or (classification) each row's first one."""
+    keep = targets != IGNORE_INDEX
+    if choice_ids is not None:  # the answer's first token only: one position per row
+        keep = keep & (keep.cumsum(dim=1) == 1)
+    return keep
+
+
+def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """Summed cross-entropy in float32, over the vocabulary (K, V) or, with ``choice_ids``,
+    over the choices only (logits (K, C))."""
+    if choice_ids is not None:
+        gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
+    return F.cross_entropy(logits.float(), gold, reduction="sum")
+
+
+def head_logits(model: nn.Module, hidden: Tensor, ids: Tensor | None = None) -> Tensor:
+    """The LM head (and any logit soft-capping) applied to hidden states (..., H): logits
+    (..., V), or only the columns ``ids`` (..., C), which costs C/V of the full head (the
+    classification loss needs two of Gemma's 262k columns)."""
+    head = model.get_output_embeddings()
+    if ids is None:
+        logits = head(hidden)
+    elif isinstance(head, nn.Linear):
+        bias = None if head.bias is None else head.bias[ids]
+        logits = F.linear(hidden, head.weight[ids], bias)
+    else:
+        logits = head(hidden)[..., ids]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 style soft-capping, as the model's own forward does it
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def _check_fast_head(model: nn.Module) -> bool:
+    """Whether body + head alone reproduce the model's logits. Architectures that rescale
+    logits in ways ``head_logits`` does not know fall back to the full forward."""
+    if model.get_output_embeddings() is None or not hasattr(model, "base_model"):
+        return False
+    device = model.get_input_embeddings().weight.device
+    ids = torch.arange(1, 9, device=device).unsqueeze(0)
+    full = model(input_ids=ids).logits.float()
+    hidden = model.base_model(input_ids=ids).last_hidden_state
+    return torch.allclose(head_logits(model, hidden).float(), full, atol=1e-4, rtol=1e-3)
+
+
+@torch.no_grad()
+def _check_shared_prefix(model: nn.Module) -> bool:
+    """Whether the shared prefix reproduces the plain path's loss (a random prompt, two rows
+    of different length)."""
+    device = model.get_input_embeddings().weight.device
+    hidden = model.get_input_embeddings().weight.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    prompt = SoftPrompt(torch.randn(3, hidden, generator=gen)).to(device)
+    ids = torch.arange(1, 13, device=device).view(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    try:
+        fast, _ = _loss(model, prompt, batch, True, True, None)
+        plain, _ = _loss(model, prompt, batch, True, False, None)
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError):
+        return False  # an architecture whose cache cannot be shared this way
+    return bool(torch.allclose(fast, plain, rtol=1e-3, atol=1e-4))
+
+
+# --- over many rows ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    prompt: SoftPrompt | None,
+    rows: list[Row],
+    batch_size: int,
+    pad_id: int,
+    choice_ids: Tensor | None = None,
+) -> dict[str, float]:
+    """Mean next-token loss over labelled tokens (targets only for pairs) and perplexity.
+
+    With ``choice_ids`` the loss is the classification-mode one (see ``lm_loss``).
+    """
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # little padding
+    if choice_ids is not None:
+        choice_ids = choice_ids.to(device)
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, n = lm_loss(model, prompt, batch, choice_ids=choice_ids)
+        total += float(loss)
+        count += n
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), kept finite for hopeless losses."""
+    return math.exp(min(loss, 50.0))
+
+
+def _logits_at(model: nn.Module, embeds: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    """(K, V) logits at the K positions where ``keep`` (B, T-1) is set."""
+    if support(model).fast_head:  # the head only where needed, as in lm_loss
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return head_logits(model, hidden[:, :-1][keep])
+    return model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
+
+
+@torch.no_grad()
+def row_logprobs(
+    model: nn.Module, prompt: SoftPrompt | None, rows: list[Row], batch_size: int, pad_id: int
+) -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each row's labelled tokens, in row order."""
+    device = model.get_input_embeddings().weight.device
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+        embeds, mask, labels = (
+            embed_tokens(model, batch["input_ids"]),
+            batch["attention_mask"],
+            batch["labels"],
+        )
+        if prompt is not None:
+            embeds, mask, labels = prompt.prepend(embeds, mask, labels)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        logp = F.log_softmax(_logits_at(model, embeds, mask, keep).float(), dim=-1)
+        picked = logp.gather(1, targets[keep].unsqueeze(1)).squeeze(1)  # (K,)
+        owner = keep.nonzero()[:, 0]  # which row each labelled position belongs to
+        sums = torch.zeros(len(idx), device=device).index_add_(0, owner, picked)
+        for j, i in enumerate(idx):
+            out[i] = (float(sums[j]), int(keep[j].sum()))
+    return out
+
+
+def continuation_rows(
+    tokenizer, sources: list[str], continuation: str | list[str], delimiter: str, max_tokens: int
+) -> list[Row]:
+    """Rows of ``source + delimiter + continuation`` labelled on the continuation (no EOS);
+    ``continuation`` is one for every source or one per source.
+
+    Sources too long for ``max_tokens`` lose their start, as in training.
+    """
+    conts = [continuation] * len(sources) if isinstance(continuation, str) else continuation
+    rows = []
+    for source, cont in zip(sources, conts):
+        src = tokenizer(source, add_special_tokens=True)["input_ids"]
+        sep = "" if not source or source[-1].isspace() else delimiter
+        tgt = tokenizer(sep + cont, add_special_tokens=False)["input_ids"]
+        room = max(max_tokens - len(tgt), 1)
+        if len(src) > room:
+            keep_bos = int(bool(src) and src[0] == tokenizer.bos_token_id)
+            src = src[:keep_bos] + src[len(src) - room + keep_bos :]
+        rows.append(Row(src + tgt, [IGNORE_INDEX] * len(src) + tgt))
+    return rows
+
+
+def score_continuations(
+    loaded,
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    prompts: Sequence[SoftPrompt | None],
+    batch_size: int = 8,
+    max_tokens: int = 1 << 30,
+) -> list[tuple[float, int]]:
+    """Log-likelihood of each continuation right after its context (nothing put between),
+    each row with its own prompt (or None): (summed log-probability, token count) per row."""
+    model, tok = loaded.model, loaded.tokenizer
+    rows = continuation_rows(tok, list(contexts), list(continuations), "", max_tokens)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):  # rows with the same prompt are scored together
+        groups.setdefault(id(prompt), []).append(i)
+    for idx in groups.values():
+        scores = row_logprobs(
+            model, prompts[idx[0]], [rows[i] for i in idx], batch_size, tok.pad_token_id
+        )
+        for i, score in zip(idx, scores):
+            out[i] = score
+    return out
+
+
+def choice_first_ids(tokenizer, choices: list[str], delimiter: str = " ") -> list[int]:
+    """The first token of each choice as it follows the input (after ``delimiter``).
+
+    Classification-mode training needs these to differ: the restricted softmax at the
+    answer position sees only first tokens.
+    """
+    ids = []
+    for choice in choices:
+        tokens = tokenizer(delimiter + choice, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ConfigError(f"--choices: {choice!r} gives no tokens")
+        ids.append(tokens[0])
+    if len(set(ids)) < len(ids):
+        raise ConfigError(
+            f"--choices {', '.join(choices)} start with the same token; the restricted loss "
+            "needs different first tokens: reword the labels or use --choice-loss full"
+        )
+    return ids
+
+
+def check_choice_targets(rows: list[Row], examples: list[Example], ids: list[int]) -> None:
+    """Every target must begin with one of the choices' first tokens."""
+    for row, ex in zip(rows, examples):
+        first = next((t for t in row.labels if t != IGNORE_INDEX), None)
+        if first not in ids:
+            raise ConfigError(
+                f"{ex.where}: target {ex.target!r} does not start like any of --choices; "
+                "give the label words the data uses"
+            )

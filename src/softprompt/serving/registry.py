@@ -1,0 +1,113 @@
+"""The prompts a server holds: one sub-folder of ``--prompts`` per prompt, compiled once.
+
+Every sub-folder holding a saved prompt is a model of the API, named after the folder;
+``base`` is the model without a prompt. A prompt is compiled into its prefix (``prefix.py``)
+when it is loaded, so requests for it cost what base requests cost.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from softprompt.artifacts import ADAPTER_WEIGHTS, load_prompt, trained_base_model
+from softprompt.config import EMBEDDED_MODEL
+from softprompt.errors import SoftpromptError
+from softprompt.loading import LoadedModel
+from softprompt.prefix import Prefix, compile_prefix
+
+BASE = "base"  # the API name of the model without a prompt
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class ApiError(SoftpromptError):
+    """An error answered with an HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Entry:
+    """A loaded prompt: its compiled prefix and the template it was trained with."""
+
+    name: str
+    prefix: Prefix
+    template: str | None
+    loaded_at: int = field(default_factory=lambda: int(time.time()))
+
+
+class PromptStore:
+    """The prompts of one folder, compiled for one model; safe to use from any thread."""
+
+    def __init__(self, folder: str | Path, loaded: LoadedModel, allow_mismatch: bool = False):
+        self.root = Path(folder).expanduser().resolve()
+        self.loaded, self.allow_mismatch = loaded, allow_mismatch
+        self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, name: str) -> Path:
+        """The folder of prompt ``name``; names that could leave the prompts folder are refused."""
+        if name == BASE or not NAME_RE.fullmatch(name) or ".." in name:
+            raise ApiError(
+                400, f"invalid prompt name {name!r}: use letters, digits, '.', '_' and '-'"
+            )
+        path = (self.root / name).resolve()  # follows links: a link out of the folder is refused
+        if path.parent != self.root:
+            raise ApiError(400, f"prompt {name!r} points outside the prompts folder")
+        return path
+
+    def load(self, name: str) -> Entry:
+        """(Re)load prompt ``name`` from its sub-folder and compile its prefix."""
+        path = self.path_of(name)
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise ApiError(404, f"no saved prompt {name!r} in {self.root}")
+        try:
+            prompt, meta = load_prompt(path, self.loaded.model, self.allow_mismatch)
+        except SoftpromptError as err:
+            raise ApiError(400, str(err)) from None
+        entry = Entry(name, compile_prefix(self.loaded.model, prompt), meta.get("template"))
+        with self._lock:
+            self._entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if self._entries.pop(name, None) is None:
+                raise ApiError(404, f"prompt {name!r} is not loaded")
+
+    def get(self, name: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get(name)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def rescan(self) -> dict:
+        """Load sub-folders not loaded yet, drop prompts whose folder is gone."""
+        on_disk = {p.name for p in self.root.iterdir() if (p / ADAPTER_WEIGHTS).is_file()}
+        added, errors = [], {}
+        for name in sorted(on_disk - {e.name for e in self.entries()}):
+            try:
+                self.load(name)
+                added.append(name)
+            except ApiError as err:
+                errors[name] = str(err)
+        removed = [e.name for e in self.entries() if e.name not in on_disk]
+        for name in removed:
+            self.remove(name)
+        return {"added": added, "removed": removed, "errors": errors}
+
+
+def base_model_of(folder: Path) -> str:
+    """The base model named by the first prompt of ``folder``, else the embedded one."""
+    for sub in sorted(folder.iterdir()):
+        name = trained_base_model(sub) if (sub / ADAPTER_WEIGHTS).is_file() else None
+        if name:
+            return name
+    return EMBEDDED_MODEL

@@ -52,6 +52,24 @@ def make_tokenizer():
     )
 
 
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nyou are a good answer bot<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)  # SmolLM2's template, shortened: a default system message, ChatML turns
+
+
+def make_chat_tokenizer():
+    """The tiny tokenizer plus ChatML's two special tokens and a chat template."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["system", "user", "assistant", "you", "bot"])
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    return tok
+
+
 def make_model(kind: str, vocab_size: int):
     from transformers import (
         AutoModelForCausalLM,
@@ -110,6 +128,16 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_dir(model_dirs) -> Path:
     return model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose tokenizer has a ChatML chat template (an instruct model's shape)."""
+    folder = tmp_path_factory.mktemp("models") / "chat"
+    tok = make_chat_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Literal
 
 from softprompt import __version__
@@ -44,8 +44,10 @@ def _argparse_kwargs(flag: Flag) -> dict:
         kind, optional = args[0], len(args) < len(typing.get_args(kind))
     if typing.get_origin(kind) is Literal:
         return {"type": str, "choices": typing.get_args(kind)}
-    if typing.get_origin(kind) is list:
-        return {"type": str, "nargs": "*"}
+    if typing.get_origin(kind) is list:  # positional: TEXT ...; a flag: repeated
+        if flag.metadata.get("positional"):
+            return {"type": str, "nargs": "*"}
+        return {"type": str, "action": "append", "metavar": flag.metadata.get("metavar")}
     convert = unescape if flag.metadata.get("escapes") else kind
     if not optional:
         return {"type": convert}
@@ -69,9 +71,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
             continue
         kwargs = {"default": flag.default, **_argparse_kwargs(flag)}
         help_text = meta["help"]
+        if kwargs.get("action") == "append":
+            kwargs["default"] = None  # argparse would append to the default list itself
         if meta.get("required"):
             kwargs["required"] = True
-        elif flag.default not in (None, ""):
+        elif flag.default not in (None, "", []):
             help_text += f" (default: {flag.default!r})"
         parser.add_argument(name, help=help_text.replace("%", "%%"), **kwargs)
 
@@ -84,16 +88,16 @@ def build_config(cls, ns: argparse.Namespace):
         if f.metadata.get("nested"):
             sample = f.default_factory()
             given = {
-                sub.name: getattr(ns, sub.name)
-                for sub in fields(sample)
-                if hasattr(ns, sub.name)
+                sub.name: getattr(ns, sub.name) for sub in fields(sample) if hasattr(ns, sub.name)
             }
             if any(sub.metadata.get("nested") for sub in fields(sample)):
                 values[f.name] = build_config(type(sample), ns)
             else:
                 values[f.name] = dataclasses.replace(sample, **given)
         elif hasattr(ns, f.name):
-            values[f.name] = getattr(ns, f.name)
+            value = getattr(ns, f.name)
+            if value is not None or f.default_factory is MISSING:  # a repeatable flag: []
+                values[f.name] = value
     return cls(**values)
 
 

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from softprompt.errors import ConfigError
-from softprompt.templates import template_fields
+from softprompt.templates import POSITIONS, PromptFormat, template_fields
 
 EMBEDDED_MODEL = "embedded"
 INIT_CHOICES = ("random", "text", "vocab")
 Dtype = Literal["float32", "bfloat16"]
 ChoiceLoss = Literal["restricted", "full"]
+PromptPosition = Literal["start", "after-system", "before-user"]
+LossOn = Literal["all-assistant", "last-assistant"]
 DTYPE_CHOICES = typing.get_args(Dtype)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
 
@@ -137,14 +139,56 @@ class DataConfig:
         "Most tokens per row, virtual tokens included. Longer rows are cut (the input's start "
         "first, so the target survives) and counted in a warning.",
     )
+    prompt_position: PromptPosition = opt(
+        "start",
+        "Where the virtual tokens go in a conversation: 'start' (before everything, as PEFT "
+        "puts them), 'after-system' (right after the system message's text) or 'before-user' "
+        "(just before the first user turn). In a raw --template write {soft_prompt} where "
+        "they go instead.",
+    )
+    chat_template: str | None = opt(
+        None,
+        'Conversations ({"messages": [...]} records): a Jinja chat template file to render '
+        "them with. Default: the model's own.",
+    )
+    system: str | None = opt(
+        None,
+        "Conversations: the system message for those that have none (e.g. a task description; "
+        "with eval, the system-prompt baseline).",
+        escapes=True,
+    )
+    loss_on: LossOn = opt(
+        "all-assistant",
+        "Conversations: learn every assistant turn or only the last, each with its "
+        "end-of-turn token.",
+    )
 
     def __post_init__(self) -> None:
         if self.template is not None:
             template_fields(self.template)
+        check_choice(self.prompt_position, POSITIONS, "--prompt-position")
+        check_choice(self.loss_on, typing.get_args(LossOn), "--loss-on")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ConfigError(f"--chat-template {self.chat_template}: no such file")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, not {self.max_length}")
+
+    def prompt_format(self, chat: bool = False) -> PromptFormat:
+        """The format these settings describe (``chat``: for conversations)."""
+        template = None
+        if chat and self.chat_template is not None:
+            template = Path(self.chat_template).read_text(encoding="utf-8")
+        return PromptFormat(
+            template=self.template,
+            input_field=self.input_field,
+            target_delimiter=self.target_delimiter,
+            chat=chat,
+            chat_template=template,
+            position=self.prompt_position,
+            system=self.system,
+        )
 
 
 @dataclass
@@ -310,6 +354,22 @@ class GenerateRunConfig:
         escapes=True,
     )
     no_template: bool = opt(False, "use the inputs as they are")
+    field: list[str] = opt(
+        [],
+        "NAME=VALUE for a field of the template other than the input (repeat for several); "
+        "with --file the records' own fields are used too",
+        metavar="NAME=VALUE",
+    )
+    chat: bool = opt(
+        False,
+        "treat each TEXT as a user message and render it with the chat template (automatic for "
+        'a prompt trained on conversations); --file may hold {"messages": [...]} records',
+    )
+    system: str | None = opt(
+        None,
+        "with --chat: the system message (default: the prompt's, else the template's own)",
+        escapes=True,
+    )
     allow_mismatch: bool = opt(False, "load a prompt even if it was trained for another base model")
     model: ModelConfig = nested(
         prompt_model,

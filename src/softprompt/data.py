@@ -20,7 +20,7 @@ from torch import Tensor
 from softprompt.config import DataConfig
 from softprompt.console import warn
 from softprompt.errors import DataError
-from softprompt.templates import INPUT, as_text, render, uses_input
+from softprompt.templates import INPUT, PromptFormat, as_text, check_messages, uses_input
 
 IGNORE_INDEX = -100  # the one label value that carries no loss
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
@@ -28,10 +28,12 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
 @dataclass
 class Example:
-    source: str  # the templated input, or the whole text in plain-text mode
-    target: str | None  # None in plain-text mode
+    source: str  # the templated input (after the soft prompt), the text, or a chat's last user turn
+    target: str | None  # None in plain-text mode; a chat's last assistant message
     where: str  # "file.jsonl:12", for messages
     task: str | None = None  # multi-task training: the record's task name
+    head: str | None = None  # a template's text before {soft_prompt}; None: the prompt goes first
+    messages: list[dict] | None = None  # a conversation, rendered when tokenized
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Row:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss
     task: int = 0  # index of the row's task (its prompt) in a multi-task run
+    prompt_at: int = 0  # where the virtual tokens go: before input_ids[prompt_at]
 
 
 # --- reading --------------------------------------------------------------------------
@@ -135,6 +138,13 @@ def load_examples(spec: str, cfg: DataConfig, task_field: str | None = None) -> 
         examples.append(example)
     if not examples:
         raise DataError(f"{spec} holds no examples; check that the file is not empty")
+    chat = [ex for ex in examples if ex.messages is not None]
+    if chat and len(chat) < len(examples):
+        other = next(ex for ex in examples if ex.messages is None)
+        raise DataError(
+            f"{other.where}: not a conversation, while {chat[0].where} is one; a file holds "
+            "either conversations or input/target pairs (or plain text)"
+        )
     return examples
 
 
@@ -153,27 +163,47 @@ def _task_name(record: dict, name: str, where: str) -> str:
 
 
 def _to_example(record: dict, where: str, cfg: DataConfig) -> Example:
+    if _is_conversation(record, cfg):
+        return _chat_example(record, where)
+    fmt = cfg.prompt_format()
     text_field = cfg.text_field
     if text_field is None and cfg.input_field not in record and "text" in record:
         text_field = "text"  # a plain-text file, or records with only a text field
     if text_field is not None:
         text = _field(record, text_field, where, "--text-field")
-        return Example(
-            render(cfg.template, text, record, (INPUT, "text"), f"{where}: ", "the record"),
-            None,
-            where,
-        )
-    names = (INPUT, cfg.input_field)
-    if not uses_input(cfg.template, names):
+        fmt = PromptFormat(template=cfg.template, input_field="text")
+        head, body = fmt.raw_text(text, record, f"{where}: ", "the record")
+        return Example(body, None, where, head=head)
+    if not uses_input(cfg.template, (INPUT, cfg.input_field)):
         raise DataError(
             f"--template {cfg.template!r} never places the input; write {{input}} (or "
             f"{{{cfg.input_field}}}) where it goes"
         )
     source = _field(record, cfg.input_field, where, "--input-field")
     target = _field(record, cfg.target_field, where, "--target-field")
-    return Example(
-        render(cfg.template, source, record, names, f"{where}: ", "the record"), target, where
-    )
+    head, body = fmt.raw_text(source, record, f"{where}: ", "the record")
+    return Example(body, target, where, head=head)
+
+
+def _is_conversation(record: dict, cfg: DataConfig) -> bool:
+    """Records of the OpenAI / TRL conversational shapes: {"messages": [...]} or
+    {"prompt": [...], "completion": [...]}."""
+    if cfg.input_field in record or cfg.text_field is not None:
+        return False
+    return isinstance(record.get("messages"), list) or isinstance(record.get("prompt"), list)
+
+
+def _chat_example(record: dict, where: str) -> Example:
+    if "messages" in record:
+        messages = check_messages(record["messages"], where)
+    else:
+        if not isinstance(record.get("completion"), list):
+            raise DataError(f"{where}: a 'prompt' list needs a 'completion' list of messages")
+        messages = check_messages(record["prompt"] + record["completion"], where)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation must end with an assistant message")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return Example(users[-1] if users else "", messages[-1]["content"], where, messages=messages)
 
 
 def _field(record: dict, name: str, where: str, flag: str) -> str:
@@ -224,12 +254,21 @@ def tokenize(
     max_text_tokens: int,
     delimiter: str = " ",
     task_ids: dict[str, int] | None = None,
+    fmt: PromptFormat | None = None,
+    loss_on: str = "all-assistant",
 ) -> list[Row]:
     """Token rows with labels; rows longer than ``max_text_tokens`` are cut (and counted).
-    ``task_ids`` maps task names to the rows' task indices in a multi-task run."""
+    ``task_ids`` maps task names to the rows' task indices in a multi-task run; ``fmt``
+    renders conversations (``loss_on``: which assistant turns are learned)."""
+    fmt = fmt or PromptFormat(target_delimiter=delimiter)
     rows, cut = [], 0
     for ex in examples:
-        row, was_cut = _tokenize_one(ex, tokenizer, max_text_tokens, delimiter)
+        if ex.messages is not None:
+            row, was_cut = _chat_row(ex, tokenizer, max_text_tokens, fmt, loss_on)
+        elif ex.head is not None:
+            row, was_cut = _headed_row(ex, tokenizer, max_text_tokens, delimiter)
+        else:
+            row, was_cut = _tokenize_one(ex, tokenizer, max_text_tokens, delimiter)
         row.task = task_ids[ex.task] if task_ids else 0
         rows.append(row)
         cut += was_cut
@@ -242,6 +281,7 @@ def tokenize(
 
 
 def _tokenize_one(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row, bool]:
+    """A row with the virtual tokens first (before the BOS, as PEFT puts them)."""
     src = tokenizer(ex.source, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
     has_bos = bool(src) and src[0] == bos
@@ -252,15 +292,62 @@ def _tokenize_one(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[R
         if has_bos:
             labels[0] = IGNORE_INDEX
         return Row(ids, labels), cut
-    sep = "" if not ex.source or ex.source[-1].isspace() else delimiter
-    tgt = tokenizer(sep + ex.target, add_special_tokens=False)["input_ids"]
-    tgt = tgt + [tokenizer.eos_token_id]  # learn to stop after the answer
+    tgt = _target_ids(ex, tokenizer, delimiter)
     cut = len(src) + len(tgt) > limit
     if cut:  # cut the input's start (its end, the question, matters most), then the target
         keep = max(limit - len(tgt), min(len(src), 1 + has_bos))
         tgt = tgt[: limit - keep]
         src = (src[:1] + src[len(src) - keep + 1 :]) if has_bos else src[len(src) - keep :]
     return Row(src + tgt, [IGNORE_INDEX] * len(src) + tgt), cut
+
+
+def _target_ids(ex: Example, tokenizer, delimiter: str) -> list[int]:
+    """The target's tokens after the input, and an EOS so the model learns to stop."""
+    sep = "" if not ex.source or ex.source[-1].isspace() else delimiter
+    return tokenizer(sep + ex.target, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+
+
+def _headed_row(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row, bool]:
+    """A raw template with {soft_prompt}: [head (with BOS)][virtual tokens][input][target]."""
+    head = tokenizer(ex.head, add_special_tokens=True)["input_ids"]
+    body = tokenizer(ex.source, add_special_tokens=False)["input_ids"]
+    if ex.target is None:
+        return _cut_row(head, [(body, True)], limit)
+    return _cut_row(head, [(body, False), (_target_ids(ex, tokenizer, delimiter), True)], limit)
+
+
+def _chat_row(
+    ex: Example, tokenizer, limit: int, fmt: PromptFormat, loss_on: str
+) -> tuple[Row, bool]:
+    """A conversation rendered by the chat template, the soft prompt at its place, the
+    assistant turns to learn labelled (each ends with its end-of-turn token)."""
+    text = fmt.chat_text(tokenizer, ex.messages, generate=False, where=ex.where, loss_on=loss_on)
+    head = [] if text.head is None else _ids(tokenizer, text.head)
+    pieces = [(_ids(tokenizer, t), learn) for t, learn in text.pieces]
+    special = set(tokenizer.all_special_ids)
+    for ids, learn in pieces:  # a template without an end-of-turn token: learn an EOS
+        if learn and ids and ids[-1] not in special:
+            ids.append(tokenizer.eos_token_id)
+    return _cut_row(head, pieces, limit)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Tokens of rendered text that already holds its special tokens."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _cut_row(head: list[int], pieces: list[tuple[list[int], bool]], limit: int) -> tuple[Row, bool]:
+    """[head][pieces...], labelled where a piece is learned; the prompt goes after the head.
+    Too long: the start of what follows the head is cut (the end, the answer, matters most)."""
+    ids = [t for p, _ in pieces for t in p]
+    labels = [t if learn else IGNORE_INDEX for p, learn in pieces for t in p]
+    keep = max(limit - len(head), 1)
+    cut = len(ids) > keep
+    if cut:
+        ids, labels = ids[-keep:], labels[-keep:]
+    return Row(head + ids, [IGNORE_INDEX] * len(head) + labels, prompt_at=len(head)), cut
 
 
 def batch_order(
@@ -289,9 +376,13 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     task = torch.tensor([r.task for r in rows], dtype=torch.long)  # (B,) multi-task runs
+    prompt_at = torch.tensor([r.prompt_at for r in rows], dtype=torch.long)  # (B,)
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         ids[i, :n] = torch.tensor(r.input_ids)
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
+    if prompt_at.any():  # only batches whose prompt sits inside the rows carry it
+        batch["prompt_at"] = prompt_at
+    return batch

@@ -29,9 +29,9 @@ from softprompt.config import GenerateConfig, GenerateRunConfig
 from softprompt.data import read_records
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel, load_model
-from softprompt.prefix import Prefix, PromptLike, compile_all
+from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
 from softprompt.prompt import SoftPrompt, embed_tokens
-from softprompt.templates import render
+from softprompt.templates import PromptFormat, check_messages
 
 Fields = Mapping[str, object]
 
@@ -92,14 +92,20 @@ def _packed_cache(
     return DynamicCache(ddp_cache_data=layers)  # full layers: the masks apply any window
 
 
-def plain_rows(model: torch.nn.Module, texts: Sequence[list[int]], prompts: Sequence[PromptLike]):
-    """The reference path: (B, L, H) embeds and (B, L) mask, [padding][virtual tokens][text]."""
+def plain_rows(
+    model: torch.nn.Module,
+    texts: Sequence[list[int]],
+    prompts: Sequence[PromptLike],
+    heads: Sequence[Sequence[int] | None] | None = None,
+):
+    """The reference path: (B, L, H) embeds and (B, L) mask,
+    [padding][head][virtual tokens][text], every token run on every call."""
     weight = model.get_input_embeddings().weight
     parts = []
-    for ids, prompt in zip(texts, prompts):
+    for ids, prompt, head in zip(texts, prompts, heads or [()] * len(texts)):
         emb = embed_tokens(model, torch.tensor([ids], device=weight.device))[0]  # (t, H)
         if isinstance(prompt, SoftPrompt):
-            emb = torch.cat([prompt.embedding.to(emb), emb])  # emb's dtype and device
+            emb = torch.cat([with_head(model, prompt.embedding, head or ()), emb])
         elif isinstance(prompt, Prefix):
             emb = torch.cat([prompt.embeds, emb])
         parts.append(emb)
@@ -112,8 +118,11 @@ def plain_rows(model: torch.nn.Module, texts: Sequence[list[int]], prompts: Sequ
     return embeds, mask
 
 
-def generation_config(tokenizer, cfg: GenerateConfig) -> GenerationConfig:
-    """Hugging Face settings for ``cfg``: greedy at temperature 0, else seeded sampling."""
+def generation_config(
+    tokenizer, cfg: GenerateConfig, stop_ids: list[int] | None = None
+) -> GenerationConfig:
+    """Hugging Face settings for ``cfg``: greedy at temperature 0, else seeded sampling;
+    generation stops at ``stop_ids`` (default: the EOS)."""
     sample = cfg.temperature > 0
     return GenerationConfig(
         max_new_tokens=cfg.max_new_tokens,
@@ -123,7 +132,7 @@ def generation_config(tokenizer, cfg: GenerateConfig) -> GenerationConfig:
         top_k=None,
         repetition_penalty=cfg.repetition_penalty,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
 
@@ -136,21 +145,24 @@ def generate_ids(
     gen_cfg: GenerationConfig,
     stopping: StoppingCriteriaList | None = None,
     prefix_cache: bool = True,
+    heads: Sequence[Sequence[int] | None] | None = None,
 ) -> Tensor:
-    """New token ids (B, steps) for each row of ``ids`` with its own prompt (or None).
+    """New token ids (B, steps) for each row of ``ids`` with its own prompt (or None) placed
+    after its ``heads`` tokens (default: first).
 
     With ``prefix_cache`` each prompt runs from its compiled prefix (a SoftPrompt is compiled
-    here; pass ``Prefix`` objects to compile once for many calls). Rows that finish early are
-    filled with the pad token.
+    here, with its head; pass ``Prefix`` objects to compile once for many calls). Rows that
+    finish early are filled with the pad token.
     """
     extra = {}
     if prefix_cache:
-        rows = [GenerationRow(list(i), p) for i, p in zip(ids, compile_all(model, prompts))]
+        compiled = compile_all(model, prompts, heads)
+        rows = [GenerationRow(list(i), p) for i, p in zip(ids, compiled)]
         embeds, mask, cache = pack_rows(model, rows)
         if cache is not None:
             extra["past_key_values"] = cache
     else:
-        embeds, mask = plain_rows(model, ids, prompts)
+        embeds, mask = plain_rows(model, ids, prompts, heads)
     return model.generate(
         inputs_embeds=embeds,
         attention_mask=mask,
@@ -169,30 +181,87 @@ def generate(
     template: str | None = None,
     prefix_cache: bool = True,
     fields: Fields | Sequence[Fields | None] | None = None,
+    fmt: PromptFormat | None = None,
 ) -> list[str]:
-    """Continue each text (after ``template``) with the base model, or with a prompt.
+    """Continue each text (in its template) with the base model, or with a prompt.
 
-    ``prompt`` is one prompt for every text, or a list with one prompt (or None) per
-    text. ``fields`` fill the template's other fields (``templates.render``): one mapping
-    for every text or one per text. ``prefix_cache=False`` runs the virtual tokens again on
-    every call (the reference path, for comparisons).
+    ``prompt`` is one prompt for every text, or a list with one prompt (or None) per text.
+    ``fields`` fill the template's other fields (``templates.render``): one mapping for every
+    text or one per text. ``fmt`` (a saved prompt's ``PromptFormat``) replaces ``template``.
+    ``prefix_cache=False`` runs the virtual tokens again on every call (the reference path,
+    for comparisons).
     """
+    fmt = fmt or PromptFormat(template=template)
+    per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
+    encoded = [encode_raw(loaded.tokenizer, fmt, t, f) for t, f in zip(texts, per_text)]
+    return generate_encoded(loaded, encoded, prompt, cfg, prefix_cache)
+
+
+@torch.no_grad()
+def generate_chat(
+    loaded: LoadedModel,
+    conversations: list[list[dict]],
+    prompt: PromptLike | Sequence[PromptLike] = None,
+    cfg: GenerateConfig | None = None,
+    fmt: PromptFormat | None = None,
+    prefix_cache: bool = True,
+) -> list[str]:
+    """The next assistant message of each conversation, rendered as ``fmt`` (a chat format:
+    the prompt's own, or the tokenizer's chat template with the prompt first)."""
+    fmt = fmt or PromptFormat(chat=True)
+    encoded = [encode_chat(loaded.tokenizer, fmt, c) for c in conversations]
+    return generate_encoded(
+        loaded, encoded, prompt, cfg, prefix_cache, fmt.stop_ids(loaded.tokenizer)
+    )
+
+
+Encoded = tuple[list[int] | None, list[int]]  # (head ids or None, the ids after the prompt)
+
+
+def encode_raw(tokenizer, fmt: PromptFormat, text: str, fields: Fields | None = None) -> Encoded:
+    """A raw input's tokens, split where the prompt goes (as ``data.tokenize`` splits them)."""
+    head, rest = fmt.raw_text(text, fields)
+    if head is None:
+        return None, tokenizer(rest, add_special_tokens=True)["input_ids"]
+    head_ids = tokenizer(head, add_special_tokens=True)["input_ids"]
+    return head_ids, tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(tokenizer, fmt: PromptFormat, messages: list[dict]) -> Encoded:
+    """A conversation rendered up to the assistant's turn, split where the prompt goes."""
+    text = fmt.chat_text(tokenizer, messages, generate=True)
+    head = (
+        None if text.head is None else tokenizer(text.head, add_special_tokens=False)["input_ids"]
+    )
+    return head, tokenizer(text.prompt, add_special_tokens=False)["input_ids"]
+
+
+def generate_encoded(
+    loaded: LoadedModel,
+    encoded: list[Encoded],
+    prompt: PromptLike | Sequence[PromptLike] = None,
+    cfg: GenerateConfig | None = None,
+    prefix_cache: bool = True,
+    stop_ids: list[int] | None = None,
+) -> list[str]:
+    """Generate for encoded inputs, each with its prompt (or None: the head and text run
+    as plain tokens); batches of ``cfg.batch_size``."""
     cfg = cfg or GenerateConfig()
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(cfg.seed)
-    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(texts)
-    if len(prompts) != len(texts):
-        raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts: give one per text")
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(encoded)
+    if len(prompts) != len(encoded):
+        raise ValueError(f"{len(prompts)} prompts for {len(encoded)} texts: give one per text")
+    heads = [h for h, _ in encoded]
+    ids = [(h or []) + i if p is None else i for (h, i), p in zip(encoded, prompts)]
     if prefix_cache:
-        prompts = compile_all(model, prompts)  # once, not once per batch
-    per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
-    gen_cfg = generation_config(tok, cfg)
+        prompts = compile_all(model, prompts, heads)  # once, not once per batch
+    gen_cfg = generation_config(tok, cfg, stop_ids)
     out: list[str] = []
-    for start in range(0, len(texts), cfg.batch_size):
-        chunk = zip(texts[start : start + cfg.batch_size], per_text[start : start + cfg.batch_size])
-        ids = [tok(render(template, t, f), add_special_tokens=True)["input_ids"] for t, f in chunk]
-        rows = prompts[start : start + cfg.batch_size]
-        new = generate_ids(model, ids, rows, gen_cfg, prefix_cache=prefix_cache)
+    for start in range(0, len(ids), cfg.batch_size):
+        window = slice(start, start + cfg.batch_size)
+        new = generate_ids(model, ids[window], prompts[window], gen_cfg, None, prefix_cache,
+                           heads[window])  # fmt: skip
         out += [tok.decode(row, skip_special_tokens=True) for row in new]
     return out
 
@@ -212,39 +281,87 @@ class Generation:
 
 def run_generate(cfg: GenerateRunConfig, loaded: LoadedModel | None = None) -> list[Generation]:
     """Generate for ``cfg.texts`` and the rows of ``cfg.file``: with the prompt, and without
-    it for ``--compare`` or when no prompt is given."""
+    it for ``--compare`` or when no prompt is given. Inputs are rendered as the prompt was
+    trained (its saved format); conversations (``--chat``, or a prompt trained on them) get
+    the next assistant message."""
     meta = read_meta(cfg.prompt) if cfg.prompt else {}
-    data = meta.get("data", {})
-    items = [Generation(t) for t in cfg.texts]
-    fields: list[Fields | None] = [None] * len(items)
-    if cfg.file:
-        name = cfg.input_field or data.get("input_field") or "input"
-        target = data.get("target_field") or "target"
-        for i, (record, where) in enumerate(read_records(cfg.file)):
-            if cfg.limit is not None and i >= cfg.limit:
-                break
-            if name not in record:
-                raise SoftpromptError(f"{where}: no field {name!r}; set --input-field")
-            items.append(Generation(str(record[name]), expected=record.get(target)))
-            fields.append(record)  # the template's other fields come from the record
-    if not items:
-        raise SoftpromptError("nothing to generate: give TEXT arguments or --file")
+    fmt = _format_for(cfg, meta)
+    items, fields, chats = _inputs(cfg, meta, fmt)
     if loaded is None:
         model = cfg.model.model or (trained_base_model(cfg.prompt) if cfg.prompt else None)
         loaded = load_model(replace(cfg.model, model=model))
-    template = None if cfg.no_template else (cfg.template or meta.get("template"))
-    texts = [item.text for item in items]
+    prompts: list[SoftPrompt | None] = [None] if cfg.compare or not cfg.prompt else []
     if cfg.prompt:
         prompt, _ = load_prompt(cfg.prompt, loaded.model, allow_mismatch=cfg.allow_mismatch)
-        prompt.to(loaded.model.device)
-        tuned = generate(loaded, texts, prompt, cfg.sampling, template, fields=fields)
-        for item, out in zip(items, tuned):
-            item.tuned = out
-    if cfg.compare or not cfg.prompt:
-        base = generate(loaded, texts, None, cfg.sampling, template, fields=fields)
-        for item, out in zip(items, base):
-            item.base = out
+        prompts.append(prompt.to(loaded.model.device))
+    for prompt in prompts:
+        if fmt.chat:
+            outs = generate_chat(loaded, chats, prompt, cfg.sampling, fmt)
+        else:
+            outs = generate(loaded, [i.text for i in items], prompt, cfg.sampling, fields=fields,
+                            fmt=fmt)  # fmt: skip
+        for item, out in zip(items, outs):
+            setattr(item, "base" if prompt is None else "tuned", out)
     return items
+
+
+def _format_for(cfg: GenerateRunConfig, meta: dict) -> PromptFormat:
+    """The prompt's saved format, as the flags amend it."""
+    fmt = PromptFormat.from_meta(meta) if meta else PromptFormat()
+    if cfg.chat and not fmt.chat and cfg.prompt and meta.get("prompt_format"):
+        raise SoftpromptError(
+            f"{cfg.prompt} was trained on raw text, not conversations; leave out --chat"
+        )
+    if cfg.chat and not fmt.chat:
+        fmt = PromptFormat(chat=True)
+    if cfg.template is not None or cfg.no_template:
+        fmt = replace(fmt, template=None if cfg.no_template else cfg.template)
+    if cfg.system is not None:
+        fmt = replace(fmt, system=cfg.system)
+    fmt.check()
+    return fmt
+
+
+def _inputs(
+    cfg: GenerateRunConfig, meta: dict, fmt: PromptFormat
+) -> tuple[list[Generation], list[Fields | None], list[list[dict]]]:
+    """The inputs: (items, template fields per item, conversations per item)."""
+    given = dict(parse_fields(cfg.field))
+    items = [Generation(t) for t in cfg.texts]
+    fields: list[Fields | None] = [given] * len(items)
+    chats = [[{"role": "user", "content": t}] for t in cfg.texts]
+    data = meta.get("data", {})
+    name = cfg.input_field or data.get("input_field") or "input"
+    target = data.get("target_field") or "target"
+    for i, (record, where) in enumerate(read_records(cfg.file) if cfg.file else []):
+        if cfg.limit is not None and i >= cfg.limit:
+            break
+        if fmt.chat and isinstance(record.get("messages"), list):
+            messages = check_messages(record["messages"], where)
+            answer = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
+            user = [m["content"] for m in messages if m["role"] == "user"]
+            items.append(Generation(user[-1] if user else "", expected=answer))
+            chats.append(messages)
+        elif name in record:
+            items.append(Generation(str(record[name]), expected=record.get(target)))
+            chats.append([{"role": "user", "content": str(record[name])}])
+        else:
+            raise SoftpromptError(f"{where}: no field {name!r}; set --input-field")
+        fields.append({**record, **given})  # the template's other fields: the record's
+    if not items:
+        raise SoftpromptError("nothing to generate: give TEXT arguments or --file")
+    return items, fields, chats
+
+
+def parse_fields(pairs: list[str]) -> list[tuple[str, str]]:
+    """``--field NAME=VALUE`` flags as (name, value) pairs."""
+    out = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise SoftpromptError(f"--field {pair!r}: write NAME=VALUE, e.g. --field topic=films")
+        out.append((name, value))
+    return out
 
 
 def format_generations(items: list[Generation]) -> str:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from softprompt.data import IGNORE_INDEX, Example, Row, collate
 from softprompt.errors import ConfigError
-from softprompt.prefix import hidden_after_prefix
+from softprompt.prefix import hidden_after_prefix, with_head
 from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens, prepend, rows_prompts
 
 
@@ -88,17 +88,20 @@ def _loss(
     choice_ids: Tensor | None,
 ) -> tuple[Tensor, int]:
     """``lm_loss`` with the shortcuts given, not checked (``support`` compares the paths)."""
-    labels = batch["labels"]
-    if prompt is not None and shared:
+    labels, at = batch["labels"], batch.get("prompt_at")
+    if prompt is not None and shared and at is None:  # the prompt first in every row
         hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
         logits = head_logits(model, hidden[keep], choice_ids)  # (K, V), or (K, C) with choices
         return _score(logits, labels[keep], choice_ids), int(keep.sum())
+    if prompt is not None and shared and len(lengths := at.unique()) <= MAX_HEAD_GROUPS:
+        parts = [_behind_heads(model, prompt, batch, int(a), choice_ids) for a in lengths]
+        return sum(loss for loss, _ in parts), sum(n for _, n in parts)
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
     if prompt is not None:
         virtual, which = rows_prompts(prompt, batch)
-        embeds, mask, labels = prepend(virtual[which], embeds, mask, labels)  # (B, N+T, ...)
+        embeds, mask, labels = prepend(virtual[which], embeds, mask, labels, at)  # (B, N+T, ...)
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast:
@@ -109,6 +112,36 @@ def _loss(
         if choice_ids is not None:
             logits = logits[:, choice_ids]  # (K, C)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
+
+
+# Rows whose prompt sits behind heads of this many different lengths share prefixes per
+# length; more lengths than this (e.g. a different system prompt in every row) take the
+# plain path, where each row runs its own head and prompt.
+MAX_HEAD_GROUPS = 2
+
+
+def _behind_heads(
+    model: nn.Module,
+    prompt: SoftPrompt | PromptSet,
+    batch: dict[str, Tensor],
+    a: int,
+    choice_ids: Tensor | None,
+) -> tuple[Tensor, int]:
+    """The loss of the rows whose prompt sits after a head of ``a`` tokens: each distinct
+    (head, prompt) runs once as a prefix and its rows read it from the shared cache."""
+    rows = (batch["prompt_at"] == a).nonzero().squeeze(1)
+    sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels", "task")}
+    width = int(sub["attention_mask"].sum(dim=1).max())
+    virtual, task = rows_prompts(prompt, sub)  # (K, N, H), (b,)
+    heads = sub["input_ids"][:, :a]  # (b, a)
+    combos, which = torch.unique(torch.cat([task[:, None], heads], 1), dim=0, return_inverse=True)
+    prefix = torch.stack([with_head(model, virtual[c[0]], c[1:].tolist()) for c in combos])
+    tail = {k: sub[k][:, a:width] for k in ("input_ids", "attention_mask")}
+    labels = sub["labels"][:, a:width]  # the head carries no labels
+    hidden = hidden_after_prefix(model, prefix, which, tail)
+    keep = _positions(labels, choice_ids)
+    logits = head_logits(model, hidden[keep], choice_ids)
+    return _score(logits, labels[keep], choice_ids), int(keep.sum())
 
 
 def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
@@ -240,7 +273,7 @@ def row_logprobs(
             batch["labels"],
         )
         if prompt is not None:
-            embeds, mask, labels = prompt.prepend(embeds, mask, labels)
+            embeds, mask, labels = prompt.prepend(embeds, mask, labels, batch.get("prompt_at"))
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # (B, T-1)
         logp = F.log_softmax(_logits_at(model, embeds, mask, keep).float(), dim=-1)

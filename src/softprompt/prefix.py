@@ -1,8 +1,10 @@
 """The prefix: the part of every sequence that is the same in every row, run once.
 
-In a decoder the virtual tokens come first and attend only to each other, so their keys
-and values do not depend on the row. ``run_prefix`` runs them once and keeps every
-layer's keys and values; that one mechanism serves both sides:
+In a decoder, everything up to the last virtual token attends only to itself: the virtual
+tokens, and the constant head before them when the prompt sits inside the text (a BOS, a
+template's text before ``{soft_prompt}``, a chat's system turn). Its keys and values do not
+depend on the row. ``run_prefix`` runs a prefix once and keeps every layer's keys and
+values; that one mechanism serves both sides:
 
 - training (``hidden_after_prefix``): the prompts of a batch (one, or one per task) run
   once, each row reads its prompt's keys/values from the cache, and the gradient flows back
@@ -28,11 +30,13 @@ from softprompt.prompt import SoftPrompt, embed_tokens
 
 @dataclass(eq=False)  # holds tensors: compare by identity
 class Prefix:
-    """A soft prompt compiled for one model: its embeddings and per-layer keys/values."""
+    """A soft prompt compiled for one model, behind its head tokens (if any): the embeddings
+    and per-layer keys/values of [head][virtual tokens]."""
 
-    embeds: Tensor  # (N, H), the model's dtype
-    keys: list[Tensor]  # per layer, (1, KV heads, N, head dim)
+    embeds: Tensor  # (P, H), the model's dtype; P = head tokens + N
+    keys: list[Tensor]  # per layer, (1, KV heads, P, head dim)
     values: list[Tensor]
+    head: tuple[int, ...] = ()  # the head's token ids
 
     @property
     def length(self) -> int:
@@ -54,18 +58,19 @@ def run_prefix(model: nn.Module, embeds: Tensor) -> tuple[DynamicCache, Tensor]:
 
 
 def hidden_after_prefix(
-    model: nn.Module, virtual: Tensor, which: Tensor, batch: dict[str, Tensor]
+    model: nn.Module, prefix: Tensor, which: Tensor, batch: dict[str, Tensor]
 ) -> Tensor:
     """Final hidden states that predict each text token: (B, T, H), where column 0 is the
-    last virtual token's state (it predicts the first text token).
+    prefix's last state (it predicts the first text token).
 
-    ``virtual`` (K, N, H) runs once (batch K, usually 1); row i then reads prompt
-    ``which[i]``'s keys and values from the shared cache. Rows are right-padded.
+    ``prefix`` (K, P, H) runs once (batch K, usually 1: one prompt, with its head if any);
+    row i then reads prefix ``which[i]``'s keys and values from the shared cache. The batch's
+    rows (B, T) are what follows the prefix, right-padded.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, n = ids.shape[0], virtual.shape[1]
+    b, n = ids.shape[0], prefix.shape[1]
     weight = model.get_input_embeddings().weight
-    cache, head = run_prefix(model, virtual.to(weight.dtype))  # the prompts, once
+    cache, head = run_prefix(model, prefix.to(weight.dtype))  # the prompts, once
     cache.batch_select_indices(which)  # (K, kv, N, d) -> (B, kv, N, d), differentiable
     full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)  # (B, N+T)
     text = model.base_model(
@@ -74,29 +79,46 @@ def hidden_after_prefix(
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state  # (B, T, H)
-    last_virtual = head[which, -1:]  # (B, 1, H)
-    return torch.cat([last_virtual, text[:, :-1]], dim=1)[:, : ids.shape[1]]
+    last = head[which, -1:]  # (B, 1, H)
+    return torch.cat([last, text[:, :-1]], dim=1)[:, : ids.shape[1]]
+
+
+def with_head(model: nn.Module, virtual: Tensor, head: Sequence[int]) -> Tensor:
+    """[head tokens][virtual tokens] as embeddings (P, H) in the model's dtype; ``virtual``
+    (N, H) keeps its gradient."""
+    weight = model.get_input_embeddings().weight
+    virtual = virtual.to(device=weight.device, dtype=weight.dtype)
+    if not head:
+        return virtual
+    ids = torch.tensor([list(head)], device=weight.device)
+    return torch.cat([embed_tokens(model, ids)[0], virtual])
 
 
 @torch.no_grad()
-def compile_prefix(model: nn.Module, prompt: SoftPrompt) -> Prefix:
-    """Run the prompt alone through the model (batch 1) and keep every layer's keys/values."""
-    weight = model.get_input_embeddings().weight
-    embeds = prompt.embedding.detach().to(device=weight.device, dtype=weight.dtype)  # (N, H)
+def compile_prefix(model: nn.Module, prompt: SoftPrompt, head: Sequence[int] = ()) -> Prefix:
+    """Run the prompt (behind its ``head`` tokens) alone through the model, batch 1, and keep
+    every layer's keys/values."""
+    embeds = with_head(model, prompt.embedding.detach(), head)  # (P, H)
     cache, _ = run_prefix(model, embeds[None])
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return Prefix(embeds=embeds, keys=keys, values=values)
+    return Prefix(embeds=embeds, keys=keys, values=values, head=tuple(head))
 
 
-def compile_all(model: nn.Module, prompts: Sequence[PromptLike]) -> list[Prefix | None]:
-    """Compile each distinct SoftPrompt once; prefixes and None pass through."""
-    done: dict[int, Prefix] = {}
+def compile_all(
+    model: nn.Module,
+    prompts: Sequence[PromptLike],
+    heads: Sequence[Sequence[int] | None] | None = None,
+) -> list[Prefix | None]:
+    """Compile each distinct (SoftPrompt, head) once; prefixes and None pass through."""
+    heads = heads or [()] * len(prompts)
+    done: dict[tuple, Prefix] = {}
     out = []
-    for p in prompts:
+    for p, head in zip(prompts, heads):
         if isinstance(p, SoftPrompt):
-            if id(p) not in done:
-                done[id(p)] = compile_prefix(model, p)
-            p = done[id(p)]
+            key = (id(p), tuple(head or ()))
+            if key not in done:
+                done[key] = compile_prefix(model, p, head or ())
+            p = done[key]
         out.append(p)
     return out

@@ -34,13 +34,17 @@ class SoftPrompt(nn.Module):
         return self.embedding.shape[1]
 
     def prepend(
-        self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        at: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Put the prompt before each row: embeds (B, N+T, H), mask (B, N+T), labels (B, N+T)."""
+        """Put the prompt before each row (or before token ``at[i]`` of row i): embeds
+        (B, N+T, H), mask (B, N+T), labels (B, N+T)."""
         b = inputs_embeds.shape[0]
-        return prepend(
-            self.embedding.unsqueeze(0).expand(b, -1, -1), inputs_embeds, attention_mask, labels
-        )
+        virtual = self.embedding.unsqueeze(0).expand(b, -1, -1)
+        return prepend(virtual, inputs_embeds, attention_mask, labels, at)
 
 
 class PromptSet(nn.Module):
@@ -72,14 +76,35 @@ class PromptSet(nn.Module):
 
 
 def prepend(
-    virtual: Tensor, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+    virtual: Tensor,
+    inputs_embeds: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor | None = None,
+    at: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Put each row's virtual tokens ``virtual`` (B, N, H) before its text (B, T, H)."""
+    """Put each row's virtual tokens ``virtual`` (B, N, H) into its text (B, T, H): before it,
+    or, with ``at`` (B,), before token ``at[i]`` of row i. Returns (B, N+T) embeds, mask and
+    labels (no loss on the virtual tokens); rows stay right-padded."""
     b, n = inputs_embeds.shape[0], virtual.shape[1]
-    embeds = torch.cat([virtual.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-    mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+    virtual = virtual.to(inputs_embeds.dtype)
+    if at is None or not bool(at.any()):
+        embeds = torch.cat([virtual, inputs_embeds], dim=1)
+        mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((b, n), IGNORE_INDEX), labels], dim=1)
+        return embeds, mask, labels
+    t = inputs_embeds.shape[1]
+    j = torch.arange(n + t, device=at.device).unsqueeze(0)  # (1, N+T) output positions
+    start = at.unsqueeze(1)  # (B, 1)
+    is_virtual = (j >= start) & (j < start + n)  # (B, N+T)
+    src = torch.where(j < start, j, j - n).clamp(0, t - 1)  # the text token at each position
+    text = inputs_embeds.gather(1, src.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[2]))
+    rows = torch.arange(b, device=at.device).unsqueeze(1)
+    placed = virtual[rows, (j - start).clamp(0, n - 1)]  # (B, N+T, H)
+    embeds = torch.where(is_virtual.unsqueeze(-1), placed, text)
+    mask = torch.where(is_virtual, 1, attention_mask.gather(1, src))
     if labels is not None:
-        labels = torch.cat([labels.new_full((b, n), IGNORE_INDEX), labels], dim=1)
+        labels = torch.where(is_virtual, IGNORE_INDEX, labels.gather(1, src))
     return embeds, mask, labels
 
 

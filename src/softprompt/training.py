@@ -39,6 +39,7 @@ from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import check_choice_targets, choice_first_ids, evaluate_loss, perplexity
 from softprompt.parallel import forward_backward, label_count, shard_layers
 from softprompt.prompt import PromptSet, SoftPrompt, init_prompt
+from softprompt.templates import PromptFormat
 from softprompt.tracking import MetricsLog, plot_metrics
 
 
@@ -101,6 +102,7 @@ class TrainData:
     tasks: list[str]  # task names, one prompt each (a single-task run: [""])
     info: dict  # recorded in metrics.jsonl and softprompt.json
     choice_ids: Tensor | None  # (C,) first tokens of --choices, for the restricted loss
+    fmt: PromptFormat  # how inputs become text around the prompt (saved with it)
 
     @property
     def multi_task(self) -> bool:
@@ -336,6 +338,9 @@ class Run:
         meta = {
             "template": cfg.data.template,
             "target_delimiter": cfg.data.target_delimiter,
+            "prompt_format": data.fmt.to_meta(),
+            "placement": data.fmt.position_name,
+            "peft_compatible": data.fmt.peft_compatible,
             "data": data.info,
             "prompt": dataclasses.asdict(cfg.prompt),
             "training": {
@@ -438,11 +443,13 @@ def _prepare_data(
     max_text = d.max_length - cfg.prompt.num_virtual_tokens
     tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else [""]
     ids = {name: i for i, name in enumerate(tasks)} if cfg.task_field else None
-    train_rows = tokenize(train_ex, tokenizer, max_text, d.target_delimiter, ids)
-    val_rows = tokenize(val_ex, tokenizer, max_text, d.target_delimiter, ids)
+    fmt = d.prompt_format(chat=train_ex[0].messages is not None)
+    delimiter = "" if fmt.chat else d.target_delimiter  # an answer follows its turn's header
+    train_rows = tokenize(train_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
+    val_rows = tokenize(val_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
     if not any(label_count([r]) for r in train_rows):
         raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
-    mode = "text" if train_ex[0].target is None else "pairs"
+    mode = "chat" if fmt.chat else "text" if train_ex[0].target is None else "pairs"
     info = {**dataclasses.asdict(d), "mode": mode, "train_examples": len(train_rows),
             "val_examples": len(val_rows)}  # fmt: skip
     if cfg.task_field:
@@ -456,14 +463,17 @@ def _prepare_data(
         counts = ", ".join(f"{n} {v['train_examples']}" for n, v in info["tasks"].items())
         say(f"multi-task: {len(tasks)} tasks, one prompt each, mixed in batches ({counts})")
     say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
+    if fmt.position_name != "start":
+        say(f"the soft prompt sits at {fmt.position_name!r}: PEFT cannot place it there, so only "
+            "softprompt loads this prompt exactly")  # fmt: skip
     val_by_task = [[r for r in val_rows if r.task == i] for i in range(len(tasks))]
     choice_ids = None
     if (choices := cfg.restricted_choices) is not None:
-        first = choice_first_ids(tokenizer, choices, d.target_delimiter)
+        first = choice_first_ids(tokenizer, choices, delimiter)
         check_choice_targets(train_rows + val_rows, train_ex + val_ex, first)
         say(f"classification mode: loss over the first tokens of {cfg.choices} only")
         choice_ids = torch.tensor(first, device=device)
-    return TrainData(train_rows, val_by_task, tasks, info, choice_ids)
+    return TrainData(train_rows, val_by_task, tasks, info, choice_ids, fmt)
 
 
 def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:

@@ -206,15 +206,10 @@ def train_config(model_dir, data, out, **kw):
 
     data_kw = {k: kw.pop(k) for k in list(kw) if k in DataConfig.__dataclass_fields__}
     data_kw.setdefault("val_fraction", 0.25)
+    data_kw.setdefault("template", "review : {input} sentiment :")
     return TrainConfig(
         model=ModelConfig(model=str(model_dir)),
-        data=DataConfig(
-            data=str(data),
-            input_field="review",
-            target_field="label",
-            template="review : {input} sentiment :",
-            **data_kw,
-        ),
+        data=DataConfig(data=str(data), input_field="review", target_field="label", **data_kw),
         prompt=PromptConfig(num_virtual_tokens=4, init=kw.pop("init", "vocab")),
         output=str(out),
         batch_size=kw.pop("batch_size", 3),

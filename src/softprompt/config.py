@@ -177,11 +177,16 @@ class DataConfig:
 
     def prompt_format(self, chat: bool = False) -> PromptFormat:
         """The format these settings describe (``chat``: for conversations)."""
+        if chat and self.template is not None:
+            raise ConfigError(
+                "--template is for input/target pairs and text; conversations are rendered by "
+                "the chat template (--chat-template), the prompt placed by --prompt-position"
+            )
         template = None
         if chat and self.chat_template is not None:
             template = Path(self.chat_template).read_text(encoding="utf-8")
         return PromptFormat(
-            template=self.template,
+            template=None if chat else self.template,
             input_field=self.input_field,
             target_delimiter=self.target_delimiter,
             chat=chat,

@@ -26,7 +26,7 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
 
 from softprompt.artifacts import load_prompt, read_meta, trained_base_model
 from softprompt.config import GenerateConfig, GenerateRunConfig
-from softprompt.data import read_records
+from softprompt.data import Example, read_records
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel, load_model
 from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
@@ -234,6 +234,18 @@ def encode_chat(tokenizer, fmt: PromptFormat, messages: list[dict]) -> Encoded:
         None if text.head is None else tokenizer(text.head, add_special_tokens=False)["input_ids"]
     )
     return head, tokenizer(text.prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
+    """An example's input as generation and scoring see it: a conversation up to its last
+    answer, or a templated input split at its ``{soft_prompt}`` (``data.Example.head``)."""
+    if ex.messages is not None:
+        messages = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
+        return encode_chat(tokenizer, fmt, messages)
+    if ex.head is None:
+        return None, tokenizer(ex.source, add_special_tokens=True)["input_ids"]
+    head = tokenizer(ex.head, add_special_tokens=True)["input_ids"]
+    return head, tokenizer(ex.source, add_special_tokens=False)["input_ids"]
 
 
 def generate_encoded(

@@ -286,24 +286,36 @@ def row_logprobs(
 
 
 def continuation_rows(
-    tokenizer, sources: list[str], continuation: str | list[str], delimiter: str, max_tokens: int
+    tokenizer,
+    sources: list[str],
+    continuation: str | list[str],
+    delimiter: str,
+    max_tokens: int,
+    contexts: list[tuple[list[int] | None, list[int]]] | None = None,
 ) -> list[Row]:
     """Rows of ``source + delimiter + continuation`` labelled on the continuation (no EOS);
-    ``continuation`` is one for every source or one per source.
+    ``continuation`` is one for every source or one per source. ``contexts`` gives the sources
+    already tokenized as (head, ids), the prompt going after the head (see
+    ``generation.encode_raw``); else they are tokenized here, the prompt first.
 
-    Sources too long for ``max_tokens`` lose their start, as in training.
+    Sources too long for ``max_tokens`` lose their start (never their head), as in training.
     """
     conts = [continuation] * len(sources) if isinstance(continuation, str) else continuation
     rows = []
-    for source, cont in zip(sources, conts):
-        src = tokenizer(source, add_special_tokens=True)["input_ids"]
+    for i, (source, cont) in enumerate(zip(sources, conts)):
+        if contexts is None:
+            head, src = None, tokenizer(source, add_special_tokens=True)["input_ids"]
+        else:
+            head, src = contexts[i]
         sep = "" if not source or source[-1].isspace() else delimiter
         tgt = tokenizer(sep + cont, add_special_tokens=False)["input_ids"]
-        room = max(max_tokens - len(tgt), 1)
+        room = max(max_tokens - len(tgt) - len(head or []), 1)
         if len(src) > room:
-            keep_bos = int(bool(src) and src[0] == tokenizer.bos_token_id)
+            keep_bos = int(head is None and bool(src) and src[0] == tokenizer.bos_token_id)
             src = src[:keep_bos] + src[len(src) - room + keep_bos :]
-        rows.append(Row(src + tgt, [IGNORE_INDEX] * len(src) + tgt))
+        head = head or []
+        labels = [IGNORE_INDEX] * (len(head) + len(src)) + tgt
+        rows.append(Row(head + src + tgt, labels, prompt_at=len(head)))
     return rows
 
 

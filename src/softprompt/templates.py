@@ -104,6 +104,18 @@ def render(
     from (``fields_from``)."""
     if template is None:
         return value
+    return template.format_map(values_for(template, value, fields, input_names, where, fields_from))
+
+
+def values_for(
+    template: str,
+    value: str,
+    fields: Mapping[str, object] | None,
+    input_names: Iterable[str],
+    where: str,
+    fields_from: str,
+) -> dict[str, str]:
+    """Every field of ``template`` with its value, by the rules above."""
     names = [n for n in template_fields(template) if n != SOFT_PROMPT]
     inputs = set(input_names)
     values = {k: as_text(v) for k, v in (fields or {}).items()}
@@ -117,7 +129,7 @@ def render(
             f"{where}template field {{{missing[0]}}} is not in {fields_from} (fields: {known}); "
             "use {input} or a field name, and {{ }} for literal braces"
         )
-    return template.format_map({**values, SOFT_PROMPT: ""})
+    return {**values, SOFT_PROMPT: ""}
 
 
 def uses_input(template: str | None, input_names: Iterable[str]) -> bool:
@@ -234,11 +246,15 @@ class PromptFormat:
         fields_from: str | None = None,
     ) -> tuple[str | None, str]:
         """(head, rest) of a raw input in this format's template (head None: no marker)."""
-        head_tpl, rest_tpl = split_template(self.template)
+        if self.template is None:
+            return None, value
         names = (INPUT, self.input_field)
-        extra = {} if fields_from is None else {"fields_from": fields_from}
-        head = None if head_tpl is None else render(head_tpl, value, fields, names, where, **extra)
-        return head, render(rest_tpl, value, fields, names, where, **extra)
+        frm = fields_from or "the given fields (--field NAME=VALUE, or the request's `fields`)"
+        values = values_for(self.template, value, fields, names, where, frm)
+        head_tpl, rest_tpl = split_template(self.template)
+        return (None if head_tpl is None else head_tpl.format_map(values)), rest_tpl.format_map(
+            values
+        )
 
     # --- conversations ---------------------------------------------------------------
 

@@ -65,6 +65,8 @@ def few_shot(
     query, its answer and the demonstrations fit ``context`` tokens. Returns (examples, k)."""
     if k == 0:
         return queries, 0
+    if queries[0].messages is not None:
+        return _few_shot_turns(queries, train, tokenizer, k, context, seed)
 
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -73,3 +75,29 @@ def few_shot(
     budget = context - longest
     prefix, used = fit_prefix(pick_demonstrations(train, k, seed), tokenizer, delimiter, budget)
     return [replace(q, source=prefix + q.source) for q in queries], used
+
+
+def _few_shot_turns(
+    queries: list[Example], train: list[Example], tokenizer, k: int, context: int, seed: int
+) -> tuple[list[Example], int]:
+    """Conversations: the demonstrations are earlier (user, assistant) turns, after the
+    system message; k shrinks until the longest conversation fits ``context`` tokens (counted
+    on the messages' text, without the template's markup)."""
+
+    def length(messages: list[dict]) -> int:
+        text = "\n".join(m["content"] for m in messages)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 8 * len(messages)
+
+    demos = pick_demonstrations(train, k, seed)
+    turns: list[dict] = []
+    for ex in demos:
+        pair = [m for m in ex.messages if m["role"] != "system"][-2:]  # its last user + answer
+        if max(length(turns + pair + q.messages) for q in queries) > context:
+            break
+        turns += pair
+    out = []
+    for q in queries:
+        system = [m for m in q.messages if m["role"] == "system"]
+        rest = [m for m in q.messages if m["role"] != "system"]
+        out.append(replace(q, messages=system + turns + rest))
+    return out, len(turns) // 2

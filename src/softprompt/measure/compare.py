@@ -196,10 +196,12 @@ def run_prompt_tuning(ctx: Context) -> dict:
 
 def _rows_and_choices(ctx: Context):
     tok, d = ctx.loaded.tokenizer, ctx.cfg.data
-    rows = tokenize(ctx.train, tok, d.max_length, d.target_delimiter)
+    fmt = d.prompt_format(chat=ctx.train[0].messages is not None)
+    delimiter = "" if fmt.chat else d.target_delimiter  # an answer follows its turn's header
+    rows = tokenize(ctx.train, tok, d.max_length, delimiter, None, fmt, d.loss_on)
     if not ctx.choices or ctx.cfg.choice_loss == "full":
         return rows, None
-    ids = choice_first_ids(tok, ctx.choices, d.target_delimiter)
+    ids = choice_first_ids(tok, ctx.choices, delimiter)
     check_choice_targets(rows, ctx.train, ids)
     device = ctx.loaded.model.get_input_embeddings().weight.device
     return rows, torch.tensor(ids, device=device)

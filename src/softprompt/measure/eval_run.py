@@ -19,7 +19,8 @@ from softprompt.artifacts import load_prompt, read_meta
 from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig
 from softprompt.console import say
 from softprompt.data import Example, load_examples, tokenize
-from softprompt.generation import generate
+from softprompt.errors import ConfigError
+from softprompt.generation import encode_example, generate_encoded
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import evaluate_loss
 from softprompt.measure.evaluate import (
@@ -29,6 +30,7 @@ from softprompt.measure.evaluate import (
     timed,
 )
 from softprompt.prompt import SoftPrompt
+from softprompt.templates import PromptFormat
 
 
 def evaluate_examples(
@@ -37,18 +39,24 @@ def evaluate_examples(
     examples: list[Example],
     cfg: EvalConfig,
     choices: list[str] | None,
+    fmt: PromptFormat | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Metrics over ``examples`` and one prediction record per example."""
+    """Metrics over ``examples`` and one prediction record per example; inputs are rendered
+    as ``fmt`` says (default: the data settings of ``cfg``)."""
     model, tok = loaded.model, loaded.tokenizer
-    delimiter = cfg.data.target_delimiter
+    chat = examples[0].messages is not None
+    fmt = fmt or cfg.data.prompt_format(chat=chat)
+    delimiter = "" if chat else cfg.data.target_delimiter  # an answer follows its header
     n_virtual = prompt.num_virtual_tokens if prompt is not None else 0
     result: dict = {"examples": len(examples)}
     records = [{"input": ex.source, "target": ex.target} for ex in examples]
     golds = [ex.target for ex in examples]
     if all(g is not None for g in golds):
-        rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter)
+        rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter, None, fmt,
+                        "last-assistant")  # fmt: skip
         result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
     sources = [ex.source for ex in examples]
+    encoded = [encode_example(tok, fmt, ex) for ex in examples]
     if choices:
         kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size}
         (preds, scores), seconds = timed(
@@ -60,6 +68,7 @@ def evaluate_examples(
             choices,
             delimiter=delimiter,
             max_tokens=cfg.context - n_virtual,
+            contexts=encoded,
             **kwargs,
         )
         result["seconds_per_example"] = seconds / len(examples)
@@ -69,7 +78,8 @@ def evaluate_examples(
             rec.update(prediction=pred, scores=dict(zip(choices, score)))
     if cfg.generate:
         gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        outputs, seconds = timed(generate, loaded, sources, prompt, gen_cfg, None)
+        stop = fmt.stop_ids(tok) if chat else None
+        outputs, seconds = timed(generate_encoded, loaded, encoded, prompt, gen_cfg, True, stop)
         result["generate_seconds_per_example"] = seconds / len(examples)
         if all(g is not None for g in golds):
             result.update(generation_metrics(outputs, golds))
@@ -104,7 +114,8 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
             cfg.seed,
         )
         say(f"few-shot: {shots_used} examples in the hard prompt (asked for {cfg.shots})")
-    metrics, records = evaluate_examples(loaded, prompt, examples, cfg, cfg.choice_list)
+    fmt = _format(cfg, meta, chat=examples[0].messages is not None)
+    metrics, records = evaluate_examples(loaded, prompt, examples, cfg, cfg.choice_list, fmt)
     results = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": loaded.name,
@@ -117,6 +128,18 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     if cfg.output:
         write_results(Path(cfg.output), results, records)
     return results
+
+
+def _format(cfg: EvalConfig, meta: dict, chat: bool) -> PromptFormat:
+    """The prompt's saved format (its template, chat template, placement), the data flags
+    filling what it leaves open; without a saved format, the data flags alone."""
+    if not meta.get("prompt_format"):
+        return cfg.data.prompt_format(chat=chat)
+    fmt = PromptFormat.from_meta(meta)
+    if fmt.chat != chat:
+        kind = "conversations" if fmt.chat else "input/target pairs or text"
+        raise ConfigError(f"{cfg.prompt} was trained on {kind}; --data {cfg.data.data} is not")
+    return replace(fmt, system=cfg.data.system) if cfg.data.system is not None else fmt
 
 
 def _with_prompt_defaults(cfg: EvalConfig, meta: dict) -> EvalConfig:

@@ -29,12 +29,14 @@ def classify(
     length_norm: bool = False,
     batch_size: int = 8,
     max_tokens: int = 1024,
+    contexts: list | None = None,
 ) -> tuple[list[str], list[list[float]]]:
     """Predicted choice per source, and each choice's score (summed log-likelihood, or the
-    mean per token with ``length_norm``)."""
+    mean per token with ``length_norm``). ``contexts``: the sources tokenized already, as
+    (head, ids) with the prompt after the head (``generation.encode_example``)."""
     scores = [[0.0] * len(choices) for _ in sources]
     for c, choice in enumerate(choices):
-        rows = continuation_rows(tokenizer, sources, choice, delimiter, max_tokens)
+        rows = continuation_rows(tokenizer, sources, choice, delimiter, max_tokens, contexts)
         for i, (logp, n) in enumerate(
             row_logprobs(model, prompt, rows, batch_size, tokenizer.pad_token_id)
         ):

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
-from softprompt.errors import DataError
+from softprompt.errors import DataError, SoftpromptError
+from softprompt.generation import Encoded, encode_chat, encode_raw
 from softprompt.loading import LoadedModel
 from softprompt.serving.batcher import Batcher, Job
 from softprompt.serving.registry import BASE, ApiError, Entry, PromptStore
-from softprompt.templates import render
+from softprompt.templates import PromptFormat, check_messages
 
 
 class _Body(BaseModel):
@@ -41,6 +42,7 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[str]
+    fields: dict[str, str | int | float | bool] | None = None  # the template's other fields
 
 
 class Message(BaseModel):
@@ -165,20 +167,29 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.stream and len(texts) > 1:
             raise ApiError(400, "stream supports one prompt per request")
         entry = _entry(state, body.model)
-        template = entry.template if entry else None
+        if entry is not None and entry.fmt is not None and entry.fmt.chat:
+            raise ApiError(400, f"prompt {entry.name!r} was trained on conversations: use "
+                           "/v1/chat/completions")  # fmt: skip
+        fmt = entry.fmt if entry is not None and entry.fmt is not None else PromptFormat()
+        tok = state.loaded.tokenizer
         try:
-            ids = [_tokens(state, render(template, t), True) for t in texts]
+            encoded = [encode_raw(tok, fmt, t, body.fields) for t in texts]
         except DataError as err:
             raise ApiError(400, str(err)) from None
-        rows = _rows(state, body, ids, entry, body.max_tokens or 16)
+        rows = _rows(state, body, encoded, entry, body.max_tokens or 16)
         return await _answer(state, body, rows, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
         entry = _entry(state, body.model)
-        text, special = _chat_text(state.loaded.tokenizer, body.messages)
+        fmt = entry.fmt if entry is not None else None
+        if fmt is not None and not fmt.chat and fmt.template is not None:
+            raise ApiError(400, f"prompt {entry.name!r} was trained on raw text with the template "
+                           f"{fmt.template!r}: use /v1/completions")  # fmt: skip
+        encoded = _chat_encoded(state.loaded.tokenizer, body.messages, fmt)
         max_tokens = body.max_completion_tokens or body.max_tokens or min(256, state.cfg.max_tokens)
-        rows = _rows(state, body, [_tokens(state, text, special)], entry, max_tokens)
+        end = set(fmt.stop_ids(state.loaded.tokenizer)) if fmt is not None and fmt.chat else set()
+        rows = _rows(state, body, [encoded], entry, max_tokens, end)
         return await _answer(state, body, rows, chat=True)
 
 
@@ -195,29 +206,37 @@ def _entry(state: ServerState, model: str) -> Entry | None:
     return entry
 
 
-def _tokens(state: ServerState, text: str, special: bool) -> list[int]:
-    return state.loaded.tokenizer(text, add_special_tokens=special)["input_ids"]
-
-
-def _chat_text(tokenizer, messages: list[Message]) -> tuple[str, bool]:
-    """The conversation as one text (the tokenizer's chat template if it has one), and
-    whether tokenizing it should add special tokens (a chat template writes its own)."""
+def _chat_encoded(tokenizer, messages: list[Message], fmt: PromptFormat | None) -> Encoded:
+    """The conversation rendered as training rendered it (``fmt``: the prompt's chat format),
+    or, for the base model and prompts saved without a format, by the tokenizer's chat
+    template with any prompt first (or as 'role: content' lines, without a template)."""
     plain = []
     for m in messages:
         content = m.content or ""
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
         plain.append({"role": m.role, "content": content})
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-        return text, False
-    return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:", True
+    if fmt is None or not fmt.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
+            return None, tokenizer(text, add_special_tokens=True)["input_ids"]
+        fmt = PromptFormat(chat=True)
+    try:
+        return encode_chat(tokenizer, fmt, check_messages(plain, "messages"))
+    except SoftpromptError as err:
+        raise ApiError(400, str(err)) from None
 
 
 def _rows(
-    state: ServerState, body: _Body, ids: list[list[int]], entry: Entry | None, max_tokens: int
+    state: ServerState,
+    body: _Body,
+    encoded: list[Encoded],
+    entry: Entry | None,
+    max_tokens: int,
+    end_ids: set[int] | None = None,
 ) -> list[Job]:
-    """Batcher jobs for one request, after every limit has been checked."""
+    """Batcher jobs for one request, after every limit has been checked. A prompt behind a
+    head runs from the prefix compiled for that head; the base model reads the head as text."""
     cfg = state.cfg
     if max_tokens > cfg.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit {cfg.max_tokens}")
@@ -226,8 +245,8 @@ def _rows(
         raise ApiError(400, "stop takes at most 4 non-empty strings")
     n_virtual = entry.prefix.length if entry else 0
     positions = getattr(state.loaded.model.config, "max_position_embeddings", None)
-    for row in ids:
-        length = n_virtual + len(row)
+    for head, row in encoded:
+        length = n_virtual + len(row) + len(head or [])
         if len(row) == 0:
             raise ApiError(400, "the prompt is empty (no tokens)")
         if length > cfg.max_prompt_tokens:
@@ -238,11 +257,14 @@ def _rows(
         if positions and length + max_tokens > positions:
             raise ApiError(400, f"prompt + max_tokens exceed the model's {positions} positions")
     loop = asyncio.get_running_loop()
-    return [
-        Job(r, entry.prefix if entry else None, max_tokens, body.temperature, body.top_p, stop,
-            state.loaded.tokenizer, loop)
-        for r in ids
-    ]  # fmt: skip
+    model, tok = state.loaded.model, state.loaded.tokenizer
+    jobs = []
+    for head, ids in encoded:
+        prefix = entry.prefix_for(model, head) if entry else None
+        ids = ids if entry else (head or []) + ids
+        jobs.append(Job(ids, prefix, max_tokens, body.temperature, body.top_p, stop, tok, loop,
+                        end_ids=set(end_ids or ())))  # fmt: skip
+    return jobs
 
 
 async def _answer(state: ServerState, body: _Body, rows: list[Job], chat: bool):

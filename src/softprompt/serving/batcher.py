@@ -53,6 +53,7 @@ class Job:
     stop: list[str]
     tokenizer: object
     loop: asyncio.AbstractEventLoop
+    end_ids: set[int] = field(default_factory=set)  # also end the answer (a chat's end of turn)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -105,7 +106,7 @@ class _Feed(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         for req, token in zip(self.requests, input_ids[:, -1].tolist()):
             if req.finish_reason is None:
-                req.push(token, self.eos)
+                req.push(token, self.eos | req.end_ids)
         done = [r.finish_reason is not None for r in self.requests]
         return torch.tensor(done, device=input_ids.device)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from softprompt.config import EMBEDDED_MODEL
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel
 from softprompt.prefix import Prefix, compile_prefix
+from softprompt.prompt import SoftPrompt
+from softprompt.templates import PromptFormat
 
 BASE = "base"  # the API name of the model without a prompt
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -31,14 +34,43 @@ class ApiError(SoftpromptError):
         self.status = status
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
-    """A loaded prompt: its compiled prefix and the template it was trained with."""
+    """A loaded prompt: the prompt, its compiled prefix (the prompt first) and the format it
+    was trained with (None for a prompt saved without one: a PEFT adapter, an older run).
+    A prompt placed behind a head (a system turn, a template's text) is compiled once per
+    distinct head, and the last ``HEADS_KEPT`` are kept."""
 
     name: str
+    prompt: SoftPrompt
     prefix: Prefix
-    template: str | None
+    fmt: PromptFormat | None
     loaded_at: int = field(default_factory=lambda: int(time.time()))
+    _heads: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def template(self) -> str | None:
+        return self.fmt.template if self.fmt else None
+
+    def prefix_for(self, model, head: list[int] | None) -> Prefix:
+        """The compiled prefix of [head][prompt] (the prompt first when ``head`` is None)."""
+        if not head:
+            return self.prefix if head is None else compile_prefix(model, self.prompt, ())
+        key = tuple(head)
+        with self._lock:
+            if key in self._heads:
+                self._heads.move_to_end(key)
+                return self._heads[key]
+        prefix = compile_prefix(model, self.prompt, key)
+        with self._lock:
+            self._heads[key] = prefix
+            while len(self._heads) > HEADS_KEPT:
+                self._heads.popitem(last=False)
+        return prefix
+
+
+HEADS_KEPT = 64
 
 
 class PromptStore:
@@ -70,7 +102,13 @@ class PromptStore:
             prompt, meta = load_prompt(path, self.loaded.model, self.allow_mismatch)
         except SoftpromptError as err:
             raise ApiError(400, str(err)) from None
-        entry = Entry(name, compile_prefix(self.loaded.model, prompt), meta.get("template"))
+        try:
+            fmt = PromptFormat.from_meta(meta) if meta.get("prompt_format") else None
+        except SoftpromptError as err:
+            raise ApiError(400, f"prompt {name!r}: {err}") from None
+        if fmt is None and meta.get("template"):  # an older run: its raw template
+            fmt = PromptFormat.from_meta(meta)
+        entry = Entry(name, prompt, compile_prefix(self.loaded.model, prompt), fmt)
         with self._lock:
             self._entries[name] = entry
         return entry

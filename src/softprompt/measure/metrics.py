@@ -70,3 +70,27 @@ def first_line(text: str) -> str:
     """A generated answer up to its first newline: base models keep writing after it."""
     stripped = text.strip()
     return stripped.splitlines()[0].strip() if stripped else ""
+
+
+def _json_object(text: str) -> dict | None:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def all_json_objects(refs: list[str]) -> bool:
+    """Whether every reference is a JSON object (the task asks for a JSON answer)."""
+    return bool(refs) and all(_json_object(r) is not None for r in refs)
+
+
+def json_valid(preds: list[str], refs: list[str]) -> float:
+    """Share of predictions that are JSON objects with exactly the reference's keys."""
+    ok = 0
+    for p, r in zip(preds, refs):
+        value = _json_object(p)
+        ok += value is not None and set(value) == set(_json_object(r))
+    return ok / len(refs) if refs else 0.0

@@ -50,8 +50,10 @@ def main() -> None:
     prompt = init_prompt(model, tok, PromptConfig(num_virtual_tokens=args.virtual_tokens))
     head = rows[0].prompt_at
     width = sum(b["input_ids"].shape[1] for b in batches) / len(batches)
-    print(f"model {loaded.name}, {args.dtype}; placement {args.position}: head of {head} tokens + "
-          f"{args.virtual_tokens} virtual tokens; batch {args.batch_size}, mean width {width:.0f}")  # fmt: skip
+    print(
+        f"model {loaded.name}, {args.dtype}; placement {args.position}: head of {head} tokens "
+        f"+ {args.virtual_tokens} virtual tokens; batch {args.batch_size}, mean width {width:.0f}"
+    )
     results = {}
     for name, shared in (("shared prefix (head + prompt once per batch)", True),
                          ("plain (head + prompt in every row)", False)):  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,16 @@ def test_bench_train_quick_runs(tiny_dir, tmp_path):
     results = json.loads(out.read_text())
     assert 0.0 <= results["softprompt"]["test_accuracy"] <= 1.0
     assert results["peft"]["peak_rss_mb"] > 0
+
+
+def test_bench_chat_quick_runs(chat_dir, tmp_path):
+    data = tmp_path / "c.jsonl"
+    turn = [{"role": "user", "content": "good"}, {"role": "assistant", "content": "positive"}]
+    data.write_text((json.dumps({"messages": turn}) + "\n") * 24)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_chat.py"), "--quick", "--model",
+         str(chat_dir), "--data", str(data)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the plain path's speed; losses agree: True" in proc.stdout

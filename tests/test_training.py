@@ -35,7 +35,10 @@ def test_train_writes_the_artifact(tiny_dir, pairs_file, tmp_path):
         "metrics.jsonl",
         "loss.png",
         "checkpoints",
+        ".softprompt-output.json",  # what softprompt wrote here, so --overwrite removes only that
     }
+    owned = json.loads((out / ".softprompt-output.json").read_text())["entries"]
+    assert set(owned) == files - {".softprompt-output.json"}
     assert len(list((out / "checkpoints").iterdir())) == 2  # the newest two are kept
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from softprompt import __version__
 from softprompt.errors import ArtifactError, ConfigError
+from softprompt.outputs import atomic_write, write_json
 from softprompt.prompt import SoftPrompt
+from softprompt.templates import PromptFormat, template_fields
 
 PROMPT_KEY = "prompt_embeddings"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,12 +109,75 @@ def save_prompt(
     return folder
 
 
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")  # newer versions may add keys
+
+
+class _BaseModelInfo(_Loose):
+    name: str | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    fingerprint: str | None = None
+
+
+class MetaFile(_Loose):
+    """The shape of softprompt.json (what is read from it)."""
+
+    base_model: _BaseModelInfo | None = None
+    num_virtual_tokens: int | None = None
+    template: str | None = None
+    target_delimiter: str | None = None
+    prompt_format: dict | None = None
+    data: dict | None = None
+    prompt: dict | None = None
+    training: dict | None = None
+    metrics: dict | None = None
+    task: str | None = None
+
+
+class AdapterFile(_Loose):
+    """The shape of PEFT's adapter_config.json (what is read from it)."""
+
+    peft_type: str = "PROMPT_TUNING"
+    task_type: str | None = None
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    base_model_name_or_path: str | None = None
+
+
+def _read_checked(path: Path, schema: type[BaseModel]) -> dict:
+    """A JSON file that must have ``schema``'s shape; else one ArtifactError saying where."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not an object; "
+                            "retrain or re-copy the prompt")  # fmt: skip
+    try:
+        schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ArtifactError(
+            f"{path}: {where}: {first['msg']}; retrain or re-copy the prompt"
+        ) from None
+    return data
+
+
 def read_meta(folder: str | Path) -> dict:
-    """softprompt.json of a saved prompt, or {} for a plain PEFT adapter."""
+    """softprompt.json of a saved prompt (checked: its shape, template and format), or {} for
+    a plain PEFT adapter."""
     path = Path(folder) / META
     if not path.exists():
         return {}
-    return _read_json(path)
+    meta = _read_checked(path, MetaFile)
+    try:
+        if meta.get("template") is not None:
+            template_fields(meta["template"], flag=f"{path}: the saved template")
+        PromptFormat.from_meta(meta).check()
+    except ConfigError as err:
+        raise ArtifactError(str(err)) from None
+    return meta
 
 
 def load_prompt(
@@ -126,7 +190,11 @@ def load_prompt(
             f"{folder} holds no saved prompt ({ADAPTER_WEIGHTS} missing); give the --output "
             "folder of a `softprompt train` run or a PEFT prompt-tuning adapter"
         )
-    adapter = _read_json(folder / ADAPTER_CONFIG) if (folder / ADAPTER_CONFIG).exists() else {}
+    adapter = (
+        _read_checked(folder / ADAPTER_CONFIG, AdapterFile)
+        if (folder / ADAPTER_CONFIG).exists()
+        else {}
+    )
     if adapter.get("peft_type", "PROMPT_TUNING") != "PROMPT_TUNING":
         raise ArtifactError(f"{folder} is a PEFT {adapter['peft_type']} adapter, not prompt tuning")
     try:
@@ -170,38 +238,8 @@ def trained_base_model(folder: str | Path) -> str | None:
     folder = Path(folder)
     name = read_meta(folder).get("base_model", {}).get("name")
     if name is None and (folder / ADAPTER_CONFIG).exists():
-        name = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+        name = _read_checked(folder / ADAPTER_CONFIG, AdapterFile).get("base_model_name_or_path")
     return name
-
-
-def fresh_output(output: Path, marker: str, what: str, overwrite: bool) -> Path:
-    """Make ``output``; if ``marker`` shows it already holds ``what``, refuse unless
-    ``overwrite``, then start it afresh."""
-    if (output / marker).exists():
-        if not overwrite:
-            raise ConfigError(
-                f"{output} already holds {what}; pass --overwrite or another --output"
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    return output
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, default=str) + "\n"
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def _read_json(path: Path) -> dict:

@@ -31,6 +31,7 @@ from torch import Tensor
 from softprompt.config import TrainConfig
 from softprompt.console import say, warn
 from softprompt.errors import ConfigError
+from softprompt.outputs import disk_error, record
 from softprompt.prompt import PromptSet
 
 FOLDER = "checkpoints"
@@ -39,20 +40,25 @@ KEEP = 2
 
 def save_checkpoint(output: Path, step: int, state: dict, tensors: dict[str, Tensor]) -> Path:
     root = output / FOLDER
+    record(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = tmp / "tensors.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(weights))
-    state = {**state, "step": step, "tensors_sha256": _sha256(weights)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        weights = tmp / "tensors.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(weights))
+        state = {**state, "step": step, "tensors_sha256": _sha256(weights)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except Exception as err:  # a full disk: the checkpoints before this one stay good
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(err, final) from None
     for old in sorted(root.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

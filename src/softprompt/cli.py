@@ -143,8 +143,13 @@ def cmd_sweep(cfg: SweepConfig) -> None:
 
 
 def cmd_serve(cfg: ServeConfig) -> None:
-    from softprompt.serving import serve
-
+    try:
+        from softprompt.serving import serve
+    except ImportError as err:  # fastapi / uvicorn: the serve extra is not installed
+        raise SoftpromptError(
+            f"softprompt serve needs its extra ({err.name} is missing): "
+            "pip install 'softprompt[serve]'"
+        ) from None
     serve(cfg)
 
 

@@ -13,6 +13,7 @@ Comma-separated options (``choices``, ``methods``, ``lrs``, ...) keep the text t
 from __future__ import annotations
 
 import math
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
@@ -439,13 +440,34 @@ class ServeConfig:
     max_tokens: int = opt(512, "Largest max_tokens a request may ask for.")
     max_queue: int = opt(256, "Most rows waiting; requests beyond it get 429.")
     allow_mismatch: bool = opt(False, "Load prompts trained for another base model.")
+    api_key: str | None = opt(
+        None,
+        "Require `Authorization: Bearer KEY` (what the openai client sends) on every route but "
+        "/health. Default: $SOFTPROMPT_API_KEY when set. Needed to listen beyond this machine.",
+    )
+    no_admin: bool = opt(False, "Turn off the admin routes (/v1/prompts/NAME, /v1/rescan).")
+    insecure: bool = opt(
+        False, "Allow a --host other than this machine without --api-key (a trusted network only)."
+    )
+    max_request_bytes: int = opt(
+        1 << 20, "Largest request body accepted; a larger one gets 413 before it is read."
+    )
 
     def __post_init__(self) -> None:
-        for flag in ("port", "max_batch_size", "max_prompt_tokens", "max_tokens", "max_queue"):
+        for flag in ("port", "max_batch_size", "max_prompt_tokens", "max_tokens", "max_queue",
+                     "max_request_bytes"):  # fmt: skip
             if getattr(self, flag) < (0 if flag == "port" else 1):
                 raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
         if self.batch_wait_ms < 0:
             raise ConfigError("--batch-wait-ms must be 0 or more")
+        if self.api_key is None:
+            self.api_key = os.environ.get("SOFTPROMPT_API_KEY") or None
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        if not loopback and not self.api_key and not self.insecure:
+            raise ConfigError(
+                f"--host {self.host} lets other machines in: give --api-key KEY (or set "
+                "SOFTPROMPT_API_KEY), or pass --insecure if this network is trusted"
+            )
 
 
 @dataclass

@@ -6,11 +6,13 @@ plain text (loss on every token). Every error names the file and line.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import random
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def read_records(spec: str) -> Iterator[tuple[dict, str]]:
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".txt":
-        with path.open(encoding="utf-8-sig") as fh:
+        with _open_text(path) as fh:
             for i, line in enumerate(fh, 1):
                 if line.strip():
                     yield {"text": line.rstrip("\n")}, f"{path}:{i}"
@@ -74,8 +76,35 @@ def read_records(spec: str) -> Iterator[tuple[dict, str]]:
         raise DataError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
+# Byte-order marks, longest first (a UTF-32 LE mark starts like a UTF-16 LE one).
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+@contextmanager
+def _open_text(path: Path, **kwargs) -> Iterator:
+    """The file as text: decoded by its byte-order mark if it has one, else as UTF-8; bytes
+    that do not decode are one DataError naming the file and the encoding."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    encoding = next((enc for bom, enc in BOMS if head.startswith(bom)), "utf-8")
+    with path.open(encoding=encoding, **kwargs) as fh:
+        try:
+            yield fh
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}: not readable as {encoding} text ({err.reason} at byte {err.start}); "
+                "save it as UTF-8 (or UTF-16 with a byte-order mark)"
+            ) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
-    with path.open(encoding="utf-8-sig") as fh:
+    with _open_text(path) as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -92,7 +121,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[dict, str]]:
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    with _open_text(path, newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         try:
             for record in reader:
@@ -213,7 +242,18 @@ def _field(record: dict, name: str, where: str, flag: str) -> str:
             raise DataError(f"{where}: field {name!r} is empty (null); give it a value")
         found = ", ".join(repr(k) for k in record) or "none"
         raise DataError(f"{where}: no field {name!r} (fields found: {found}); set {flag}")
+    if isinstance(value, (list, dict)):
+        kind = "list" if isinstance(value, list) else "JSON object"
+        raise DataError(f"{where}: field {name!r} holds a {kind}, not text; give it a string")
+    if not isinstance(value, str):
+        source = where.rsplit(":", 1)[0]
+        if (source, name) not in _NUMBERS_SEEN:
+            _NUMBERS_SEEN.add((source, name))
+            warn(f"{source}: field {name!r} holds numbers (e.g. {value!r}); they are used as text")
     return as_text(value)
+
+
+_NUMBERS_SEEN: set[tuple[str, str]] = set()  # (file, field) already warned about
 
 
 def split_validation(

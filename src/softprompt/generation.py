@@ -26,9 +26,10 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
 
 from softprompt.artifacts import load_prompt, read_meta, trained_base_model
 from softprompt.config import GenerateConfig, GenerateRunConfig
+from softprompt.console import warn
 from softprompt.data import Example, read_records
 from softprompt.errors import SoftpromptError
-from softprompt.loading import LoadedModel, load_model
+from softprompt.loading import LoadedModel, load_model, max_positions
 from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
 from softprompt.prompt import SoftPrompt, embed_tokens
 from softprompt.templates import PromptFormat, check_messages
@@ -236,6 +237,36 @@ def encode_chat(tokenizer, fmt: PromptFormat, messages: list[dict]) -> Encoded:
     return head, tokenizer(text.prompt, add_special_tokens=False)["input_ids"]
 
 
+def _fit_positions(
+    model, encoded: list[Encoded], prompts: list[PromptLike], new_tokens: int
+) -> list[Encoded]:
+    """Inputs cut from their start (never their head) so that head + prompt + input + new
+    tokens fit the model's positions; how many were cut is said once."""
+    limit = max_positions(model)
+    if limit is None:
+        return encoded
+    out, cut = [], 0
+    for (head, ids), prompt in zip(encoded, prompts):
+        n = _prompt_length(prompt)
+        room = limit - new_tokens - n - len(head or [])
+        if room < 1:
+            raise SoftpromptError(
+                f"--max-new-tokens {new_tokens} leaves no room for the input in the model's "
+                f"{limit} positions; lower it"
+            )
+        cut += len(ids) > room
+        out.append((head, ids[len(ids) - room :] if len(ids) > room else ids))
+    if cut:
+        warn(f"{cut} inputs were too long for the model's {limit} positions and lost their start")
+    return out
+
+
+def _prompt_length(prompt: PromptLike) -> int:
+    if prompt is None:
+        return 0
+    return prompt.length if isinstance(prompt, Prefix) else prompt.num_virtual_tokens
+
+
 def encode_example(tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
     """An example's input as generation and scoring see it: a conversation up to its last
     answer, or a templated input split at its ``{soft_prompt}`` (``data.Example.head``)."""
@@ -264,6 +295,7 @@ def generate_encoded(
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(encoded)
     if len(prompts) != len(encoded):
         raise ValueError(f"{len(prompts)} prompts for {len(encoded)} texts: give one per text")
+    encoded = _fit_positions(model, encoded, prompts, cfg.max_new_tokens)
     heads = [h for h, _ in encoded]
     ids = [(h or []) + i if p is None else i for (h, i), p in zip(encoded, prompts)]
     if prefix_cache:

@@ -52,6 +52,16 @@ class LoadedModel:
         return support(self.model)
 
 
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings hold (None: no such limit)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def cache_root() -> Path:
     """Where converted models live: $SOFTPROMPT_CACHE, else the user's cache folder."""
     if env := os.environ.get("SOFTPROMPT_CACHE"):

@@ -7,6 +7,10 @@ import json
 import os
 from pathlib import Path
 
+from softprompt import outputs
+from softprompt.console import warn
+from softprompt.errors import DataError
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged event, flushed at once."""
@@ -19,11 +23,17 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         self.records.append(record)
-        if self.enabled:
+        if not self.enabled:
+            return
+        if len(self.records) == 1:
+            outputs.record(self.path)
+        try:
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, default=str) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+        except OSError as err:  # a full disk leaves at most a torn last line, trimmed on resume
+            raise outputs.disk_error(err, self.path) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop what was logged after ``step`` (a resumed run logs those steps again)."""
@@ -32,12 +42,27 @@ class MetricsLog:
         ]
         if self.enabled:
             text = "".join(json.dumps(r, default=str) + "\n" for r in self.records)
-            self.path.write_text(text, encoding="utf-8")
+            outputs.write_text(self.path, text)
 
 
 def read_records(metrics: Path) -> list[dict]:
-    """Every record of a metrics.jsonl file."""
-    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    """Every record of a metrics.jsonl file. A torn last line (a run stopped mid-write, e.g.
+    by a full disk) is left out with a warning; damage anywhere else is an error."""
+    lines = [
+        x for x in metrics.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()
+    ]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines):
+                raise DataError(
+                    f"{metrics}:{i}: not valid JSON; the metrics file is damaged"
+                ) from None
+            warn(f"{metrics}:{i}: the last line is cut off (the run stopped while writing it); "
+                 "it is left out")  # fmt: skip
+    return records
 
 
 def plot_metrics(metrics: Path, png: Path) -> Path:
@@ -81,8 +106,8 @@ def plot_metrics(metrics: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        outputs.atomic_write(png, lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
     return png

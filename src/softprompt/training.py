@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +27,16 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import softprompt
-from softprompt.artifacts import META, load_prompt, save_prompt, write_json
+from softprompt.artifacts import load_prompt, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import RunState, TaskBest, restore_run, save_run
 from softprompt.config import TrainConfig
 from softprompt.console import say
 from softprompt.data import Example, Row, batch_order, load_examples, split_validation, tokenize
 from softprompt.errors import ConfigError, TrainingError
-from softprompt.loading import LoadedModel, load_model
+from softprompt.loading import LoadedModel, load_model, max_positions
 from softprompt.loss import check_choice_targets, choice_first_ids, evaluate_loss, perplexity
+from softprompt.outputs import claim_output, write_json
 from softprompt.parallel import forward_backward, label_count, shard_layers
 from softprompt.prompt import PromptSet, SoftPrompt, init_prompt
 from softprompt.templates import PromptFormat
@@ -68,24 +68,26 @@ def train(
         dynamic_ncols=True,
     )
     started = time.perf_counter()
-    while state.epoch < run.epochs and not run.done:
-        groups = run.epoch_groups()
-        while state.group < len(groups) and not run.done:
-            run.step(groups[state.group])
-            bar.update(1)
-            bar.set_postfix(loss=f"{run.last_loss:.4f}", epoch=state.epoch + 1)
-            if _due(state.step, cfg.eval_every):
-                run.validate()
-            if _due(state.step, cfg.save_every):
+    try:  # an error ends the bar's line first, so its message stands on a line of its own
+        while state.epoch < run.epochs and not run.done:
+            groups = run.epoch_groups()
+            while state.group < len(groups) and not run.done:
+                run.step(groups[state.group])
+                bar.update(1)
+                bar.set_postfix(loss=f"{run.last_loss:.4f}", epoch=state.epoch + 1)
+                if _due(state.step, cfg.eval_every):
+                    run.validate()
+                if _due(state.step, cfg.save_every):
+                    run.checkpoint()
+            if state.group >= len(groups):  # the epoch is complete
+                state.epoch, state.group = state.epoch + 1, 0
+                if not _due(state.step, cfg.eval_every) and (val := run.validate()) is not None:
+                    bar.set_postfix(loss=f"{run.last_loss:.4f}", val=f"{val:.4f}")
                 run.checkpoint()
-        if state.group >= len(groups):  # the epoch is complete
-            state.epoch, state.group = state.epoch + 1, 0
-            if not _due(state.step, cfg.eval_every) and (val := run.validate()) is not None:
-                bar.set_postfix(loss=f"{run.last_loss:.4f}", val=f"{val:.4f}")
-            run.checkpoint()
-    if run.has_validation and 0 < state.step != run.last_validated:
-        run.validate()  # e.g. --max-steps inside the first epoch
-    bar.close()
+        if run.has_validation and 0 < state.step != run.last_validated:
+            run.validate()  # e.g. --max-steps inside the first epoch
+    finally:
+        bar.close()
     return run.finish(time.perf_counter() - started)
 
 
@@ -151,6 +153,12 @@ class Run:
         loaded.model.to(accelerator.device)
         if cfg.shard_model:
             shard_layers(loaded.model, accelerator)
+        limit = max_positions(loaded.model)
+        if limit is not None and cfg.data.max_length > limit:
+            raise ConfigError(
+                f"--max-length {cfg.data.max_length} is longer than the {limit} positions "
+                f"{loaded.name} can hold; give --max-length {limit} or less"
+            )
         data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device)
         first = _starting_prompt(cfg, loaded)
         prompts = PromptSet(data.tasks, [SoftPrompt(first.embedding) for _ in data.tasks])
@@ -406,18 +414,9 @@ def _prepare_output(cfg: TrainConfig, accelerator: Accelerator) -> Path:
 
 
 def _check_output(cfg: TrainConfig, output: Path) -> None:
-    has_run = any((output / name).exists() for name in (META, CKPT_FOLDER, "metrics.jsonl"))
-    if cfg.resume:
-        if not (output / CKPT_FOLDER).is_dir():
-            raise ConfigError(f"--resume: {output} has no checkpoints; run without --resume")
-    elif has_run:
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{output} already holds a run; pass --resume to continue it, --overwrite to "
-                "replace it, or choose another --output"
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not (output / CKPT_FOLDER).is_dir():
+        raise ConfigError(f"--resume: {output} has no checkpoints; run without --resume")
+    claim_output(output, "a run", resume=cfg.resume, overwrite=cfg.overwrite)
 
 
 def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
@@ -480,6 +479,12 @@ def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:
     """The prompt training starts from: ``--init`` (a saved prompt's folder, or a method)."""
     if cfg.prompt.from_folder:
         saved, _ = load_prompt(Path(cfg.prompt.init), model=loaded.model)
+        if saved.num_virtual_tokens != cfg.prompt.num_virtual_tokens:
+            raise ConfigError(
+                f"--init {cfg.prompt.init} holds a prompt of {saved.num_virtual_tokens} virtual "
+                f"tokens, but --num-virtual-tokens is {cfg.prompt.num_virtual_tokens}; pass "
+                f"--num-virtual-tokens {saved.num_virtual_tokens} to continue from it"
+            )
         return saved
     return init_prompt(loaded.model, loaded.tokenizer, cfg.prompt, seed=cfg.seed)
 

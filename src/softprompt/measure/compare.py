@@ -19,7 +19,6 @@ import psutil
 import torch
 from torch import nn
 
-from softprompt.artifacts import fresh_output
 from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig
 from softprompt.console import say
 from softprompt.data import Example, load_examples, split_validation, tokenize
@@ -28,6 +27,7 @@ from softprompt.loss import check_choice_targets, choice_first_ids
 from softprompt.measure.eval_run import environment, evaluate_examples
 from softprompt.measure.inspection import inspect_prompt
 from softprompt.measure.report import write_compare_report
+from softprompt.outputs import claim_output, record
 from softprompt.prompt import SoftPrompt
 from softprompt.tracking import MetricsLog
 from softprompt.training import train
@@ -105,7 +105,7 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
 
 
 def _prepare_output(cfg: CompareConfig) -> Path:
-    return fresh_output(Path(cfg.output), "metrics.jsonl", "a comparison", cfg.overwrite)
+    return claim_output(Path(cfg.output), "a comparison", overwrite=cfg.overwrite)
 
 
 def _headline(row: dict) -> str:
@@ -234,6 +234,7 @@ def run_lora(ctx: Context) -> dict:
         seconds = _train_weights(ctx, inner, ctx.cfg.lora_lr, "lora")
         quality = measure(ctx, inner, None, ctx.test)
         folder = ctx.output / "lora"
+        record(folder)
         peft_model.save_pretrained(str(folder))
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         return {**quality, **_row(count_trainable(peft_model), seconds, size)}

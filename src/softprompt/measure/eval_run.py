@@ -21,7 +21,7 @@ from softprompt.console import say
 from softprompt.data import Example, load_examples, tokenize
 from softprompt.errors import ConfigError
 from softprompt.generation import encode_example, generate_encoded
-from softprompt.loading import LoadedModel, load_model
+from softprompt.loading import LoadedModel, load_model, max_positions
 from softprompt.loss import evaluate_loss
 from softprompt.measure.evaluate import (
     classification_metrics,
@@ -29,6 +29,7 @@ from softprompt.measure.evaluate import (
     generation_metrics,
     timed,
 )
+from softprompt.outputs import claim_output, write_text
 from softprompt.prompt import SoftPrompt
 from softprompt.templates import PromptFormat
 
@@ -48,6 +49,9 @@ def evaluate_examples(
     fmt = fmt or cfg.data.prompt_format(chat=chat)
     delimiter = "" if chat else cfg.data.target_delimiter  # an answer follows its header
     n_virtual = prompt.num_virtual_tokens if prompt is not None else 0
+    limit = max_positions(model)
+    if limit is not None and cfg.context > limit:  # the model's positions bound every row
+        cfg = replace(cfg, context=limit)
     result: dict = {"examples": len(examples)}
     records = [{"input": ex.source, "target": ex.target} for ex in examples]
     golds = [ex.target for ex in examples]
@@ -184,12 +188,12 @@ def environment() -> dict:
 
 
 def write_results(folder: Path, results: dict, records: list[dict]) -> None:
-    """results.json and predictions.jsonl (one line per input, its outputs beside it)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    with (folder / "predictions.jsonl").open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    """results.json and predictions.jsonl (one line per input, its outputs beside it), in a
+    folder softprompt owns (an earlier eval's results there are replaced)."""
+    claim_output(folder, "results", overwrite=True)
+    write_text(folder / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    lines = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+    write_text(folder / "predictions.jsonl", lines)
     say(f"wrote {folder / 'results.json'} and {folder / 'predictions.jsonl'}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from softprompt.outputs import atomic_write, write_text
 from softprompt.tracking import read_records
 
 METHOD_NAMES = {
@@ -95,7 +96,7 @@ def plot_compare(records: list[dict], folder: Path) -> dict[str, Path]:
         ax.legend()
     paths = {"loss": folder / "loss_curves.png", "cost": folder / "quality_cost.png"}
     fig.tight_layout()
-    fig.savefig(paths["loss"])
+    atomic_write(paths["loss"], lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
     key = "accuracy" if results and "accuracy" in results[0]["quality"] else "loss"
@@ -123,7 +124,7 @@ def plot_compare(records: list[dict], folder: Path) -> dict[str, Path]:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"Quality ({key}) against cost")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(paths["cost"])
+    atomic_write(paths["cost"], lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return paths
 
@@ -137,8 +138,8 @@ def write_compare_report(folder: Path) -> tuple[Path, Path]:
     plots = plot_compare(records, folder)
     rows = table_rows(results)
     md, html = folder / "report.md", folder / "report.html"
-    md.write_text(_markdown(config, results, rows, inspect, plots), encoding="utf-8")
-    html.write_text(_html(config, results, rows, inspect, plots), encoding="utf-8")
+    write_text(md, _markdown(config, results, rows, inspect, plots))
+    write_text(html, _html(config, results, rows, inspect, plots))
     return md, html
 
 

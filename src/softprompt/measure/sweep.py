@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 from pathlib import Path
 
-from softprompt.artifacts import fresh_output
 from softprompt.config import GenerateConfig, PromptConfig, SweepConfig, TrainConfig
 from softprompt.console import say
 from softprompt.data import Example, load_examples, split_validation
@@ -21,6 +20,7 @@ from softprompt.generation import generate
 from softprompt.loading import LoadedModel, load_model
 from softprompt.measure.evaluate import classify, generation_metrics
 from softprompt.measure.metrics import accuracy
+from softprompt.outputs import claim_output, write_text
 from softprompt.tracking import MetricsLog
 from softprompt.training import train
 
@@ -118,7 +118,7 @@ def format_sweep(rows: list[dict]) -> str:
 
 def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> list[dict]:
     """Run every recipe; write sweep.jsonl and sweep.md in ``cfg.output``; ranked rows."""
-    output = fresh_output(Path(cfg.output), "sweep.jsonl", "a sweep", cfg.overwrite)
+    output = claim_output(Path(cfg.output), "a sweep", overwrite=cfg.overwrite)
     val = validation_examples(cfg)
     loaded = loaded or load_model(cfg.model)
     log = MetricsLog(output / "sweep.jsonl")
@@ -130,5 +130,5 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> list[dict]
         rows.append(run_recipe(cfg, recipe, loaded, val))
         log.write(kind="recipe", **rows[-1])
     table = format_sweep(rows)
-    (output / "sweep.md").write_text(table + "\n", encoding="utf-8")
+    write_text(output / "sweep.md", table + "\n")
     return rank(rows)

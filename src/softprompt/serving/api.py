@@ -8,6 +8,7 @@ client can fix it. A request never reaches the model before it passed every limi
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -17,12 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
 from softprompt.errors import DataError, SoftpromptError
 from softprompt.generation import Encoded, encode_chat, encode_raw
-from softprompt.loading import LoadedModel
+from softprompt.loading import LoadedModel, max_positions
 from softprompt.serving.batcher import Batcher, Job
 from softprompt.serving.registry import BASE, ApiError, Entry, PromptStore
 from softprompt.templates import PromptFormat, check_messages
@@ -33,8 +35,8 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
@@ -74,9 +76,60 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
     state = ServerState(loaded, cfg, store, batcher, int(time.time()))
     app.state.softprompt = state
     _add_error_handlers(app)
-    _add_admin_routes(app, state)
+    _add_info_routes(app, state)
+    if not cfg.no_admin:
+        _add_admin_routes(app, state)
     _add_generation_routes(app, state)
+    app.add_middleware(Guard, api_key=cfg.api_key, max_bytes=cfg.max_request_bytes)
     return app
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key (every route but /health), and
+    the body size, refused from Content-Length before reading or as soon as the bytes read
+    pass the limit."""
+
+    def __init__(self, app, api_key: str | None, max_bytes: int):
+        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] != "/health" and not self._authorised(headers):
+            return await _error(401, "invalid or missing API key: send "
+                                "'Authorization: Bearer <key>'")(scope, receive, send)  # fmt: skip
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            key.strip().encode(), self.api_key.encode()
+        )
+
+    async def _too_large(self, scope, receive, send):
+        message = f"the request body is over this server's limit of {self.max_bytes} bytes"
+        await _error(413, message)(scope, receive, send)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -107,13 +160,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(err).__name__}: {err}")
 
 
-def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         return {
             "status": "ok",
             "base_model": state.loaded.name,
             "prompts": len(state.store.entries()),
+            "skipped": state.store.skipped(),
             "queue_length": state.batcher.queue_length(),
         }
 
@@ -138,6 +192,8 @@ def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
         data += [_model_card(e.name, e.loaded_at, BASE) for e in state.store.entries()]
         return {"object": "list", "data": data}
 
+
+def _add_admin_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/prompts/{name}")
     def add_prompt(name: str):  # sync: compiling runs in the thread pool
         entry = state.store.load(name)
@@ -159,38 +215,67 @@ def _model_card(name: str, created: int, parent: str) -> dict:
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    # Checking, tokenizing and compiling a prompt's head run in the thread pool, so a large
+    # request never holds up the event loop (and /health) while it is prepared.
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not texts or len(texts) > state.cfg.max_batch_size:
-            raise ApiError(400, f"give 1 to {state.cfg.max_batch_size} prompts per request")
-        if body.stream and len(texts) > 1:
-            raise ApiError(400, "stream supports one prompt per request")
-        entry = _entry(state, body.model)
-        if entry is not None and entry.fmt is not None and entry.fmt.chat:
-            raise ApiError(400, f"prompt {entry.name!r} was trained on conversations: use "
-                           "/v1/chat/completions")  # fmt: skip
-        fmt = entry.fmt if entry is not None and entry.fmt is not None else PromptFormat()
-        tok = state.loaded.tokenizer
-        try:
-            encoded = [encode_raw(tok, fmt, t, body.fields) for t in texts]
-        except DataError as err:
-            raise ApiError(400, str(err)) from None
-        rows = _rows(state, body, encoded, entry, body.max_tokens or 16)
+        loop = asyncio.get_running_loop()
+        rows = await run_in_threadpool(_completion_jobs, state, body, loop)
         return await _answer(state, body, rows, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
-        entry = _entry(state, body.model)
-        fmt = entry.fmt if entry is not None else None
-        if fmt is not None and not fmt.chat and fmt.template is not None:
-            raise ApiError(400, f"prompt {entry.name!r} was trained on raw text with the template "
-                           f"{fmt.template!r}: use /v1/completions")  # fmt: skip
-        encoded = _chat_encoded(state.loaded.tokenizer, body.messages, fmt)
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(256, state.cfg.max_tokens)
-        end = set(fmt.stop_ids(state.loaded.tokenizer)) if fmt is not None and fmt.chat else set()
-        rows = _rows(state, body, [encoded], entry, max_tokens, end)
+        loop = asyncio.get_running_loop()
+        rows = await run_in_threadpool(_chat_jobs, state, body, loop)
         return await _answer(state, body, rows, chat=True)
+
+
+def _completion_jobs(state: ServerState, body: CompletionBody, loop) -> list[Job]:
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not texts or len(texts) > state.cfg.max_batch_size:
+        raise ApiError(400, f"give 1 to {state.cfg.max_batch_size} prompts per request")
+    if body.stream and len(texts) > 1:
+        raise ApiError(400, "stream supports one prompt per request")
+    _check_chars(state, texts)
+    entry = _entry(state, body.model)
+    if entry is not None and entry.fmt is not None and entry.fmt.chat:
+        raise ApiError(
+            400, f"prompt {entry.name!r} was trained on conversations: use /v1/chat/completions"
+        )
+    fmt = entry.fmt if entry is not None and entry.fmt is not None else PromptFormat()
+    tok = state.loaded.tokenizer
+    try:
+        encoded = [encode_raw(tok, fmt, t, body.fields) for t in texts]
+    except DataError as err:
+        raise ApiError(400, str(err)) from None
+    return _rows(state, body, encoded, entry, body.max_tokens or 16, loop)
+
+
+def _chat_jobs(state: ServerState, body: ChatBody, loop) -> list[Job]:
+    _check_chars(state, [m.content if isinstance(m.content, str) else json.dumps(m.content)
+                         for m in body.messages])  # fmt: skip
+    entry = _entry(state, body.model)
+    fmt = entry.fmt if entry is not None else None
+    if fmt is not None and not fmt.chat and fmt.template is not None:
+        raise ApiError(
+            400,
+            f"prompt {entry.name!r} was trained on raw text with the template "
+            f"{fmt.template!r}: use /v1/completions",
+        )
+    encoded = _chat_encoded(state.loaded.tokenizer, body.messages, fmt)
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(256, state.cfg.max_tokens)
+    end = set(fmt.stop_ids(state.loaded.tokenizer)) if fmt is not None and fmt.chat else set()
+    return _rows(state, body, [encoded], entry, max_tokens, loop, end)
+
+
+CHARS_PER_TOKEN = 16  # far above any tokenizer's average: a cheap check before tokenizing
+
+
+def _check_chars(state: ServerState, texts: list[str | None]) -> None:
+    limit = state.cfg.max_prompt_tokens * CHARS_PER_TOKEN
+    if sum(len(t or "") for t in texts) > limit:
+        raise ApiError(400, f"the input is over {limit} characters, far more than this "
+                       f"server's {state.cfg.max_prompt_tokens}-token limit")  # fmt: skip
 
 
 def _entry(state: ServerState, model: str) -> Entry | None:
@@ -233,6 +318,7 @@ def _rows(
     encoded: list[Encoded],
     entry: Entry | None,
     max_tokens: int,
+    loop: asyncio.AbstractEventLoop,
     end_ids: set[int] | None = None,
 ) -> list[Job]:
     """Batcher jobs for one request, after every limit has been checked. A prompt behind a
@@ -244,7 +330,7 @@ def _rows(
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop takes at most 4 non-empty strings")
     n_virtual = entry.prefix.length if entry else 0
-    positions = getattr(state.loaded.model.config, "max_position_embeddings", None)
+    positions = max_positions(state.loaded.model)
     for head, row in encoded:
         length = n_virtual + len(row) + len(head or [])
         if len(row) == 0:
@@ -256,7 +342,6 @@ def _rows(
             )
         if positions and length + max_tokens > positions:
             raise ApiError(400, f"prompt + max_tokens exceed the model's {positions} positions")
-    loop = asyncio.get_running_loop()
     model, tok = state.loaded.model, state.loaded.tokenizer
     jobs = []
     for head, ids in encoded:

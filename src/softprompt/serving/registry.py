@@ -80,6 +80,7 @@ class PromptStore:
         self.root = Path(folder).expanduser().resolve()
         self.loaded, self.allow_mismatch = loaded, allow_mismatch
         self._entries: dict[str, Entry] = {}
+        self._skipped: dict[str, str] = {}  # prompt folders that could not be loaded: why
         self._lock = threading.Lock()
 
     def path_of(self, name: str) -> Path:
@@ -94,24 +95,31 @@ class PromptStore:
         return path
 
     def load(self, name: str) -> Entry:
-        """(Re)load prompt ``name`` from its sub-folder and compile its prefix."""
+        """(Re)load prompt ``name`` from its sub-folder and compile its prefix. A folder that
+        cannot be loaded is an ApiError (400) and is listed by ``skipped``."""
         path = self.path_of(name)
         if not (path / ADAPTER_WEIGHTS).is_file():
-            raise ApiError(404, f"no saved prompt {name!r} in {self.root}")
+            raise ApiError(404, f"no saved prompt {name!r} in the prompts folder")
         try:
             prompt, meta = load_prompt(path, self.loaded.model, self.allow_mismatch)
+            fmt = PromptFormat.from_meta(meta) if meta.get("template") or meta.get(
+                "prompt_format") else None  # fmt: skip
         except SoftpromptError as err:
-            raise ApiError(400, str(err)) from None
-        try:
-            fmt = PromptFormat.from_meta(meta) if meta.get("prompt_format") else None
-        except SoftpromptError as err:
-            raise ApiError(400, f"prompt {name!r}: {err}") from None
-        if fmt is None and meta.get("template"):  # an older run: its raw template
-            fmt = PromptFormat.from_meta(meta)
+            # Name the folder as the client knows it, never by this server's absolute path.
+            message = str(err).replace(str(path), name).replace(str(self.root), "<prompts>")
+            with self._lock:
+                self._skipped[name] = message
+            raise ApiError(400, message) from None
         entry = Entry(name, prompt, compile_prefix(self.loaded.model, prompt), fmt)
         with self._lock:
             self._entries[name] = entry
+            self._skipped.pop(name, None)
         return entry
+
+    def skipped(self) -> dict[str, str]:
+        """Prompt folders that could not be loaded, and why."""
+        with self._lock:
+            return dict(self._skipped)
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -139,13 +147,18 @@ class PromptStore:
         removed = [e.name for e in self.entries() if e.name not in on_disk]
         for name in removed:
             self.remove(name)
+        with self._lock:
+            self._skipped = {k: v for k, v in self._skipped.items() if k in on_disk}
         return {"added": added, "removed": removed, "errors": errors}
 
 
 def base_model_of(folder: Path) -> str:
     """The base model named by the first prompt of ``folder``, else the embedded one."""
     for sub in sorted(folder.iterdir()):
-        name = trained_base_model(sub) if (sub / ADAPTER_WEIGHTS).is_file() else None
+        try:
+            name = trained_base_model(sub) if (sub / ADAPTER_WEIGHTS).is_file() else None
+        except SoftpromptError:
+            continue  # a damaged folder names no model; serve skips it when loading
         if name:
             return name
     return EMBEDDED_MODEL

@@ -27,8 +27,12 @@ from softprompt.serving.registry import BASE, base_model_of
 
 def serve(cfg: ServeConfig) -> None:
     """Load the model and the prompts, then answer HTTP requests until interrupted."""
-    import uvicorn
-
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError(
+            "softprompt serve needs its extra: pip install 'softprompt[serve]'"
+        ) from None
     folder = Path(cfg.prompts).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"--prompts {cfg.prompts} is not a folder; give the folder of prompts")

@@ -20,10 +20,10 @@ demo-chat: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks

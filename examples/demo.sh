@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: train a soft prompt for sentiment on the embedded
 # Gemma 3 270M (offline), then show base vs tuned answers on held-out reviews.
-# About 5 minutes on two CPU cores (plus ~45 s the very first time, to convert the model).
+# Each step prints when it started; the last line, the whole time (README, "Results").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo-sentiment}
 start=$(date +%s)
+at() { echo "   (at $(( $(date +%s) - start )) s)"; }
 
 echo "== 1. Train a 20-token soft prompt (the 270M base model stays frozen)"
 softprompt train \
@@ -17,7 +18,7 @@ softprompt train \
   --output "$OUT" --overwrite
 
 echo
-echo "== 2. Base model vs tuned prompt on held-out test reviews (same template, greedy)"
+echo "== 2. Base model vs tuned prompt on held-out test reviews (same template, greedy)"; at
 softprompt generate --prompt "$OUT" --compare \
   --file examples/sentiment/test.jsonl --limit 8 --max-new-tokens 8
 

@@ -144,7 +144,7 @@ def test_positions_put_the_prompt_where_asked(chat):
 def test_a_model_without_chat_template_names_the_flag(tiny_dir, tmp_path):
     loaded = load_model(model=str(tiny_dir))
     ex = load_examples(str(_conversations(tmp_path / "c.jsonl", 1)), DataConfig(data="x"))
-    with pytest.raises(ConfigError, match="--chat-template FILE"):
+    with pytest.raises(ConfigError, match="chat_template=FILE"):
         tokenize(ex, loaded.tokenizer, 64, "", None, PromptFormat(chat=True))
 
 

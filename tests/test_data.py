@@ -218,7 +218,7 @@ def test_template_unknown_placeholder(tmp_path):
 def test_template_malformed_braces_is_config_error(template):
     """An unbalanced brace or an empty {} is refused when the config is made, naming
     --template, before any data or model is read."""
-    with pytest.raises(ConfigError, match="--template"):
+    with pytest.raises(ConfigError, match="template"):
         DataConfig(data="x", template=template)
 
 

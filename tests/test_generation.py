@@ -46,9 +46,9 @@ def test_sampling_is_seeded(loaded_all):
 
 
 def test_generate_options_are_validated():
-    with pytest.raises(ConfigError, match="--top-p"):
+    with pytest.raises(ConfigError, match="top_p"):
         GenerateConfig(top_p=0)
-    with pytest.raises(ConfigError, match="--temperature"):
+    with pytest.raises(ConfigError, match="temperature"):
         GenerateConfig(temperature=-1)
 
 

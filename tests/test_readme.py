@@ -4,6 +4,7 @@ and the Python quickstart names only what the package exports."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 from pathlib import Path
@@ -60,3 +61,63 @@ def test_python_quickstart_uses_exported_names():
     assert names and set(names) <= set(softprompt.__all__)
     for name in names:
         assert getattr(softprompt, name) is not None
+
+
+def _walk() -> list[tuple[str, str]]:
+    """The README's runnable pieces in order: ("bash", one command) and ("python", a block)."""
+    steps = []
+    for lang, block in re.findall(r"```(bash|python)\n(.*?)```", README.read_text(), flags=re.S):
+        if lang == "python":
+            steps.append(("python", block))
+            continue
+        for line in block.replace("\\\n", " ").splitlines():
+            steps.append(("bash", line.split("  #")[0].strip()))
+    return steps
+
+
+def _runnable(line: str, tiny: str, chat: str) -> list[str] | None:
+    """A README command as argv for the tiny models, or None where it cannot run here: not a
+    softprompt command, a launcher (several processes), `serve` (runs until stopped), a hub
+    model (network)."""
+    if not line.startswith("softprompt "):
+        return None
+    argv = shlex.split(os.path.expandvars(line))[1:]
+    if argv[0] == "serve" or ("--model" in argv and "/" in argv[argv.index("--model") + 1]):
+        return None
+    if "--model" in argv:
+        i = argv.index("--model") + 1
+        argv[i] = chat if argv[i] == "embedded-chat" else tiny
+    elif argv[0] in ("train", "eval", "compare", "sweep") and "--prompt" not in argv:
+        argv += ["--model", tiny]
+    return argv
+
+
+def test_readme_walks_in_order(model_dirs, chat_dir, tmp_path, monkeypatch, capsys):
+    """Every softprompt command of the README and its Python quickstart, in the order shown,
+    on tiny models (what the embedded models would do, in seconds): each one succeeds."""
+    from softprompt.cli import main
+
+    root = README.parent
+    (tmp_path / "examples").symlink_to(root / "examples")
+    monkeypatch.chdir(tmp_path)
+    tiny = str(model_dirs["llama"])
+    ran = []
+    for kind, text in _walk():
+        if kind == "bash":
+            if m := re.match(r"([A-Z_]+)='(.*)'$", text):
+                monkeypatch.setenv(m.group(1), m.group(2))
+            argv = _runnable(text, tiny, str(chat_dir))
+            if argv is None:
+                continue
+            assert main(argv) == 0, (text, capsys.readouterr().err[-800:])
+            ran.append(argv[0])
+        elif "from softprompt import" in text:
+            code = text.replace("load_model()", f"load_model(model={tiny!r})")
+            code = code.replace(
+                "TrainConfig(\n", f"TrainConfig(\n    model=ModelConfig(model={tiny!r}),\n"
+            )
+            exec(compile("from softprompt import ModelConfig\n" + code, "README", "exec"), {})
+            ran.append("python quickstart")
+    assert ran[:5] == ["train", "generate", "generate", "train", "python quickstart"]
+    assert "holds a finished run" in capsys.readouterr().err  # the quickstart's --resume
+    assert {"eval", "compare", "inspect", "sweep"} <= set(ran)

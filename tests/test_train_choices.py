@@ -43,7 +43,7 @@ def test_full_choice_loss_keeps_every_target_token(tiny_dir, pairs_file, tmp_pat
 
 def test_targets_that_are_not_choices_are_refused(tiny_dir, pairs_file, tmp_path):
     cfg = train_config(tiny_dir, pairs_file, tmp_path / "x", choices="good,bad")
-    with pytest.raises(ConfigError, match="does not start like any of --choices"):
+    with pytest.raises(ConfigError, match="does not start like any of choices"):
         train(cfg, progress=False)
 
 

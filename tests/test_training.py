@@ -127,7 +127,7 @@ def test_resume_refuses_changed_settings(tiny_dir, pairs_file, tmp_path):
 def test_existing_run_is_not_overwritten(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
     train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)
-    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(ConfigError, match="already holds a run.*resume=True.*overwrite=True"):
         train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)
     train(train_config(tiny_dir, pairs_file, out, max_steps=2, overwrite=True), progress=False)
     with pytest.raises(ConfigError, match="no checkpoints"):
@@ -184,5 +184,5 @@ def test_early_stopping(tiny_dir, pairs_file, tmp_path):
 
 
 def test_max_length_below_prompt_is_refused(tiny_dir, pairs_file, tmp_path):
-    with pytest.raises(ConfigError, match="--max-length 5 leaves no room"):
+    with pytest.raises(ConfigError, match="max_length=5 leaves no room"):
         train_config(tiny_dir, pairs_file, tmp_path, max_length=5)

@@ -176,7 +176,7 @@ def read_meta(folder: str | Path) -> dict:
             template_fields(meta["template"], flag=f"{path}: the saved template")
         PromptFormat.from_meta(meta).check()
     except ConfigError as err:
-        raise ArtifactError(str(err)) from None
+        raise ArtifactError(err.cli_message) from None
     return meta
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from softprompt.config import TrainConfig
-from softprompt.console import say, warn
+from softprompt.console import warn
 from softprompt.errors import ConfigError
 from softprompt.outputs import disk_error, record
 from softprompt.prompt import PromptSet
@@ -184,7 +184,6 @@ def restore_run(run: Resumable) -> Path:
     run.scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(tensors["rng"])
     run.best, run.initial = tensors["best"].clone(), tensors["initial"].clone()
-    say(f"resuming from {folder.name}: epoch {run.state.epoch + 1}, step {run.state.step}")
     return folder
 
 

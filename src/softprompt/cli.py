@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.handler(build_config(cmd.config, ns))
         return 0
     except SoftpromptError as err:
-        print(f"softprompt: error: {err}", file=sys.stderr)
+        print(f"softprompt: error: {err.cli_message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted; a training run continues with --resume", file=sys.stderr)

@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from softprompt.errors import ConfigError
+from softprompt.errors import SWITCHES, ConfigError
 from softprompt.templates import POSITIONS, PromptFormat, template_fields
 
 EMBEDDED_MODEL = "embedded"
@@ -670,3 +670,19 @@ def flat_fields(cls) -> list[Flag]:
         default = f.default if f.default is not MISSING else f.default_factory()
         out.append(Flag(f.name, hints[f.name], default, dict(f.metadata)))
     return out
+
+
+SWITCHES.update(  # flags without a value, named `name=True` in errors read from Python
+    flag.name
+    for cls in (
+        TrainConfig,
+        GenerateRunConfig,
+        InspectConfig,
+        ServeConfig,
+        EvalConfig,
+        CompareConfig,
+        SweepConfig,
+    )  # fmt: skip
+    for flag in flat_fields(cls)
+    if flag.type is bool
+)

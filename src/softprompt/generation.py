@@ -190,7 +190,7 @@ def generate(
     ``fields`` fill the template's other fields (``templates.render``): one mapping for every
     text or one per text. ``fmt`` (a saved prompt's ``PromptFormat``) replaces ``template``.
     ``prefix_cache=False`` runs the virtual tokens again on every call (the reference path,
-    for comparisons).
+    for comparisons). Answers come without leading whitespace, as the CLI shows them.
     """
     fmt = fmt or PromptFormat(template=template)
     per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
@@ -306,7 +306,9 @@ def generate_encoded(
         window = slice(start, start + cfg.batch_size)
         new = generate_ids(model, ids[window], prompts[window], gen_cfg, None, prefix_cache,
                            heads[window])  # fmt: skip
-        out += [tok.decode(row, skip_special_tokens=True) for row in new]
+        # The answer without the whitespace a model writes after the template's last word
+        # (' positive' -> 'positive'), as the CLI shows it; the server returns raw text.
+        out += [tok.decode(row, skip_special_tokens=True).lstrip() for row in new]
     return out
 
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from softprompt.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig
-from softprompt.console import say
+from softprompt.console import say, ticking
 from softprompt.errors import ModelLoadError
 from softprompt.loss import Support, support
 
@@ -160,18 +160,21 @@ def _converted_gguf(gguf: Path, key: str) -> Path:
     folder = cache_root() / "models" / key
     if (folder / ".complete").exists():
         return folder
-    say(f"converting {gguf.name} to float32 (once; about 40 s on two cores) into {folder}")
+    say(
+        f"converting {gguf.name} to float32 into {folder}, once (the embedded model took 82 s "
+        "on a 2-core machine; later loads take seconds)"
+    )
     start = time.perf_counter()
-    hf_logging.enable_progress_bar()  # the de-quantization takes a while: show its bar
+    # transformers' own bar guesses its time from the first, slowest tensors (it showed 13
+    # minutes for a 90 s job): count the seconds instead.
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with ticking("converting"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelLoadError(f"cannot convert GGUF file {gguf}: {err}") from err
-    finally:
-        hf_logging.disable_progress_bar()
     # The de-quantized weights are plain float32: drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

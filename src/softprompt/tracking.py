@@ -66,48 +66,68 @@ def read_records(metrics: Path) -> list[dict]:
 
 
 def plot_metrics(metrics: Path, png: Path) -> Path:
-    """Training loss per step (and a moving average) with validation loss on top (and each
-    task's, in a multi-task run)."""
+    """The run's loss curve, from metrics.jsonl alone: training loss per step (and its moving
+    average), validation loss (and each task's in a multi-task run), the base model's level,
+    the best validation step and the epoch boundaries, on a log axis so the late steps stay
+    readable; titled with the model and the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_records(metrics)
-    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
-    val = [(r["step"], r["loss"]) for r in records if r["kind"] == "val"]
-    base = [r["loss"] for r in records if r["kind"] == "base"]
-    tasks: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        if r["kind"] == "task_val":
-            tasks.setdefault(r["task"], []).append((r["step"], r["loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="#9ecae1", lw=1, label="train loss (per step)")
-        k = max(1, len(losses) // 20)
-        smooth = [
-            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        ax.plot(steps, smooth, color="#2171b5", lw=2, label=f"train loss (mean of {k})")
-    if val:
-        label = "validation loss (all tasks)" if tasks else "validation loss"
-        ax.plot(*zip(*val), "o-", color="#e6550d", lw=2, label=label)
-    for i, (task, points) in enumerate(sorted(tasks.items())):  # multi-task runs
-        ax.plot(
-            *zip(*points), "s--", lw=1.2, color=plt.cm.tab10((i + 2) % 10), label=f"val: {task}"
-        )
-    if base:
-        ax.axhline(base[0], color="#636363", ls="--", lw=1, label="base model, no prompt (val)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    _plot_train(ax, [r for r in records if r["kind"] == "train"])
+    _plot_validation(ax, records, plt.cm.tab10)
+    ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / target token)")
-    ax.set_title("softprompt training")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_ylabel("cross-entropy, nats / target token (log)")
+    ax.set_title(_title(records), fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     try:
         outputs.atomic_write(png, lambda p: fig.savefig(p, format="png"))
     finally:
         plt.close(fig)
     return png
+
+
+def _plot_train(ax, train: list[dict]) -> None:
+    if not train:
+        return
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    ax.plot(steps, losses, color="#9ecae1", lw=1, label="train loss (per step)")
+    k = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+              for i in range(len(losses))]  # fmt: skip
+    ax.plot(steps, smooth, color="#2171b5", lw=2, label=f"train loss (mean of {k})")
+    ends = [a["step"] for a, b in zip(train, train[1:]) if b.get("epoch") != a.get("epoch")]
+    for i, step in enumerate(ends):  # where each epoch ends
+        ax.axvline(step, color="#bdbdbd", ls=":", lw=1, label="epoch boundary" if i == 0 else None)
+
+
+def _plot_validation(ax, records: list[dict], colours) -> None:
+    val = [(r["step"], r["loss"]) for r in records if r["kind"] == "val"]
+    tasks: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r["kind"] == "task_val":
+            tasks.setdefault(r["task"], []).append((r["step"], r["loss"]))
+    if val:
+        ax.plot(*zip(*val), "o-", color="#e6550d", lw=2,
+                label="validation loss (all tasks)" if tasks else "validation loss")  # fmt: skip
+        step, loss = min(val[1:] or val, key=lambda p: p[1])  # the initial prompt is not a pick
+        ax.plot([step], [loss], marker="*", ms=14, color="#d62728", ls="none",
+                label=f"best: {loss:.4f} at step {step}")  # fmt: skip
+    for i, (task, points) in enumerate(sorted(tasks.items())):
+        ax.plot(*zip(*points), "s--", lw=1.2, color=colours((i + 2) % 10), label=f"val: {task}")
+    base = [r["loss"] for r in records if r["kind"] == "base"]
+    if base:
+        ax.axhline(base[0], color="#636363", ls="--", lw=1, label="base model, no prompt (val)")
+
+
+def _title(records: list[dict]) -> str:
+    config = next((r for r in records if r["kind"] == "config"), {}).get("config", {})
+    model = (config.get("model") or {}).get("model") or "model"
+    data = "/".join(Path((config.get("data") or {}).get("data") or "data").parts[-2:])
+    return f"softprompt: {Path(str(model)).name} on {data}"

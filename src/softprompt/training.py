@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import softprompt
-from softprompt.artifacts import load_prompt, save_prompt
+from softprompt.artifacts import load_prompt, read_meta, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import RunState, TaskBest, restore_run, save_run
 from softprompt.config import TrainConfig
@@ -56,16 +57,19 @@ def train(
 ) -> TrainResult:
     """Train a soft prompt as ``cfg`` says and save it to ``cfg.output``."""
     run = Run.start(cfg, loaded)
+    if run.finished:  # --resume of a run that had already ended
+        return run.already_finished()
     if run.state.step == 0:
         run.measure_start()  # the before: the base model alone, and the initial prompt
     state = run.state
-    bar = tqdm(
+    bar = run.bar = tqdm(
         total=run.total_steps,
         initial=state.step,
         desc="training",
         unit="step",
         disable=not (progress and run.accelerator.is_main_process),
         dynamic_ncols=True,
+        smoothing=0.05,  # validation pauses would make a short-memory ETA jump about
     )
     started = time.perf_counter()
     try:  # an error ends the bar's line first, so its message stands on a line of its own
@@ -74,20 +78,21 @@ def train(
             while state.group < len(groups) and not run.done:
                 run.step(groups[state.group])
                 bar.update(1)
-                bar.set_postfix(loss=f"{run.last_loss:.4f}", epoch=state.epoch + 1)
+                run.show()
                 if _due(state.step, cfg.eval_every):
                     run.validate()
                 if _due(state.step, cfg.save_every):
                     run.checkpoint()
             if state.group >= len(groups):  # the epoch is complete
                 state.epoch, state.group = state.epoch + 1, 0
-                if not _due(state.step, cfg.eval_every) and (val := run.validate()) is not None:
-                    bar.set_postfix(loss=f"{run.last_loss:.4f}", val=f"{val:.4f}")
+                if not _due(state.step, cfg.eval_every):
+                    run.validate()
                 run.checkpoint()
         if run.has_validation and 0 < state.step != run.last_validated:
             run.validate()  # e.g. --max-steps inside the first epoch
     finally:
         bar.close()
+        run.bar = None
     return run.finish(time.perf_counter() - started)
 
 
@@ -134,6 +139,8 @@ class Run:
     initial: Tensor | None = None  # (K, N, H): each task's starting prompt
     tokens_seen: int = 0
     last_loss: float = math.nan
+    last_val: float | None = None
+    bar: tqdm | None = None  # the progress bar while the loop runs
 
     @classmethod
     def start(cls, cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
@@ -181,8 +188,12 @@ class Run:
                   total_steps, math.ceil(total_steps / steps_per_epoch), log)  # fmt: skip
         run.best, run.initial = prompts.stacked().clone(), prompts.stacked().clone()
         if cfg.resume:
-            restore_run(run)
+            folder = restore_run(run)
             log.truncate_after(run.state.step)
+            if not run.finished:
+                say(
+                    f"resuming from {folder.name}: epoch {run.current_epoch}, step {run.state.step}"
+                )
         else:
             log.write(kind="config", config=dataclasses.asdict(cfg), data=data.info)
             run.state.task_best = [TaskBest() for _ in data.tasks]
@@ -193,6 +204,30 @@ class Run:
     @property
     def done(self) -> bool:
         return self.state.step >= self.total_steps or bool(self.state.stop_reason)
+
+    @property
+    def finished(self) -> bool:
+        """The run had ended (all its steps or epochs, or an early stop)."""
+        return self.done or self.state.epoch >= self.epochs
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch the run is in, counted from 1 (0 before the first step); an epoch's
+        closing validation belongs to it. The bar and metrics.jsonl both use this."""
+        return self.state.epoch + (1 if self.state.group else 0)
+
+    def show(self) -> None:
+        """The bar's postfix: last step's loss, last validation loss, epoch."""
+        if self.bar is not None:
+            val = {} if self.last_val is None else {"val": f"{self.last_val:.4f}"}
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", **val, epoch=self.current_epoch)
+
+    def note(self, msg: str) -> None:
+        """A progress line that does not break the bar."""
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(f"[softprompt] {msg}", file=sys.stderr)
+        elif self.bar is None:
+            say(msg)
 
     @property
     def has_validation(self) -> bool:
@@ -233,7 +268,7 @@ class Run:
         self.log.write(
             kind="train",
             step=state.step,
-            epoch=state.epoch,
+            epoch=self.current_epoch,
             loss=self.last_loss,
             lr=self.scheduler.get_last_lr()[0],
             grad_norm=grad_norm,
@@ -262,7 +297,7 @@ class Run:
                 self.log.write(kind=f"task_{kind}", task=self.data.tasks[i], step=self.state.step,
                                **result)  # fmt: skip
         pooled = total / max(count, 1)
-        self.log.write(kind=kind, step=self.state.step, epoch=self.state.epoch, loss=pooled,
+        self.log.write(kind=kind, step=self.state.step, epoch=self.current_epoch, loss=pooled,
                        ppl=perplexity(pooled), tokens=count)  # fmt: skip
         return pooled, per_task
 
@@ -291,6 +326,11 @@ class Run:
             if task_loss is not None and (record.loss is None or task_loss < record.loss - 1e-6):
                 record.loss, record.step = task_loss, state.step
                 self.best[i].copy_(self.prompts.prompts[i].embedding.detach())
+        self.last_val = loss
+        self.note(f"step {state.step}, epoch {self.current_epoch}: validation loss {loss:.4f}"
+                  + (" (best so far)" if loss < state.best_loss - 1e-6 else
+                     f" (best {state.best_loss:.4f} at step {state.best_step})"))  # fmt: skip
+        self.show()
         if loss < state.best_loss - 1e-6:
             state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
         else:
@@ -306,6 +346,22 @@ class Run:
             save_run(self)
 
     # --- the end ---------------------------------------------------------------------
+
+    def already_finished(self) -> TrainResult:
+        """The result of a run that had ended: nothing is trained or written again."""
+        for i, record in enumerate(self.state.task_best):
+            if self.data.val_by_task[i] and record.loss is not None:
+                self.prompts.prompts[i].embedding.data.copy_(self.best[i])
+        folder = self.output / self.data.tasks[0] if self.data.multi_task else self.output
+        summary = read_meta(folder).get("metrics") or self.summary(0.0)
+        say(
+            f"{self.output} holds a finished run ({self.state.step} steps, "
+            f"{self.state.stop_reason or 'all epochs done'}); its prompt is in {folder}. "
+            "Nothing to resume: pass --overwrite to train it again"
+        )
+        prompts = self.prompts.prompts
+        named = dict(zip(self.data.tasks, prompts)) if self.data.multi_task else {}
+        return TrainResult(output=self.output, prompt=prompts[0], summary=summary, prompts=named)
 
     def finish(self, elapsed: float) -> TrainResult:
         """Put each task's best prompt (or its last, if never validated) in place and save."""
@@ -405,7 +461,7 @@ def _prepare_output(cfg: TrainConfig, accelerator: Accelerator) -> Path:
         try:
             _check_output(cfg, output)
         except ConfigError as err:
-            verdict = [str(err)]
+            verdict = [err.cli_message]
     if accelerator.num_processes > 1:
         verdict = broadcast_object_list(verdict)
     if verdict[0]:

@@ -90,7 +90,9 @@ def plot_compare(records: list[dict], folder: Path) -> dict[str, Path]:
             if r["kind"] == "train" and r["method"] == method
         ]
         ax.plot(*zip(*pts), lw=1.8, color=STYLE[method][0], label=METHOD_NAMES[method])
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss per step")
+    ax.set(xlabel="optimizer step", ylabel="training loss (log)", title="Training loss per step")
+    if all(r["loss"] > 0 for r in records if r["kind"] == "train"):
+        ax.set_yscale("log")  # the later steps stay readable beside the first ones
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

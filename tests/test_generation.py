@@ -96,3 +96,12 @@ def test_cli_base_only(tiny_dir, capsys):
     rc = main(["generate", "--model", str(tiny_dir), "--max-new-tokens", "2", "good"])
     out = capsys.readouterr().out
     assert rc == 0 and "  base    : " in out and "tuned" not in out
+
+
+def test_python_generate_returns_answers_as_the_cli_prints_them(loaded_all, monkeypatch):
+    """No leading whitespace (the space a model writes after 'Sentiment:')."""
+    loaded = loaded_all["llama"]
+    real = loaded.tokenizer.decode
+    monkeypatch.setattr(loaded.tokenizer, "decode", lambda *a, **k: " " + real(*a, **k))
+    (out,) = generate(loaded, ["the movie was great"], None, GenerateConfig(max_new_tokens=2))
+    assert out and not out[0].isspace()

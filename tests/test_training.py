@@ -11,6 +11,7 @@ from conftest import interrupted_at, train_config
 from safetensors.torch import load_file
 
 from softprompt.artifacts import load_prompt
+from softprompt.cli import main
 from softprompt.errors import ConfigError, TrainingError
 from softprompt.loading import load_model
 from softprompt.training import train
@@ -186,3 +187,39 @@ def test_early_stopping(tiny_dir, pairs_file, tmp_path):
 def test_max_length_below_prompt_is_refused(tiny_dir, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match="max_length=5 leaves no room"):
         train_config(tiny_dir, pairs_file, tmp_path, max_length=5)
+
+
+def test_resume_of_a_finished_run_says_so(tiny_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train(train_config(tiny_dir, pairs_file, out, epochs=2), progress=False)
+    before = (out / "metrics.jsonl").read_text()
+    again = train(train_config(tiny_dir, pairs_file, out, epochs=2, resume=True), progress=False)
+    err = capsys.readouterr().err
+    assert "holds a finished run (6 steps" in err and "resuming from" not in err
+    assert (out / "metrics.jsonl").read_text() == before
+    assert again.summary == first.summary
+    torch.testing.assert_close(again.prompt.embedding, first.prompt.embedding)
+
+
+def test_epochs_count_from_one_in_the_log(tiny_dir, pairs_file, tmp_path):
+    """metrics.jsonl and the progress bar say the same epoch: 1 for the first epoch's steps
+    and its closing validation, 0 before any step."""
+    out = tmp_path / "run"
+    train(train_config(tiny_dir, pairs_file, out, epochs=2), progress=False)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r["epoch"] for r in records if r["kind"] == "train"}
+    assert steps == {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2}
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == [0, 1, 2]
+
+
+def test_config_errors_name_arguments_or_flags(tiny_dir, pairs_file, tmp_path, capsys):
+    """From Python a ConfigError names the argument; the CLI prints the flag."""
+    out = tmp_path / "run"
+    train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)
+    with pytest.raises(ConfigError) as err:
+        train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)
+    assert "pass resume=True to continue it, overwrite=True to replace it" in str(err.value)
+    args = ["train", "--model", str(tiny_dir), "--data", str(pairs_file), "--input-field",
+            "review", "--target-field", "label", "--output", str(out)]  # fmt: skip
+    assert main(args) == 2
+    assert "pass --resume to continue it, --overwrite to replace it" in capsys.readouterr().err

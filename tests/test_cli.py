@@ -73,7 +73,7 @@ def test_train_help_shows_defaults_and_choices(capsys, monkeypatch):
     """Defaults are appended to the help; choices are shown."""
     out = _help(["train", "--help"], capsys, monkeypatch)
     assert "(default: 0.06)" in out and "(default: 256)" in out
-    assert "{float32,bfloat16}" in out
+    assert "{float32,bfloat16,auto}" in out
     assert "--data DATA" in out
 
 

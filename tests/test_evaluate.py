@@ -25,6 +25,7 @@ from softprompt.measure.baselines import few_shot
 from softprompt.measure.eval_run import run_eval
 from softprompt.measure.evaluate import classify
 from softprompt.prompt import SoftPrompt
+from tests.conftest import random_prompt
 
 GOLD = ["a", "a", "a", "b", "b", "c"]
 PRED = ["a", "a", "b", "b", "c", "c"]
@@ -214,3 +215,50 @@ def test_new_commands_document_every_flag(command, capsys, monkeypatch):
             assert " ".join(f.metadata["help"].split())[:40] in out
     if command == "inspect":
         assert "--top-k" in out and "DIR" in out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("headed", [False, True])
+def test_one_pass_scores_equal_a_pass_per_choice(loaded_all, kind, headed):
+    """One pass per input (cache reused by every choice) gives the numbers of the whole
+    sequence run once per choice: single- and multi-token choices, ragged batches, a prompt
+    first or behind a head, and no prompt."""
+    from softprompt.measure.evaluate import classify_per_choice
+
+    model, tok = loaded_all[kind].model, loaded_all[kind].tokenizer
+    sources = [
+        "review : the food was awful and the room was broken sentiment :",
+        "review : great film sentiment :",
+        "i love this phone",
+    ]
+    choices = ["positive", "not very good", "bad"]
+    contexts = None
+    if headed:  # the prompt after a head of two tokens
+        contexts = [(tok("answer :")["input_ids"], tok(s, add_special_tokens=False)["input_ids"])
+                    for s in sources]  # fmt: skip
+    for prompt in (random_prompt(3, n=4), None):
+        want = classify_per_choice(model, tok, prompt, sources, choices, contexts=contexts)
+        got = classify(model, tok, prompt, sources, choices, contexts=contexts, batch_size=2)
+        assert got[0] == want[0]
+        for a, b in zip(got[1], want[1]):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_eval_loss_comes_from_the_choices_pass(tiny_dir, pairs_file, tmp_path):
+    """`eval` with choices reports the same loss as evaluate_loss over the labelled rows."""
+    from softprompt.data import load_examples, tokenize
+    from softprompt.loss import evaluate_loss
+    from softprompt.measure.eval_run import evaluate_examples
+
+    loaded = load_model(ModelConfig(model=str(tiny_dir)))
+    data = DataConfig(data=str(pairs_file), input_field="review", target_field="label",
+                      template="review : {input} sentiment :")  # fmt: skip
+    cfg = EvalConfig(data=data)
+    examples = load_examples(str(pairs_file), data)
+    prompt = random_prompt(5)
+    result, records = evaluate_examples(loaded, prompt, examples, cfg, ["positive", "negative"])
+    rows = tokenize(examples, loaded.tokenizer, cfg.context - 3, " ")
+    want = evaluate_loss(loaded.model, prompt, rows, 4, loaded.tokenizer.pad_token_id)
+    assert result["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    assert result["tokens"] == want["tokens"]
+    assert {r["prediction"] for r in records} <= {"positive", "negative"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from softprompt.cli import main
 from softprompt.errors import ModelLoadError
@@ -57,3 +58,25 @@ def test_cache_root_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("SOFTPROMPT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "softprompt"
+
+
+def test_dtype_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from softprompt import loading
+
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
+    assert loading.resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: False)
+    assert loading.resolve_dtype("auto") == "float32"
+    assert loading.resolve_dtype("bfloat16") == "bfloat16"  # an explicit choice stays
+
+
+def test_dtype_auto_loads_and_says_what_it_chose(tiny_dir, capsys, monkeypatch):
+    from softprompt import loading
+
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    loaded = loading.load_model(model=str(tiny_dir), dtype="auto")
+    assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    out = capsys.readouterr()
+    assert "bfloat16, chosen by --dtype auto" in out.out + out.err

@@ -92,19 +92,40 @@ def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
     else:
         folder = resolved = name  # a hub id: transformers downloads or reads its own cache
     start = time.perf_counter()
-    model, tokenizer = _from_pretrained(str(folder), resolved, cfg)
+    dtype = resolve_dtype(cfg.dtype)
+    model, tokenizer = _from_pretrained(str(folder), resolved, cfg, dtype)
+    shown = f"{dtype}, chosen by --dtype auto" if cfg.dtype == "auto" else dtype
     say(
-        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {cfg.dtype}) "
+        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {shown}) "
         f"in {time.perf_counter() - start:.1f}s"
     )
     return LoadedModel(model=model, tokenizer=tokenizer, name=resolved)
 
 
-def _from_pretrained(folder: str, shown: str, cfg: ModelConfig):
+def resolve_dtype(name: str) -> str:
+    """``--dtype``'s value as a concrete dtype: 'auto' is bfloat16 where the hardware has
+    native bf16 arithmetic (a CUDA GPU that supports it; an x86 CPU with AVX-512 BF16 or
+    AMX, where bf16 matmuls run ~4x fp32's), float32 elsewhere (bf16 emulated is slower)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if _cpu_has_bf16() else "float32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, take the safe choice
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def _from_pretrained(folder: str, shown: str, cfg: ModelConfig, dtype: str = "float32"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            folder, dtype=_DTYPES[dtype], trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

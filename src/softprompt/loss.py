@@ -10,6 +10,11 @@ here, for training, evaluation and comparison alike:
   (multiple choice is the argmax over the choices' log-likelihoods);
 - ``Support``: which shortcuts reproduce the plain path on a given model (checked once).
 
+The LM loss never materialises the full logits (``ChunkedCrossEntropy``): the head and
+the cross-entropy run over labelled positions in chunks of ``CHUNK_ELEMENTS`` logits and
+the backward pass recomputes each chunk, so memory does not grow with positions x
+vocabulary (Gemma 3's head has 262k columns: 2 GB of fp32 logits for 8 rows of 256 tokens).
+
 Two shortcuts, each used only where ``support(model)`` confirmed it changes nothing:
 - the fast head: the LM head runs only where a label exists (for Gemma 3 270M the 262k-word
   head costs more than the whole body at every other position);
@@ -92,8 +97,7 @@ def _loss(
     if prompt is not None and shared and at is None:  # the prompt first in every row
         hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
-        logits = head_logits(model, hidden[keep], choice_ids)  # (K, V), or (K, C) with choices
-        return _score(logits, labels[keep], choice_ids), int(keep.sum())
+        return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
     if prompt is not None and shared and len(lengths := at.unique()) <= MAX_HEAD_GROUPS:
         parts = [_behind_heads(model, prompt, batch, int(a), choice_ids) for a in lengths]
         return sum(loss for loss, _ in parts), sum(n for _, n in parts)
@@ -106,11 +110,10 @@ def _loss(
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast:
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = head_logits(model, hidden[:, :-1][keep], choice_ids)  # labelled positions only
-    else:
-        logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
-        if choice_ids is not None:
-            logits = logits[:, choice_ids]  # (K, C)
+        return _head_loss(model, hidden[:, :-1][keep], targets[keep], choice_ids), int(keep.sum())
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
+    if choice_ids is not None:
+        logits = logits[:, choice_ids]  # (K, C)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
 
 
@@ -140,8 +143,7 @@ def _behind_heads(
     labels = sub["labels"][:, a:width]  # the head carries no labels
     hidden = hidden_after_prefix(model, prefix, which, tail)
     keep = _positions(labels, choice_ids)
-    logits = head_logits(model, hidden[keep], choice_ids)
-    return _score(logits, labels[keep], choice_ids), int(keep.sum())
+    return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
 
 
 def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
@@ -158,6 +160,99 @@ def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
     if choice_ids is not None:
         gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
     return F.cross_entropy(logits.float(), gold, reduction="sum")
+
+
+def _head_loss(model: nn.Module, hidden: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """Summed cross-entropy of hidden states (K, H) against ``gold`` (K,): over the choices'
+    columns alone, or over the vocabulary in chunks (``ChunkedCrossEntropy``)."""
+    head = model.get_output_embeddings()
+    if choice_ids is None and isinstance(head, nn.Linear):
+        cap = getattr(model.config, "final_logit_softcapping", None) or None
+        return ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, gold, cap)
+    return _score(head_logits(model, hidden, choice_ids), gold, choice_ids)
+
+
+# Logits computed at once by the chunked loss: 32M floats (128 MB in fp32), i.e. 128 rows
+# of Gemma 3's 262k-word head; the full logits of a batch never exist.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _capped_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None):
+    """float32 logits of one chunk and, with soft-capping, tanh(raw / cap) for the
+    backward pass."""
+    logits = F.linear(hidden, weight, bias)
+    if cap is None:
+        return logits.float(), None
+    t = torch.tanh(logits / cap)  # in the model's dtype, as head_logits does
+    return (t * cap).float(), t.float()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_k CE(head(hidden[k]), gold[k]) without the (K, V) logits: each chunk of rows
+    gets its logits, log-sum-exp and gold logit, then is dropped; the backward pass
+    recomputes it and turns softmax - one-hot into gradients for the hidden states (and
+    the head, when it is trained). The same numbers as ``F.cross_entropy`` over
+    ``head_logits`` in float32 (tests/test_loss.py).
+
+    Chosen over the ``cut-cross-entropy`` package (its kernels are Triton, GPU only; its
+    ``torch_compile`` fallback materialises the logits) and Liger Kernel's fused linear
+    cross-entropy (Triton, GPU only): this runs on every device torch does."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, gold, cap):  # noqa: D102
+        rows = _chunk_rows(weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], rows):
+            logits, _ = _capped_logits(hidden[s : s + rows], weight, bias, cap)
+            picked = logits.gather(1, gold[s : s + rows, None]).squeeze(1)
+            total += (logits.logsumexp(dim=1) - picked).sum()
+        ctx.save_for_backward(hidden, weight, bias, gold)
+        ctx.cap = cap
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        hidden, weight, bias, gold = ctx.saved_tensors
+        cap = ctx.cap
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        rows = _chunk_rows(weight.shape[0])
+        for s in range(0, hidden.shape[0], rows):
+            h = hidden[s : s + rows]
+            logits, t = _capped_logits(h, weight, bias, cap)
+            g = torch.softmax(logits, dim=1)
+            g[torch.arange(len(g), device=g.device), gold[s : s + rows]] -= 1
+            g *= grad
+            if t is not None:  # d(cap * tanh(x / cap)) / dx
+                g *= 1 - t * t
+            if need_h:
+                grad_h[s : s + rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += g.T @ h.float()
+            if need_b:
+                grad_b += g.sum(dim=0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, hidden: Tensor, gold: Tensor) -> Tensor:
+    """log p(gold[k]) (K,) under the LM head at hidden states (K, H), in chunks: the full
+    logits never exist."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    rows = _chunk_rows(model.get_output_embeddings().weight.shape[0])
+    for s in range(0, hidden.shape[0], rows):
+        logits = head_logits(model, hidden[s : s + rows]).float()
+        picked = logits.gather(1, gold[s : s + rows, None]).squeeze(1)
+        out[s : s + rows] = picked - logits.logsumexp(dim=1)
+    return out
 
 
 def head_logits(model: nn.Module, hidden: Tensor, ids: Tensor | None = None) -> Tensor:
@@ -248,12 +343,15 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def _logits_at(model: nn.Module, embeds: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
-    """(K, V) logits at the K positions where ``keep`` (B, T-1) is set."""
-    if support(model).fast_head:  # the head only where needed, as in lm_loss
+def _gold_logprobs(
+    model: nn.Module, embeds: Tensor, mask: Tensor, keep: Tensor, gold: Tensor
+) -> Tensor:
+    """log p(gold) (K,) at the K positions where ``keep`` (B, T-1) is set."""
+    if support(model).fast_head:  # the head only where needed, in chunks, as in lm_loss
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return head_logits(model, hidden[:, :-1][keep])
-    return model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
+        return token_logprobs(model, hidden[:, :-1][keep], gold)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
+    return F.log_softmax(logits.float(), dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
 
 
 @torch.no_grad()
@@ -276,8 +374,7 @@ def row_logprobs(
             embeds, mask, labels = prompt.prepend(embeds, mask, labels, batch.get("prompt_at"))
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # (B, T-1)
-        logp = F.log_softmax(_logits_at(model, embeds, mask, keep).float(), dim=-1)
-        picked = logp.gather(1, targets[keep].unsqueeze(1)).squeeze(1)  # (K,)
+        picked = _gold_logprobs(model, embeds, mask, keep, targets[keep])  # (K,)
         owner = keep.nonzero()[:, 0]  # which row each labelled position belongs to
         sums = torch.zeros(len(idx), device=device).index_add_(0, owner, picked)
         for j, i in enumerate(idx):

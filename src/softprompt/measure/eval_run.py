@@ -22,11 +22,12 @@ from softprompt.data import Example, load_examples, tokenize
 from softprompt.errors import ConfigError
 from softprompt.generation import encode_example, generate_encoded
 from softprompt.loading import LoadedModel, load_model, max_positions
-from softprompt.loss import evaluate_loss
+from softprompt.loss import evaluate_loss, perplexity
 from softprompt.measure.evaluate import (
     classification_metrics,
     classify,
     generation_metrics,
+    loss_scoring,
     timed,
 )
 from softprompt.outputs import claim_output, write_text
@@ -55,14 +56,18 @@ def evaluate_examples(
     result: dict = {"examples": len(examples)}
     records = [{"input": ex.source, "target": ex.target} for ex in examples]
     golds = [ex.target for ex in examples]
+    rows = None
     if all(g is not None for g in golds):
         rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter, None, fmt,
                         "last-assistant")  # fmt: skip
-        result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
+        if not choices:
+            result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
     sources = [ex.source for ex in examples]
     encoded = [encode_example(tok, fmt, ex) for ex in examples]
     if choices:
-        kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size}
+        # The loss of each labelled row is scored in the choices' pass over its input.
+        extra = [loss_scoring(r) for r in rows] if rows is not None else None
+        kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size, "extra": extra}
         (preds, scores), seconds = timed(
             classify,
             model,
@@ -75,6 +80,8 @@ def evaluate_examples(
             contexts=encoded,
             **kwargs,
         )
+        if rows is not None:
+            result.update(_pooled_loss(model, prompt, rows, extra, cfg.batch_size, tok))
         result["seconds_per_example"] = seconds / len(examples)
         if all(g is not None for g in golds):
             result.update(classification_metrics(golds, preds, choices))
@@ -90,6 +97,19 @@ def evaluate_examples(
         for rec, out in zip(records, outputs):
             rec["generation"] = out
     return result, records
+
+
+def _pooled_loss(model, prompt, rows, scored, batch_size: int, tok) -> dict:
+    """Mean loss over labelled tokens from the rows the choices' pass scored (their
+    (log-probability, tokens)) and, for any whose input differed, a pass of their own."""
+    apart = [r for r, s in zip(rows, scored) if not isinstance(s, tuple)]
+    total = -sum(s[0] for s in scored if isinstance(s, tuple))
+    count = sum(s[1] for s in scored if isinstance(s, tuple))
+    if apart:
+        more = evaluate_loss(model, prompt, apart, batch_size, tok.pad_token_id)
+        total, count = total + more["loss"] * more["tokens"], count + more["tokens"]
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
 
 
 def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:

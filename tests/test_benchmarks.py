@@ -56,3 +56,37 @@ def test_bench_chat_quick_runs(chat_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the plain path's speed; losses agree: True" in proc.stdout
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_bench_lm_quick_runs(model_dirs, tmp_path):
+    out = tmp_path / "lm.json"
+    text = _run("bench_lm.py", "--quick", "--model", str(model_dirs["gemma3"]),
+                "--variants", "recipe,softprompt", "--json", str(out))  # fmt: skip
+    assert "| recipe |" in text and "| softprompt |" in text
+    assert "recipe / softprompt wall time =" in text and "of the float32 matmul peak" in text
+    results = json.loads(out.read_text())["results"]
+    # both prompts scored by the same function on the same held-out texts
+    assert results["recipe"]["heldout_loss"] > 0 and results["softprompt"]["heldout_loss"] > 0
+    assert results["softprompt"]["peak_rss_mb"] > 0
+
+
+def test_bench_eval_quick_runs(model_dirs):
+    text = _run("bench_eval.py", "--quick", "--model", str(model_dirs["gemma3"]))
+    assert "| sentiment (2-way) |" in text and "| topic (5-way) |" in text
+    assert text.count("| True (max score diff") == 2  # one pass agrees with a pass per choice
+
+
+def test_precision_accuracy_quick_runs(tiny_dir):
+    text = _run("precision_accuracy.py", "--quick", "--model", str(tiny_dir))
+    assert "| sentiment | bfloat16 |" in text and "| antonyms | float32 |" in text

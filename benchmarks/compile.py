@@ -5,11 +5,13 @@ on 12 bucketed batches of 8 sentiment reviews with the embedded Gemma 3 270M, ea
 with every decoder layer compiled (``torch.compile(layer, dynamic=True)``: the batch widths
 vary), and prints the compile time and seconds per step:
 
-    python benchmarks/compile.py
+    python benchmarks/compile.py                    # float32
+    python benchmarks/compile.py --dtype bfloat16   # bf16, where non-matmul work dominates
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -43,7 +45,10 @@ def timed_steps(model, prompt, batches: list[dict]) -> tuple[float, float]:
 
 
 def main() -> None:
-    loaded = load_model()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args()
+    loaded = load_model(dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     records = [json.loads(x) for x in DATA.read_text().splitlines()][:96]
     examples = [Example(f"Review: {r['review']}\nSentiment:", r["label"], "") for r in records]

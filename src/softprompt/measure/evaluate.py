@@ -22,7 +22,13 @@ from transformers import DynamicCache
 
 from softprompt.data import IGNORE_INDEX, Row
 from softprompt.generation import GenerationRow, pack_rows
-from softprompt.loss import continuation_rows, head_logits, row_logprobs, token_logprobs
+from softprompt.loss import (
+    continuation_rows,
+    head_logits,
+    row_logprobs,
+    support,
+    token_logprobs,
+)
 from softprompt.measure import metrics
 from softprompt.prefix import compile_all
 from softprompt.prompt import SoftPrompt, embed_tokens
@@ -176,7 +182,15 @@ def classify(
     ``contexts``: the sources tokenized already, as (head, ids) with the prompt after the
     head (``generation.encode_example``). ``extra[i]``, when given, is scored in the same
     pass if it has source i's input (e.g. ``loss_scoring`` of its labelled row); its
-    (log-probability, tokens) replaces ``extra[i]`` in the list."""
+    (log-probability, tokens) replaces ``extra[i]`` in the list.
+
+    A model whose body and head or cache cannot be used apart (``loss.support``; e.g. a
+    wrapped LoRA model) is scored by ``classify_per_choice``, and ``extra`` is left as is."""
+    if not support(model).shared_prefix:
+        return classify_per_choice(model, tokenizer, prompt, sources, choices,
+                                   delimiter=delimiter, length_norm=length_norm,
+                                   batch_size=batch_size, max_tokens=max_tokens,
+                                   contexts=contexts)  # fmt: skip
     items = []
     for i, source in enumerate(sources):
         conts = [continuation_ids(tokenizer, source, c, delimiter) for c in choices]

@@ -20,6 +20,7 @@ from softprompt import __version__
 from softprompt.config import (
     CompareConfig,
     EvalConfig,
+    ExportConfig,
     Flag,
     GenerateRunConfig,
     InspectConfig,
@@ -153,6 +154,13 @@ def cmd_serve(cfg: ServeConfig) -> None:
     serve(cfg)
 
 
+def cmd_export(cfg: ExportConfig) -> None:
+    from softprompt.deploy import run_export
+
+    out = run_export(cfg)
+    print((out / "deploy.json").read_text(encoding="utf-8"))
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its help, its config (one flag per leaf field, less ``skip``) and its
@@ -239,6 +247,17 @@ COMMANDS = {
         "--prompts runs --port 8000",
         config=ServeConfig,
         handler=cmd_serve,
+    ),
+    "export": Command(
+        help="write a prompt's rows for vLLM, SGLang or numpy",
+        description="Write a trained prompt's virtual-token embeddings in the form an engine "
+        "that takes embeddings reads: vLLM (--enable-prompt-embeds: a prompt_embeds content "
+        "part), SGLang (input_embeds) or a numpy array, with deploy.json (model, shape, dtype, "
+        "placement). Whole-sequence payloads for a given input come from the Python client "
+        "softprompt.deploy.Deployment.\n\nExample:\n  softprompt export runs/sentiment --to "
+        "vllm --output runs/sentiment-vllm",
+        config=ExportConfig,
+        handler=cmd_export,
     ),
 }
 

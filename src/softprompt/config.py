@@ -470,6 +470,35 @@ class ServeConfig:
             )
 
 
+ExportTarget = Literal["vllm", "sglang", "numpy"]
+ExportDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ExportConfig:
+    """Everything `softprompt export` needs."""
+
+    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    to: ExportTarget = opt(
+        "vllm",
+        "engine: vllm (prompt_embeds.pt and its base64 text for a prompt_embeds content part), "
+        "sglang (input_embeds.json: JSON floats) or numpy (prompt_embeds.npy)",
+    )
+    output: str = opt("", "folder to write (new or empty)", required=True)
+    dtype: ExportDtype = opt(
+        "float32", "precision of the exported rows (numpy has no bfloat16: float32 or float16)"
+    )
+    overwrite: bool = opt(False, "replace an earlier export in --output (only its own files)")
+
+    def __post_init__(self) -> None:
+        check_choice(self.to, typing.get_args(ExportTarget), "--to")
+        check_choice(self.dtype, typing.get_args(ExportDtype), "--dtype")
+        if not self.output:
+            raise ConfigError("--output is required: the folder to write the export to")
+        if self.to == "numpy" and self.dtype == "bfloat16":
+            raise ConfigError("--to numpy cannot hold bfloat16; use --dtype float32 or float16")
+
+
 @dataclass
 class EvalConfig:
     """Everything `softprompt eval` needs."""
@@ -682,6 +711,7 @@ SWITCHES.update(  # flags without a value, named `name=True` in errors read from
         EvalConfig,
         CompareConfig,
         SweepConfig,
+        ExportConfig,
     )  # fmt: skip
     for flag in flat_fields(cls)
     if flag.type is bool

@@ -285,10 +285,19 @@ class TrainConfig:
         "decoder layers across them with PyTorch FSDP2, for base models too large for one "
         "device. Embeddings and LM head stay whole on each process. Same results as without.",
     )
+    report_to: str = opt(
+        "none",
+        "Also send the config, every logged value and the loss plot to trackers, "
+        "comma-separated: tensorboard (OUTPUT/tensorboard), wandb, mlflow, trackio, csv "
+        "(OUTPUT/metrics.csv), or none. metrics.jsonl is always written.",
+    )
     resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")
     overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
 
     def __post_init__(self) -> None:
+        from softprompt.tracking import report_targets
+
+        report_targets(self.report_to)  # known names, packages installed
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -24,6 +24,7 @@ from softprompt.config import (
     Flag,
     GenerateRunConfig,
     InspectConfig,
+    PushConfig,
     ServeConfig,
     SweepConfig,
     TrainConfig,
@@ -161,6 +162,12 @@ def cmd_export(cfg: ExportConfig) -> None:
     print((out / "deploy.json").read_text(encoding="utf-8"))
 
 
+def cmd_push(cfg: PushConfig) -> None:
+    from softprompt.hub import push
+
+    print(push(cfg))
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its help, its config (one flag per leaf field, less ``skip``) and its
@@ -258,6 +265,15 @@ COMMANDS = {
         "vllm --output runs/sentiment-vllm",
         config=ExportConfig,
         handler=cmd_export,
+    ),
+    "push": Command(
+        help="share a prompt on the Hugging Face Hub, with a model card",
+        description="Upload a trained prompt's files to a Hugging Face Hub repository with a "
+        "model card written from its softprompt.json (base model, data, template, metrics, the "
+        "loss plot). Others then use it with --prompt hf:owner/name (or --init hf:owner/name)."
+        "\n\nExample:\n  softprompt push runs/sentiment me/sentiment-prompt",
+        config=PushConfig,
+        handler=cmd_push,
     ),
 }
 

@@ -212,7 +212,8 @@ class PromptConfig:
         "vocab",
         "Initial values: 'random' (normal, scaled like real token embeddings), 'text' (the "
         "embeddings of --init-text, repeated or cut), 'vocab' (embeddings of common tokens "
-        "drawn at random), or a folder holding a saved prompt.",
+        "drawn at random), or a folder holding a saved prompt (hf:owner/name: one on the Hugging "
+        "Face Hub).",
     )
     init_text: str | None = opt(
         None, "Phrase for --init text, e.g. 'Classify the sentiment of this review'."
@@ -223,7 +224,8 @@ class PromptConfig:
             raise ConfigError(
                 f"--num-virtual-tokens must be at least 1, not {self.num_virtual_tokens}"
             )
-        if self.init not in INIT_CHOICES and not Path(self.init).is_dir():
+        hub = self.init.startswith("hf:")
+        if self.init not in INIT_CHOICES and not hub and not Path(self.init).is_dir():
             raise ConfigError(
                 f"--init must be one of {', '.join(INIT_CHOICES)} or a folder with a saved prompt; "
                 f"{self.init!r} is neither"
@@ -358,7 +360,9 @@ class GenerateRunConfig:
     """Everything `softprompt generate` needs: inputs, an optional prompt, sampling."""
 
     texts: list[str] = opt([], "inputs to continue", positional=True, metavar="TEXT")
-    prompt: str | None = opt(None, "folder of a trained prompt (ours or a PEFT adapter)")
+    prompt: str | None = opt(
+        None, "folder of a trained prompt (ours or a PEFT adapter), or hf:owner/name on the Hub"
+    )
     compare: bool = opt(False, "print the base model's output beside the tuned one's")
     file: str | None = opt(None, "also read inputs from a data file (its input field)")
     input_field: str | None = opt(
@@ -411,7 +415,9 @@ class GenerateRunConfig:
 class InspectConfig:
     """Everything `softprompt inspect` needs."""
 
-    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    prompt_dir: str = opt(
+        "", "folder of a trained prompt, or hf:owner/name", positional=True, metavar="DIR"
+    )
     top_k: int = opt(5, "nearest tokens shown")
     model: ModelConfig = nested(
         prompt_model, only=("model",), help={"model": "base model (default: the prompt's own)"}
@@ -487,7 +493,9 @@ ExportDtype = Literal["float32", "bfloat16", "float16"]
 class ExportConfig:
     """Everything `softprompt export` needs."""
 
-    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    prompt_dir: str = opt(
+        "", "folder of a trained prompt, or hf:owner/name", positional=True, metavar="DIR"
+    )
     to: ExportTarget = opt(
         "vllm",
         "engine: vllm (prompt_embeds.pt and its base64 text for a prompt_embeds content part), "
@@ -509,6 +517,27 @@ class ExportConfig:
 
 
 @dataclass
+class PushConfig:
+    """Everything `softprompt push` needs."""
+
+    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    repo_id: str = opt(
+        "", "Hugging Face Hub repository, owner/name (created if needed)", positional=True,
+        metavar="REPO_ID",
+    )  # fmt: skip
+    private: bool = opt(False, "create the repository as private")
+    token: str | None = opt(
+        None, "Hub token (default: the one `hf auth login` saved, or $HF_TOKEN)"
+    )
+    message: str | None = opt(None, "commit message (default: 'softprompt push DIR')")
+
+    def __post_init__(self) -> None:
+        parts = self.repo_id.split("/")
+        if len(parts) != 2 or not all(parts) or self.repo_id.startswith("hf:"):
+            raise ConfigError(f"REPO_ID {self.repo_id!r}: write owner/name, e.g. me/sentiment")
+
+
+@dataclass
 class EvalConfig:
     """Everything `softprompt eval` needs."""
 
@@ -516,8 +545,9 @@ class EvalConfig:
     data: DataConfig = nested(DataConfig)
     prompt: str | None = opt(
         None,
-        "Folder of a trained prompt. Its base model, template and choices are used unless "
-        "given here. Without it the bare base model is measured.",
+        "Folder of a trained prompt (or hf:owner/name on the Hugging Face Hub). Its base model, "
+        "template and choices are used unless given here. Without it the bare base model is "
+        "measured.",
     )
     choices: str | None = opt(
         None,
@@ -721,6 +751,7 @@ SWITCHES.update(  # flags without a value, named `name=True` in errors read from
         CompareConfig,
         SweepConfig,
         ExportConfig,
+        PushConfig,
     )  # fmt: skip
     for flag in flat_fields(cls)
     if flag.type is bool

@@ -82,7 +82,8 @@ def _runnable(line: str, tiny: str, chat: str) -> list[str] | None:
     if not line.startswith("softprompt "):
         return None
     argv = shlex.split(os.path.expandvars(line))[1:]
-    if argv[0] in ("serve", "push") or ("--model" in argv and "/" in argv[argv.index("--model") + 1]):
+    hub_model = "--model" in argv and "/" in argv[argv.index("--model") + 1]
+    if argv[0] in ("serve", "push") or hub_model:
         return None
     if "--model" in argv:
         i = argv.index("--model") + 1

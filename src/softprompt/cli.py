@@ -250,7 +250,8 @@ COMMANDS = {
         description="Serve the base model and every prompt in --prompts (one sub-folder each, "
         "named by the API's `model`) with dynamic batching across prompts. Endpoints: "
         "/v1/models, /v1/completions, /v1/chat/completions, /v1/prompts/NAME (POST loads, "
-        "DELETE unloads), /v1/rescan, /health, /metrics.\n\nExample:\n  softprompt serve "
+        "DELETE unloads), /v1/rescan, /health, /metrics, and a playground page at / (base and "
+        "tuned answers side by side).\n\nExample:\n  softprompt serve "
         "--prompts runs --port 8000",
         config=ServeConfig,
         handler=cmd_serve,

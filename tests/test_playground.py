@@ -89,3 +89,35 @@ def test_what_the_page_calls(served):
     want = generate(loaded, [text], served["prompt"], cfg, template="review : {input} sentiment :")
     assert tuned.lstrip() == want[0]
     assert base.lstrip() == generate(loaded, [text], None, cfg)[0]
+
+
+def test_page_in_a_headless_browser(served, tmp_path):
+    """Debian's chromium driven by Playwright (its executable path; no browser download):
+    type the key and an input, submit, and both answers stream in, equal to generate's."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    text = "the movie was great"
+    cfg = GenerateConfig(max_new_tokens=32)
+    loaded = served["loaded"]
+    tuned = generate(loaded, [text], served["prompt"], cfg, template="review : {input} sentiment :")
+    base = generate(loaded, [text], None, cfg)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(served["url"] + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        assert page.eval_on_selector("#model", "s => s.value") == "sentiment"
+        page.fill("#input", text)
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#status').textContent === 'done'")
+        shown_base, shown_tuned = page.inner_text("#base"), page.inner_text("#tuned")
+        page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+        browser.close()
+    assert shown_tuned.strip() == tuned[0].strip() and shown_base.strip() == base[0].strip()
+    assert (tmp_path / "playground.png").stat().st_size > 10_000

@@ -21,7 +21,7 @@ import base64
 import io
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -252,8 +252,8 @@ def _describe(dep: Deployment, cfg: ExportConfig, rows: Tensor) -> dict:
             "model_type": base.get("model_type"),
             "hidden_size": rows.shape[1],
         },
-        "placement": dep.fmt.position_name if dep.fmt.chat or dep.fmt.template else "start",
-        "prompt_format": replace(dep.fmt).to_meta(),
+        "placement": dep.fmt.position_name,
+        "prompt_format": dep.fmt.to_meta(),
         "space": "the output of the model's input-embedding layer (scaled for Gemma)",
         "usage": USAGE[cfg.to],
     }

@@ -78,11 +78,12 @@ def _walk() -> list[tuple[str, str]]:
 def _runnable(line: str, tiny: str, chat: str) -> list[str] | None:
     """A README command as argv for the tiny models, or None where it cannot run here: not a
     softprompt command, a launcher (several processes), `serve` (runs until stopped), a hub
-    model (network)."""
+    model or `push` (network)."""
     if not line.startswith("softprompt "):
         return None
     argv = shlex.split(os.path.expandvars(line))[1:]
-    if argv[0] == "serve" or ("--model" in argv and "/" in argv[argv.index("--model") + 1]):
+    hub_model = "--model" in argv and "/" in argv[argv.index("--model") + 1]
+    if argv[0] in ("serve", "push") or hub_model:
         return None
     if "--model" in argv:
         i = argv.index("--model") + 1

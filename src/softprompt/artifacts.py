@@ -11,6 +11,7 @@ temporary name and renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -33,6 +34,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META = "softprompt.json"
 INITIAL = "initial_prompt.safetensors"  # the starting point, for drift and inspection
+HUB_PREFIX = "hf:"  # hf:owner/name[@revision]: a prompt folder on the Hugging Face Hub
+PROMPT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, INITIAL, "metrics.jsonl", "loss.png",
+                "README.md"]  # fmt: skip
 # The embedded model is a quantized copy of this hub model; PEFT users load it by this id.
 EMBEDDED_HUB_IDS = {"embedded": "google/gemma-3-270m",
                     "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip
@@ -164,10 +168,40 @@ def _read_checked(path: Path, schema: type[BaseModel]) -> dict:
     return data
 
 
+def resolve_prompt_dir(ref: str | Path) -> Path:
+    """A prompt folder: a local path as it is, or ``hf:owner/name[@revision]`` downloaded
+    from the Hugging Face Hub (only the prompt's files; from the local cache when offline)."""
+    text = str(ref)
+    if not text.startswith(HUB_PREFIX):
+        return Path(ref)
+    repo, _, revision = text[len(HUB_PREFIX) :].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ConfigError(f"{text}: write hf:owner/name (optionally @revision)")
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return _download(repo, revision or None)
+    except LocalEntryNotFoundError:
+        raise ArtifactError(
+            f"{text} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1); connect once to download it"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"cannot download {text} from the Hugging Face Hub: {first}") from None
+
+
+@functools.lru_cache(maxsize=32)  # one command reads a prompt's folder several times
+def _download(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, revision=revision, allow_patterns=PROMPT_FILES))
+
+
 def read_meta(folder: str | Path) -> dict:
     """softprompt.json of a saved prompt (checked: its shape, template and format), or {} for
     a plain PEFT adapter."""
-    path = Path(folder) / META
+    path = resolve_prompt_dir(folder) / META
     if not path.exists():
         return {}
     meta = _read_checked(path, MetaFile)
@@ -183,8 +217,9 @@ def read_meta(folder: str | Path) -> dict:
 def load_prompt(
     folder: str | Path, model: nn.Module | None = None, allow_mismatch: bool = False
 ) -> tuple[SoftPrompt, dict]:
-    """Load a prompt (ours or PEFT's) and check it fits ``model``; returns (prompt, meta)."""
-    folder = Path(folder)
+    """Load a prompt (ours or PEFT's; a folder or ``hf:owner/name``) and check it fits
+    ``model``; returns (prompt, meta)."""
+    folder = resolve_prompt_dir(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise ArtifactError(
             f"{folder} holds no saved prompt ({ADAPTER_WEIGHTS} missing); give the --output "
@@ -235,7 +270,7 @@ def check_fits(
 
 def trained_base_model(folder: str | Path) -> str | None:
     """The base model a saved prompt names (softprompt.json, else PEFT's adapter_config.json)."""
-    folder = Path(folder)
+    folder = resolve_prompt_dir(folder)
     name = read_meta(folder).get("base_model", {}).get("name")
     if name is None and (folder / ADAPTER_CONFIG).exists():
         name = _read_checked(folder / ADAPTER_CONFIG, AdapterFile).get("base_model_name_or_path")

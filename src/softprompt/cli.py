@@ -20,9 +20,11 @@ from softprompt import __version__
 from softprompt.config import (
     CompareConfig,
     EvalConfig,
+    ExportConfig,
     Flag,
     GenerateRunConfig,
     InspectConfig,
+    PushConfig,
     ServeConfig,
     SweepConfig,
     TrainConfig,
@@ -153,6 +155,19 @@ def cmd_serve(cfg: ServeConfig) -> None:
     serve(cfg)
 
 
+def cmd_export(cfg: ExportConfig) -> None:
+    from softprompt.deploy import run_export
+
+    out = run_export(cfg)
+    print((out / "deploy.json").read_text(encoding="utf-8"))
+
+
+def cmd_push(cfg: PushConfig) -> None:
+    from softprompt.hub import push
+
+    print(push(cfg))
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its help, its config (one flag per leaf field, less ``skip``) and its
@@ -235,10 +250,31 @@ COMMANDS = {
         description="Serve the base model and every prompt in --prompts (one sub-folder each, "
         "named by the API's `model`) with dynamic batching across prompts. Endpoints: "
         "/v1/models, /v1/completions, /v1/chat/completions, /v1/prompts/NAME (POST loads, "
-        "DELETE unloads), /v1/rescan, /health, /metrics.\n\nExample:\n  softprompt serve "
+        "DELETE unloads), /v1/rescan, /health, /metrics, and a playground page at / (base and "
+        "tuned answers side by side).\n\nExample:\n  softprompt serve "
         "--prompts runs --port 8000",
         config=ServeConfig,
         handler=cmd_serve,
+    ),
+    "export": Command(
+        help="write a prompt's rows for vLLM, SGLang or numpy",
+        description="Write a trained prompt's virtual-token embeddings in the form an engine "
+        "that takes embeddings reads: vLLM (--enable-prompt-embeds: a prompt_embeds content "
+        "part), SGLang (input_embeds) or a numpy array, with deploy.json (model, shape, dtype, "
+        "placement). Whole-sequence payloads for a given input come from the Python client "
+        "softprompt.deploy.Deployment.\n\nExample:\n  softprompt export runs/sentiment --to "
+        "vllm --output runs/sentiment-vllm",
+        config=ExportConfig,
+        handler=cmd_export,
+    ),
+    "push": Command(
+        help="share a prompt on the Hugging Face Hub, with a model card",
+        description="Upload a trained prompt's files to a Hugging Face Hub repository with a "
+        "model card written from its softprompt.json (base model, data, template, metrics, the "
+        "loss plot). Others then use it with --prompt hf:owner/name (or --init hf:owner/name)."
+        "\n\nExample:\n  softprompt push runs/sentiment me/sentiment-prompt",
+        config=PushConfig,
+        handler=cmd_push,
     ),
 }
 

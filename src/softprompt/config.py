@@ -215,7 +215,8 @@ class PromptConfig:
         "vocab",
         "Initial values: 'random' (normal, scaled like real token embeddings), 'text' (the "
         "embeddings of --init-text, repeated or cut), 'vocab' (embeddings of common tokens "
-        "drawn at random), or a folder holding a saved prompt.",
+        "drawn at random), or a folder holding a saved prompt (hf:owner/name: one on the Hugging "
+        "Face Hub).",
     )
     init_text: str | None = opt(
         None, "Phrase for --init text, e.g. 'Classify the sentiment of this review'."
@@ -226,7 +227,8 @@ class PromptConfig:
             raise ConfigError(
                 f"--num-virtual-tokens must be at least 1, not {self.num_virtual_tokens}"
             )
-        if self.init not in INIT_CHOICES and not Path(self.init).is_dir():
+        hub = self.init.startswith("hf:")
+        if self.init not in INIT_CHOICES and not hub and not Path(self.init).is_dir():
             raise ConfigError(
                 f"--init must be one of {', '.join(INIT_CHOICES)} or a folder with a saved prompt; "
                 f"{self.init!r} is neither"
@@ -288,10 +290,19 @@ class TrainConfig:
         "decoder layers across them with PyTorch FSDP2, for base models too large for one "
         "device. Embeddings and LM head stay whole on each process. Same results as without.",
     )
+    report_to: str = opt(
+        "none",
+        "Also send the config, every logged value and the loss plot to trackers, "
+        "comma-separated: tensorboard (OUTPUT/tensorboard), wandb, mlflow, trackio, csv "
+        "(OUTPUT/metrics.csv), or none. metrics.jsonl is always written.",
+    )
     resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")
     overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
 
     def __post_init__(self) -> None:
+        from softprompt.tracking import report_targets
+
+        report_targets(self.report_to)  # known names, packages installed
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -352,7 +363,9 @@ class GenerateRunConfig:
     """Everything `softprompt generate` needs: inputs, an optional prompt, sampling."""
 
     texts: list[str] = opt([], "inputs to continue", positional=True, metavar="TEXT")
-    prompt: str | None = opt(None, "folder of a trained prompt (ours or a PEFT adapter)")
+    prompt: str | None = opt(
+        None, "folder of a trained prompt (ours or a PEFT adapter), or hf:owner/name on the Hub"
+    )
     compare: bool = opt(False, "print the base model's output beside the tuned one's")
     file: str | None = opt(None, "also read inputs from a data file (its input field)")
     input_field: str | None = opt(
@@ -405,7 +418,9 @@ class GenerateRunConfig:
 class InspectConfig:
     """Everything `softprompt inspect` needs."""
 
-    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    prompt_dir: str = opt(
+        "", "folder of a trained prompt, or hf:owner/name", positional=True, metavar="DIR"
+    )
     top_k: int = opt(5, "nearest tokens shown")
     model: ModelConfig = nested(
         prompt_model, only=("model",), help={"model": "base model (default: the prompt's own)"}
@@ -473,6 +488,58 @@ class ServeConfig:
             )
 
 
+ExportTarget = Literal["vllm", "sglang", "numpy"]
+ExportDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ExportConfig:
+    """Everything `softprompt export` needs."""
+
+    prompt_dir: str = opt(
+        "", "folder of a trained prompt, or hf:owner/name", positional=True, metavar="DIR"
+    )
+    to: ExportTarget = opt(
+        "vllm",
+        "engine: vllm (prompt_embeds.pt and its base64 text for a prompt_embeds content part), "
+        "sglang (input_embeds.json: JSON floats) or numpy (prompt_embeds.npy)",
+    )
+    output: str = opt("", "folder to write (new or empty)", required=True)
+    dtype: ExportDtype = opt(
+        "float32", "precision of the exported rows (numpy has no bfloat16: float32 or float16)"
+    )
+    overwrite: bool = opt(False, "replace an earlier export in --output (only its own files)")
+
+    def __post_init__(self) -> None:
+        check_choice(self.to, typing.get_args(ExportTarget), "--to")
+        check_choice(self.dtype, typing.get_args(ExportDtype), "--dtype")
+        if not self.output:
+            raise ConfigError("--output is required: the folder to write the export to")
+        if self.to == "numpy" and self.dtype == "bfloat16":
+            raise ConfigError("--to numpy cannot hold bfloat16; use --dtype float32 or float16")
+
+
+@dataclass
+class PushConfig:
+    """Everything `softprompt push` needs."""
+
+    prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
+    repo_id: str = opt(
+        "", "Hugging Face Hub repository, owner/name (created if needed)", positional=True,
+        metavar="REPO_ID",
+    )  # fmt: skip
+    private: bool = opt(False, "create the repository as private")
+    token: str | None = opt(
+        None, "Hub token (default: the one `hf auth login` saved, or $HF_TOKEN)"
+    )
+    message: str | None = opt(None, "commit message (default: 'softprompt push DIR')")
+
+    def __post_init__(self) -> None:
+        parts = self.repo_id.split("/")
+        if len(parts) != 2 or not all(parts) or self.repo_id.startswith("hf:"):
+            raise ConfigError(f"REPO_ID {self.repo_id!r}: write owner/name, e.g. me/sentiment")
+
+
 @dataclass
 class EvalConfig:
     """Everything `softprompt eval` needs."""
@@ -481,8 +548,9 @@ class EvalConfig:
     data: DataConfig = nested(DataConfig)
     prompt: str | None = opt(
         None,
-        "Folder of a trained prompt. Its base model, template and choices are used unless "
-        "given here. Without it the bare base model is measured.",
+        "Folder of a trained prompt (or hf:owner/name on the Hugging Face Hub). Its base model, "
+        "template and choices are used unless given here. Without it the bare base model is "
+        "measured.",
     )
     choices: str | None = opt(
         None,
@@ -685,6 +753,8 @@ SWITCHES.update(  # flags without a value, named `name=True` in errors read from
         EvalConfig,
         CompareConfig,
         SweepConfig,
+        ExportConfig,
+        PushConfig,
     )  # fmt: skip
     for flag in flat_fields(cls)
     if flag.type is bool

@@ -354,13 +354,22 @@ def _gold_logprobs(
     return F.log_softmax(logits.float(), dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
 
 
-@torch.no_grad()
 def row_logprobs(
     model: nn.Module, prompt: SoftPrompt | None, rows: list[Row], batch_size: int, pad_id: int
 ) -> list[tuple[float, int]]:
     """(summed log-probability, token count) of each row's labelled tokens, in row order."""
+    return [(logp, n) for logp, n, _ in row_scores(model, prompt, rows, batch_size, pad_id)]
+
+
+@torch.no_grad()
+def row_scores(
+    model: nn.Module, prompt: SoftPrompt | None, rows: list[Row], batch_size: int, pad_id: int
+) -> list[tuple[float, int, bool]]:
+    """(summed log-probability, token count, greedy?) of each row's labelled tokens, in row
+    order; greedy: every labelled token is the argmax of its distribution (the harness's
+    ``is_greedy``)."""
     device = model.get_input_embeddings().weight.device
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    out: list[tuple[float, int, bool]] = [(0.0, 0, True)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -377,8 +386,10 @@ def row_logprobs(
         picked = _gold_logprobs(model, embeds, mask, keep, targets[keep])  # (K,)
         owner = keep.nonzero()[:, 0]  # which row each labelled position belongs to
         sums = torch.zeros(len(idx), device=device).index_add_(0, owner, picked)
+        missed = (logp.argmax(-1) != targets[keep]).float()  # (K,)
+        misses = torch.zeros(len(idx), device=device).index_add_(0, owner, missed)
         for j, i in enumerate(idx):
-            out[i] = (float(sums[j]), int(keep[j].sum()))
+            out[i] = (float(sums[j]), int(keep[j].sum()), not bool(misses[j]))
     return out
 
 

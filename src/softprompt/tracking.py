@@ -1,22 +1,37 @@
 """A run's record: every logged value goes to one JSONL file (``metrics.jsonl``); the loss
-plot, and any report, read only that file."""
+plot, and any report, read only that file. ``--report-to`` also sends each record to the
+trackers a team uses (TensorBoard, Weights & Biases, MLflow, Trackio through accelerate's
+trackers, or a CSV file): the config once, every numeric value at its step, the loss plot at
+the end."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 from softprompt import outputs
 from softprompt.console import warn
-from softprompt.errors import DataError
+from softprompt.errors import ConfigError, DataError
+
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "csv")
+# tracker -> (the module it needs, how to install it)
+NEEDS = {
+    "tensorboard": ("tensorboard", "pip install 'softprompt[track]'"),
+    "wandb": ("wandb", "pip install wandb"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+    "trackio": ("trackio", "pip install trackio"),
+}
 
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged event, flushed at once."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers: list | None = None):
         self.path, self.enabled = path, enabled
+        self.trackers = trackers or []  # also sent every record (``--report-to``)
         self.records: list[dict] = []
         if enabled and path.exists():
             self.records = read_records(path)
@@ -34,6 +49,14 @@ class MetricsLog:
                 os.fsync(fh.fileno())
         except OSError as err:  # a full disk leaves at most a torn last line, trimmed on resume
             raise outputs.disk_error(err, self.path) from None
+        for tracker in self.trackers:
+            tracker.write(record)
+
+    def close(self, plot: Path | None = None) -> None:
+        """Send the loss plot to the trackers and close them."""
+        for tracker in self.trackers:
+            tracker.close(plot if plot is not None and plot.exists() else None)
+        self.trackers = []
 
     def truncate_after(self, step: int) -> None:
         """Drop what was logged after ``step`` (a resumed run logs those steps again)."""
@@ -131,3 +154,109 @@ def _title(records: list[dict]) -> str:
     model = (config.get("model") or {}).get("model") or "model"
     data = "/".join(Path((config.get("data") or {}).get("data") or "data").parts[-2:])
     return f"softprompt: {Path(str(model)).name} on {data}"
+
+
+# --- trackers (--report-to) --------------------------------------------------------------
+
+
+def report_targets(report_to: str) -> list[str]:
+    """``--report-to`` as a list of trackers ('tensorboard,csv'; 'none' for none), each
+    checked: known, and its package installed (else a ConfigError naming the install)."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    for name in names:
+        if name not in REPORT_TO:
+            raise ConfigError(f"--report-to must name some of {', '.join(REPORT_TO)}, not {name!r}")
+        module, install = NEEDS.get(name, (None, ""))
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--report-to {name} needs the {module} package: {install}")
+    return [n for n in names if n != "none"]
+
+
+def flat_values(record: dict) -> tuple[int | None, dict[str, float]]:
+    """(step, {kind/name: number}) of a metrics record; a task's values under its name."""
+    kind = record.get("kind", "event")
+    prefix = f"{kind}/{record['task']}" if "task" in record else kind
+    values = {
+        f"{prefix}/{k}": float(v)
+        for k, v in record.items()
+        if k not in ("kind", "step", "task") and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+    }  # fmt: skip
+    return record.get("step"), values
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as {a.b: scalar} (what trackers store as hyperparameters)."""
+    out: dict[str, object] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+class AccelerateTracker:
+    """One of accelerate's trackers fed metrics records."""
+
+    def __init__(self, name: str, output: Path, run_name: str):
+        from accelerate import tracking
+
+        if name == "tensorboard":
+            self.tracker = tracking.TensorBoardTracker("tensorboard", output)
+            outputs.record(output / "tensorboard")
+        elif name == "wandb":
+            self.tracker = tracking.WandBTracker(run_name, dir=str(output))
+        elif name == "mlflow":
+            self.tracker = tracking.MLflowTracker(run_name, logging_dir=str(output))
+        else:
+            self.tracker = tracking.TrackioTracker(run_name)
+        if hasattr(self.tracker, "start"):
+            self.tracker.start()
+
+    def write(self, record: dict) -> None:
+        if record.get("kind") == "config":
+            config = {"config": record.get("config") or {}, "data": record.get("data") or {}}
+            self.tracker.store_init_configuration(flat_config(config))
+            return
+        step, values = flat_values(record)
+        if values:
+            self.tracker.log(values, step=step)
+
+    def close(self, plot: Path | None) -> None:
+        if plot is not None and hasattr(self.tracker, "log_images"):
+            import matplotlib.image
+
+            image = matplotlib.image.imread(str(plot))[..., :3]  # (H, W, 3) floats in [0, 1]
+            self.tracker.log_images({"loss_plot": image[None]}, step=None, dataformats="NHWC")
+        self.tracker.finish()
+
+
+class CsvTracker:
+    """``metrics.csv`` beside metrics.jsonl: one row per value (step, kind, name, value), for
+    spreadsheets and tools that read nothing else."""
+
+    def __init__(self, output: Path):
+        self.path = output / "metrics.csv"
+        outputs.record(self.path)
+        with self.path.open("w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow(["step", "kind", "name", "value"])
+
+    def write(self, record: dict) -> None:
+        step, values = flat_values(record)
+        with self.path.open("a", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            for key, value in values.items():
+                kind, _, name = key.rpartition("/")
+                writer.writerow(["" if step is None else step, kind, name, repr(value)])
+
+    def close(self, plot: Path | None) -> None:
+        pass
+
+
+def open_trackers(report_to: str, output: Path, run_name: str) -> list:
+    """The trackers ``--report-to`` names, started, writing into ``output``."""
+    return [
+        CsvTracker(output) if name == "csv" else AccelerateTracker(name, output, run_name)
+        for name in report_targets(report_to)
+    ]

@@ -41,7 +41,7 @@ from softprompt.outputs import claim_output, write_json
 from softprompt.parallel import forward_backward, label_count, shard_layers
 from softprompt.prompt import PromptSet, SoftPrompt, init_prompt
 from softprompt.templates import PromptFormat
-from softprompt.tracking import MetricsLog, plot_metrics
+from softprompt.tracking import MetricsLog, open_trackers, plot_metrics
 
 
 @dataclass
@@ -183,7 +183,9 @@ class Run:
         )
         # Not wrapped in DDP: forward_backward all-reduces the gradient itself, which keeps
         # one code path (and the shared prefix) for one process or many.
-        log = MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process)
+        main = accelerator.is_main_process
+        trackers = open_trackers(cfg.report_to, output, output.name) if main else []
+        log = MetricsLog(output / "metrics.jsonl", enabled=main, trackers=trackers)
         run = cls(cfg, accelerator, output, loaded, data, prompts, optimizer, scheduler,
                   total_steps, math.ceil(total_steps / steps_per_epoch), log)  # fmt: skip
         run.best, run.initial = prompts.stacked().clone(), prompts.stacked().clone()
@@ -372,6 +374,7 @@ class Run:
         if self.accelerator.is_main_process:
             self.save(summary)
             plot_metrics(self.output / "metrics.jsonl", self.output / "loss.png")
+            self.log.close(self.output / "loss.png")
         self.accelerator.wait_for_everyone()
         say(_closing_line(summary, self.output, self.data))
         prompts = self.prompts.prompts

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from softprompt.artifacts import INITIAL, PROMPT_KEY, load_prompt, trained_base_model
+from softprompt.artifacts import (
+    INITIAL,
+    PROMPT_KEY,
+    load_prompt,
+    resolve_prompt_dir,
+    trained_base_model,
+)
 from softprompt.config import InspectConfig
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel, load_model
@@ -75,12 +81,13 @@ def inspect_prompt(loaded: LoadedModel, folder: str | Path, top_k: int = 5) -> d
 
 def run_inspect(cfg: InspectConfig, loaded: LoadedModel | None = None) -> dict:
     """`softprompt inspect`: load the prompt's base model (unless given) and inspect it."""
-    if not Path(cfg.prompt_dir).is_dir():
+    folder = resolve_prompt_dir(cfg.prompt_dir)
+    if not folder.is_dir():
         raise SoftpromptError(f"{cfg.prompt_dir} is not a folder; give the --output of a train run")
     if loaded is None:
-        model = cfg.model.model or trained_base_model(cfg.prompt_dir)
+        model = cfg.model.model or trained_base_model(folder)
         loaded = load_model(replace(cfg.model, model=model))
-    return inspect_prompt(loaded, cfg.prompt_dir, cfg.top_k)
+    return inspect_prompt(loaded, folder, cfg.top_k)
 
 
 def format_inspection(info: dict) -> str:

@@ -26,6 +26,8 @@ from softprompt.errors import DataError, SoftpromptError
 from softprompt.generation import Encoded, encode_chat, encode_raw
 from softprompt.loading import LoadedModel, max_positions
 from softprompt.serving.batcher import Batcher, Job
+from softprompt.serving.playground import PATHS as PLAYGROUND
+from softprompt.serving.playground import add_playground
 from softprompt.serving.registry import BASE, ApiError, Entry, PromptStore
 from softprompt.templates import PromptFormat, check_messages
 
@@ -80,6 +82,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
     if not cfg.no_admin:
         _add_admin_routes(app, state)
     _add_generation_routes(app, state)
+    add_playground(app)
     app.add_middleware(Guard, api_key=cfg.api_key, max_bytes=cfg.max_request_bytes)
     return app
 
@@ -89,7 +92,8 @@ class _TooLarge(Exception):
 
 
 class Guard:
-    """ASGI middleware in front of every route: the API key (every route but /health), and
+    """ASGI middleware in front of every route: the API key (every route but /health and
+    the playground page), and
     the body size, refused from Content-Length before reading or as soon as the bytes read
     pass the limit."""
 
@@ -100,7 +104,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health" and not self._authorised(headers):
+        public = scope["path"] == "/health" or (
+            scope["path"] in PLAYGROUND and scope["method"] == "GET"
+        )  # the playground page is static: its API calls carry the key
+        if self.api_key and not public and not self._authorised(headers):
             return await _error(401, "invalid or missing API key: send "
                                 "'Authorization: Bearer <key>'")(scope, receive, send)  # fmt: skip
         length = headers.get("content-length", "0")

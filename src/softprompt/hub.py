@@ -1,0 +1,120 @@
+"""Share a trained prompt on the Hugging Face Hub: `softprompt push DIR owner/name` uploads
+the prompt's files with a model card written from its softprompt.json (base model, data,
+template, metrics, the loss plot); ``hf:owner/name`` then works wherever a prompt folder
+does (``artifacts.resolve_prompt_dir``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from softprompt import __version__
+from softprompt.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PROMPT_FILES,
+    load_prompt,
+    read_meta,
+)
+from softprompt.config import PushConfig
+from softprompt.console import say
+from softprompt.errors import ArtifactError, SoftpromptError
+from softprompt.templates import PromptFormat
+
+
+def model_card(folder: str | Path, repo_id: str) -> str:
+    """README.md for the Hub: YAML front matter (base model, library, tags) and what a user
+    needs: the task, template and placement, the metrics, how to use it, the loss plot."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text()) if (
+        folder / ADAPTER_CONFIG).exists() else {}  # fmt: skip
+    base = adapter.get("base_model_name_or_path") or meta.get("base_model", {}).get("name")
+    fmt = PromptFormat.from_meta(meta)
+    data = meta.get("data") or {}
+    metrics = meta.get("metrics") or {}
+    n = meta.get("num_virtual_tokens") or adapter.get("num_virtual_tokens")
+    lines = ["---", f"base_model: {base}", "library_name: peft", "tags:", "- softprompt",
+             "- prompt-tuning", "- peft", "---", "", f"# {repo_id}", "",
+             f"A soft prompt of {n} virtual tokens for [{base}](https://huggingface.co/{base}), "
+             "trained with [softprompt](https://pypi.org/project/softprompt/) (prompt tuning: "
+             "the base model stays frozen; only these vectors were learned).", "",
+             "## Task", ""]  # fmt: skip
+    lines += _task_lines(meta, fmt, data)
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_number(v)} |" for k, v in metrics.items()
+                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)]  # fmt: skip
+    lines += ["", "## Use", "", "```bash", "pip install softprompt",
+              f"softprompt generate --prompt hf:{repo_id} 'your input'", "```", ""]  # fmt: skip
+    if fmt.peft_compatible:
+        lines += ["With PEFT (the virtual tokens go first, as they were trained):", "",
+                  "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{base}")',
+                  f'model = PeftModel.from_pretrained(model, "{repo_id}")', "```", ""]  # fmt: skip
+    else:
+        lines += [f"The virtual tokens sit at '{fmt.position_name}', which PEFT cannot place: "
+                  "load it with softprompt.", ""]  # fmt: skip
+    if (folder / "loss.png").exists():
+        lines += ["## Training", "", "![loss curve](loss.png)", ""]
+    lines += [f"Made with softprompt {meta.get('softprompt_version', __version__)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _task_lines(meta: dict, fmt: PromptFormat, data: dict) -> list[str]:
+    out = []
+    if data.get("train_file") or data.get("data"):
+        out.append(f"- data: `{data.get('train_file') or data.get('data')}`")
+    for key in ("mode", "input_field", "target_field", "train_examples", "val_examples"):
+        if data.get(key) is not None:
+            out.append(f"- {key.replace('_', ' ')}: {data[key]}")
+    if fmt.template:
+        out.append(f"- template: `{json.dumps(fmt.template)[1:-1]}`")
+    if fmt.chat:
+        out.append("- format: conversations rendered by the chat template")
+    if fmt.system:
+        out.append(f"- system message: {fmt.system!r}")
+    out.append(f"- placement of the virtual tokens: {fmt.position_name}")
+    choices = (meta.get("training") or {}).get("choices")
+    if choices:
+        out.append(f"- label words: {choices}")
+    return out
+
+
+def _number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def push(cfg: PushConfig) -> str:
+    """Upload the prompt's files and its model card to ``cfg.repo_id`` (created if needed);
+    returns the repository's URL."""
+    folder = Path(cfg.prompt_dir)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ArtifactError(f"{folder} holds no saved prompt ({ADAPTER_WEIGHTS} missing)")
+    load_prompt(folder)  # schema-checked before anything leaves the machine
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=cfg.token)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        for name in PROMPT_FILES:
+            if name != "README.md" and (folder / name).is_file():
+                shutil.copy2(folder / name, stage / name)
+        (stage / "README.md").write_text(model_card(folder, cfg.repo_id), encoding="utf-8")
+        try:
+            api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+            message = cfg.message or f"softprompt push {folder.name}"
+            api.upload_folder(repo_id=cfg.repo_id, folder_path=stage, commit_message=message)
+        except HfHubHTTPError as err:
+            first = str(err).strip().splitlines()[0]
+            raise SoftpromptError(
+                f"cannot push to {cfg.repo_id}: {first} (log in with `hf auth login` or give "
+                "--token)"
+            ) from None
+    url = f"https://huggingface.co/{cfg.repo_id}"
+    say(f"pushed {folder} to {url}; use it with --prompt hf:{cfg.repo_id}")
+    return url

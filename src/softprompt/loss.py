@@ -246,13 +246,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def token_logprobs(model: nn.Module, hidden: Tensor, gold: Tensor) -> Tensor:
     """log p(gold[k]) (K,) under the LM head at hidden states (K, H), in chunks: the full
     logits never exist."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return token_scores(model, hidden, gold)[0]
+
+
+@torch.no_grad()
+def token_scores(model: nn.Module, hidden: Tensor, gold: Tensor) -> tuple[Tensor, Tensor]:
+    """``token_logprobs`` and whether each gold token is the argmax of its distribution."""
+    logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    top = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     rows = _chunk_rows(model.get_output_embeddings().weight.shape[0])
     for s in range(0, hidden.shape[0], rows):
         logits = head_logits(model, hidden[s : s + rows]).float()
         picked = logits.gather(1, gold[s : s + rows, None]).squeeze(1)
-        out[s : s + rows] = picked - logits.logsumexp(dim=1)
-    return out
+        logp[s : s + rows] = picked - logits.logsumexp(dim=1)
+        top[s : s + rows] = logits.argmax(dim=1) == gold[s : s + rows]
+    return logp, top
 
 
 def head_logits(model: nn.Module, hidden: Tensor, ids: Tensor | None = None) -> Tensor:
@@ -343,15 +351,17 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def _gold_logprobs(
+def _gold_scores(
     model: nn.Module, embeds: Tensor, mask: Tensor, keep: Tensor, gold: Tensor
-) -> Tensor:
-    """log p(gold) (K,) at the K positions where ``keep`` (B, T-1) is set."""
+) -> tuple[Tensor, Tensor]:
+    """log p(gold) (K,) at the K positions where ``keep`` (B, T-1) is set, and whether gold
+    is the argmax there."""
     if support(model).fast_head:  # the head only where needed, in chunks, as in lm_loss
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return token_logprobs(model, hidden[:, :-1][keep], gold)
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
-    return F.log_softmax(logits.float(), dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
+        return token_scores(model, hidden[:, :-1][keep], gold)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep].float()
+    logp = F.log_softmax(logits, dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
+    return logp, logits.argmax(dim=-1) == gold
 
 
 def row_logprobs(
@@ -383,10 +393,10 @@ def row_scores(
             embeds, mask, labels = prompt.prepend(embeds, mask, labels, batch.get("prompt_at"))
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # (B, T-1)
-        picked = _gold_logprobs(model, embeds, mask, keep, targets[keep])  # (K,)
+        picked, top = _gold_scores(model, embeds, mask, keep, targets[keep])  # (K,)
         owner = keep.nonzero()[:, 0]  # which row each labelled position belongs to
         sums = torch.zeros(len(idx), device=device).index_add_(0, owner, picked)
-        missed = (logp.argmax(-1) != targets[keep]).float()  # (K,)
+        missed = (~top).float()  # (K,)
         misses = torch.zeros(len(idx), device=device).index_add_(0, owner, missed)
         for j, i in enumerate(idx):
             out[i] = (float(sums[j]), int(keep[j].sum()), not bool(misses[j]))

@@ -237,3 +237,24 @@ def interrupted_at(call: int):
             yield
     finally:
         step.lm_loss = real
+
+
+@contextmanager
+def interrupted_kind_loss(call: int):
+    """``interrupted_at`` for seq2seq and classification models, whose step calls
+    ``kinds.rows_loss``."""
+    kinds = importlib.import_module("softprompt.kinds")
+    real, calls = kinds.rows_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    kinds.rows_loss = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        kinds.rows_loss = real

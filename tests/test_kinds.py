@@ -1,0 +1,229 @@
+"""Beyond decoders: tiny random T5, BART (seq2seq) and BERT (classify) models.
+
+No real T5 or BART is available offline: these are random models built from configs, with
+the tests' word-level tokenizer (T5-style: text + EOS; BART/BERT-style: BOS + text + EOS).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REVIEWS, make_tokenizer, train_config, write_reviews
+
+from softprompt.artifacts import load_prompt
+from softprompt.errors import ConfigError
+from softprompt.loading import load_model
+from softprompt.training import train
+
+
+def kind_tokenizer(template: str):
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<bos>", "<eos>")}
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, i) for t, i in ids.items() if t in template]
+    )
+    return tok
+
+
+def make_kind_model(kind: str, vocab: int):
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        BertModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        cfg = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+        return T5ForConditionalGeneration(cfg)
+    if kind == "bart":
+        cfg = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2,
+                         encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=512,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                         decoder_start_token_id=1, forced_eos_token_id=None)  # fmt: skip
+        return BartForConditionalGeneration(cfg)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=512,
+                     pad_token_id=0)  # fmt: skip
+    return BertModel(cfg)  # a base encoder, as MiniLM ships: the head is new
+
+
+TEMPLATES = {"t5": "$A <eos>", "bart": "<bos> $A <eos>", "bert": "<bos> $A <eos>"}
+
+
+@pytest.fixture(scope="session")
+def kind_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kinds")
+    out = {}
+    for kind, template in TEMPLATES.items():
+        tok = kind_tokenizer(template)
+        folder = root / kind
+        make_kind_model(kind, len(tok)).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[kind] = folder
+    return out
+
+
+def cfg_for(folder, tmp_path, name="run", **kw):
+    data = write_reviews(tmp_path / "train.jsonl")
+    kw.setdefault("lr", 0.05)
+    return train_config(folder, data, tmp_path / name, template="review : {input}", **kw)
+
+
+# --- kind detection -------------------------------------------------------------------
+
+
+def test_kind_detected_from_config(kind_dirs, tiny_dir):
+    assert load_model(model=str(kind_dirs["t5"])).kind == "seq2seq"
+    assert load_model(model=str(kind_dirs["bart"])).kind == "seq2seq"
+    bert = load_model(model=str(kind_dirs["bert"]), labels=["negative", "positive"])
+    assert bert.kind == "classify" and bert.labels == ["negative", "positive"]
+    assert bert.model.config.id2label == {0: "negative", 1: "positive"}
+    assert load_model(model=str(tiny_dir)).kind == "causal"
+
+
+def test_task_override_and_clear_errors(kind_dirs, tiny_dir):
+    with pytest.raises(ConfigError, match="task seq2seq: .* no seq2seq model class"):
+        load_model(model=str(tiny_dir), task="seq2seq")
+    with pytest.raises(ConfigError, match="task must be one of"):
+        load_model(model=str(tiny_dir), task="encoder")
+    # BERT has a causal-LM class too: --task causal takes it
+    assert load_model(model=str(kind_dirs["bert"]), task="causal").kind == "causal"
+
+
+def test_unknown_architecture_is_refused():
+    from transformers import CLIPVisionConfig
+
+    from softprompt.kinds import detect_kind
+
+    with pytest.raises(ConfigError, match="neither a causal LM, an encoder-decoder nor"):
+        detect_kind(CLIPVisionConfig(), "auto", "vision")
+
+
+def test_new_head_is_the_same_on_every_load_and_keeps_the_rng(kind_dirs):
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    a = load_model(model=str(kind_dirs["bert"]), labels=["a", "b"])
+    after = torch.rand(1)
+    b = load_model(model=str(kind_dirs["bert"]), labels=["a", "b"])
+    assert torch.equal(after, expected)  # loading did not move the global RNG
+    assert torch.equal(a.model.classifier.weight, b.model.classifier.weight)
+
+
+# --- seq2seq: T5 and BART -------------------------------------------------------------
+
+
+def train_losses(output: Path) -> list[float]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r.get("kind") == "train"]
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_training_lowers_the_validation_loss(kind_dirs, tmp_path, arch):
+    result = train(cfg_for(kind_dirs[arch], tmp_path, epochs=4, lr=0.3), progress=False)
+    m = result.summary
+    assert m["best_val_loss"] < m["initial_val_loss"]
+    adapter = json.loads((result.output / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_2_SEQ_LM" and adapter["num_transformer_submodules"] == 2
+    from safetensors.torch import load_file
+
+    rows = load_file(str(result.output / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert rows.shape == (8, 16)  # 2N rows: PEFT's layout; the first N are the prompt
+    assert torch.equal(rows[:4], result.prompt.embedding.detach())
+
+
+def seq2seq_batch(loaded):
+    from softprompt.data import Example
+    from softprompt.seq2seq import collate, tokenize_pairs
+
+    examples = [Example(f"review : {r}", y, "x") for r, y in REVIEWS[:4]]
+    rows = tokenize_pairs(examples, loaded.tokenizer, 64)
+    return rows, collate(rows, loaded.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_peft_loads_our_seq2seq_prompt_with_the_same_logits(kind_dirs, tmp_path, arch):
+    from peft import PeftModel
+
+    result = train(cfg_for(kind_dirs[arch], tmp_path, max_steps=2, lr=0.3), progress=False)
+    loaded = load_model(model=str(kind_dirs[arch]))
+    prompt, _ = load_prompt(result.output, loaded.model)
+    rows, batch = seq2seq_batch(loaded)
+    from softprompt.seq2seq import encoder_inputs
+
+    embeds, mask = encoder_inputs(loaded.model, prompt, batch)
+    decoder_ids = loaded.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    with torch.no_grad():
+        ours = loaded.model(inputs_embeds=embeds, attention_mask=mask,
+                            decoder_input_ids=decoder_ids).logits  # fmt: skip
+        base = load_model(model=str(kind_dirs[arch])).model
+        peft = PeftModel.from_pretrained(base, str(result.output)).eval()
+        theirs = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=batch["labels"]).logits  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_we_load_a_peft_saved_seq2seq_prompt(kind_dirs, tmp_path):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    base = load_model(model=str(kind_dirs["t5"])).model
+    torch.manual_seed(1)
+    peft = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+                                                   num_virtual_tokens=5))  # fmt: skip
+    peft.save_pretrained(tmp_path / "peft")
+    loaded = load_model(model=str(kind_dirs["t5"]))
+    prompt, _ = load_prompt(tmp_path / "peft", loaded.model)
+    assert prompt.num_virtual_tokens == 5  # PEFT saved 10 rows; the encoder's are the first 5
+    rows, batch = seq2seq_batch(loaded)
+    from softprompt.seq2seq import rows_loss
+
+    with torch.no_grad():
+        ours, n, _ = rows_loss(loaded.model, prompt, rows, 0, "cpu")
+        theirs = peft.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss  # fmt: skip
+    assert torch.allclose(ours / n, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_batched_equals_alone(kind_dirs, arch):
+    from conftest import random_prompt
+
+    from softprompt.seq2seq import generate, rows_loss
+
+    loaded = load_model(model=str(kind_dirs[arch]))
+    prompt, (rows, _) = random_prompt(n=3), seq2seq_batch(loaded)
+    with torch.no_grad():
+        together, _, _ = rows_loss(loaded.model, prompt, rows, 0, "cpu")
+        alone = sum(rows_loss(loaded.model, prompt, [r], 0, "cpu")[0] for r in rows)
+    assert torch.allclose(together, alone, rtol=1e-5)
+    sources = [f"review : {r}" for r, _ in REVIEWS[:4]]
+    tok = loaded.tokenizer
+    assert generate(loaded.model, tok, prompt, sources, 5) == [
+        generate(loaded.model, tok, prompt, [s], 5)[0] for s in sources
+    ]
+
+
+def test_seq2seq_resume_equals_an_uninterrupted_run(kind_dirs, tmp_path):
+    from dataclasses import replace
+
+    from conftest import interrupted_kind_loss
+
+    whole = train(cfg_for(kind_dirs["t5"], tmp_path, "whole", epochs=2, save_every=1),
+                  progress=False)  # fmt: skip
+    cfg = cfg_for(kind_dirs["t5"], tmp_path, "cut", epochs=2, save_every=1)
+    with interrupted_kind_loss(4):
+        train(cfg, progress=False)
+    resumed = train(replace(cfg, resume=True), progress=False)
+    assert torch.equal(whole.prompt.embedding, resumed.prompt.embedding)
+    assert train_losses(whole.output) == train_losses(resumed.output)

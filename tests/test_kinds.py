@@ -227,3 +227,124 @@ def test_seq2seq_resume_equals_an_uninterrupted_run(kind_dirs, tmp_path):
     resumed = train(replace(cfg, resume=True), progress=False)
     assert torch.equal(whole.prompt.embedding, resumed.prompt.embedding)
     assert train_losses(whole.output) == train_losses(resumed.output)
+
+
+# --- classify: BERT -------------------------------------------------------------------
+
+
+def test_classifier_training_lowers_the_loss_and_saves_the_head(kind_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    result = train(cfg_for(kind_dirs["bert"], tmp_path, epochs=6, lr=0.1), progress=False)
+    m = result.summary
+    assert m["best_val_loss"] < m["initial_val_loss"]
+    losses = train_losses(result.output)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    adapter = json.loads((result.output / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS"
+    assert adapter["modules_to_save"] == ["classifier", "score"]
+    tensors = load_file(str(result.output / "adapter_model.safetensors"))
+    assert set(tensors) == {
+        "prompt_embeddings",
+        "base_model.classifier.weight",
+        "base_model.classifier.bias",
+    }
+    assert tensors["base_model.classifier.weight"].shape == (2, 16)
+    meta = json.loads((result.output / "softprompt.json").read_text())
+    assert meta["labels"] == ["negative", "positive"]
+    assert meta["trainable_parameters"] == {"prompt": 4 * 16, "head": 2 * 16 + 2}
+    # the head learned: it is no longer the freshly initialised one
+    fresh = load_model(model=str(kind_dirs["bert"]), labels=["negative", "positive"])
+    assert not torch.equal(fresh.model.classifier.weight, tensors["base_model.classifier.weight"])
+
+
+def bert_batch(loaded, n=6):
+    from softprompt.data import Example
+    from softprompt.encoder import collate, tokenize_labels
+
+    examples = [Example(f"review : {r}", y, "x") for r, y in REVIEWS[:n]]
+    rows = tokenize_labels(examples, loaded.tokenizer, 64, loaded.labels)
+    return rows, collate(rows, loaded.tokenizer.pad_token_id)
+
+
+def test_peft_loads_our_classifier_with_the_same_logits(kind_dirs, tmp_path):
+    from peft import PeftModel
+
+    from softprompt.encoder import logits
+
+    result = train(cfg_for(kind_dirs["bert"], tmp_path, max_steps=3, lr=0.1), progress=False)
+    labels = ["negative", "positive"]
+    loaded = load_model(model=str(kind_dirs["bert"]), labels=labels)
+    prompt, _ = load_prompt(result.output, loaded.model)  # puts the trained head in place
+    rows, batch = bert_batch(loaded)
+    with torch.no_grad():
+        ours = logits(loaded.model, prompt, batch)
+        base = load_model(model=str(kind_dirs["bert"]), labels=labels).model
+        peft = PeftModel.from_pretrained(base, str(result.output)).eval()
+        theirs = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=torch.zeros_like(batch["input_ids"])).logits  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_we_load_a_peft_saved_classifier(kind_dirs, tmp_path):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from softprompt.encoder import logits
+
+    labels = ["negative", "positive"]
+    base = load_model(model=str(kind_dirs["bert"]), labels=labels).model
+    peft = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_CLS,
+                                                   num_virtual_tokens=3))  # fmt: skip
+    with torch.no_grad():  # a head unlike the fresh one, as after training
+        peft.base_model.classifier.modules_to_save["default"].weight.normal_()
+    peft.save_pretrained(tmp_path / "peft")
+    loaded = load_model(model=str(kind_dirs["bert"]), labels=labels)
+    prompt, _ = load_prompt(tmp_path / "peft", loaded.model)
+    rows, batch = bert_batch(loaded)
+    with torch.no_grad():
+        ours = logits(loaded.model, prompt, batch)
+        theirs = peft.eval()(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_classifier_batched_equals_alone(kind_dirs):
+    from conftest import random_prompt
+
+    from softprompt.encoder import predict
+
+    loaded = load_model(model=str(kind_dirs["bert"]), labels=["negative", "positive"])
+    prompt = random_prompt(n=3)
+    sources = [f"review : {r}" for r, _ in REVIEWS]
+    together = torch.tensor(predict(loaded.model, loaded.tokenizer, prompt, sources, 8))
+    alone = torch.tensor(
+        [predict(loaded.model, loaded.tokenizer, prompt, [s], 1)[0] for s in sources]
+    )
+    assert torch.allclose(together, alone, atol=1e-6)
+
+
+def test_classifier_resume_equals_an_uninterrupted_run(kind_dirs, tmp_path):
+    from dataclasses import replace
+
+    from conftest import interrupted_kind_loss
+
+    whole = train(cfg_for(kind_dirs["bert"], tmp_path, "whole", epochs=2, save_every=1),
+                  progress=False)  # fmt: skip
+    cfg = cfg_for(kind_dirs["bert"], tmp_path, "cut", epochs=2, save_every=1)
+    with interrupted_kind_loss(4):
+        train(cfg, progress=False)
+    resumed = train(replace(cfg, resume=True), progress=False)
+    assert torch.equal(whole.prompt.embedding, resumed.prompt.embedding)
+    assert train_losses(whole.output) == train_losses(resumed.output)
+    from safetensors.torch import load_file
+
+    a = load_file(str(whole.output / "adapter_model.safetensors"))
+    b = load_file(str(resumed.output / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the head too
+
+
+def test_classifier_refuses_what_it_cannot_do(kind_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="restricted loss is for causal LMs"):
+        train(cfg_for(kind_dirs["bert"], tmp_path, choices="negative,positive"), progress=False)
+    with pytest.raises(ConfigError, match="one head, so one task"):
+        train(cfg_for(kind_dirs["bert"], tmp_path, "b", task_field="label"), progress=False)

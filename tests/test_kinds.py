@@ -348,3 +348,73 @@ def test_classifier_refuses_what_it_cannot_do(kind_dirs, tmp_path):
         train(cfg_for(kind_dirs["bert"], tmp_path, choices="negative,positive"), progress=False)
     with pytest.raises(ConfigError, match="one head, so one task"):
         train(cfg_for(kind_dirs["bert"], tmp_path, "b", task_field="label"), progress=False)
+
+
+# --- eval and generate from the command line ----------------------------------------------
+
+
+def test_cli_classifier_train_eval_generate(kind_dirs, tmp_path, capsys):
+    from softprompt.cli import main
+
+    data = write_reviews(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    common = ["--input-field", "review", "--target-field", "label"]
+    assert main(["train", "--model", str(kind_dirs["bert"]), "--task", "classify",
+                 "--data", str(data), "--output", str(out), "--num-virtual-tokens", "4",
+                 "--epochs", "3", "--lr", "0.1", "--batch-size", "4", *common]) == 0  # fmt: skip
+    assert main(["eval", "--prompt", str(out), "--data", str(data),
+                 "--output", str(tmp_path / "ev"), *common]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    m = results["metrics"]
+    assert m["confusion"]["labels"] == ["negative", "positive"]
+    assert sum(map(sum, m["confusion"]["matrix"])) == len(REVIEWS)
+    assert 0.0 <= m["macro_f1"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0
+    lines = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    preds = [json.loads(x) for x in lines]
+    assert all(p["prediction"] in ("negative", "positive") for p in preds)
+    assert m["accuracy"] == sum(p["prediction"] == p["target"] for p in preds) / len(preds)
+    capsys.readouterr()
+    assert main(["generate", "--prompt", str(out), "the food was awful"]) == 0
+    printed = capsys.readouterr().out
+    assert "tuned" in printed and ("'negative'" in printed or "'positive'" in printed)
+
+
+def test_cli_seq2seq_eval_scores_choices_and_generates(kind_dirs, tmp_path, capsys):
+    from softprompt.cli import main
+
+    data = write_reviews(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    common = ["--input-field", "review", "--target-field", "label"]
+    assert main(["train", "--model", str(kind_dirs["t5"]), "--data", str(data),
+                 "--output", str(out), "--num-virtual-tokens", "4", "--epochs", "6",
+                 "--lr", "0.3", "--batch-size", "4", *common]) == 0  # fmt: skip
+    assert main(["eval", "--prompt", str(out), "--data", str(data), "--choices",
+                 "negative,positive", "--generate", "--max-new-tokens", "3",
+                 "--output", str(tmp_path / "ev"), *common]) == 0  # fmt: skip
+    m = json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]
+    assert {"loss", "accuracy", "macro_f1", "exact_match"} <= set(m)
+    preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text().split("\n")
+             if x]  # fmt: skip
+    # the prediction is the choice the decoder scores highest
+    assert all(p["prediction"] == max(p["scores"], key=p["scores"].get) for p in preds)
+    capsys.readouterr()
+    assert main(["generate", "--prompt", str(out), "--max-new-tokens", "3", "i love it"]) == 0
+    assert "tuned" in capsys.readouterr().out
+
+
+def test_seq2seq_choice_scores_match_the_loss(kind_dirs):
+    from conftest import random_prompt
+
+    from softprompt.data import Example
+    from softprompt.seq2seq import rows_loss, score_choices, tokenize_pairs
+
+    loaded = load_model(model=str(kind_dirs["bart"]))
+    prompt, tok = random_prompt(n=3), loaded.tokenizer
+    sources, choices = ["the movie was great", "boring book"], ["positive", "negative"]
+    scores = score_choices(loaded.model, tok, prompt, sources, choices)
+    for i, source in enumerate(sources):
+        for c, choice in enumerate(choices):
+            rows = tokenize_pairs([Example(source, choice, "x")], tok, 64)
+            with torch.no_grad():
+                loss, _, _ = rows_loss(loaded.model, prompt, rows, 0, "cpu")
+            assert scores[i][c] == pytest.approx(-float(loss), rel=1e-5)

@@ -392,7 +392,7 @@ class GenerateRunConfig:
     allow_mismatch: bool = opt(False, "load a prompt even if it was trained for another base model")
     model: ModelConfig = nested(
         prompt_model,
-        only=("dtype", "trust_remote_code", "model"),
+        only=("dtype", "trust_remote_code", "model", "task"),
         help={
             "model": ModelConfig.__dataclass_fields__["model"].metadata["help"]
             + " Default: the model --prompt was trained on, else 'embedded'."

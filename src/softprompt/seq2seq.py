@@ -33,14 +33,14 @@ def tokenize_pairs(
                 "{soft_prompt} in the template)"
             )
         src = tokenizer(ex.source)["input_ids"]
-        tgt = _target_ids(tokenizer, ex.target)[:max_tokens]
+        tgt = target_ids(tokenizer, ex.target)[:max_tokens]
         if len(src) > max_tokens:  # keep the end (and its EOS): the question matters most
             src = src[len(src) - max_tokens :]
         rows.append(Row(src, tgt, task=task_ids[ex.task] if task_ids else 0))
     return rows
 
 
-def _target_ids(tokenizer, text: str) -> list[int]:
+def target_ids(tokenizer, text: str) -> list[int]:
     """The decoder's target as the tokenizer writes it (T5: text + EOS; BART: BOS + text +
     EOS), with an EOS added where it has none, so the model learns to stop."""
     ids = tokenizer(text_target=text)["input_ids"]
@@ -86,17 +86,17 @@ def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) ->
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module, tokenizer, prompt, sources: list[str], max_new_tokens: int, **sampling
-) -> list[str]:
-    """The decoder's answers to ``sources`` (one batch), the prompt before each input."""
+def generate(model: nn.Module, tokenizer, prompt, sources: list[str], gen_cfg) -> list[str]:
+    """The decoder's answers to ``sources`` (one batch), the prompt before each input;
+    ``gen_cfg``: a transformers GenerationConfig."""
     device = model.get_input_embeddings().weight.device
     rows = [Row(tokenizer(s)["input_ids"], [IGNORE_INDEX]) for s in sources]
     batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
     embeds, mask = encoder_inputs(model, prompt, batch)
-    out = model.generate(
-        inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling
-    )
+    # the decoder starts from the model's own start token, whatever the tokenizer's BOS
+    gen_cfg.bos_token_id = None
+    gen_cfg.decoder_start_token_id = model.config.decoder_start_token_id
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg)
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
@@ -107,7 +107,7 @@ def score_choices(
     """Log-likelihood of each choice as the decoder's output for each source (summed over
     its tokens and EOS). The encoder runs once per source; every choice reads its output."""
     device = model.get_input_embeddings().weight.device
-    targets = [_target_ids(tokenizer, c) for c in choices]
+    targets = [target_ids(tokenizer, c) for c in choices]
     choice_rows = [Row([0], t) for t in targets]
     labels = collate(choice_rows, 0)["labels"].to(device)  # (C, T)
     decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)

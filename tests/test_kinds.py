@@ -418,3 +418,29 @@ def test_seq2seq_choice_scores_match_the_loss(kind_dirs):
             with torch.no_grad():
                 loss, _, _ = rows_loss(loaded.model, prompt, rows, 0, "cpu")
             assert scores[i][c] == pytest.approx(-float(loss), rel=1e-5)
+
+
+def test_serve_says_it_streams_causal_models_only(kind_dirs, tmp_path):
+    from softprompt.config import ServeConfig
+    from softprompt.serving.api import create_app
+
+    loaded = load_model(model=str(kind_dirs["t5"]))
+    with pytest.raises(ConfigError, match="serve streams completions from causal LMs; .* seq2seq"):
+        create_app(loaded, ServeConfig(prompts=str(tmp_path)))
+
+
+def test_bench_classify_quick_runs(kind_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_classify.py"), "--quick",
+         "--model", str(kind_dirs["bert"]), "--limit", "16", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    methods = [r["method"] for r in json.loads(out.read_text())["results"]]
+    assert methods == ["prompt + head", "head alone", "full FT"]
+    assert "| prompt + head | 98 |" in proc.stdout  # 4 x 16 prompt + 2 x 16 + 2 head

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
-from softprompt.errors import DataError, SoftpromptError
+from softprompt.errors import ConfigError, DataError, SoftpromptError
 from softprompt.generation import Encoded, encode_chat, encode_raw
 from softprompt.loading import LoadedModel, max_positions
 from softprompt.serving.batcher import Batcher, Job
@@ -70,6 +70,11 @@ class ServerState:
 
 def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
     """The app with its prompt store and batcher (``app.state.softprompt``); no prompt loaded."""
+    if loaded.kind != "causal":
+        raise ConfigError(
+            f"softprompt serve streams completions from causal LMs; {loaded.name} is a "
+            f"{loaded.kind} model: use `softprompt generate` or `eval` (or the Python API) for it"
+        )
     app = FastAPI(title="softprompt", version="1")
     batcher = Batcher(loaded, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue)
     store = PromptStore(cfg.prompts, loaded, cfg.allow_mismatch)

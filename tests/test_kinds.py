@@ -11,67 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REVIEWS, make_tokenizer, train_config, write_reviews
+from conftest import REVIEWS, train_config, write_reviews
 
 from softprompt.artifacts import load_prompt
 from softprompt.errors import ConfigError
 from softprompt.loading import load_model
 from softprompt.training import train
-
-
-def kind_tokenizer(template: str):
-    from tokenizers import processors
-
-    tok = make_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<bos>", "<eos>")}
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(t, i) for t, i in ids.items() if t in template]
-    )
-    return tok
-
-
-def make_kind_model(kind: str, vocab: int):
-    from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
-        BertConfig,
-        BertModel,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    torch.manual_seed(0)
-    if kind == "t5":
-        cfg = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
-        return T5ForConditionalGeneration(cfg)
-    if kind == "bart":
-        cfg = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1,
-                         encoder_attention_heads=2, decoder_attention_heads=2,
-                         encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=512,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                         decoder_start_token_id=1, forced_eos_token_id=None)  # fmt: skip
-        return BartForConditionalGeneration(cfg)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=512,
-                     pad_token_id=0)  # fmt: skip
-    return BertModel(cfg)  # a base encoder, as MiniLM ships: the head is new
-
-
-TEMPLATES = {"t5": "$A <eos>", "bart": "<bos> $A <eos>", "bert": "<bos> $A <eos>"}
-
-
-@pytest.fixture(scope="session")
-def kind_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("kinds")
-    out = {}
-    for kind, template in TEMPLATES.items():
-        tok = kind_tokenizer(template)
-        folder = root / kind
-        make_kind_model(kind, len(tok)).save_pretrained(folder)
-        tok.save_pretrained(folder)
-        out[kind] = folder
-    return out
 
 
 def cfg_for(folder, tmp_path, name="run", **kw):
@@ -420,13 +365,47 @@ def test_seq2seq_choice_scores_match_the_loss(kind_dirs):
             assert scores[i][c] == pytest.approx(-float(loss), rel=1e-5)
 
 
-def test_serve_says_it_streams_causal_models_only(kind_dirs, tmp_path):
+def test_serve_refuses_a_classifier_in_one_line(kind_dirs, tmp_path):
     from softprompt.config import ServeConfig
     from softprompt.serving.api import create_app
 
-    loaded = load_model(model=str(kind_dirs["t5"]))
-    with pytest.raises(ConfigError, match="serve streams completions from causal LMs; .* seq2seq"):
+    loaded = load_model(model=str(kind_dirs["bert"]), labels=["a", "b"])
+    with pytest.raises(ConfigError, match="is a classification model: use `softprompt generate`"):
         create_app(loaded, ServeConfig(prompts=str(tmp_path)))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_serve_a_seq2seq_prompt(kind_dirs, tmp_path, arch):
+    import openai
+    from conftest import random_prompt
+
+    from softprompt.artifacts import save_prompt
+    from softprompt.config import GenerateConfig, ServeConfig
+    from softprompt.generation import generate
+    from softprompt.serving.api import create_app
+    from softprompt.serving.server import BackgroundServer
+
+    loaded = load_model(model=str(kind_dirs[arch]))
+    prompt = random_prompt(3, 4)
+    save_prompt(tmp_path / "p" / "tuned", prompt, loaded.model, loaded.name)
+    app = create_app(loaded, ServeConfig(prompts=str(tmp_path / "p"), batch_wait_ms=50))
+    assert app.state.softprompt.store.rescan()["added"] == ["tuned"]
+    background = BackgroundServer(app)
+    try:
+        client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="x", max_retries=0)
+        texts = ["the movie was great", "i hate this screen and the battery was slow"]
+        for model, p in (("tuned", prompt), ("base", None)):
+            got = client.completions.create(model=model, prompt=texts, max_tokens=5,
+                                            temperature=0)  # fmt: skip
+            answers = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
+            want = generate(loaded, texts, p, GenerateConfig(max_new_tokens=5))
+            assert [a.strip() for a in answers] == want
+        with pytest.raises(openai.BadRequestError, match="no conversations"):
+            client.chat.completions.create(model="tuned", messages=[{"role": "user",
+                                                                     "content": "hi"}])  # fmt: skip
+    finally:
+        background.stop()
+        app.state.softprompt.batcher.close()
 
 
 def test_bench_classify_quick_runs(kind_dirs, tmp_path):

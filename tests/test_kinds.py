@@ -423,3 +423,12 @@ def test_bench_classify_quick_runs(kind_dirs, tmp_path):
     methods = [r["method"] for r in json.loads(out.read_text())["results"]]
     assert methods == ["prompt + head", "head alone", "full FT"]
     assert "| prompt + head | 98 |" in proc.stdout  # 4 x 16 prompt + 2 x 16 + 2 head
+
+
+def test_a_checkpoint_written_before_task_existed_still_resumes():
+    from softprompt.checkpoint import _differences
+
+    saved = {"model": {"model": "m", "dtype": "float32"}}  # no "task": an older checkpoint
+    assert _differences(saved, {"model": {"model": "m", "dtype": "float32", "task": "auto"}}) == []
+    changed = {"model": {"model": "m", "dtype": "float32", "task": "seq2seq"}}
+    assert _differences(saved, changed) == [("model.task", None, "seq2seq")]

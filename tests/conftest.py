@@ -237,3 +237,84 @@ def interrupted_at(call: int):
             yield
     finally:
         step.lm_loss = real
+
+
+@contextmanager
+def interrupted_kind_loss(call: int):
+    """``interrupted_at`` for seq2seq and classification models, whose step calls
+    ``kinds.rows_loss``."""
+    kinds = importlib.import_module("softprompt.kinds")
+    real, calls = kinds.rows_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    kinds.rows_loss = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        kinds.rows_loss = real
+
+
+# --- beyond decoders: tiny random T5, BART (seq2seq) and BERT (classify) ------------------
+# No real T5 or BART is available offline: random models from configs, with the tests'
+# word-level tokenizer (T5-style: text + EOS; BART/BERT-style: BOS + text + EOS).
+
+
+def kind_tokenizer(template: str):
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<bos>", "<eos>")}
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, i) for t, i in ids.items() if t in template]
+    )
+    return tok
+
+
+def make_kind_model(kind: str, vocab: int):
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        BertModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        cfg = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+        return T5ForConditionalGeneration(cfg)
+    if kind == "bart":
+        cfg = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2,
+                         encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=512,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                         decoder_start_token_id=1, forced_eos_token_id=None)  # fmt: skip
+        return BartForConditionalGeneration(cfg)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=512,
+                     pad_token_id=0)  # fmt: skip
+    return BertModel(cfg)  # a base encoder, as MiniLM ships: the head is new
+
+
+TEMPLATES = {"t5": "$A <eos>", "bart": "<bos> $A <eos>", "bert": "<bos> $A <eos>"}
+
+
+@pytest.fixture(scope="session")
+def kind_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kinds")
+    out = {}
+    for kind, template in TEMPLATES.items():
+        tok = kind_tokenizer(template)
+        folder = root / kind
+        make_kind_model(kind, len(tok)).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out[kind] = folder
+    return out

@@ -75,25 +75,33 @@ def _walk() -> list[tuple[str, str]]:
     return steps
 
 
-def _runnable(line: str, tiny: str, chat: str) -> list[str] | None:
+def _runnable(
+    line: str, tiny: str, chat: str, encoder: str = "", skipped: set | None = None
+) -> list[str] | None:
     """A README command as argv for the tiny models, or None where it cannot run here: not a
     softprompt command, a launcher (several processes), `serve` (runs until stopped), a hub
-    model or `push` (network)."""
+    model or `push` (network), or a command reading the output of one that could not run
+    (``skipped`` collects those outputs)."""
+    skipped = set() if skipped is None else skipped
     if not line.startswith("softprompt "):
         return None
     argv = shlex.split(os.path.expandvars(line))[1:]
-    hub_model = "--model" in argv and "/" in argv[argv.index("--model") + 1]
-    if argv[0] in ("serve", "push") or hub_model:
+    value = {f: argv[argv.index(f) + 1] for f in ("--model", "--output", "--prompt") if f in argv}
+    network = argv[0] == "push" or "/" in value.get("--model", "")
+    if argv[0] == "serve" or network or value.get("--prompt") in skipped:
+        if "--output" in value:
+            skipped.add(value["--output"])
         return None
     if "--model" in argv:
         i = argv.index("--model") + 1
-        argv[i] = chat if argv[i] == "embedded-chat" else tiny
+        models = {"embedded-chat": chat, "embedded-encoder": encoder}
+        argv[i] = models.get(argv[i]) or tiny
     elif argv[0] in ("train", "eval", "compare", "sweep") and "--prompt" not in argv:
         argv += ["--model", tiny]
     return argv
 
 
-def test_readme_walks_in_order(model_dirs, chat_dir, tmp_path, monkeypatch, capsys):
+def test_readme_walks_in_order(model_dirs, chat_dir, kind_dirs, tmp_path, monkeypatch, capsys):
     """Every softprompt command of the README and its Python quickstart, in the order shown,
     on tiny models (what the embedded models would do, in seconds): each one succeeds."""
     from softprompt.cli import main
@@ -102,12 +110,12 @@ def test_readme_walks_in_order(model_dirs, chat_dir, tmp_path, monkeypatch, caps
     (tmp_path / "examples").symlink_to(root / "examples")
     monkeypatch.chdir(tmp_path)
     tiny = str(model_dirs["llama"])
-    ran = []
+    ran, skipped = [], set()
     for kind, text in _walk():
         if kind == "bash":
             if m := re.match(r"([A-Z_]+)='(.*)'$", text):
                 monkeypatch.setenv(m.group(1), m.group(2))
-            argv = _runnable(text, tiny, str(chat_dir))
+            argv = _runnable(text, tiny, str(chat_dir), str(kind_dirs["bert"]), skipped)
             if argv is None:
                 continue
             assert main(argv) == 0, (text, capsys.readouterr().err[-800:])

@@ -2,6 +2,9 @@
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT's PROMPT_TUNING format (one
   tensor, ``prompt_embeddings``, shape (N, H)), so ``PeftModel.from_pretrained`` loads it;
+  for an encoder-decoder PEFT's SEQ_2_SEQ_LM layout ((2N, H): two rows per virtual token, of
+  which prompt tuning uses the first N), for a classifier SEQ_CLS (the head's tensors beside
+  the prompt, under PEFT's names ``base_model.classifier.*``);
 - ``softprompt.json``: the base model's identity (with a fingerprint of its embedding
   matrix), data, hyperparameters, template and final metrics.
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from softprompt import __version__
 from softprompt.errors import ArtifactError, ConfigError
+from softprompt.kinds import model_kind
 from softprompt.outputs import atomic_write, write_json
 from softprompt.prompt import SoftPrompt
 from softprompt.templates import PromptFormat, template_fields
@@ -39,7 +43,9 @@ PROMPT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, INITIAL, "metrics.jsonl",
                 "README.md"]  # fmt: skip
 # The embedded model is a quantized copy of this hub model; PEFT users load it by this id.
 EMBEDDED_HUB_IDS = {"embedded": "google/gemma-3-270m",
-                    "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip
+                    "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "embedded-encoder": "sentence-transformers/all-MiniLM-L6-v2"}  # fmt: skip
+TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classify": "SEQ_CLS"}
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -77,8 +83,9 @@ def save_prompt(
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     hub_name = EMBEDDED_HUB_IDS.get(name, name)
+    kind = model_kind(model)
     adapter = {
-        "task_type": "CAUSAL_LM",
+        "task_type": TASK_TYPES[kind],
         "peft_type": "PROMPT_TUNING",
         "auto_mapping": None,
         "base_model_name_or_path": hub_name,
@@ -86,16 +93,23 @@ def save_prompt(
         "inference_mode": True,
         "num_virtual_tokens": prompt.num_virtual_tokens,
         "token_dim": prompt.hidden_size,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 2 if kind == "seq2seq" else 1,
         "num_attention_heads": getattr(config, "num_attention_heads", None),
         "num_layers": getattr(config, "num_hidden_layers", None),
-        "modules_to_save": None,
+        "modules_to_save": ["classifier", "score"] if kind == "classify" else None,
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": hub_name,
         "tokenizer_kwargs": None,
     }
-    weights = {PROMPT_KEY: prompt.embedding.detach().float().cpu().contiguous()}
+    rows = prompt.embedding.detach().float().cpu()
+    if kind == "seq2seq":  # PEFT's rows for the decoder: unused by prompt tuning, a copy
+        rows = torch.cat([rows, rows])
+    weights = {PROMPT_KEY: rows.contiguous()}
+    if kind == "classify":
+        from softprompt.encoder import head_state
+
+        weights.update(head_state(model))
     full_meta = {
         "format": "softprompt/1",
         "softprompt_version": __version__,
@@ -148,6 +162,7 @@ class AdapterFile(_Loose):
     task_type: str | None = None
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
+    num_transformer_submodules: int | None = None
     base_model_name_or_path: str | None = None
 
 
@@ -242,9 +257,23 @@ def load_prompt(
         raise ArtifactError(f"{folder / ADAPTER_WEIGHTS} has no 2-D tensor {PROMPT_KEY!r}")
     meta = read_meta(folder)
     meta.setdefault("base_model", {"name": adapter.get("base_model_name_or_path")})
-    prompt = SoftPrompt(tensors[PROMPT_KEY])
+    rows = tensors[PROMPT_KEY]
+    n = adapter.get("num_virtual_tokens") or meta.get("num_virtual_tokens")
+    if adapter.get("task_type") == "SEQ_2_SEQ_LM" and n and rows.shape[0] == 2 * n:
+        rows = rows[:n]  # PEFT's (2N, H): prompt tuning puts the first N before the encoder
+    prompt = SoftPrompt(rows)
     if model is not None:
+        kind = model_kind(model)
+        if adapter.get("task_type") not in (None, TASK_TYPES[kind]):
+            raise ArtifactError(
+                f"{folder} is a {adapter['task_type']} prompt, but the model is loaded as "
+                f"{kind}: load the model it was trained for (or give --task)"
+            )
         check_fits(prompt, meta, model, folder, allow_mismatch)
+        if kind == "classify":  # the head trained with the prompt goes in place
+            from softprompt.encoder import load_head
+
+            load_head(model, tensors, str(folder / ADAPTER_WEIGHTS))
     return prompt, meta
 
 

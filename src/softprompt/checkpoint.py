@@ -154,6 +154,8 @@ def save_run(run: Resumable) -> None:
         "initial": run.initial,
         "rng": torch.get_rng_state(),
     }
+    for i, (param, best) in enumerate(zip(getattr(run, "head", []), getattr(run, "best_head", []))):
+        tensors[f"head.{i}"], tensors[f"best_head.{i}"] = param.detach(), best  # classify
     for index, moments in opt_state["state"].items():  # only tasks that have had a step
         tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
     record = {
@@ -184,6 +186,9 @@ def restore_run(run: Resumable) -> Path:
     run.scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(tensors["rng"])
     run.best, run.initial = tensors["best"].clone(), tensors["initial"].clone()
+    for i, (param, best) in enumerate(zip(getattr(run, "head", []), getattr(run, "best_head", []))):
+        param.data.copy_(tensors[f"head.{i}"])  # a classification head, trained beside
+        best.copy_(tensors[f"best_head.{i}"])
     return folder
 
 
@@ -196,10 +201,16 @@ def _check_same_run(saved: dict, now: dict) -> None:
         )
 
 
+# Settings added after a checkpoint may have been written: absent there, they had this value.
+ADDED_LATER = {"model.task": "auto"}
+
+
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
     for key, value in now.items():
         if key in RESUMABLE:
+            continue
+        if key not in saved and ADDED_LATER.get(prefix + key, ...) == value:
             continue
         old = saved.get(key)
         if isinstance(value, dict) and isinstance(old, dict):

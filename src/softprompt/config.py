@@ -25,11 +25,13 @@ from softprompt.templates import POSITIONS, PromptFormat, template_fields
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CHAT_MODEL = "embedded-chat"  # SmolLM2-135M-Instruct, for conversations
+EMBEDDED_ENCODER_MODEL = "embedded-encoder"  # all-MiniLM-L6-v2, a BERT-family encoder
 INIT_CHOICES = ("random", "text", "vocab")
 Dtype = Literal["float32", "bfloat16", "auto"]
 ChoiceLoss = Literal["restricted", "full"]
 PromptPosition = Literal["start", "after-system", "before-user"]
 LossOn = Literal["all-assistant", "last-assistant"]
+ModelTask = Literal["auto", "causal", "seq2seq", "classify"]
 DTYPE_CHOICES = typing.get_args(Dtype)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
 
@@ -85,7 +87,15 @@ class ModelConfig:
         EMBEDDED_MODEL,
         "Base model: a Hugging Face id (needs the network the first time), a local folder, "
         "a .gguf file, or 'embedded' for the bundled Gemma 3 270M that works offline "
-        "('embedded-chat': the bundled SmolLM2-135M-Instruct, for conversations).",
+        "('embedded-chat': the bundled SmolLM2-135M-Instruct, for conversations; "
+        "'embedded-encoder': the bundled all-MiniLM-L6-v2 encoder, for --task classify).",
+    )
+    task: ModelTask = opt(
+        "auto",
+        "What kind of model this is: causal (a decoder LM), seq2seq (an encoder-decoder such as "
+        "T5 or BART: the prompt goes before the encoder's input) or classify (a BERT-style "
+        "encoder with a classification head trained beside the prompt). auto: from the "
+        "model's config.",
     )
     dtype: Dtype = opt(
         "float32",
@@ -100,6 +110,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.dtype, DTYPE_CHOICES, "--dtype")
+        check_choice(self.task, typing.get_args(ModelTask), "--task")
 
 
 def prompt_model() -> ModelConfig:
@@ -397,7 +408,7 @@ class GenerateRunConfig:
     allow_mismatch: bool = opt(False, "load a prompt even if it was trained for another base model")
     model: ModelConfig = nested(
         prompt_model,
-        only=("dtype", "trust_remote_code", "model"),
+        only=("dtype", "trust_remote_code", "model", "task"),
         help={
             "model": ModelConfig.__dataclass_fields__["model"].metadata["help"]
             + " Default: the model --prompt was trained on, else 'embedded'."

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
 
+from softprompt import encoder, seq2seq
 from softprompt.artifacts import load_prompt, read_meta, trained_base_model
 from softprompt.config import GenerateConfig, GenerateRunConfig
 from softprompt.console import warn
@@ -194,8 +195,51 @@ def generate(
     """
     fmt = fmt or PromptFormat(template=template)
     per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
+    if loaded.kind != "causal":  # an encoder-decoder's answer, or a classifier's label
+        return generate_other(loaded, [_source(fmt, t, f) for t, f in zip(texts, per_text)],
+                              prompt, cfg)  # fmt: skip
     encoded = [encode_raw(loaded.tokenizer, fmt, t, f) for t, f in zip(texts, per_text)]
     return generate_encoded(loaded, encoded, prompt, cfg, prefix_cache)
+
+
+def _source(fmt: PromptFormat, text: str, fields: Fields | None) -> str:
+    head, rest = fmt.raw_text(text, fields)
+    if head is not None:
+        raise SoftpromptError(
+            "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
+            "model takes the prompt before its whole input"
+        )
+    return rest
+
+
+@torch.no_grad()
+def generate_other(
+    loaded: LoadedModel,
+    sources: list[str],
+    prompt: PromptLike | Sequence[PromptLike] = None,
+    cfg: GenerateConfig | None = None,
+) -> list[str]:
+    """seq2seq: the decoder's answer to each source; classify: each source's label."""
+    cfg = cfg or GenerateConfig()
+    torch.manual_seed(cfg.seed)  # sampling, as for causal models
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(sources)
+    out: list[str] = [""] * len(sources)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):  # rows with the same prompt go together
+        groups.setdefault(id(p), []).append(i)
+    model, tok = loaded.model, loaded.tokenizer
+    for idx in groups.values():
+        for start in range(0, len(idx), cfg.batch_size):
+            part = idx[start : start + cfg.batch_size]
+            texts, p = [sources[i] for i in part], prompts[part[0]]
+            if loaded.kind == "seq2seq":
+                answers = seq2seq.generate(model, tok, p, texts, generation_config(tok, cfg))
+            else:
+                probs = encoder.predict(model, tok, p, texts, cfg.batch_size)
+                answers = [loaded.labels[max(range(len(r)), key=r.__getitem__)] for r in probs]
+            for i, answer in zip(part, answers):
+                out[i] = answer.strip()
+    return out
 
 
 @torch.no_grad()
@@ -210,6 +254,9 @@ def generate_chat(
     """The next assistant message of each conversation, rendered as ``fmt`` (a chat format:
     the prompt's own, or the tokenizer's chat template with the prompt first)."""
     fmt = fmt or PromptFormat(chat=True)
+    if loaded.kind != "causal":
+        raise SoftpromptError(f"conversations need a causal (chat) LM; this is a {loaded.kind} "
+                              "model: leave out --chat")  # fmt: skip
     encoded = [encode_chat(loaded.tokenizer, fmt, c) for c in conversations]
     return generate_encoded(
         loaded, encoded, prompt, cfg, prefix_cache, fmt.stop_ids(loaded.tokenizer)
@@ -335,7 +382,7 @@ def run_generate(cfg: GenerateRunConfig, loaded: LoadedModel | None = None) -> l
     items, fields, chats = _inputs(cfg, meta, fmt)
     if loaded is None:
         model = cfg.model.model or (trained_base_model(cfg.prompt) if cfg.prompt else None)
-        loaded = load_model(replace(cfg.model, model=model))
+        loaded = load_model(replace(cfg.model, model=model), labels=meta.get("labels"))
     prompts: list[SoftPrompt | None] = [None] if cfg.compare or not cfg.prompt else []
     if cfg.prompt:
         prompt, _ = load_prompt(cfg.prompt, loaded.model, allow_mismatch=cfg.allow_mismatch)

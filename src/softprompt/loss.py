@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from softprompt.data import IGNORE_INDEX, Example, Row, collate
 from softprompt.errors import ConfigError
+from softprompt.kinds import evaluate_rows, model_kind
 from softprompt.prefix import hidden_after_prefix, with_head
 from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens, prepend, rows_prompts
 
@@ -329,8 +330,11 @@ def evaluate_loss(
 ) -> dict[str, float]:
     """Mean next-token loss over labelled tokens (targets only for pairs) and perplexity.
 
-    With ``choice_ids`` the loss is the classification-mode one (see ``lm_loss``).
+    With ``choice_ids`` the loss is the classification-mode one (see ``lm_loss``). A seq2seq
+    or classification model: its own loss (``kinds.evaluate_rows``).
     """
+    if model_kind(model) != "causal":
+        return evaluate_rows(model, prompt, rows, batch_size, pad_id)
     device = model.get_input_embeddings().weight.device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # little padding
     if choice_ids is not None:

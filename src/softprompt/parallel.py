@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from softprompt import kinds
 from softprompt.console import say
 from softprompt.data import IGNORE_INDEX, Row, collate
 from softprompt.errors import ConfigError
@@ -45,6 +46,7 @@ def forward_backward(
     whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
+    causal = kinds.model_kind(model) == "causal"  # else seq2seq / classify: kinds.rows_loss
     # the whole step's denominator (classification mode: one position per row)
     n_tok = sum(label_count(rows, choice_ids is not None) for rows in group)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -57,13 +59,18 @@ def forward_backward(
             # Sharded layers gather their weights collectively: every process must run
             # every forward, so this one runs a row and throws its loss away.
             mine, weight = rows[:1], 0.0
-        batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
-        loss, _ = lm_loss(model, prompts, batch, choice_ids=choice_ids)
+        if causal:
+            batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
+            loss, _ = lm_loss(model, prompts, batch, choice_ids=choice_ids)
+        else:
+            loss, _, positions = kinds.rows_loss(model, prompts, mine, pad_id, accelerator.device)
         loss = loss * weight
         accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
         loss_sum += loss.detach()
         if weight:
-            processed += _processed_tokens(model, batch, prompts.num_virtual_tokens)
+            processed += (
+                _processed_tokens(model, batch, prompts.num_virtual_tokens) if causal else positions
+            )
     if world > 1:
         in_step = {r.task for rows in group for r in rows}
         for i, p in enumerate(prompts.parameters()):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import softprompt
+from softprompt import encoder, seq2seq
 from softprompt.artifacts import load_prompt, read_meta, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import RunState, TaskBest, restore_run, save_run
@@ -141,6 +142,8 @@ class Run:
     last_loss: float = math.nan
     last_val: float | None = None
     bar: tqdm | None = None  # the progress bar while the loop runs
+    head: list[Tensor] = field(default_factory=list)  # classify: the head's parameters
+    best_head: list[Tensor] = field(default_factory=list)  # ... at the best validation
 
     @classmethod
     def start(cls, cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
@@ -156,7 +159,8 @@ class Run:
         examples = _load_examples(cfg)  # bad data fails before anything slow or written
         output = _prepare_output(cfg, accelerator)
         torch.manual_seed(cfg.seed)
-        loaded = loaded or load_model(cfg.model)
+        loaded = loaded or load_model(cfg.model, labels=_data_labels(examples[0]))
+        _check_kind(cfg, loaded, accelerator, examples[0])
         loaded.model.to(accelerator.device)
         if cfg.shard_model:
             shard_layers(loaded.model, accelerator)
@@ -166,7 +170,7 @@ class Run:
                 f"--max-length {cfg.data.max_length} is longer than the {limit} positions "
                 f"{loaded.name} can hold; give --max-length {limit} or less"
             )
-        data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device)
+        data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
         first = _starting_prompt(cfg, loaded)
         prompts = PromptSet(data.tasks, [SoftPrompt(first.embedding) for _ in data.tasks])
         prompts.to(accelerator.device)
@@ -175,8 +179,10 @@ class Run:
         )
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
+        # A classification model's head learns beside the prompt (its parameters come last).
+        head = encoder.head_parameters(loaded.model) if loaded.kind == "classify" else []
         optimizer = torch.optim.AdamW(
-            prompts.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            [*prompts.parameters(), *head], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(cfg.warmup_ratio * total_steps), total_steps
@@ -189,6 +195,10 @@ class Run:
         run = cls(cfg, accelerator, output, loaded, data, prompts, optimizer, scheduler,
                   total_steps, math.ceil(total_steps / steps_per_epoch), log)  # fmt: skip
         run.best, run.initial = prompts.stacked().clone(), prompts.stacked().clone()
+        run.head, run.best_head = head, [p.detach().clone() for p in head]
+        if head:
+            say(f"classification head: {sum(p.numel() for p in head):,} trainable parameters "
+                f"beside the prompt's {prompts.stacked().numel():,}")  # fmt: skip
         if cfg.resume:
             folder = restore_run(run)
             log.truncate_after(run.state.step)
@@ -258,7 +268,7 @@ class Run:
         if not math.isfinite(loss_sum):
             self.optimizer.zero_grad()
             self._stop_non_finite()
-        grad_norm = _clip(self.prompts, self.cfg.max_grad_norm)
+        grad_norm = _clip(self.prompts, self.cfg.max_grad_norm, self.head)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -328,6 +338,8 @@ class Run:
             if task_loss is not None and (record.loss is None or task_loss < record.loss - 1e-6):
                 record.loss, record.step = task_loss, state.step
                 self.best[i].copy_(self.prompts.prompts[i].embedding.detach())
+                for best, p in zip(self.best_head, self.head):  # classify: one task, one head
+                    best.copy_(p.detach())
         self.last_val = loss
         self.note(f"step {state.step}, epoch {self.current_epoch}: validation loss {loss:.4f}"
                   + (" (best so far)" if loss < state.best_loss - 1e-6 else
@@ -354,6 +366,8 @@ class Run:
         for i, record in enumerate(self.state.task_best):
             if self.data.val_by_task[i] and record.loss is not None:
                 self.prompts.prompts[i].embedding.data.copy_(self.best[i])
+                for best, p in zip(self.best_head, self.head):
+                    p.data.copy_(best)
         folder = self.output / self.data.tasks[0] if self.data.multi_task else self.output
         summary = read_meta(folder).get("metrics") or self.summary(0.0)
         say(
@@ -370,6 +384,8 @@ class Run:
         for i, record in enumerate(self.state.task_best):
             if self.data.val_by_task[i] and record.loss is not None:
                 self.prompts.prompts[i].embedding.data.copy_(self.best[i])
+                for best, p in zip(self.best_head, self.head):
+                    p.data.copy_(best)
         summary = self.summary(elapsed)
         if self.accelerator.is_main_process:
             self.save(summary)
@@ -417,6 +433,12 @@ class Run:
             },
             "metrics": summary,
         }
+        if self.loaded.kind == "classify":
+            meta["labels"] = self.loaded.labels
+            meta["trainable_parameters"] = {
+                "prompt": self.prompts.stacked()[0].numel(),
+                "head": sum(p.numel() for p in self.head),
+            }
         if not data.multi_task:
             save_prompt(self.output, self.prompts.prompts[0], model, name, meta, self.initial[0])
             return
@@ -493,8 +515,46 @@ def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     return split_validation(examples, d.val_fraction, cfg.seed)
 
 
+def _data_labels(examples: list[Example]) -> list[str] | None:
+    """The data's labels (its distinct targets, sorted): a classification head's outputs."""
+    return sorted({ex.target for ex in examples if ex.target is not None}) or None
+
+
+def _check_kind(cfg: TrainConfig, loaded: LoadedModel, accelerator, examples) -> None:
+    """What a seq2seq or classification model cannot do, said before anything slow."""
+    if loaded.kind == "causal":
+        return
+    if cfg.shard_model:
+        raise ConfigError(f"--shard-model shards decoder layers of causal LMs, not {loaded.kind}")
+    if cfg.restricted_choices is not None:
+        raise ConfigError(
+            f"--choices with the restricted loss is for causal LMs; a {loaded.kind} model "
+            + ("learns the data's labels with its head: leave out --choices"
+               if loaded.kind == "classify" else "learns the whole target: --choice-loss full")
+        )  # fmt: skip
+    if loaded.kind != "classify":
+        return
+    if cfg.task_field:
+        raise ConfigError("--task-field: a classification model has one head, so one task; "
+                          "train one prompt per task instead")  # fmt: skip
+    if accelerator.num_processes > 1:
+        raise ConfigError("a classification model trains in one process (its head's gradient "
+                          "is not shared across processes)")  # fmt: skip
+    labels = encoder.label_list(examples)
+    if loaded.labels != labels:
+        raise ConfigError(
+            f"the model's head has labels {loaded.labels}, the data {labels}: load the model "
+            "with load_model(cfg, labels=...) the data's labels, sorted"
+        )
+
+
 def _prepare_data(
-    cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example], tokenizer, device
+    cfg: TrainConfig,
+    train_ex: list[Example],
+    val_ex: list[Example],
+    tokenizer,
+    device,
+    loaded: LoadedModel | None = None,
 ) -> TrainData:
     """Token rows (each with its task's index), per-task validation rows, the choices' ids."""
     d = cfg.data
@@ -503,11 +563,20 @@ def _prepare_data(
     ids = {name: i for i, name in enumerate(tasks)} if cfg.task_field else None
     fmt = d.prompt_format(chat=train_ex[0].messages is not None)
     delimiter = "" if fmt.chat else d.target_delimiter  # an answer follows its turn's header
-    train_rows = tokenize(train_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
-    val_rows = tokenize(val_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
+    kind = loaded.kind if loaded is not None else "causal"
+    if kind == "seq2seq":
+        train_rows = seq2seq.tokenize_pairs(train_ex, tokenizer, max_text, ids)
+        val_rows = seq2seq.tokenize_pairs(val_ex, tokenizer, max_text, ids)
+    elif kind == "classify":
+        train_rows = encoder.tokenize_labels(train_ex, tokenizer, max_text, loaded.labels, ids)
+        val_rows = encoder.tokenize_labels(val_ex, tokenizer, max_text, loaded.labels, ids)
+    else:
+        train_rows = tokenize(train_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
+        val_rows = tokenize(val_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
     if not any(label_count([r]) for r in train_rows):
         raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
     mode = "chat" if fmt.chat else "text" if train_ex[0].target is None else "pairs"
+    mode = "labels" if kind == "classify" else mode
     info = {**dataclasses.asdict(d), "mode": mode, "train_examples": len(train_rows),
             "val_examples": len(val_rows)}  # fmt: skip
     if cfg.task_field:
@@ -548,14 +617,18 @@ def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:
     return init_prompt(loaded.model, loaded.tokenizer, cfg.prompt, seed=cfg.seed)
 
 
-def _clip(prompts: PromptSet, max_norm: float | None) -> float:
-    """Clip each task's gradient on its own (the prompts are independent); return the norm
-    over all of them before clipping."""
+def _clip(prompts: PromptSet, max_norm: float | None, head: list[Tensor] = ()) -> float:
+    """Clip each task's gradient on its own (the prompts are independent), and a
+    classification head's as one group; return the norm over all of them before clipping."""
     norms = []
-    for p in prompts.parameters():
-        if p.grad is not None:
+    groups = [[p] for p in prompts.parameters()] + ([list(head)] if head else [])
+    for group in groups:
+        if any(p.grad is not None for p in group):
+            grads = [p.grad for p in group if p.grad is not None]
             norms.append(
-                torch.nn.utils.clip_grad_norm_([p], max_norm) if max_norm else p.grad.norm()
+                torch.nn.utils.clip_grad_norm_(group, max_norm)
+                if max_norm
+                else torch.stack([g.norm() for g in grads]).norm()
             )
     return float(torch.stack(norms).norm()) if norms else 0.0
 

@@ -14,13 +14,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from softprompt import __version__
+from softprompt import __version__, encoder, seq2seq
 from softprompt.artifacts import load_prompt, read_meta
 from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig
 from softprompt.console import say
 from softprompt.data import Example, load_examples, tokenize
 from softprompt.errors import ConfigError
-from softprompt.generation import encode_example, generate_encoded
+from softprompt.generation import encode_example, generate_encoded, generate_other
 from softprompt.loading import LoadedModel, load_model, max_positions
 from softprompt.loss import evaluate_loss, perplexity
 from softprompt.measure.evaluate import (
@@ -45,6 +45,8 @@ def evaluate_examples(
 ) -> tuple[dict, list[dict]]:
     """Metrics over ``examples`` and one prediction record per example; inputs are rendered
     as ``fmt`` says (default: the data settings of ``cfg``)."""
+    if loaded.kind != "causal":
+        return evaluate_other(loaded, prompt, examples, cfg, choices, fmt)
     model, tok = loaded.model, loaded.tokenizer
     chat = examples[0].messages is not None
     fmt = fmt or cfg.data.prompt_format(chat=chat)
@@ -112,13 +114,76 @@ def _pooled_loss(model, prompt, rows, scored, batch_size: int, tok) -> dict:
     return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
 
 
+def evaluate_other(
+    loaded: LoadedModel,
+    prompt: SoftPrompt | None,
+    examples: list[Example],
+    cfg: EvalConfig,
+    choices: list[str] | None,
+    fmt: PromptFormat | None = None,  # unused: the examples' sources are rendered already
+) -> tuple[dict, list[dict]]:
+    """``evaluate_examples`` for a seq2seq model (target loss; choices scored as the decoder's
+    output, the encoder run once per input; generations) or a classifier (loss, accuracy,
+    macro-F1 and confusion over its labels)."""
+    model, tok = loaded.model, loaded.tokenizer
+    if examples[0].messages is not None:
+        raise ConfigError(f"a {loaded.kind} model takes input/target pairs, not conversations")
+    if any(ex.head is not None for ex in examples):
+        raise ConfigError(
+            "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
+            "model takes the prompt before its whole input"
+        )
+    n_virtual = prompt.num_virtual_tokens if prompt is not None else 0
+    limit = cfg.context - n_virtual
+    result: dict = {"examples": len(examples)}
+    records = [{"input": ex.source, "target": ex.target} for ex in examples]
+    golds = [ex.target for ex in examples]
+    sources = [ex.source for ex in examples]
+    labelled = all(g is not None for g in golds)
+    if loaded.kind == "classify":
+        if labelled:
+            rows = encoder.tokenize_labels(examples, tok, limit, loaded.labels)
+            result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
+        probs, seconds = timed(encoder.predict, model, tok, prompt, sources, cfg.batch_size)
+        preds = [loaded.labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
+        result["seconds_per_example"] = seconds / len(examples)
+        if labelled:
+            result.update(classification_metrics(golds, preds, loaded.labels))
+        for rec, pred, p in zip(records, preds, probs):
+            rec.update(prediction=pred, scores=dict(zip(loaded.labels, p)))
+        return result, records
+    if labelled:
+        rows = seq2seq.tokenize_pairs(examples, tok, limit)
+        result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
+    if choices:
+        scores, seconds = timed(seq2seq.score_choices, model, tok, prompt, sources, choices)
+        if cfg.length_norm:
+            lengths = [len(seq2seq.target_ids(tok, c)) for c in choices]
+            scores = [[s / n for s, n in zip(row, lengths)] for row in scores]
+        preds = [choices[max(range(len(choices)), key=row.__getitem__)] for row in scores]
+        result["seconds_per_example"] = seconds / len(examples)
+        if labelled:
+            result.update(classification_metrics(golds, preds, choices))
+        for rec, pred, score in zip(records, preds, scores):
+            rec.update(prediction=pred, scores=dict(zip(choices, score)))
+    if cfg.generate:
+        gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        outputs, seconds = timed(generate_other, loaded, sources, prompt, gen_cfg)
+        result["generate_seconds_per_example"] = seconds / len(examples)
+        if labelled:
+            result.update(generation_metrics(outputs, golds))
+        for rec, out in zip(records, outputs):
+            rec["generation"] = out
+    return result, records
+
+
 def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     """Load what ``cfg`` names, measure it, write results.json (with --output); return it."""
     meta = read_meta(cfg.prompt) if cfg.prompt else {}
     cfg = _with_prompt_defaults(cfg, meta)
     examples = load_examples(cfg.data.data, cfg.data)[: cfg.limit]
     if loaded is None:
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, labels=meta.get("labels"))
     prompt = None
     if cfg.prompt:
         prompt, _ = load_prompt(cfg.prompt, loaded.model)

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
-from softprompt.errors import DataError, SoftpromptError
+from softprompt.errors import ConfigError, DataError, SoftpromptError
 from softprompt.generation import Encoded, encode_chat, encode_raw
 from softprompt.loading import LoadedModel, max_positions
 from softprompt.serving.batcher import Batcher, Job
@@ -72,6 +72,11 @@ class ServerState:
 
 def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
     """The app with its prompt store and batcher (``app.state.softprompt``); no prompt loaded."""
+    if loaded.kind == "classify":
+        raise ConfigError(
+            f"softprompt serve streams completions from causal and seq2seq LMs; {loaded.name} "
+            "is a classification model: use `softprompt generate` or `eval` (or the Python API)"
+        )
     app = FastAPI(title="softprompt", version="1")
     batcher = Batcher(loaded, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue)
     store = PromptStore(cfg.prompts, loaded, cfg.allow_mismatch)
@@ -262,6 +267,9 @@ def _chat_jobs(state: ServerState, body: ChatBody, loop) -> list[Job]:
     _check_chars(state, [m.content if isinstance(m.content, str) else json.dumps(m.content)
                          for m in body.messages])  # fmt: skip
     entry = _entry(state, body.model)
+    if state.loaded.kind != "causal":
+        raise ApiError(400, f"this server's model is {state.loaded.kind}: no conversations; "
+                       "use /v1/completions")  # fmt: skip
     fmt = entry.fmt if entry is not None else None
     if fmt is not None and not fmt.chat and fmt.template is not None:
         raise ApiError(

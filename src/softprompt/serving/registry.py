@@ -110,11 +110,20 @@ class PromptStore:
             with self._lock:
                 self._skipped[name] = message
             raise ApiError(400, message) from None
-        entry = Entry(name, prompt, compile_prefix(self.loaded.model, prompt), fmt)
+        entry = Entry(name, prompt, self._compiled(prompt), fmt)
         with self._lock:
             self._entries[name] = entry
             self._skipped.pop(name, None)
         return entry
+
+    def _compiled(self, prompt: SoftPrompt) -> Prefix:
+        """The prompt's prefix; an encoder-decoder's prompt goes before the encoder's input,
+        with nothing to run ahead: its embeddings alone."""
+        model = self.loaded.model
+        if self.loaded.kind != "seq2seq":
+            return compile_prefix(model, prompt)
+        dtype = model.get_input_embeddings().weight.dtype
+        return Prefix(prompt.embedding.detach().to(dtype), [], [])
 
     def skipped(self) -> dict[str, str]:
         """Prompt folders that could not be loaded, and why."""

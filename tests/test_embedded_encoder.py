@@ -1,6 +1,7 @@
-"""Slow: prompt + head on the bundled encoder (all-MiniLM-L6-v2) and the shipped sentiment
-data: training lowers the validation loss, eval reports the classification numbers, and
-PEFT loads the folder with identical logits on the real model."""
+"""Slow: prompt + head on the bundled encoder (all-MiniLM-L6-v2) and the shipped
+sentiment data (3 epochs, under two minutes): training lowers the validation loss, eval
+reports the classification numbers, and PEFT loads the folder with identical logits on the
+real model."""
 
 from __future__ import annotations
 
@@ -23,14 +24,9 @@ DATA = ROOT / "examples" / "sentiment"
 LABELS = ["negative", "positive"]
 
 
-def _first(path: Path, n: int, out: Path) -> str:
-    out.write_text("\n".join(path.read_text().splitlines()[:n]) + "\n")
-    return str(out)
-
-
 def test_prompt_and_head_on_minilm(tmp_path):
     data = DataConfig(
-        data=_first(DATA / "train.jsonl", 96, tmp_path / "train.jsonl"),
+        data=str(DATA / "train.jsonl"),
         validation=str(DATA / "validation.jsonl"),
         input_field="review",
         target_field="label",
@@ -38,7 +34,7 @@ def test_prompt_and_head_on_minilm(tmp_path):
     cfg = TrainConfig(
         model=ModelConfig(model="embedded-encoder"),
         data=data,
-        prompt=PromptConfig(num_virtual_tokens=8, init="vocab"),
+        prompt=PromptConfig(num_virtual_tokens=20, init="vocab"),
         output=str(tmp_path / "run"),
         epochs=3,
         batch_size=16,

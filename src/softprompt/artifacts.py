@@ -33,6 +33,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META = "softprompt.json"
 INITIAL = "initial_prompt.safetensors"  # the starting point, for drift and inspection
+ENSEMBLE_INDEX = "ensemble.json"  # an ensemble run's members (train --ensemble K)
 # The embedded model is a quantized copy of this hub model; PEFT users load it by this id.
 EMBEDDED_HUB_IDS = {"embedded": "google/gemma-3-270m",
                     "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip

@@ -25,13 +25,17 @@ from softprompt.templates import POSITIONS, PromptFormat, template_fields
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CHAT_MODEL = "embedded-chat"  # SmolLM2-135M-Instruct, for conversations
-INIT_CHOICES = ("random", "text", "vocab")
+INIT_CHOICES = ("auto", "random", "text", "vocab")
+LIBRARY = "library:"  # --init library:DIR, a folder of saved prompts to transfer from
 Dtype = Literal["float32", "bfloat16"]
-ChoiceLoss = Literal["restricted", "full"]
+ChoiceLoss = Literal["restricted+rest", "restricted", "full"]
+Reparam = Literal["none", "residual"]
 PromptPosition = Literal["start", "after-system", "before-user"]
 LossOn = Literal["all-assistant", "last-assistant"]
 DTYPE_CHOICES = typing.get_args(Dtype)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
+REPARAMS = typing.get_args(Reparam)
+CHOICES_AUTO, CHOICES_NONE = "auto", "none"
 
 
 def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
@@ -209,10 +213,13 @@ class PromptConfig:
         "longer prompts cost compute on every row.",
     )
     init: str = opt(
-        "vocab",
-        "Initial values: 'random' (normal, scaled like real token embeddings), 'text' (the "
-        "embeddings of --init-text, repeated or cut), 'vocab' (embeddings of common tokens "
-        "drawn at random), or a folder holding a saved prompt.",
+        "auto",
+        "Initial values: 'auto' (the task's own words: the label words and the template's or "
+        "system prompt's words, repeated to fill the prompt; 'vocab' when there are none), "
+        "'random' (normal, scaled like real token embeddings), 'text' (the embeddings of "
+        "--init-text, repeated or cut), 'vocab' (embeddings of common tokens drawn at random), "
+        "'library:DIR' (score every saved prompt in DIR on a few training batches and start "
+        "from the best), or a folder holding a saved prompt.",
     )
     init_text: str | None = opt(
         None, "Phrase for --init text, e.g. 'Classify the sentiment of this review'."
@@ -223,10 +230,13 @@ class PromptConfig:
             raise ConfigError(
                 f"--num-virtual-tokens must be at least 1, not {self.num_virtual_tokens}"
             )
-        if self.init not in INIT_CHOICES and not Path(self.init).is_dir():
+        if self.library is not None:
+            if not Path(self.library).is_dir():
+                raise ConfigError(f"--init {self.init}: {self.library} is not a folder")
+        elif self.init not in INIT_CHOICES and not Path(self.init).is_dir():
             raise ConfigError(
-                f"--init must be one of {', '.join(INIT_CHOICES)} or a folder with a saved prompt; "
-                f"{self.init!r} is neither"
+                f"--init must be one of {', '.join(INIT_CHOICES)}, library:DIR or a folder with a "
+                f"saved prompt; {self.init!r} is none of these"
             )
         if self.init == "text" and not self.init_text:
             raise ConfigError("--init text needs --init-text 'a phrase describing the task'")
@@ -234,7 +244,12 @@ class PromptConfig:
     @property
     def from_folder(self) -> bool:
         """Whether ``init`` names a saved prompt's folder."""
-        return self.init not in INIT_CHOICES
+        return self.init not in INIT_CHOICES and self.library is None
+
+    @property
+    def library(self) -> str | None:
+        """The folder of ``--init library:DIR`` (None for any other init)."""
+        return self.init[len(LIBRARY) :] if self.init.startswith(LIBRARY) else None
 
 
 @dataclass
@@ -262,16 +277,32 @@ class TrainConfig:
         None, "Stop after this many validations without improvement (default: never)."
     )
     choices: str | None = opt(
-        None,
-        "Classification mode: the comma-separated label words, e.g. 'negative,positive'. The "
-        "targets must be these words.",
+        CHOICES_AUTO,
+        "Classification mode: the comma-separated label words, e.g. 'negative,positive' (the "
+        "targets must be these words); 'auto' (the default) detects a small label set in the "
+        "targets (at most 10 distinct strings of at most 3 words, each seen more than once) "
+        "and says so; 'none' turns classification mode off.",
     )
     choice_loss: ChoiceLoss = opt(
-        "restricted",
-        "With --choices: 'restricted' puts the softmax over the choices' first tokens at the "
-        "answer position only (the default; docs/measurements.md compares the two); 'full' "
-        "keeps the whole-vocabulary loss on every target token, which also teaches the prompt "
-        "to generate the label.",
+        "restricted+rest",
+        "With choices: 'restricted+rest' (the default) is a softmax over the choices' first "
+        "tokens plus one 'rest' logit standing for every other token, at the answer position "
+        "only, so the prompt also learns to put the probability on the labels; 'restricted' "
+        "leaves the rest out; 'full' keeps the whole-vocabulary loss on every target token "
+        "(docs/measurements.md compares them).",
+    )
+    reparam: Reparam = opt(
+        "none",
+        "'residual' (Razdaibiedina et al. 2023) trains the prompt through a bottleneck MLP "
+        "with a skip connection, P + LayerNorm(MLP(P)); only the mapped prompt is saved, so "
+        "the artifact stays a plain prompt. 'none' trains P directly.",
+    )
+    reparam_hidden: int = opt(128, "With --reparam residual: the MLP's bottleneck width.")
+    ensemble: int = opt(
+        1,
+        "Train K prompts with seeds SEED..SEED+K-1 in one run (one model pass per batch, every "
+        "row repeated per prompt); saved as OUTPUT/member-I/ plus ensemble.json, which eval "
+        "and serve read as one voting model.",
     )
     task_field: str | None = opt(
         None,
@@ -308,16 +339,30 @@ class TrainConfig:
             raise ConfigError("--data is required: a .jsonl, .csv, .tsv or .txt file")
         _ = self.choice_list
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
+        check_choice(self.reparam, REPARAMS, "--reparam")
+        if self.reparam_hidden < 1:
+            raise ConfigError("--reparam-hidden must be at least 1")
+        if self.ensemble < 1:
+            raise ConfigError("--ensemble must be at least 1")
+        if self.ensemble > 1 and self.task_field:
+            raise ConfigError("--ensemble and --task-field cannot be combined yet; pick one")
 
     @property
     def choice_list(self) -> list[str] | None:
-        """--choices as a list of labels (None: not a classification run)."""
-        return parse_choices(self.choices) if self.choices is not None else None
+        """--choices as a list of labels (None: not given, 'auto' or 'none')."""
+        if self.choices is None or self.choices in (CHOICES_AUTO, CHOICES_NONE):
+            return None
+        return parse_choices(self.choices)
+
+    @property
+    def auto_choices(self) -> bool:
+        """Whether the label set is to be detected from the data (``--choices auto``)."""
+        return self.choices == CHOICES_AUTO
 
     @property
     def restricted_choices(self) -> list[str] | None:
         """The label words of the restricted classification loss, or None (the full loss)."""
-        return self.choice_list if self.choice_loss == "restricted" else None
+        return self.choice_list if self.choice_loss != "full" else None
 
 
 @dataclass

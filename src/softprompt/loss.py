@@ -92,7 +92,7 @@ def _loss(
     if prompt is not None and shared and at is None:  # the prompt first in every row
         hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
-        logits = head_logits(model, hidden[keep], choice_ids)  # (K, V), or (K, C) with choices
+        logits = choice_logits(model, hidden[keep], choice_ids)  # (K, V), or (K, C) with choices
         return _score(logits, labels[keep], choice_ids), int(keep.sum())
     if prompt is not None and shared and len(lengths := at.unique()) <= MAX_HEAD_GROUPS:
         parts = [_behind_heads(model, prompt, batch, int(a), choice_ids) for a in lengths]
@@ -106,11 +106,11 @@ def _loss(
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast:
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = head_logits(model, hidden[:, :-1][keep], choice_ids)  # labelled positions only
+        logits = choice_logits(model, hidden[:, :-1][keep], choice_ids)  # labelled only
     else:
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
         if choice_ids is not None:
-            logits = logits[:, choice_ids]  # (K, C)
+            logits = pick_choices(logits, choice_ids)  # (K, C) or (K, C+1)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
 
 
@@ -140,7 +140,7 @@ def _behind_heads(
     labels = sub["labels"][:, a:width]  # the head carries no labels
     hidden = hidden_after_prefix(model, prefix, which, tail)
     keep = _positions(labels, choice_ids)
-    logits = head_logits(model, hidden[keep], choice_ids)
+    logits = choice_logits(model, hidden[keep], choice_ids)
     return _score(logits, labels[keep], choice_ids), int(keep.sum())
 
 
@@ -158,6 +158,36 @@ def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
     if choice_ids is not None:
         gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
     return F.cross_entropy(logits.float(), gold, reduction="sum")
+
+
+# ``choice_ids`` may end with REST (--choice-loss restricted+rest): one more logit standing
+# for every token that is not a choice, the logsumexp of their logits, so the softmax over
+# (choices, rest) equals the full softmax with the other tokens pooled: the prompt learns to
+# put probability on the labels, not only to rank them.
+REST = -1
+
+
+def with_rest(choice_ids: Tensor) -> Tensor:
+    """``choice_ids`` (C,) with REST appended: (C+1,)."""
+    return torch.cat([choice_ids, choice_ids.new_tensor([REST])])
+
+
+def choice_logits(model: nn.Module, hidden: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """``head_logits`` for the loss: (K, V) without choices, (K, C) over the choices, or
+    (K, C+1) when ``choice_ids`` ends with REST (the full head runs only then, at the one
+    answer position of each row)."""
+    if choice_ids is None or int(choice_ids[-1]) != REST:
+        return head_logits(model, hidden, choice_ids)
+    return pick_choices(head_logits(model, hidden), choice_ids)
+
+
+def pick_choices(logits: Tensor, choice_ids: Tensor) -> Tensor:
+    """The choices' columns of full logits (K, V), plus the REST logit when asked for."""
+    if int(choice_ids[-1]) != REST:
+        return logits[:, choice_ids]
+    ids = choice_ids[:-1]
+    rest = logits.float().index_fill(1, ids, -math.inf).logsumexp(dim=1, keepdim=True)
+    return torch.cat([logits[:, ids].float(), rest], dim=1)  # (K, C+1)
 
 
 def head_logits(model: nn.Module, hidden: Tensor, ids: Tensor | None = None) -> Tensor:

@@ -314,3 +314,99 @@ def test_library_of_nothing_is_refused(tiny_dir, pairs_file, tmp_path):
         train(cfg, progress=False)
     with pytest.raises(ConfigError, match="is not a folder"):
         train_config(tiny_dir, pairs_file, tmp_path / "x", init="library:/no/such/dir")
+
+
+# --- voting: eval of an ensemble, sweep over the new options, inspect --similar ----------
+
+
+def test_vote_is_the_majority_and_ties_go_to_the_higher_mean():
+    from softprompt.measure.ensemble import vote
+
+    scores = [  # 3 members x 2 examples x 2 choices
+        [[-1.0, -2.0], [-1.0, -0.5]],
+        [[-3.0, -2.0], [-1.0, -3.0]],
+        [[-1.0, -9.0], [-2.0, -1.5]],
+    ]
+    assert vote(scores, ["a", "b"]) == ["a", "b"]
+    tie = [[[-1.0, -2.0]], [[-5.0, -1.0]]]  # one vote each; b's mean -1.5 beats a's -3
+    assert vote(tie, ["a", "b"]) == ["b"]
+
+
+def test_eval_of_an_ensemble_folder_votes(tiny_dir, pairs_file, tmp_path, capsys):
+    from softprompt.cli import main
+    from softprompt.measure.ensemble import vote
+    from softprompt.measure.evaluate import classify
+
+    out = tmp_path / "ens"
+    train(train_config(tiny_dir, pairs_file, out, epochs=2, ensemble=3, choices="auto"),
+          progress=False)  # fmt: skip
+    code = main(["eval", "--data", str(pairs_file), "--input-field", "review", "--target-field",
+                 "label", "--prompt", str(out), "--output", str(tmp_path / "ev")])  # fmt: skip
+    assert code == 0
+    assert "ensemble of 3 prompts" in capsys.readouterr().err
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    metrics = results["metrics"]
+    assert len(metrics["member_accuracy"]) == 3 and len(metrics["member_losses"]) == 3
+    assert metrics["loss"] == pytest.approx(sum(metrics["member_losses"]) / 3)
+    # the same vote by hand from each member's own scores
+    loaded = load_model(model=str(tiny_dir))
+    sources = [f"review : {r} sentiment :" for r, _ in REVIEWS]
+    member_scores = [
+        classify(loaded.model, loaded.tokenizer, load_prompt(out / m, loaded.model)[0], sources,
+                 ["positive", "negative"])[1]
+        for m in ("member-0", "member-1", "member-2")
+    ]  # fmt: skip
+    expected = vote(member_scores, ["positive", "negative"])
+    from softprompt.measure.metrics import accuracy
+
+    assert metrics["accuracy"] == pytest.approx(accuracy([y for _, y in REVIEWS], expected))
+
+
+def test_sweep_over_seeds_reparams_and_a_test_file(tiny_dir, pairs_file, tmp_path, capsys):
+    from softprompt.cli import main
+
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model", str(tiny_dir), "--data", str(pairs_file), "--input-field",
+                 "review", "--target-field", "label", "--val-fraction", "0.25", "--choices",
+                 "negative,positive", "--lrs", "0.3", "--inits", "vocab", "--lengths", "4",
+                 "--reparams", "none,residual", "--choice-losses", "restricted+rest",
+                 "--seeds", "0,1", "--test", str(pairs_file), "--steps", "2", "--batch-size",
+                 "4", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    runs = [r for r in rows if r["kind"] == "recipe"]
+    assert [(r["reparam"], r["seed"]) for r in runs] == [
+        ("none", 0), ("none", 1), ("residual", 0), ("residual", 1)
+    ]  # fmt: skip
+    assert all(0 <= r["test_accuracy"] <= 1 for r in runs)
+    table = (out / "sweep.md").read_text().splitlines()
+    assert "test accuracy" in table[0] and "reparam" in table[0] and "seeds" in table[0]
+    assert len(table) == 4  # head, rule, one line per recipe (its seeds merged)
+    assert all(" (" in line and "-" in line for line in table[2:])  # mean (min-max)
+    assert (
+        out / "n4-vocab-lr0.3-residual-restricted+rest-s1" / "adapter_model.safetensors"
+    ).is_file()
+
+
+def test_sweep_refuses_unknown_reparams(tiny_dir, pairs_file, tmp_path):
+    from softprompt.config import DataConfig, SweepConfig
+
+    with pytest.raises(ConfigError, match="reparams must be one of none, residual"):
+        SweepConfig(data=DataConfig(data=str(pairs_file)), output=str(tmp_path), reparams="deep")
+
+
+def test_inspect_similar_ranks_a_library(tiny_dir, pairs_file, tmp_path, capsys):
+    from softprompt.artifacts import save_prompt
+    from softprompt.cli import main
+
+    loaded = load_model(model=str(tiny_dir))
+    base = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    save_prompt(tmp_path / "me", SoftPrompt(base), loaded.model, loaded.name)
+    save_prompt(tmp_path / "lib" / "close", SoftPrompt(base + 0.01), loaded.model, loaded.name)
+    save_prompt(tmp_path / "lib" / "far", SoftPrompt(-base), loaded.model, loaded.name)
+    code = main(["inspect", str(tmp_path / "me"), "--similar", str(tmp_path / "lib"),
+                 "--model", str(tiny_dir)])  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("close") and lines[2].endswith("far")
+    assert float(lines[2].split()[0]) == pytest.approx(-1.0, abs=1e-4)

@@ -449,6 +449,12 @@ class InspectConfig:
 
     prompt_dir: str = opt("", "folder of a trained prompt", positional=True, metavar="DIR")
     top_k: int = opt(5, "nearest tokens shown")
+    similar: str | None = opt(
+        None,
+        "instead: rank the saved prompts under this folder by the cosine similarity of their "
+        "mean embedding with DIR's (a prompt library, see `train --init library:DIR`)",
+        metavar="LIBRARY",
+    )
     model: ModelConfig = nested(
         prompt_model, only=("model",), help={"model": "base model (default: the prompt's own)"}
     )
@@ -456,6 +462,8 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ConfigError("--top-k must be at least 1")
+        if self.similar is not None and not Path(self.similar).is_dir():
+            raise ConfigError(f"--similar {self.similar}: no such folder")
 
 
 @dataclass
@@ -524,7 +532,8 @@ class EvalConfig:
     prompt: str | None = opt(
         None,
         "Folder of a trained prompt. Its base model, template and choices are used unless "
-        "given here. Without it the bare base model is measured.",
+        "given here. Without it the bare base model is measured. An ensemble (`train "
+        "--ensemble K`'s folder, or several prompt folders, comma-separated) votes.",
     )
     choices: str | None = opt(
         None,
@@ -586,7 +595,7 @@ class CompareConfig:
         None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
     )
     choice_loss: ChoiceLoss = opt(
-        "restricted",
+        "restricted+rest",
         "With --choices: the training loss of every trained method (see `train --choice-loss`).",
     )
     methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
@@ -648,8 +657,38 @@ class SweepConfig:
     generate: bool = opt(
         False, "Generation task: also score greedy answers on validation (exact match, chrF)."
     )
+    reparams: str | None = opt(
+        None, "Comma-separated --reparam values to try (none, residual). Default: none only."
+    )
+    choice_losses: str | None = opt(
+        None,
+        "With --choices: comma-separated --choice-loss values to try (restricted+rest, "
+        "restricted, full). Default: train's default only.",
+    )
     seed: int = opt(0, "Seed of every run.")
+    seeds: str | None = opt(
+        None,
+        "Comma-separated seeds: every recipe runs once per seed and the table shows the mean "
+        "(min-max). Default: --seed alone.",
+    )
+    test: str | None = opt(
+        None,
+        "Test data in the same format: every recipe is also scored on it (accuracy with "
+        "--choices, exact match and chrF with --generate).",
+    )
     overwrite: bool = opt(False, "Replace an earlier sweep in --output.")
+
+    @property
+    def reparam_list(self) -> list[str] | None:
+        return parse_list(self.reparams, "--reparams") if self.reparams else None
+
+    @property
+    def choice_loss_list(self) -> list[str] | None:
+        return parse_list(self.choice_losses, "--choice-losses") if self.choice_losses else None
+
+    @property
+    def seed_list(self) -> list[int]:
+        return parse_list(self.seeds, "--seeds", int) if self.seeds else [self.seed]
 
     @property
     def lr_list(self) -> list[float]:
@@ -681,6 +720,15 @@ class SweepConfig:
         for init in self.init_list:
             PromptConfig(init=init, init_text="x")  # validates the name
         _ = self.choice_list
+        for value in self.reparam_list or []:
+            check_choice(value, REPARAMS, "--reparams")
+        for value in self.choice_loss_list or []:
+            check_choice(value, CHOICE_LOSSES, "--choice-losses")
+        if self.choice_losses and not self.choices:
+            raise ConfigError("--choice-losses needs --choices (the label words)")
+        _ = self.seed_list
+        if self.test is not None and not Path(self.test).is_file():
+            raise ConfigError(f"--test {self.test}: no such file")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("--steps and --batch-size must be at least 1")
 

@@ -235,8 +235,8 @@ class PromptConfig:
                 raise ConfigError(f"--init {self.init}: {self.library} is not a folder")
         elif self.init not in INIT_CHOICES and not Path(self.init).is_dir():
             raise ConfigError(
-                f"--init must be one of {', '.join(INIT_CHOICES)}, library:DIR or a folder with a "
-                f"saved prompt; {self.init!r} is none of these"
+                "--init must be one of random, text, vocab or a folder with a saved prompt, or "
+                f"'auto' or 'library:DIR'; {self.init!r} is none of these"
             )
         if self.init == "text" and not self.init_text:
             raise ConfigError("--init text needs --init-text 'a phrase describing the task'")

@@ -38,6 +38,7 @@ TASKS = {  # name -> (folder, input field, target field, template)
 VARIANTS = {  # name -> TrainConfig / PromptConfig settings
     "vanilla": {"init": "vocab", "choices": "none"},
     "defaults": {},
+    "restricted": {"choice_loss": "restricted"},  # the defaults with the rest logit left out
     "residual": {"reparam": "residual"},
     "ensemble-3": {"ensemble": 3},
 }

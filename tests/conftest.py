@@ -207,6 +207,8 @@ def train_config(model_dir, data, out, **kw):
     data_kw = {k: kw.pop(k) for k in list(kw) if k in DataConfig.__dataclass_fields__}
     data_kw.setdefault("val_fraction", 0.25)
     data_kw.setdefault("template", "review : {input} sentiment :")
+    # The tests written before --choices auto / --init auto pin the behaviour they test.
+    kw.setdefault("choices", None)
     return TrainConfig(
         model=ModelConfig(model=str(model_dir)),
         data=DataConfig(data=str(data), input_field="review", target_field="label", **data_kw),

@@ -90,3 +90,22 @@ def test_bench_eval_quick_runs(model_dirs):
 def test_precision_accuracy_quick_runs(tiny_dir):
     text = _run("precision_accuracy.py", "--quick", "--model", str(tiny_dir))
     assert "| sentiment | bfloat16 |" in text and "| antonyms | float32 |" in text
+
+
+def test_bench_prompts_quick_runs(tiny_dir, tmp_path):
+    out = tmp_path / "b.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_prompts.py"), "--model", str(tiny_dir),
+         "--dtype", "float32", "--steps", "1", "--seeds", "0", "--test-examples", "4",
+         "--variants", "vanilla,ensemble-3", "--json", str(out), "--runs", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["task"], r["variant"]) for r in rows] == [
+        ("sentiment", "vanilla"), ("sentiment", "ensemble-3"),
+        ("topics", "vanilla"), ("topics", "ensemble-3"),
+    ]  # fmt: skip
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert len(rows[1]["member_accuracy"]) == 3
+    assert "| sentiment | ensemble-3 | 1 |" in proc.stdout

@@ -20,9 +20,12 @@ def _records(out) -> list[dict]:
 def test_restricted_choice_loss_trains_on_one_position_per_row(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "cls"
     train(
-        train_config(tiny_dir, pairs_file, out, epochs=2, choices="negative,positive"),
+        train_config(
+            tiny_dir, pairs_file, out, epochs=2, choices="negative,positive",
+            choice_loss="restricted",
+        ),
         progress=False,
-    )
+    )  # fmt: skip
     base = next(r for r in _records(out) if r["kind"] == "base")
     assert base["tokens"] == 3  # 3 validation rows: one answer position each
     assert base["loss"] < 2.0  # a two-way softmax, not the whole vocabulary

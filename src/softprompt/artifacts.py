@@ -41,6 +41,7 @@ INITIAL = "initial_prompt.safetensors"  # the starting point, for drift and insp
 HUB_PREFIX = "hf:"  # hf:owner/name[@revision]: a prompt folder on the Hugging Face Hub
 PROMPT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, INITIAL, "metrics.jsonl", "loss.png",
                 "README.md"]  # fmt: skip
+ENSEMBLE_INDEX = "ensemble.json"  # an ensemble run's members (train --ensemble K)
 # The embedded model is a quantized copy of this hub model; PEFT users load it by this id.
 EMBEDDED_HUB_IDS = {"embedded": "google/gemma-3-270m",
                     "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct",

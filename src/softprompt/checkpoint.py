@@ -32,7 +32,7 @@ from softprompt.config import TrainConfig
 from softprompt.console import warn
 from softprompt.errors import ConfigError
 from softprompt.outputs import disk_error, record
-from softprompt.prompt import PromptSet
+from softprompt.prompt import PromptSet, ResidualPrompt
 
 FOLDER = "checkpoints"
 KEEP = 2
@@ -156,6 +156,9 @@ def save_run(run: Resumable) -> None:
     }
     for i, (param, best) in enumerate(zip(getattr(run, "head", []), getattr(run, "best_head", []))):
         tensors[f"head.{i}"], tensors[f"best_head.{i}"] = param.detach(), best  # classify
+    for i, prompt in enumerate(run.prompts.prompts):  # --reparam residual: P and its MLP
+        if isinstance(prompt, ResidualPrompt):
+            tensors.update({f"reparam.{i}.{k}": v for k, v in prompt.state_dict().items()})
     for index, moments in opt_state["state"].items():  # only tasks that have had a step
         tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
     record = {
@@ -177,6 +180,12 @@ def restore_run(run: Resumable) -> Path:
     _check_same_run(record["config"], dataclasses.asdict(run.cfg))
     run.state = RunState.from_dict(record["run"])
     run.prompts.load_stacked(tensors["prompt"])
+    for i, prompt in enumerate(run.prompts.prompts):
+        if isinstance(prompt, ResidualPrompt):
+            prefix = f"reparam.{i}."
+            prompt.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
     moments: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

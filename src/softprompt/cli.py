@@ -133,9 +133,10 @@ def cmd_compare(cfg: CompareConfig) -> None:
 
 
 def cmd_inspect(cfg: InspectConfig) -> None:
-    from softprompt.measure.inspection import format_inspection, run_inspect
+    from softprompt.measure.inspection import format_inspection, format_similar, run_inspect
 
-    print(format_inspection(run_inspect(cfg)))
+    info = run_inspect(cfg)
+    print(format_similar(info) if "similar" in info else format_inspection(info))
 
 
 def cmd_sweep(cfg: SweepConfig) -> None:

@@ -26,14 +26,18 @@ from softprompt.templates import POSITIONS, PromptFormat, template_fields
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_CHAT_MODEL = "embedded-chat"  # SmolLM2-135M-Instruct, for conversations
 EMBEDDED_ENCODER_MODEL = "embedded-encoder"  # all-MiniLM-L6-v2, a BERT-family encoder
-INIT_CHOICES = ("random", "text", "vocab")
+INIT_CHOICES = ("auto", "random", "text", "vocab")
+LIBRARY = "library:"  # --init library:DIR, a folder of saved prompts to transfer from
 Dtype = Literal["float32", "bfloat16", "auto"]
-ChoiceLoss = Literal["restricted", "full"]
+ChoiceLoss = Literal["restricted+rest", "restricted", "full"]
+Reparam = Literal["none", "residual"]
 PromptPosition = Literal["start", "after-system", "before-user"]
 LossOn = Literal["all-assistant", "last-assistant"]
 ModelTask = Literal["auto", "causal", "seq2seq", "classify"]
 DTYPE_CHOICES = typing.get_args(Dtype)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
+REPARAMS = typing.get_args(Reparam)
+CHOICES_AUTO, CHOICES_NONE = "auto", "none"
 
 
 def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
@@ -223,10 +227,13 @@ class PromptConfig:
         "longer prompts cost compute on every row.",
     )
     init: str = opt(
-        "vocab",
-        "Initial values: 'random' (normal, scaled like real token embeddings), 'text' (the "
-        "embeddings of --init-text, repeated or cut), 'vocab' (embeddings of common tokens "
-        "drawn at random), or a folder holding a saved prompt (hf:owner/name: one on the Hugging "
+        "auto",
+        "Initial values: 'auto' (the task's own words: the label words and the template's or "
+        "system prompt's words, repeated to fill the prompt; 'vocab' when there are none), "
+        "'random' (normal, scaled like real token embeddings), 'text' (the embeddings of "
+        "--init-text, repeated or cut), 'vocab' (embeddings of common tokens drawn at random), "
+        "'library:DIR' (score every saved prompt in DIR on a few training batches and start "
+        "from the best), or a folder holding a saved prompt (hf:owner/name: one on the Hugging "
         "Face Hub).",
     )
     init_text: str | None = opt(
@@ -238,11 +245,17 @@ class PromptConfig:
             raise ConfigError(
                 f"--num-virtual-tokens must be at least 1, not {self.num_virtual_tokens}"
             )
-        hub = self.init.startswith("hf:")
-        if self.init not in INIT_CHOICES and not hub and not Path(self.init).is_dir():
+        if self.library is not None:
+            if not Path(self.library).is_dir():
+                raise ConfigError(f"--init {self.init}: {self.library} is not a folder")
+        elif (
+            self.init not in INIT_CHOICES
+            and not self.init.startswith("hf:")
+            and not Path(self.init).is_dir()
+        ):
             raise ConfigError(
-                f"--init must be one of {', '.join(INIT_CHOICES)} or a folder with a saved prompt; "
-                f"{self.init!r} is neither"
+                "--init must be one of random, text, vocab or a folder with a saved prompt, or "
+                f"'auto' or 'library:DIR'; {self.init!r} is none of these"
             )
         if self.init == "text" and not self.init_text:
             raise ConfigError("--init text needs --init-text 'a phrase describing the task'")
@@ -250,7 +263,12 @@ class PromptConfig:
     @property
     def from_folder(self) -> bool:
         """Whether ``init`` names a saved prompt's folder."""
-        return self.init not in INIT_CHOICES
+        return self.init not in INIT_CHOICES and self.library is None
+
+    @property
+    def library(self) -> str | None:
+        """The folder of ``--init library:DIR`` (None for any other init)."""
+        return self.init[len(LIBRARY) :] if self.init.startswith(LIBRARY) else None
 
 
 @dataclass
@@ -278,16 +296,32 @@ class TrainConfig:
         None, "Stop after this many validations without improvement (default: never)."
     )
     choices: str | None = opt(
-        None,
-        "Classification mode: the comma-separated label words, e.g. 'negative,positive'. The "
-        "targets must be these words.",
+        CHOICES_AUTO,
+        "Classification mode: the comma-separated label words, e.g. 'negative,positive' (the "
+        "targets must be these words); 'auto' (the default) detects a small label set in the "
+        "targets (at most 10 distinct strings of at most 3 words, each seen more than once) "
+        "and says so; 'none' turns classification mode off.",
     )
     choice_loss: ChoiceLoss = opt(
-        "restricted",
-        "With --choices: 'restricted' puts the softmax over the choices' first tokens at the "
-        "answer position only (the default; docs/measurements.md compares the two); 'full' "
-        "keeps the whole-vocabulary loss on every target token, which also teaches the prompt "
-        "to generate the label.",
+        "restricted+rest",
+        "With choices: 'restricted+rest' (the default) is a softmax over the choices' first "
+        "tokens plus one 'rest' logit standing for every other token, at the answer position "
+        "only, so the prompt also learns to put the probability on the labels; 'restricted' "
+        "leaves the rest out; 'full' keeps the whole-vocabulary loss on every target token "
+        "(docs/measurements.md compares them).",
+    )
+    reparam: Reparam = opt(
+        "none",
+        "'residual' (Razdaibiedina et al. 2023) trains the prompt through a bottleneck MLP "
+        "with a skip connection, P + LayerNorm(MLP(P)); only the mapped prompt is saved, so "
+        "the artifact stays a plain prompt. 'none' trains P directly.",
+    )
+    reparam_hidden: int = opt(128, "With --reparam residual: the MLP's bottleneck width.")
+    ensemble: int = opt(
+        1,
+        "Train K prompts with seeds SEED..SEED+K-1 in one run (one model pass per batch, every "
+        "row repeated per prompt); saved as OUTPUT/member-I/ plus ensemble.json, which eval "
+        "and serve read as one voting model.",
     )
     task_field: str | None = opt(
         None,
@@ -333,16 +367,30 @@ class TrainConfig:
             raise ConfigError("--data is required: a .jsonl, .csv, .tsv or .txt file")
         _ = self.choice_list
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
+        check_choice(self.reparam, REPARAMS, "--reparam")
+        if self.reparam_hidden < 1:
+            raise ConfigError("--reparam-hidden must be at least 1")
+        if self.ensemble < 1:
+            raise ConfigError("--ensemble must be at least 1")
+        if self.ensemble > 1 and self.task_field:
+            raise ConfigError("--ensemble and --task-field cannot be combined yet; pick one")
 
     @property
     def choice_list(self) -> list[str] | None:
-        """--choices as a list of labels (None: not a classification run)."""
-        return parse_choices(self.choices) if self.choices is not None else None
+        """--choices as a list of labels (None: not given, 'auto' or 'none')."""
+        if self.choices is None or self.choices in (CHOICES_AUTO, CHOICES_NONE):
+            return None
+        return parse_choices(self.choices)
+
+    @property
+    def auto_choices(self) -> bool:
+        """Whether the label set is to be detected from the data (``--choices auto``)."""
+        return self.choices == CHOICES_AUTO
 
     @property
     def restricted_choices(self) -> list[str] | None:
         """The label words of the restricted classification loss, or None (the full loss)."""
-        return self.choice_list if self.choice_loss == "restricted" else None
+        return self.choice_list if self.choice_loss != "full" else None
 
 
 @dataclass
@@ -433,6 +481,12 @@ class InspectConfig:
         "", "folder of a trained prompt, or hf:owner/name", positional=True, metavar="DIR"
     )
     top_k: int = opt(5, "nearest tokens shown")
+    similar: str | None = opt(
+        None,
+        "instead: rank the saved prompts under this folder by the cosine similarity of their "
+        "mean embedding with DIR's (a prompt library, see `train --init library:DIR`)",
+        metavar="LIBRARY",
+    )
     model: ModelConfig = nested(
         prompt_model, only=("model",), help={"model": "base model (default: the prompt's own)"}
     )
@@ -440,6 +494,8 @@ class InspectConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ConfigError("--top-k must be at least 1")
+        if self.similar is not None and not Path(self.similar).is_dir():
+            raise ConfigError(f"--similar {self.similar}: no such folder")
 
 
 @dataclass
@@ -561,7 +617,8 @@ class EvalConfig:
         None,
         "Folder of a trained prompt (or hf:owner/name on the Hugging Face Hub). Its base model, "
         "template and choices are used unless given here. Without it the bare base model is "
-        "measured.",
+        "measured. An ensemble (`train --ensemble K`'s folder, or several prompt folders, "
+        "comma-separated) votes.",
     )
     choices: str | None = opt(
         None,
@@ -623,7 +680,7 @@ class CompareConfig:
         None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
     )
     choice_loss: ChoiceLoss = opt(
-        "restricted",
+        "restricted+rest",
         "With --choices: the training loss of every trained method (see `train --choice-loss`).",
     )
     methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
@@ -685,8 +742,38 @@ class SweepConfig:
     generate: bool = opt(
         False, "Generation task: also score greedy answers on validation (exact match, chrF)."
     )
+    reparams: str | None = opt(
+        None, "Comma-separated --reparam values to try (none, residual). Default: none only."
+    )
+    choice_losses: str | None = opt(
+        None,
+        "With --choices: comma-separated --choice-loss values to try (restricted+rest, "
+        "restricted, full). Default: train's default only.",
+    )
     seed: int = opt(0, "Seed of every run.")
+    seeds: str | None = opt(
+        None,
+        "Comma-separated seeds: every recipe runs once per seed and the table shows the mean "
+        "(min-max). Default: --seed alone.",
+    )
+    test: str | None = opt(
+        None,
+        "Test data in the same format: every recipe is also scored on it (accuracy with "
+        "--choices, exact match and chrF with --generate).",
+    )
     overwrite: bool = opt(False, "Replace an earlier sweep in --output.")
+
+    @property
+    def reparam_list(self) -> list[str] | None:
+        return parse_list(self.reparams, "--reparams") if self.reparams else None
+
+    @property
+    def choice_loss_list(self) -> list[str] | None:
+        return parse_list(self.choice_losses, "--choice-losses") if self.choice_losses else None
+
+    @property
+    def seed_list(self) -> list[int]:
+        return parse_list(self.seeds, "--seeds", int) if self.seeds else [self.seed]
 
     @property
     def lr_list(self) -> list[float]:
@@ -718,6 +805,15 @@ class SweepConfig:
         for init in self.init_list:
             PromptConfig(init=init, init_text="x")  # validates the name
         _ = self.choice_list
+        for value in self.reparam_list or []:
+            check_choice(value, REPARAMS, "--reparams")
+        for value in self.choice_loss_list or []:
+            check_choice(value, CHOICE_LOSSES, "--choice-losses")
+        if self.choice_losses and not self.choices:
+            raise ConfigError("--choice-losses needs --choices (the label words)")
+        _ = self.seed_list
+        if self.test is not None and not Path(self.test).is_file():
+            raise ConfigError(f"--test {self.test}: no such file")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("--steps and --batch-size must be at least 1")
 

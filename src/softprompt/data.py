@@ -256,6 +256,32 @@ def _field(record: dict, name: str, where: str, flag: str) -> str:
 _NUMBERS_SEEN: set[tuple[str, str]] = set()  # (file, field) already warned about
 
 
+MAX_LABELS = 10  # --choices auto: at most this many distinct targets ...
+MAX_LABEL_WORDS = 3  # ... of at most this many words each
+
+
+def detect_labels(examples: list[Example]) -> list[str] | None:
+    """The label set of a classification data set, or None: the targets are 2 to
+    ``MAX_LABELS`` distinct short strings (at most ``MAX_LABEL_WORDS`` words), each seen more
+    than once. Labels come in order of first appearance."""
+    counts: dict[str, int] = {}
+    for ex in examples:
+        if ex.target is None or ex.messages is not None:
+            return None  # plain text or conversations: not a label set
+        counts[ex.target] = counts.get(ex.target, 0) + 1
+        if len(counts) > MAX_LABELS:
+            return None
+    if len(counts) < 2:
+        return None
+    for label, n in counts.items():
+        words = label.split()
+        if n < 2 or not words or len(words) > MAX_LABEL_WORDS or label != label.strip():
+            return None
+        if "," in label:  # --choices is comma-separated: such a label cannot be recorded
+            return None
+    return list(counts)
+
+
 def split_validation(
     examples: list[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:

@@ -114,7 +114,7 @@ def _loss(
         return _head_loss(model, hidden[:, :-1][keep], targets[keep], choice_ids), int(keep.sum())
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
     if choice_ids is not None:
-        logits = logits[:, choice_ids]  # (K, C)
+        logits = pick_choices(logits, choice_ids)  # (K, C) or (K, C+1)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
 
 
@@ -170,7 +170,7 @@ def _head_loss(model: nn.Module, hidden: Tensor, gold: Tensor, choice_ids: Tenso
     if choice_ids is None and isinstance(head, nn.Linear):
         cap = getattr(model.config, "final_logit_softcapping", None) or None
         return ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, gold, cap)
-    return _score(head_logits(model, hidden, choice_ids), gold, choice_ids)
+    return _score(choice_logits(model, hidden, choice_ids), gold, choice_ids)
 
 
 # Logits computed at once by the chunked loss: 32M floats (128 MB in fp32), i.e. 128 rows
@@ -262,6 +262,34 @@ def token_scores(model: nn.Module, hidden: Tensor, gold: Tensor) -> tuple[Tensor
         logp[s : s + rows] = picked - logits.logsumexp(dim=1)
         top[s : s + rows] = logits.argmax(dim=1) == gold[s : s + rows]
     return logp, top
+# ``choice_ids`` may end with REST (--choice-loss restricted+rest): one more logit standing
+# for every token that is not a choice, the logsumexp of their logits, so the softmax over
+# (choices, rest) equals the full softmax with the other tokens pooled: the prompt learns to
+# put probability on the labels, not only to rank them.
+REST = -1
+
+
+def with_rest(choice_ids: Tensor) -> Tensor:
+    """``choice_ids`` (C,) with REST appended: (C+1,)."""
+    return torch.cat([choice_ids, choice_ids.new_tensor([REST])])
+
+
+def choice_logits(model: nn.Module, hidden: Tensor, choice_ids: Tensor | None) -> Tensor:
+    """``head_logits`` for the loss: (K, V) without choices, (K, C) over the choices, or
+    (K, C+1) when ``choice_ids`` ends with REST (the full head runs only then, at the one
+    answer position of each row)."""
+    if choice_ids is None or int(choice_ids[-1]) != REST:
+        return head_logits(model, hidden, choice_ids)
+    return pick_choices(head_logits(model, hidden), choice_ids)
+
+
+def pick_choices(logits: Tensor, choice_ids: Tensor) -> Tensor:
+    """The choices' columns of full logits (K, V), plus the REST logit when asked for."""
+    if int(choice_ids[-1]) != REST:
+        return logits[:, choice_ids]
+    ids = choice_ids[:-1]
+    rest = logits.float().index_fill(1, ids, -math.inf).logsumexp(dim=1, keepdim=True)
+    return torch.cat([logits[:, ids].float(), rest], dim=1)  # (K, C+1)
 
 
 def head_logits(model: nn.Module, hidden: Tensor, ids: Tensor | None = None) -> Tensor:

@@ -47,6 +47,51 @@ class SoftPrompt(nn.Module):
         return prepend(virtual, inputs_embeds, attention_mask, labels, at)
 
 
+class ResidualPrompt(nn.Module):
+    """Residual reparameterisation (Razdaibiedina et al. 2023): the prompt the model sees is
+    ``P + LayerNorm(MLP(P))``, the MLP a bottleneck (H -> ``bottleneck`` -> H, ReLU) shared
+    by the N tokens. The LayerNorm's weight starts at 0, so at step 0 the mapped prompt is P
+    itself. Training only: the run saves the mapped prompt as a plain ``SoftPrompt``."""
+
+    def __init__(self, embeddings: Tensor, bottleneck: int, seed: int = 0):
+        super().__init__()
+        hidden = embeddings.shape[1]
+        self.raw = nn.Parameter(embeddings.detach().float().clone())  # (N, H)
+        with torch.random.fork_rng(devices=[]):  # the MLP's init leaves the global RNG alone
+            torch.manual_seed(seed)
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden, bottleneck), nn.ReLU(), nn.Linear(bottleneck, hidden)
+            )
+        self.norm = nn.LayerNorm(hidden)
+        nn.init.zeros_(self.norm.weight)
+
+    @property
+    def embedding(self) -> Tensor:
+        """The mapped prompt, (N, H)."""
+        return self.raw + self.norm(self.mlp(self.raw))
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.raw.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.raw.shape[1]
+
+    def put(self, value: Tensor) -> None:
+        """Make the mapped prompt equal ``value`` (N, H) exactly: P = value, LayerNorm
+        zeroed (the MLP's output then adds nothing)."""
+        with torch.no_grad():
+            self.raw.copy_(value)
+            self.norm.weight.zero_()
+            self.norm.bias.zero_()
+
+    def prepend(self, inputs_embeds, attention_mask, labels=None, at=None):
+        b = inputs_embeds.shape[0]
+        virtual = self.embedding.unsqueeze(0).expand(b, -1, -1)
+        return prepend(virtual, inputs_embeds, attention_mask, labels, at)
+
+
 class PromptSet(nn.Module):
     """One soft prompt per task, trained side by side on one frozen model.
 
@@ -71,8 +116,23 @@ class PromptSet(nn.Module):
         return torch.stack([p.embedding.detach() for p in self.prompts])
 
     def load_stacked(self, values: Tensor) -> None:
-        for p, v in zip(self.prompts, values):
-            p.embedding.data.copy_(v)
+        for i, v in enumerate(values):
+            self.put(i, v)
+
+    def put(self, i: int, value: Tensor) -> None:
+        """Set prompt ``i`` to ``value`` (N, H) (a residual prompt: its mapped value)."""
+        prompt = self.prompts[i]
+        if isinstance(prompt, ResidualPrompt):
+            prompt.put(value)
+        else:
+            prompt.embedding.data.copy_(value)
+
+    def plain(self) -> list[SoftPrompt]:
+        """Each prompt as a plain ``SoftPrompt`` (a residual prompt: its mapped value)."""
+        return [
+            p if isinstance(p, SoftPrompt) else SoftPrompt(p.embedding.detach())
+            for p in self.prompts
+        ]
 
 
 def prepend(
@@ -108,7 +168,9 @@ def prepend(
     return embeds, mask, labels
 
 
-def rows_prompts(prompt: SoftPrompt | PromptSet, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def rows_prompts(
+    prompt: SoftPrompt | ResidualPrompt | PromptSet, batch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
     """The distinct prompts a batch uses, (K, N, H), and each row's index into them, (B,)."""
     ids = batch["input_ids"]
     if isinstance(prompt, PromptSet):
@@ -123,11 +185,30 @@ def embed_tokens(model: nn.Module, input_ids: Tensor) -> Tensor:
     return model.get_input_embeddings()(input_ids)
 
 
-def init_prompt(model: nn.Module, tokenizer, cfg: PromptConfig, seed: int = 0) -> SoftPrompt:
-    """Build the starting prompt that ``cfg.init`` asks for (random, text or vocab; a saved
-    prompt's folder is read by ``softprompt.load_prompt``)."""
+def init_prompt(
+    model: nn.Module,
+    tokenizer,
+    cfg: PromptConfig,
+    seed: int = 0,
+    task_text: str | None = None,
+    shuffle: bool = False,
+) -> SoftPrompt:
+    """Build the starting prompt that ``cfg.init`` asks for (auto, random, text or vocab; a
+    saved prompt's folder is read by ``softprompt.load_prompt``).
+
+    ``auto`` uses ``task_text`` (the task's own words, see ``training.task_words``) like
+    ``text`` uses --init-text, and ``vocab`` when there is none. ``shuffle`` (ensemble members
+    after the first) orders the words' tokens at random with ``seed`` before repeating them,
+    so that members start apart."""
     n = cfg.num_virtual_tokens
     gen = torch.Generator().manual_seed(seed)
+    if cfg.init == "auto":
+        ids = tokenizer(task_text, add_special_tokens=False)["input_ids"] if task_text else []
+        if not ids:
+            return init_prompt(model, tokenizer, PromptConfig(n, init="vocab"), seed)
+        if shuffle:
+            ids = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
+        return SoftPrompt(_embed_ids(model, (ids * (n // len(ids) + 1))[:n]))
     if cfg.init == "random":
         ref = _embedding_sample(model, gen)
         return SoftPrompt(torch.randn(n, ref.shape[1], generator=gen) * ref.std())

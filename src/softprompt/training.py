@@ -29,19 +29,34 @@ from transformers import get_linear_schedule_with_warmup
 
 import softprompt
 from softprompt import encoder, seq2seq
-from softprompt.artifacts import load_prompt, read_meta, save_prompt
+from softprompt.artifacts import ENSEMBLE_INDEX, load_prompt, read_meta, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import RunState, TaskBest, restore_run, save_run
 from softprompt.config import TrainConfig
 from softprompt.console import say
-from softprompt.data import Example, Row, batch_order, load_examples, split_validation, tokenize
+from softprompt.data import (
+    Example,
+    Row,
+    batch_order,
+    detect_labels,
+    load_examples,
+    split_validation,
+    tokenize,
+)
 from softprompt.errors import ConfigError, TrainingError
+from softprompt.library import pick_prompt
 from softprompt.loading import LoadedModel, load_model, max_positions
-from softprompt.loss import check_choice_targets, choice_first_ids, evaluate_loss, perplexity
+from softprompt.loss import (
+    check_choice_targets,
+    choice_first_ids,
+    evaluate_loss,
+    perplexity,
+    with_rest,
+)
 from softprompt.outputs import claim_output, write_json
 from softprompt.parallel import forward_backward, label_count, shard_layers
-from softprompt.prompt import PromptSet, SoftPrompt, init_prompt
-from softprompt.templates import PromptFormat
+from softprompt.prompt import PromptSet, ResidualPrompt, SoftPrompt, init_prompt
+from softprompt.templates import PromptFormat, template_fields
 from softprompt.tracking import MetricsLog, open_trackers, plot_metrics
 
 
@@ -109,8 +124,10 @@ class TrainData:
     val_by_task: list[list[Row]]  # validation rows of each task (a single task: one list)
     tasks: list[str]  # task names, one prompt each (a single-task run: [""])
     info: dict  # recorded in metrics.jsonl and softprompt.json
-    choice_ids: Tensor | None  # (C,) first tokens of --choices, for the restricted loss
+    choice_ids: Tensor | None  # (C,) first tokens of --choices (+ REST), for the restricted loss
     fmt: PromptFormat  # how inputs become text around the prompt (saved with it)
+    choices: list[str] | None = None  # the label words (given, or found by --choices auto)
+    ensemble: int = 1  # --ensemble K: the K "tasks" are members that see every row
 
     @property
     def multi_task(self) -> bool:
@@ -144,6 +161,7 @@ class Run:
     bar: tqdm | None = None  # the progress bar while the loop runs
     head: list[Tensor] = field(default_factory=list)  # classify: the head's parameters
     best_head: list[Tensor] = field(default_factory=list)  # ... at the best validation
+    init_info: dict = field(default_factory=dict)  # how the starting prompts were chosen
 
     @classmethod
     def start(cls, cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
@@ -171,8 +189,11 @@ class Run:
                 f"{loaded.name} can hold; give --max-length {limit} or less"
             )
         data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
-        first = _starting_prompt(cfg, loaded)
-        prompts = PromptSet(data.tasks, [SoftPrompt(first.embedding) for _ in data.tasks])
+        starts, init_info = _starting_prompts(cfg, loaded, data)
+        if cfg.reparam == "residual":
+            starts = [ResidualPrompt(p.embedding, cfg.reparam_hidden, cfg.seed + k)
+                      for k, p in enumerate(starts)]  # fmt: skip
+        prompts = PromptSet(data.tasks, starts)
         prompts.to(accelerator.device)
         steps_per_epoch = math.ceil(
             math.ceil(len(data.train_rows) / cfg.batch_size) / cfg.grad_accum
@@ -194,6 +215,7 @@ class Run:
         log = MetricsLog(output / "metrics.jsonl", enabled=main, trackers=trackers)
         run = cls(cfg, accelerator, output, loaded, data, prompts, optimizer, scheduler,
                   total_steps, math.ceil(total_steps / steps_per_epoch), log)  # fmt: skip
+        run.init_info = init_info
         run.best, run.initial = prompts.stacked().clone(), prompts.stacked().clone()
         run.head, run.best_head = head, [p.detach().clone() for p in head]
         if head:
@@ -255,7 +277,12 @@ class Run:
         lengths = [len(r.input_ids) for r in rows]
         order = batch_order(lengths, cfg.batch_size, cfg.seed, self.state.epoch)
         groups = [order[i : i + cfg.grad_accum] for i in range(0, len(order), cfg.grad_accum)]
-        return [[[rows[i] for i in batch] for batch in group] for group in groups]
+        k = self.data.ensemble  # an ensemble: every row once per member, in the same batch
+        return [
+            [[dataclasses.replace(rows[i], task=m) for m in range(k) for i in batch]
+             if k > 1 else [rows[i] for i in batch] for batch in group]
+            for group in groups
+        ]  # fmt: skip
 
     def step(self, group: list[list[Row]]) -> None:
         """One optimizer step over ``group``: forward, backward, clip, update, log."""
@@ -268,6 +295,10 @@ class Run:
         if not math.isfinite(loss_sum):
             self.optimizer.zero_grad()
             self._stop_non_finite()
+        if self.data.ensemble > 1:  # each member's gradient: the mean over its own tokens
+            for p in self.prompts.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.data.ensemble)
         grad_norm = _clip(self.prompts, self.cfg.max_grad_norm, self.head)
         self.optimizer.step()
         self.scheduler.step()
@@ -365,7 +396,7 @@ class Run:
         """The result of a run that had ended: nothing is trained or written again."""
         for i, record in enumerate(self.state.task_best):
             if self.data.val_by_task[i] and record.loss is not None:
-                self.prompts.prompts[i].embedding.data.copy_(self.best[i])
+                self.prompts.put(i, self.best[i])
                 for best, p in zip(self.best_head, self.head):
                     p.data.copy_(best)
         folder = self.output / self.data.tasks[0] if self.data.multi_task else self.output
@@ -375,7 +406,7 @@ class Run:
             f"{self.state.stop_reason or 'all epochs done'}); its prompt is in {folder}. "
             "Nothing to resume: pass --overwrite to train it again"
         )
-        prompts = self.prompts.prompts
+        prompts = self.prompts.plain()
         named = dict(zip(self.data.tasks, prompts)) if self.data.multi_task else {}
         return TrainResult(output=self.output, prompt=prompts[0], summary=summary, prompts=named)
 
@@ -383,7 +414,7 @@ class Run:
         """Put each task's best prompt (or its last, if never validated) in place and save."""
         for i, record in enumerate(self.state.task_best):
             if self.data.val_by_task[i] and record.loss is not None:
-                self.prompts.prompts[i].embedding.data.copy_(self.best[i])
+                self.prompts.put(i, self.best[i])
                 for best, p in zip(self.best_head, self.head):
                     p.data.copy_(best)
         summary = self.summary(elapsed)
@@ -393,7 +424,7 @@ class Run:
             self.log.close(self.output / "loss.png")
         self.accelerator.wait_for_everyone()
         say(_closing_line(summary, self.output, self.data))
-        prompts = self.prompts.prompts
+        prompts = self.prompts.plain()
         named = dict(zip(self.data.tasks, prompts)) if self.data.multi_task else {}
         return TrainResult(output=self.output, prompt=prompts[0], summary=summary, prompts=named)
 
@@ -418,6 +449,12 @@ class Run:
     def save(self, summary: dict) -> None:
         """One prompt folder: OUTPUT itself, or OUTPUT/<task>/ per task (and tasks.json)."""
         cfg, data, model, name = self.cfg, self.data, self.loaded.model, self.loaded.name
+        plain = self.prompts.plain()  # a residual prompt is saved as its mapped value
+        training = {
+            k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "data", "prompt")
+        }
+        # eval and serve read the label words from here: what was used, not 'auto'
+        training["choices"] = ",".join(data.choices) if data.choices else None
         meta = {
             "template": cfg.data.template,
             "target_delimiter": cfg.data.target_delimiter,
@@ -426,11 +463,9 @@ class Run:
             "peft_compatible": data.fmt.peft_compatible,
             "data": data.info,
             "prompt": dataclasses.asdict(cfg.prompt),
-            "training": {
-                k: v
-                for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("model", "data", "prompt")
-            },
+            "init": self.init_info,
+            "choices": {"requested": cfg.choices, "used": data.choices},
+            "training": training,
             "metrics": summary,
         }
         if self.loaded.kind == "classify":
@@ -440,7 +475,7 @@ class Run:
                 "head": sum(p.numel() for p in self.head),
             }
         if not data.multi_task:
-            save_prompt(self.output, self.prompts.prompts[0], model, name, meta, self.initial[0])
+            save_prompt(self.output, plain[0], model, name, meta, self.initial[0])
             return
         index = {}
         for i, task in enumerate(data.tasks):
@@ -455,9 +490,15 @@ class Run:
             }
             task_meta = {**meta, "task": task, "metrics": {**summary, "task": task_metrics}}
             folder = self.output / task
-            save_prompt(folder, self.prompts.prompts[i], model, name, task_meta, self.initial[i])
+            save_prompt(folder, plain[i], model, name, task_meta, self.initial[i])
             index[task] = {"folder": task, **task_metrics}
         write_json(self.output / "tasks.json", {"tasks": index})
+        if data.ensemble > 1:
+            write_json(self.output / ENSEMBLE_INDEX, {
+                "members": data.tasks,
+                "vote": "majority" if data.choices else "mean-logprob",
+                "choices": data.choices,
+            })  # fmt: skip
 
     def _stop_non_finite(self) -> None:
         """Keep the last good prompts (and the true initial ones) and stop, saying what to
@@ -534,6 +575,9 @@ def _check_kind(cfg: TrainConfig, loaded: LoadedModel, accelerator, examples) ->
         )  # fmt: skip
     if loaded.kind != "classify":
         return
+    if cfg.ensemble > 1:
+        raise ConfigError("--ensemble: a classification model has one head, shared by every "
+                          "prompt; train one prompt + head per run instead")  # fmt: skip
     if cfg.task_field:
         raise ConfigError("--task-field: a classification model has one head, so one task; "
                           "train one prompt per task instead")  # fmt: skip
@@ -560,6 +604,8 @@ def _prepare_data(
     d = cfg.data
     max_text = d.max_length - cfg.prompt.num_virtual_tokens
     tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else [""]
+    if cfg.ensemble > 1:  # members are tasks that every row belongs to (see epoch_groups)
+        tasks = [f"member-{k}" for k in range(cfg.ensemble)]
     ids = {name: i for i, name in enumerate(tasks)} if cfg.task_field else None
     fmt = d.prompt_format(chat=train_ex[0].messages is not None)
     delimiter = "" if fmt.chat else d.target_delimiter  # an answer follows its turn's header
@@ -589,18 +635,113 @@ def _prepare_data(
         }
         counts = ", ".join(f"{n} {v['train_examples']}" for n, v in info["tasks"].items())
         say(f"multi-task: {len(tasks)} tasks, one prompt each, mixed in batches ({counts})")
+    elif cfg.ensemble > 1:
+        info["ensemble"] = cfg.ensemble
+        info["tasks"] = {name: {"train_examples": len(train_rows), "val_examples": len(val_rows)}
+                         for name in tasks}  # fmt: skip
+        say(f"ensemble: {cfg.ensemble} prompts (seeds {cfg.seed}..{cfg.seed + cfg.ensemble - 1}), "
+            "every row seen by each in the same batch")  # fmt: skip
     say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
     if fmt.position_name != "start":
         say(f"the soft prompt sits at {fmt.position_name!r}: PEFT cannot place it there, so only "
             "softprompt loads this prompt exactly")  # fmt: skip
     val_by_task = [[r for r in val_rows if r.task == i] for i in range(len(tasks))]
+    if cfg.ensemble > 1:
+        val_by_task = [val_rows for _ in tasks]
+    choices = cfg.choice_list
+    if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind == "causal":
+        choices = _detect_choices(cfg, train_ex, tokenizer, delimiter)
+    info["choices"] = choices
     choice_ids = None
-    if (choices := cfg.restricted_choices) is not None:
+    if choices is not None and cfg.choice_loss != "full":
         first = choice_first_ids(tokenizer, choices, delimiter)
         check_choice_targets(train_rows + val_rows, train_ex + val_ex, first)
-        say(f"classification mode: loss over the first tokens of {cfg.choices} only")
+        rest = (
+            " plus one logit for every other token" if cfg.choice_loss == "restricted+rest" else ""
+        )
+        say(f"classification mode: loss over the first tokens of {','.join(choices)}{rest}")
         choice_ids = torch.tensor(first, device=device)
-    return TrainData(train_rows, val_by_task, tasks, info, choice_ids, fmt)
+        if cfg.choice_loss == "restricted+rest":
+            choice_ids = with_rest(choice_ids)
+    return TrainData(train_rows, val_by_task, tasks, info, choice_ids, fmt, choices, cfg.ensemble)
+
+
+def _detect_choices(cfg: TrainConfig, examples: list[Example], tokenizer, delimiter: str):
+    """--choices auto: the data's label set, if it has one the restricted loss can use."""
+    labels = detect_labels(examples)
+    if labels is None:
+        return None
+    if cfg.choice_loss != "full":
+        try:
+            choice_first_ids(tokenizer, labels, delimiter)
+        except ConfigError:
+            say(
+                f"the targets look like labels ({', '.join(labels)}) but start with the same "
+                "token: no classification mode (give --choices and --choice-loss full for it)"
+            )
+            return None
+    say(
+        f"--choices auto: the targets are {len(labels)} labels ({', '.join(labels)}): "
+        f"classification mode (--choice-loss {cfg.choice_loss}); --choices none turns it off"
+    )
+    return labels
+
+
+def task_words(cfg: TrainConfig, choices: list[str] | None) -> str:
+    """The task's own words for --init auto: the label words, then the template's fixed
+    text (its fields left out) or the system prompt; '' when there are none."""
+    parts = list(choices or [])
+    d = cfg.data
+    if d.template:
+        text = d.template
+        for name in template_fields(d.template):
+            text = text.replace("{" + name + "}", " ")
+        parts.append(" ".join(text.split()))
+    if d.system:
+        parts.append(" ".join(d.system.split()))
+    return " ".join(p for p in parts if p)
+
+
+def _starting_prompts(
+    cfg: TrainConfig, loaded: LoadedModel, data: TrainData
+) -> tuple[list[SoftPrompt], dict]:
+    """One starting prompt per task (every task starts from the same one) or per ensemble
+    member (member k: seed SEED+k; with auto or text init, the words' tokens shuffled from
+    the second member on), and a record of how they were chosen."""
+    p, info = cfg.prompt, {"requested": cfg.prompt.init}
+    members = cfg.ensemble
+    if p.library is not None:
+        first, record = pick_prompt(
+            p.library, loaded.model, data.train_rows, cfg.batch_size,
+            loaded.tokenizer.pad_token_id, p.num_virtual_tokens, data.choice_ids,
+        )  # fmt: skip
+        say(
+            f"--init {p.init}: starting from {record['picked']} (lowest loss on "
+            f"{record['scored_rows']} training rows of {len(record['scores'])} prompts)"
+        )
+        info.update(used="library", **record)
+        starts = [first]
+    elif p.from_folder:
+        starts, info["used"] = [_starting_prompt(cfg, loaded)], "folder"
+    elif p.init in ("random", "vocab"):
+        starts = [init_prompt(loaded.model, loaded.tokenizer, p, cfg.seed + k)
+                  for k in range(members)]  # fmt: skip
+        info["used"] = p.init
+    else:  # text or auto: words, repeated to N tokens
+        if p.init == "text":  # its own checks (a phrase that gives no tokens is refused)
+            init_prompt(loaded.model, loaded.tokenizer, p, cfg.seed)
+        words = task_words(cfg, data.choices) if p.init == "auto" else p.init_text
+        as_auto = dataclasses.replace(p, init="auto")
+        starts = [init_prompt(loaded.model, loaded.tokenizer, as_auto, cfg.seed + k, words,
+                              shuffle=k > 0) for k in range(members)]  # fmt: skip
+        info.update(used="text" if words else "vocab", text=words or None)
+        if p.init == "auto":
+            say(f"--init auto: {'the task words ' + repr(words) if words else 'common tokens'}"
+                f", repeated to {p.num_virtual_tokens} virtual tokens")  # fmt: skip
+    if members > 1:
+        starts = starts if len(starts) == members else starts * members
+        return [SoftPrompt(s.embedding) for s in starts], info
+    return [SoftPrompt(starts[0].embedding) for _ in data.tasks], info
 
 
 def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:
@@ -618,17 +759,18 @@ def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:
 
 
 def _clip(prompts: PromptSet, max_norm: float | None, head: list[Tensor] = ()) -> float:
-    """Clip each task's gradient on its own (the prompts are independent), and a
-    classification head's as one group; return the norm over all of them before clipping."""
+    """Clip each task's gradient on its own (the prompts are independent; a residual prompt's
+    P and MLP together), and a classification head's as one group; return the norm over all
+    of them before clipping."""
     norms = []
-    groups = [[p] for p in prompts.parameters()] + ([list(head)] if head else [])
-    for group in groups:
-        if any(p.grad is not None for p in group):
-            grads = [p.grad for p in group if p.grad is not None]
+    groups = [list(prompt.parameters()) for prompt in prompts.prompts]
+    for group in groups + ([list(head)] if head else []):
+        params = [p for p in group if p.grad is not None]
+        if params:
             norms.append(
-                torch.nn.utils.clip_grad_norm_(group, max_norm)
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if max_norm
-                else torch.stack([g.norm() for g in grads]).norm()
+                else torch.stack([p.grad.norm() for p in params]).norm()
             )
     return float(torch.stack(norms).norm()) if norms else 0.0
 

@@ -23,7 +23,7 @@ from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConf
 from softprompt.console import say
 from softprompt.data import Example, load_examples, split_validation, tokenize
 from softprompt.loading import LoadedModel, load_model
-from softprompt.loss import check_choice_targets, choice_first_ids
+from softprompt.loss import check_choice_targets, choice_first_ids, with_rest
 from softprompt.measure.eval_run import environment, evaluate_examples
 from softprompt.measure.inspection import inspect_prompt
 from softprompt.measure.report import write_compare_report
@@ -172,7 +172,7 @@ def run_prompt_tuning(ctx: Context) -> dict:
         max_steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.prompt_lr,
-        choices=cfg.choices,
+        choices=cfg.choices or "none",  # the choices every method uses, never detected here
         choice_loss=cfg.choice_loss,
         eval_every=max(1, cfg.steps // 2),  # each validation costs several steps on a CPU
         seed=cfg.seed,
@@ -204,7 +204,10 @@ def _rows_and_choices(ctx: Context):
     ids = choice_first_ids(tok, ctx.choices, delimiter)
     check_choice_targets(rows, ctx.train, ids)
     device = ctx.loaded.model.get_input_embeddings().weight.device
-    return rows, torch.tensor(ids, device=device)
+    choice_ids = torch.tensor(ids, device=device)
+    if ctx.cfg.choice_loss == "restricted+rest":  # as prompt tuning trains (train's default)
+        choice_ids = with_rest(choice_ids)
+    return rows, choice_ids
 
 
 def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import subprocess
 import time
@@ -23,6 +24,7 @@ from softprompt.errors import ConfigError
 from softprompt.generation import encode_example, generate_encoded, generate_other
 from softprompt.loading import LoadedModel, load_model, max_positions
 from softprompt.loss import evaluate_loss, perplexity
+from softprompt.measure.ensemble import ensemble_classify, ensemble_members
 from softprompt.measure.evaluate import (
     classification_metrics,
     classify,
@@ -30,6 +32,7 @@ from softprompt.measure.evaluate import (
     loss_scoring,
     timed,
 )
+from softprompt.measure.metrics import accuracy as metrics_accuracy
 from softprompt.outputs import claim_output, write_text
 from softprompt.prompt import SoftPrompt
 from softprompt.templates import PromptFormat
@@ -42,9 +45,11 @@ def evaluate_examples(
     cfg: EvalConfig,
     choices: list[str] | None,
     fmt: PromptFormat | None = None,
+    members: list[SoftPrompt] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Metrics over ``examples`` and one prediction record per example; inputs are rendered
-    as ``fmt`` says (default: the data settings of ``cfg``)."""
+    as ``fmt`` says (default: the data settings of ``cfg``). With ``members`` (an ensemble;
+    ``prompt`` is its first) classification is their vote and the loss their mean."""
     if loaded.kind != "causal":
         return evaluate_other(loaded, prompt, examples, cfg, choices, fmt)
     model, tok = loaded.model, loaded.tokenizer
@@ -62,28 +67,32 @@ def evaluate_examples(
     if all(g is not None for g in golds):
         rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter, None, fmt,
                         "last-assistant")  # fmt: skip
-        if not choices:
+        if members:
+            result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
+            losses = [evaluate_loss(model, m, rows, cfg.batch_size, tok.pad_token_id)["loss"]
+                      for m in members]  # fmt: skip
+            result.update(loss=sum(losses) / len(losses), member_losses=losses)
+            result["ppl"] = math.exp(min(result["loss"], 50.0))
+        elif not choices:
             result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
     sources = [ex.source for ex in examples]
     encoded = [encode_example(tok, fmt, ex) for ex in examples]
     if choices:
-        # The loss of each labelled row is scored in the choices' pass over its input.
-        extra = [loss_scoring(r) for r in rows] if rows is not None else None
-        kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size, "extra": extra}
-        (preds, scores), seconds = timed(
-            classify,
-            model,
-            tok,
-            prompt,
-            sources,
-            choices,
-            delimiter=delimiter,
-            max_tokens=cfg.context - n_virtual,
-            contexts=encoded,
-            **kwargs,
-        )
-        if rows is not None:
-            result.update(_pooled_loss(model, prompt, rows, extra, cfg.batch_size, tok))
+        kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size}
+        kwargs.update(delimiter=delimiter, max_tokens=cfg.context - n_virtual, contexts=encoded)
+        if members:
+            (preds, scores, each), seconds = timed(
+                ensemble_classify, model, tok, members, sources, choices, **kwargs
+            )
+            if all(g is not None for g in golds):
+                result["member_accuracy"] = [metrics_accuracy(golds, p) for p in each]
+        else:
+            # The loss of each labelled row is scored in the choices' pass over its input.
+            extra = [loss_scoring(r) for r in rows] if rows is not None else None
+            (preds, scores), seconds = timed(classify, model, tok, prompt, sources, choices,
+                                             extra=extra, **kwargs)  # fmt: skip
+            if rows is not None:
+                result.update(_pooled_loss(model, prompt, rows, extra, cfg.batch_size, tok))
         result["seconds_per_example"] = seconds / len(examples)
         if all(g is not None for g in golds):
             result.update(classification_metrics(golds, preds, choices))
@@ -179,15 +188,24 @@ def evaluate_other(
 
 def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     """Load what ``cfg`` names, measure it, write results.json (with --output); return it."""
-    meta = read_meta(cfg.prompt) if cfg.prompt else {}
+    folders = prompt_folders(cfg.prompt)
+    meta = read_meta(folders[0]) if folders else {}
     cfg = _with_prompt_defaults(cfg, meta)
     examples = load_examples(cfg.data.data, cfg.data)[: cfg.limit]
     if loaded is None:
         loaded = load_model(cfg.model, labels=meta.get("labels"))
-    prompt = None
-    if cfg.prompt:
-        prompt, _ = load_prompt(cfg.prompt, loaded.model)
-        prompt.to(loaded.model.get_input_embeddings().weight.device)
+    prompt, members = None, None
+    if folders:
+        device = loaded.model.get_input_embeddings().weight.device
+        members = [load_prompt(f, loaded.model)[0].to(device) for f in folders]
+        prompt = members[0]
+        if len(members) == 1:
+            members = None
+        elif cfg.generate:
+            raise ConfigError(f"--generate takes one prompt; {cfg.prompt} is an ensemble "
+                              f"of {len(members)}: give one member's folder")  # fmt: skip
+        else:
+            say(f"ensemble of {len(members)} prompts: majority vote, mean loss")
     shots_used = 0
     if cfg.shots:
         from softprompt.measure.baselines import few_shot
@@ -204,7 +222,9 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
         )
         say(f"few-shot: {shots_used} examples in the hard prompt (asked for {cfg.shots})")
     fmt = _format(cfg, meta, chat=examples[0].messages is not None)
-    metrics, records = evaluate_examples(loaded, prompt, examples, cfg, cfg.choice_list, fmt)
+    metrics, records = evaluate_examples(
+        loaded, prompt, examples, cfg, cfg.choice_list, fmt, members
+    )
     results = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": loaded.name,
@@ -217,6 +237,16 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     if cfg.output:
         write_results(Path(cfg.output), results, records)
     return results
+
+
+def prompt_folders(spec: str | None) -> list[Path]:
+    """The prompt folders --prompt names: one folder, an ensemble run's members
+    (ensemble.json), or several folders, comma-separated (voted like an ensemble)."""
+    if not spec:
+        return []
+    if "," in spec:
+        return [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    return ensemble_members(spec) or [Path(spec)]
 
 
 def _format(cfg: EvalConfig, meta: dict, chat: bool) -> PromptFormat:

@@ -87,7 +87,22 @@ def run_inspect(cfg: InspectConfig, loaded: LoadedModel | None = None) -> dict:
     if loaded is None:
         model = cfg.model.model or trained_base_model(folder)
         loaded = load_model(replace(cfg.model, model=model))
+    if cfg.similar is not None:
+        from softprompt.library import similar_prompts
+
+        prompt, _ = load_prompt(folder, loaded.model)
+        return {"prompt": cfg.prompt_dir, "similar": similar_prompts(prompt, cfg.similar,
+                                                                     loaded.model)}  # fmt: skip
     return inspect_prompt(loaded, folder, cfg.top_k)
+
+
+def format_similar(info: dict) -> str:
+    """One line per library prompt, most similar first."""
+    lines = [f"prompts most like {info['prompt']} (cosine of mean embeddings):"]
+    lines += [f"{r['cosine']:7.4f}  {r['prompt']}" for r in info["similar"]]
+    if not info["similar"]:
+        lines.append("(no saved prompt for this model in the library)")
+    return "\n".join(lines)
 
 
 def format_inspection(info: dict) -> str:

@@ -211,7 +211,7 @@ def _check_same_run(saved: dict, now: dict) -> None:
 
 
 # Settings added after a checkpoint may have been written: absent there, they had this value.
-ADDED_LATER = {"model.task": "auto"}
+ADDED_LATER = {"model.task": "auto", "reparam": "none", "reparam_hidden": 128, "ensemble": 1}
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:

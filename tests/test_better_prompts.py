@@ -410,3 +410,43 @@ def test_inspect_similar_ranks_a_library(tiny_dir, pairs_file, tmp_path, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].endswith("close") and lines[2].endswith("far")
     assert float(lines[2].split()[0]) == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_serve_answers_an_ensemble_folder_with_its_members_vote(tiny_dir, pairs_file, tmp_path):
+    """`serve --prompts` lists an ensemble folder as one model; each member answers in the
+    same batch and the reply is the answer most members gave."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.config import GenerateConfig, ServeConfig
+    from softprompt.generation import generate
+    from softprompt.serving.api import _voted, create_app
+    from softprompt.serving.batcher import Job
+
+    folder = tmp_path / "prompts"
+    train(train_config(tiny_dir, pairs_file, folder / "ens", epochs=1, ensemble=3),
+          progress=False)  # fmt: skip
+    loaded = load_model(model=str(tiny_dir))
+    app = create_app(loaded, ServeConfig(prompts=str(folder), batch_wait_ms=5))
+    assert app.state.softprompt.store.rescan()["added"] == ["ens"]
+    text = "the movie was great"
+    members = [load_prompt(folder / "ens" / f"member-{k}", loaded.model)[0] for k in range(3)]
+    cfg = GenerateConfig(max_new_tokens=4)
+    template = "review : {input} sentiment :"
+    each = [generate(loaded, [text], m, cfg, template)[0] for m in members]
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "ens"]
+        body = {"model": "ens", "prompt": text, "max_tokens": 4, "temperature": 0}
+        got = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        streamed = client.post("/v1/completions", json={**body, "stream": True})
+    winner = max(range(3), key=lambda j: (each.count(each[j]), -j))
+    assert got.strip() == each[winner]
+    assert streamed.status_code == 400 and "ensemble" in streamed.json()["error"]["message"]
+    app.state.softprompt.batcher.close()
+
+    def job(t):  # the vote itself: majority, else the earliest member
+        j = Job([1], None, 1, 0.0, 1.0, [], loaded.tokenizer, None)
+        j.text = t
+        return j
+
+    assert _voted([job("a"), job(" b"), job("b ")]).text == " b"
+    assert _voted([job("a"), job("b"), job("c")]).text == "a"

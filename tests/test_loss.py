@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from softprompt import loss as loss_mod
 from softprompt.data import IGNORE_INDEX, Row, collate
-from softprompt.loss import ChunkedCrossEntropy, head_logits, lm_loss, row_logprobs, token_logprobs
+from softprompt.loss import (
+    chunked_cross_entropy,
+    head_logits,
+    lm_loss,
+    row_logprobs,
+    token_logprobs,
+)
 from tests.conftest import random_prompt
 
 
@@ -28,7 +34,7 @@ def test_chunked_cross_entropy_equals_full_logits(loaded_all, kind, cap, monkeyp
     head = model.get_output_embeddings()
     want = _plain(model, hidden, gold)
     (want_grad,) = torch.autograd.grad(want, hidden)
-    got = ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, gold, cap)
+    got = chunked_cross_entropy(hidden, head.weight, head.bias, gold, cap)
     (got_grad,) = torch.autograd.grad(got * 1.0, hidden)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -46,7 +52,7 @@ def test_chunked_cross_entropy_trains_the_head_too():
     gold = torch.randint(0, 11, (7,), generator=gen)
     want = F.cross_entropy(F.linear(hidden, weight, bias), gold, reduction="sum")
     grads = torch.autograd.grad(want, (hidden, weight, bias))
-    got = ChunkedCrossEntropy.apply(hidden, weight, bias, gold, None)
+    got = chunked_cross_entropy(hidden, weight, bias, gold, None)
     for a, b in zip(torch.autograd.grad(got, (hidden, weight, bias)), grads):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -73,3 +79,18 @@ def test_lm_loss_and_prompt_gradient_equal_the_full_logits_path(loaded_all, kind
     assert torch.allclose(g_got, g_want, rtol=1e-3, atol=1e-6)
     scores = row_logprobs(model, prompt, rows, 2, tok.pad_token_id)
     assert sum(s for s, _ in scores) == pytest.approx(-float(want.detach()), rel=1e-4)
+
+
+def test_chunked_cross_entropy_without_grad_mode_computes_no_gradient(loaded_all):
+    """Under no_grad (evaluation) only the loss is computed, and it is the same."""
+    model = loaded_all["llama"].model
+    head = model.get_output_embeddings()
+    hidden = torch.randn(5, 16, requires_grad=True)
+    gold = torch.arange(5)
+    with_grad = chunked_cross_entropy(hidden, head.weight, head.bias, gold)
+    with torch.no_grad():
+        without = chunked_cross_entropy(hidden, head.weight, head.bias, gold)
+    assert not without.requires_grad and torch.allclose(with_grad.detach(), without)
+    (scaled,) = torch.autograd.grad(with_grad * 3.0, hidden)  # the backward scales
+    (plain,) = torch.autograd.grad(_plain(model, hidden, gold) * 3.0, hidden)
+    assert torch.allclose(scaled, plain, atol=1e-5)

@@ -169,7 +169,7 @@ def _head_loss(model: nn.Module, hidden: Tensor, gold: Tensor, choice_ids: Tenso
     head = model.get_output_embeddings()
     if choice_ids is None and isinstance(head, nn.Linear):
         cap = getattr(model.config, "final_logit_softcapping", None) or None
-        return ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, gold, cap)
+        return chunked_cross_entropy(hidden, head.weight, head.bias, gold, cap)
     return _score(choice_logits(model, hidden, choice_ids), gold, choice_ids)
 
 
@@ -194,53 +194,66 @@ def _capped_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: flo
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """sum_k CE(head(hidden[k]), gold[k]) without the (K, V) logits: each chunk of rows
-    gets its logits, log-sum-exp and gold logit, then is dropped; the backward pass
-    recomputes it and turns softmax - one-hot into gradients for the hidden states (and
-    the head, when it is trained). The same numbers as ``F.cross_entropy`` over
-    ``head_logits`` in float32 (tests/test_loss.py).
+    gets its logits, log-sum-exp and gold logit, then is dropped. When a gradient will be
+    wanted, the same pass turns softmax - one-hot into the gradient of the hidden states
+    (and of the head, when it is trained), so the head runs twice per chunk (forward and
+    gradient), as in the plain path, and the backward pass only scales what was kept
+    (the fused linear cross-entropy of Liger Kernel, done in chunks with torch ops). The
+    same numbers as ``F.cross_entropy`` over ``head_logits`` in float32
+    (tests/test_loss.py).
 
     Chosen over the ``cut-cross-entropy`` package (its kernels are Triton, GPU only; its
-    ``torch_compile`` fallback materialises the logits) and Liger Kernel's fused linear
-    cross-entropy (Triton, GPU only): this runs on every device torch does."""
+    ``torch_compile`` fallback materialises the logits) and Liger Kernel itself (Triton,
+    GPU only): this runs on every device torch does."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, gold, cap):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, gold, cap, grad_on=True):  # noqa: D102
+        # ``grad_on``: whether grad mode was on at the call (forward itself runs without it)
+        want_h, want_w, want_b = (grad_on and n for n in ctx.needs_input_grad[:3])
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         rows = _chunk_rows(weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], rows):
-            logits, _ = _capped_logits(hidden[s : s + rows], weight, bias, cap)
-            picked = logits.gather(1, gold[s : s + rows, None]).squeeze(1)
-            total += (logits.logsumexp(dim=1) - picked).sum()
-        ctx.save_for_backward(hidden, weight, bias, gold)
-        ctx.cap = cap
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], rows):
+                h, g_ids = hidden[s : s + rows], gold[s : s + rows]
+                logits, t = _capped_logits(h, weight, bias, cap)
+                lse = logits.logsumexp(dim=1)
+                total += (lse - logits.gather(1, g_ids[:, None]).squeeze(1)).sum()
+                if not (want_h or want_w or want_b):
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(g), device=g.device), g_ids] -= 1
+                if t is not None:  # d(cap * tanh(x / cap)) / dx
+                    g *= 1 - t * t
+                if want_h:
+                    grad_h[s : s + rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if want_w:
+                    grad_w += g.T @ h.float()
+                if want_b:
+                    grad_b += g.sum(dim=0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        hidden, weight, bias, gold = ctx.saved_tensors
-        cap = ctx.cap
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        rows = _chunk_rows(weight.shape[0])
-        for s in range(0, hidden.shape[0], rows):
-            h = hidden[s : s + rows]
-            logits, t = _capped_logits(h, weight, bias, cap)
-            g = torch.softmax(logits, dim=1)
-            g[torch.arange(len(g), device=g.device), gold[s : s + rows]] -= 1
-            g *= grad
-            if t is not None:  # d(cap * tanh(x / cap)) / dx
-                g *= 1 - t * t
-            if need_h:
-                grad_h[s : s + rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += g.T @ h.float()
-            if need_b:
-                grad_b += g.sum(dim=0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (
+            None if grad_h is None else grad_h * grad.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad).to(w_dtype),
+            None if grad_b is None else (grad_b * grad).to(b_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_cross_entropy(hidden, weight, bias, gold, cap=None) -> Tensor:
+    """``ChunkedCrossEntropy``, computing gradients only when grad mode is on."""
+    return ChunkedCrossEntropy.apply(hidden, weight, bias, gold, cap, torch.is_grad_enabled())
 
 
 @torch.no_grad()

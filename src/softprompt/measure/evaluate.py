@@ -90,57 +90,52 @@ def _score_batch(
         use_cache=True,
     ).last_hidden_state[:, -1]  # (B, H): predicts every continuation's first token
     first = torch.log_softmax(head_logits(model, hidden).float(), dim=-1)  # (B, V)
-    m = max(len(it.continuations) for it in items)
-    longest = max(len(cont) for it in items for cont in it.continuations)
-    rest = (
-        _continue(model, cache, mask, positions[:, -1], items, m, longest) if longest > 1 else None
-    )
+    rest = _continue(model, cache, mask, positions[:, -1], items)
     out = []
     for b, it in enumerate(items):
         scores = []
         for j, cont in enumerate(it.continuations):
             counted = it.counted[j] if it.counted else [True] * len(cont)
-            logp = [float(first[b, cont[0]])] + (
-                rest[b * m + j, : len(cont) - 1].tolist() if rest is not None else []
-            )
+            logp = [float(first[b, cont[0]])] + rest.get((b, j), [])
             scores.append((sum(lp for lp, k in zip(logp, counted) if k), sum(counted)))
         out.append(scores)
     return out
 
 
 def _continue(
-    model: nn.Module,
-    cache: DynamicCache,
-    mask: Tensor,
-    last: Tensor,
-    items: list[Scoring],
-    m: int,
-    longest: int,
-) -> Tensor:
-    """log p of tokens 2.. of every continuation (B*m, longest-1), run from the inputs'
-    cache repeated m times; continuations are right-padded (their padding is never read)."""
+    model: nn.Module, cache: DynamicCache, mask: Tensor, last: Tensor, items: list[Scoring]
+) -> dict[tuple[int, int], list[float]]:
+    """log p of tokens 2.. of every continuation longer than one token, keyed by (input,
+    continuation): only those rows run, each from its input's cache (rows selected, not
+    copied per continuation); continuations are right-padded (the padding is never read)."""
+    pairs = [(b, j) for b, it in enumerate(items) for j, c in enumerate(it.continuations)
+             if len(c) > 1]  # fmt: skip
+    if not pairs:
+        return {}
     device = mask.device
-    ids = torch.zeros(len(items) * m, longest, dtype=torch.long, device=device)
+    longest = max(len(items[b].continuations[j]) for b, j in pairs)
+    ids = torch.zeros(len(pairs), longest, dtype=torch.long, device=device)
     cont_mask = torch.zeros_like(ids)
-    for b, it in enumerate(items):
-        for j, cont in enumerate(it.continuations):
-            ids[b * m + j, : len(cont)] = torch.tensor(cont, device=device)
-            cont_mask[b * m + j, : len(cont)] = 1
-    cache.batch_repeat_interleave(m)
-    full_mask = torch.cat([mask.repeat_interleave(m, dim=0), cont_mask[:, :-1]], dim=1)
+    for r, (b, j) in enumerate(pairs):
+        cont = items[b].continuations[j]
+        ids[r, : len(cont)] = torch.tensor(cont, device=device)
+        cont_mask[r, : len(cont)] = 1
+    rows = torch.tensor([b for b, _ in pairs], device=device)
+    cache.batch_select_indices(rows)
+    full_mask = torch.cat([mask[rows], cont_mask[:, :-1]], dim=1)
     steps = torch.arange(1, longest, device=device)
     hidden = model.base_model(
         inputs_embeds=embed_tokens(model, ids[:, :-1]),
         attention_mask=full_mask,
-        position_ids=last.repeat_interleave(m)[:, None] + steps,
+        position_ids=last[rows][:, None] + steps,
         past_key_values=cache,
         use_cache=True,
-    ).last_hidden_state  # (B*m, longest-1, H)
+    ).last_hidden_state  # (R, longest-1, H)
     gold = ids[:, 1:]
     keep = cont_mask[:, 1:].bool()
-    out = torch.zeros(gold.shape, dtype=torch.float32, device=device)
-    out[keep] = token_logprobs(model, hidden[keep], gold[keep])
-    return out
+    logp = torch.zeros(gold.shape, dtype=torch.float32, device=device)
+    logp[keep] = token_logprobs(model, hidden[keep], gold[keep])
+    return {pair: logp[r, : int(keep[r].sum())].tolist() for r, pair in enumerate(pairs)}
 
 
 def continuation_ids(tokenizer, source: str, choice: str, delimiter: str) -> list[int]:

@@ -358,12 +358,17 @@ def _rows(
         if positions and length + max_tokens > positions:
             raise ApiError(400, f"prompt + max_tokens exceed the model's {positions} positions")
     model, tok = state.loaded.model, state.loaded.tokenizer
+    voters = entry.members if entry is not None and entry.members else [entry]
+    if len(voters) > 1 and body.stream:
+        raise ApiError(400, f"{entry.name!r} is an ensemble: its answer is its members' vote, "
+                       "known only when all have finished; leave out stream")  # fmt: skip
     jobs = []
-    for head, ids in encoded:
-        prefix = entry.prefix_for(model, head) if entry else None
-        ids = ids if entry else (head or []) + ids
-        jobs.append(Job(ids, prefix, max_tokens, body.temperature, body.top_p, stop, tok, loop,
-                        end_ids=set(end_ids or ())))  # fmt: skip
+    for head, ids in encoded:  # an ensemble: one row per member, side by side in the batch
+        for voter in voters:
+            prefix = voter.prefix_for(model, head) if voter else None
+            row = ids if voter else (head or []) + ids
+            jobs.append(Job(row, prefix, max_tokens, body.temperature, body.top_p, stop, tok,
+                            loop, end_ids=set(end_ids or ())))  # fmt: skip
     return jobs
 
 
@@ -382,7 +387,10 @@ async def _answer(state: ServerState, body: _Body, rows: list[Job], chat: bool):
             pass
         if event[0] == "error":
             raise ApiError(500, event[1])
-    choices = [_choice(i, r.text, r.finish_reason, chat) for i, r in enumerate(rows)]
+    entry = state.store.get(body.model)
+    k = len(entry.members) if entry is not None and entry.members else 1
+    winners = [_voted(rows[i : i + k]) for i in range(0, len(rows), k)]
+    choices = [_choice(i, r.text, r.finish_reason, chat) for i, r in enumerate(winners)]
     prompt_tokens = sum(len(r.ids) for r in rows)
     completion_tokens = sum(len(r.tokens) for r in rows)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -390,6 +398,13 @@ async def _answer(state: ServerState, body: _Body, rows: list[Job], chat: bool):
     kind = "chat.completion" if chat else "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
             "choices": choices, "usage": usage}  # fmt: skip
+
+
+def _voted(rows: list[Job]) -> Job:
+    """The answer most members gave (compared without surrounding whitespace); a tie goes
+    to the earliest member among the tied."""
+    texts = [r.text.strip() for r in rows]
+    return rows[max(range(len(rows)), key=lambda j: (texts.count(texts[j]), -j))]
 
 
 def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict:

@@ -1,7 +1,8 @@
 """The prompts a server holds: one sub-folder of ``--prompts`` per prompt, compiled once.
 
 Every sub-folder holding a saved prompt is a model of the API, named after the folder;
-``base`` is the model without a prompt. A prompt is compiled into its prefix (``prefix.py``)
+``base`` is the model without a prompt. A `train --ensemble K` folder is one model whose
+members each answer and vote. A prompt is compiled into its prefix (``prefix.py``)
 when it is loaded, so requests for it cost what base requests cost.
 """
 
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softprompt.artifacts import ADAPTER_WEIGHTS, load_prompt, trained_base_model
+from softprompt.artifacts import ADAPTER_WEIGHTS, ENSEMBLE_INDEX, load_prompt, trained_base_model
 from softprompt.config import EMBEDDED_MODEL
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel
@@ -45,6 +46,7 @@ class Entry:
     prompt: SoftPrompt
     prefix: Prefix
     fmt: PromptFormat | None
+    members: list[Entry] = field(default_factory=list)  # an ensemble's (it is its first)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
     _heads: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -98,23 +100,45 @@ class PromptStore:
         """(Re)load prompt ``name`` from its sub-folder and compile its prefix. A folder that
         cannot be loaded is an ApiError (400) and is listed by ``skipped``."""
         path = self.path_of(name)
-        if not (path / ADAPTER_WEIGHTS).is_file():
+        if (path / ENSEMBLE_INDEX).is_file():
+            entry = self._ensemble(name, path)
+        elif not (path / ADAPTER_WEIGHTS).is_file():
             raise ApiError(404, f"no saved prompt {name!r} in the prompts folder")
+        else:
+            entry = self._entry(name, path, name)
+        with self._lock:
+            self._entries[name] = entry
+            self._skipped.pop(name, None)
+        return entry
+
+    def _entry(self, name: str, path: Path, shown: str) -> Entry:
         try:
             prompt, meta = load_prompt(path, self.loaded.model, self.allow_mismatch)
             fmt = PromptFormat.from_meta(meta) if meta.get("template") or meta.get(
                 "prompt_format") else None  # fmt: skip
         except SoftpromptError as err:
-            # Name the folder as the client knows it, never by this server's absolute path.
-            message = str(err).replace(str(path), name).replace(str(self.root), "<prompts>")
-            with self._lock:
-                self._skipped[name] = message
-            raise ApiError(400, message) from None
-        entry = Entry(name, prompt, self._compiled(prompt), fmt)
+            self._refuse(name, path, shown, err)
+        return Entry(shown, prompt, self._compiled(prompt), fmt)
+
+    def _ensemble(self, name: str, path: Path) -> Entry:
+        """An ensemble folder as one entry: its first member, with every member kept."""
+        from softprompt.measure.ensemble import ensemble_members
+
+        try:
+            folders = ensemble_members(path)
+        except SoftpromptError as err:
+            self._refuse(name, path, name, err)
+        members = [self._entry(name, f, f"{name}/{f.name}") for f in folders]
+        first = members[0]
+        return Entry(name, first.prompt, first.prefix, first.fmt, members=members)
+
+    def _refuse(self, name: str, path: Path, shown: str, err: Exception):
+        """A folder that cannot be loaded: listed by ``skipped``, answered with a 400."""
+        # Name the folder as the client knows it, never by this server's absolute path.
+        message = str(err).replace(str(path), shown).replace(str(self.root), "<prompts>")
         with self._lock:
-            self._entries[name] = entry
-            self._skipped.pop(name, None)
-        return entry
+            self._skipped[name] = message
+        raise ApiError(400, message) from None
 
     def _compiled(self, prompt: SoftPrompt) -> Prefix:
         """The prompt's prefix; an encoder-decoder's prompt goes before the encoder's input,
@@ -145,7 +169,7 @@ class PromptStore:
 
     def rescan(self) -> dict:
         """Load sub-folders not loaded yet, drop prompts whose folder is gone."""
-        on_disk = {p.name for p in self.root.iterdir() if (p / ADAPTER_WEIGHTS).is_file()}
+        on_disk = {p.name for p in self.root.iterdir() if _holds_prompt(p)}
         added, errors = [], {}
         for name in sorted(on_disk - {e.name for e in self.entries()}):
             try:
@@ -161,9 +185,15 @@ class PromptStore:
         return {"added": added, "removed": removed, "errors": errors}
 
 
+def _holds_prompt(path: Path) -> bool:
+    return (path / ADAPTER_WEIGHTS).is_file() or (path / ENSEMBLE_INDEX).is_file()
+
+
 def base_model_of(folder: Path) -> str:
     """The base model named by the first prompt of ``folder``, else the embedded one."""
     for sub in sorted(folder.iterdir()):
+        if (sub / ENSEMBLE_INDEX).is_file():  # an ensemble: its members name the model
+            sub = next((m for m in sorted(sub.iterdir()) if (m / ADAPTER_WEIGHTS).is_file()), sub)
         try:
             name = trained_base_model(sub) if (sub / ADAPTER_WEIGHTS).is_file() else None
         except SoftpromptError:

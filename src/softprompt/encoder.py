@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from softprompt.data import Example, Row
 from softprompt.errors import ArtifactError, ConfigError
-from softprompt.kinds import prompts_for
-from softprompt.prompt import embed_tokens
+from softprompt.prompt import embed_tokens, rows_prompts
 
 HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
 HEAD_PREFIX = "base_model."  # PEFT's key for head tensors: base_model.classifier.weight
@@ -80,7 +79,8 @@ def logits(model: nn.Module, prompt, batch: dict[str, Tensor]) -> Tensor:
     """Class logits (B, L), the prompt before every row's tokens."""
     embeds, mask = embed_tokens(model, batch["input_ids"]), batch["attention_mask"]
     if prompt is not None:
-        virtual = prompts_for(prompt, batch["task"], embeds.shape[0]).to(embeds.dtype)
+        virtual, which = rows_prompts(prompt, batch)
+        virtual = virtual[which].to(embeds.dtype)  # (B, N, H)
         ones = torch.ones(virtual.shape[:2], dtype=mask.dtype, device=mask.device)
         embeds, mask = torch.cat([virtual, embeds], dim=1), torch.cat([ones, mask], dim=1)
     return model(inputs_embeds=embeds, attention_mask=mask).logits
@@ -91,7 +91,7 @@ def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) ->
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     out = logits(model, prompt, batch)
     loss = F.cross_entropy(out.float(), batch["labels"], reduction="sum")
-    n_virtual = 0 if prompt is None else prompts_for(prompt, batch["task"][:1], 1).shape[1]
+    n_virtual = 0 if prompt is None else rows_prompts(prompt, batch)[0].shape[1]
     return loss, len(rows), int(batch["input_ids"].numel() + len(rows) * n_virtual)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -23,7 +23,6 @@ from transformers.models.auto.modeling_auto import (
 
 from softprompt.data import Row
 from softprompt.errors import ConfigError
-from softprompt.prompt import PromptSet
 
 KINDS = ("causal", "seq2seq", "classify")
 # Encoder-only families: they have a causal-LM class too (BertLMHeadModel), but what they are
@@ -109,12 +108,3 @@ def evaluate_rows(model: nn.Module, prompt, rows: list[Row], batch_size: int, pa
             total, count = total + float(loss), count + n
     mean = total / max(count, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
-
-
-def prompts_for(prompt, task: Tensor | None, batch_size: int) -> Tensor:
-    """Each row's virtual tokens (B, N, H) from a SoftPrompt or a PromptSet (``task`` (B,):
-    each row's task); callers handle a missing prompt (None) themselves."""
-    if isinstance(prompt, PromptSet):
-        stacked = torch.stack([p.embedding for p in prompt.prompts])  # (K, N, H)
-        return stacked[task]
-    return prompt.embedding.unsqueeze(0).expand(batch_size, -1, -1)

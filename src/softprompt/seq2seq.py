@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from softprompt.data import IGNORE_INDEX, Example, Row
 from softprompt.errors import ConfigError
-from softprompt.kinds import prompts_for
-from softprompt.prompt import embed_tokens
+from softprompt.prompt import embed_tokens, rows_prompts
 
 
 def tokenize_pairs(
@@ -67,7 +66,8 @@ def encoder_inputs(model: nn.Module, prompt, batch: dict[str, Tensor]) -> tuple[
     embeds, mask = embed_tokens(model, batch["input_ids"]), batch["attention_mask"]
     if prompt is None:
         return embeds, mask
-    virtual = prompts_for(prompt, batch["task"], embeds.shape[0]).to(embeds.dtype)  # (B, N, H)
+    virtual, which = rows_prompts(prompt, batch)
+    virtual = virtual[which].to(embeds.dtype)  # (B, N, H)
     ones = torch.ones(virtual.shape[:2], dtype=mask.dtype, device=mask.device)
     return torch.cat([virtual, embeds], dim=1), torch.cat([ones, mask], dim=1)
 

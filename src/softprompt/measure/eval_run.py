@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import subprocess
 import time
@@ -68,11 +67,11 @@ def evaluate_examples(
         rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter, None, fmt,
                         "last-assistant")  # fmt: skip
         if members:
-            result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
-            losses = [evaluate_loss(model, m, rows, cfg.batch_size, tok.pad_token_id)["loss"]
-                      for m in members]  # fmt: skip
-            result.update(loss=sum(losses) / len(losses), member_losses=losses)
-            result["ppl"] = math.exp(min(result["loss"], 50.0))
+            each = [evaluate_loss(model, m, rows, cfg.batch_size, tok.pad_token_id)
+                    for m in members]  # fmt: skip (members[0] is ``prompt``)
+            losses = [e["loss"] for e in each]
+            result.update(each[0], loss=sum(losses) / len(losses), member_losses=losses)
+            result["ppl"] = perplexity(result["loss"])
         elif not choices:
             result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
     sources = [ex.source for ex in examples]

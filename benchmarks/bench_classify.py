@@ -111,7 +111,7 @@ def run_plain(args, method: str) -> dict:
     the same batches, epochs and best-epoch choice as softprompt's run."""
     from softprompt.config import ModelConfig
     from softprompt.data import batch_order
-    from softprompt.encoder import head_parameters, rows_loss, tokenize_labels
+    from softprompt.kinds.classify import head_parameters, rows_loss, tokenize_labels
     from softprompt.loading import load_model
 
     train_ex, val_ex = examples(args.data, args), examples(args.validation, args)
@@ -148,8 +148,8 @@ def run_plain(args, method: str) -> dict:
 
 
 def test_metrics(loaded, prompt, args) -> dict:
-    from softprompt.encoder import predict
-    from softprompt.measure.evaluate import classification_metrics
+    from softprompt.kinds.classify import predict
+    from softprompt.measure.metrics import classification_metrics
 
     test = examples(args.test, args)
     probs = predict(loaded.model, loaded.tokenizer, prompt, [ex.source for ex in test], 32)

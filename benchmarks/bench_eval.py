@@ -71,15 +71,15 @@ def main() -> None:
 
     from softprompt import load_model
     from softprompt.data import Example, tokenize
-    from softprompt.loss import evaluate_loss
-    from softprompt.measure.evaluate import (
+    from softprompt.prompt import SoftPrompt
+    from softprompt.scoring import (
         Scoring,
         classify,
         classify_per_choice,
+        evaluate_loss,
         loss_scoring,
         score_after,
     )
-    from softprompt.prompt import SoftPrompt
 
     torch.set_grad_enabled(False)
     loaded = load_model(model=args.model, dtype=args.dtype)

@@ -50,8 +50,8 @@ def texts(split: str, limit: int) -> list[str]:
 def heldout_loss(loaded, embedding: torch.Tensor, test: list[str]) -> float:
     """Mean loss per held-out token with the prompt first: the same scorer for both."""
     from softprompt.data import Example, tokenize
-    from softprompt.loss import evaluate_loss
     from softprompt.prompt import SoftPrompt
+    from softprompt.scoring import evaluate_loss
 
     tok = loaded.tokenizer
     rows = tokenize([Example(t, None, f"test:{i}") for i, t in enumerate(test, 1)], tok, 512)

@@ -27,8 +27,8 @@ from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.data import load_examples  # noqa: E402
 from softprompt.loading import load_model  # noqa: E402
 from softprompt.measure.ensemble import ensemble_classify  # noqa: E402
-from softprompt.measure.evaluate import classify  # noqa: E402
 from softprompt.measure.metrics import accuracy  # noqa: E402
+from softprompt.scoring import classify  # noqa: E402
 from softprompt.training import train  # noqa: E402
 
 TASKS = {  # name -> (folder, input field, target field, template)

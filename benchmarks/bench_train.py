@@ -76,8 +76,8 @@ def rss_mb() -> float:
 def accuracy(model, tok, prompt_embedding: torch.Tensor, test: list[dict]) -> float:
     """Share of test reviews whose true label has the higher summed log-likelihood, scored
     by softprompt's own `classify` (the one `softprompt eval` uses) in float32."""
-    from softprompt.measure.evaluate import classify
     from softprompt.prompt import SoftPrompt
+    from softprompt.scoring import classify
 
     sources = [TEMPLATE.format(input=r["review"]) for r in test]
     pred, _ = classify(

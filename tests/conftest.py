@@ -223,43 +223,30 @@ def train_config(model_dir, data, out, **kw):
 @contextmanager
 def interrupted_at(call: int):
     """Run the body expecting a KeyboardInterrupt raised by the training step's ``call``-th
-    loss computation (a user pressing Ctrl-C mid-run); the real loss comes back after."""
-    step = importlib.import_module("softprompt.parallel")  # where the step calls lm_loss
-    real, calls = step.lm_loss, {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    step.lm_loss = flaky
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            yield
-    finally:
-        step.lm_loss = real
-
-
-@contextmanager
-def interrupted_kind_loss(call: int):
-    """``interrupted_at`` for seq2seq and classification models, whose step calls
-    ``kinds.rows_loss``."""
+    loss computation (a user pressing Ctrl-C mid-run); the real loss comes back after. The
+    step asks the model's kind object for the loss, so every kind's ``rows_loss`` counts."""
     kinds = importlib.import_module("softprompt.kinds")
-    real, calls = kinds.rows_loss, {"n": 0}
+    classes = [type(k) for k in kinds.KINDS.values()]
+    real = {cls: cls.rows_loss for cls in classes}
+    calls = {"n": 0}
 
-    def flaky(*args, **kwargs):
+    def flaky(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real[type(self)](self, *args, **kwargs)
 
-    kinds.rows_loss = flaky
+    for cls in classes:
+        cls.rows_loss = flaky
     try:
         with pytest.raises(KeyboardInterrupt):
             yield
     finally:
-        kinds.rows_loss = real
+        for cls in classes:
+            cls.rows_loss = real[cls]
+
+
+interrupted_kind_loss = interrupted_at  # the same for every kind
 
 
 # --- beyond decoders: tiny random T5, BART (seq2seq) and BERT (classify) ------------------

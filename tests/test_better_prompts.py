@@ -335,7 +335,7 @@ def test_vote_is_the_majority_and_ties_go_to_the_higher_mean():
 def test_eval_of_an_ensemble_folder_votes(tiny_dir, pairs_file, tmp_path, capsys):
     from softprompt.cli import main
     from softprompt.measure.ensemble import vote
-    from softprompt.measure.evaluate import classify
+    from softprompt.scoring import classify
 
     out = tmp_path / "ens"
     train(train_config(tiny_dir, pairs_file, out, epochs=2, ensemble=3, choices="auto"),

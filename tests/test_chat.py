@@ -299,7 +299,7 @@ def test_soft_prompt_marker_and_fields_in_generation_and_serving(tiny_dir, pairs
 
 
 def test_json_answers_are_checked_for_format():
-    from softprompt.measure.evaluate import generation_metrics
+    from softprompt.measure.metrics import generation_metrics
 
     refs = ['{"topic": "price", "sentiment": "positive"}'] * 3
     preds = ['{"topic": "screen", "sentiment": "positive"}\nmore', "topic: price", '{"topic": 1}']

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from softprompt.config import DataConfig, EvalConfig
-from softprompt.loss import choice_first_ids
 from softprompt.measure.eval_run import run_eval
+from softprompt.scoring import choice_first_ids
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,7 @@ import pytest
 from softprompt.config import DataConfig, PromptConfig, TrainConfig
 from softprompt.data import Example, tokenize
 from softprompt.loading import load_model
-from softprompt.loss import evaluate_loss
-from softprompt.measure.evaluate import classify
+from softprompt.scoring import classify, evaluate_loss
 from softprompt.training import train
 
 pytestmark = pytest.mark.slow

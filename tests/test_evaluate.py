@@ -13,18 +13,18 @@ from softprompt.cli import main
 from softprompt.config import DataConfig, EvalConfig, ModelConfig
 from softprompt.data import Example, Row, collate
 from softprompt.loading import load_model
-from softprompt.loss import (
-    choice_first_ids,
-    continuation_rows,
-    evaluate_loss,
-    lm_loss,
-    row_logprobs,
-)
+from softprompt.loss import lm_loss
 from softprompt.measure import metrics
 from softprompt.measure.baselines import few_shot
 from softprompt.measure.eval_run import run_eval
-from softprompt.measure.evaluate import classify
 from softprompt.prompt import SoftPrompt
+from softprompt.scoring import (
+    choice_first_ids,
+    classify,
+    continuation_rows,
+    evaluate_loss,
+    row_logprobs,
+)
 from tests.conftest import random_prompt
 
 GOLD = ["a", "a", "a", "b", "b", "c"]
@@ -223,7 +223,7 @@ def test_one_pass_scores_equal_a_pass_per_choice(loaded_all, kind, headed):
     """One pass per input (cache reused by every choice) gives the numbers of the whole
     sequence run once per choice: single- and multi-token choices, ragged batches, a prompt
     first or behind a head, and no prompt."""
-    from softprompt.measure.evaluate import classify_per_choice
+    from softprompt.scoring import classify_per_choice
 
     model, tok = loaded_all[kind].model, loaded_all[kind].tokenizer
     sources = [
@@ -247,8 +247,8 @@ def test_one_pass_scores_equal_a_pass_per_choice(loaded_all, kind, headed):
 def test_eval_loss_comes_from_the_choices_pass(tiny_dir, pairs_file, tmp_path):
     """`eval` with choices reports the same loss as evaluate_loss over the labelled rows."""
     from softprompt.data import load_examples, tokenize
-    from softprompt.loss import evaluate_loss
     from softprompt.measure.eval_run import evaluate_examples
+    from softprompt.scoring import evaluate_loss
 
     loaded = load_model(ModelConfig(model=str(tiny_dir)))
     data = DataConfig(data=str(pairs_file), input_field="review", target_field="label",

@@ -23,8 +23,8 @@ from softprompt.config import DataConfig, EvalConfig, GenerateConfig, ModelConfi
 from softprompt.data import IGNORE_INDEX, Row  # noqa: E402
 from softprompt.generation import generate  # noqa: E402
 from softprompt.harness import SoftPromptLM  # noqa: E402
-from softprompt.loss import row_logprobs  # noqa: E402
 from softprompt.measure.eval_run import run_eval  # noqa: E402
+from softprompt.scoring import row_logprobs  # noqa: E402
 from softprompt.templates import PromptFormat  # noqa: E402
 
 TEMPLATE = "review : {input} sentiment :"

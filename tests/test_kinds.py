@@ -29,12 +29,12 @@ def cfg_for(folder, tmp_path, name="run", **kw):
 
 
 def test_kind_detected_from_config(kind_dirs, tiny_dir):
-    assert load_model(model=str(kind_dirs["t5"])).kind == "seq2seq"
-    assert load_model(model=str(kind_dirs["bart"])).kind == "seq2seq"
+    assert load_model(model=str(kind_dirs["t5"])).kind.name == "seq2seq"
+    assert load_model(model=str(kind_dirs["bart"])).kind.name == "seq2seq"
     bert = load_model(model=str(kind_dirs["bert"]), labels=["negative", "positive"])
-    assert bert.kind == "classify" and bert.labels == ["negative", "positive"]
+    assert bert.kind.name == "classify" and bert.labels == ["negative", "positive"]
     assert bert.model.config.id2label == {0: "negative", 1: "positive"}
-    assert load_model(model=str(tiny_dir)).kind == "causal"
+    assert load_model(model=str(tiny_dir)).kind.name == "causal"
 
 
 def test_task_override_and_clear_errors(kind_dirs, tiny_dir):
@@ -43,16 +43,16 @@ def test_task_override_and_clear_errors(kind_dirs, tiny_dir):
     with pytest.raises(ConfigError, match="task must be one of"):
         load_model(model=str(tiny_dir), task="encoder")
     # BERT has a causal-LM class too: --task causal takes it
-    assert load_model(model=str(kind_dirs["bert"]), task="causal").kind == "causal"
+    assert load_model(model=str(kind_dirs["bert"]), task="causal").kind.name == "causal"
 
 
 def test_unknown_architecture_is_refused():
     from transformers import CLIPVisionConfig
 
-    from softprompt.kinds import detect_kind
+    from softprompt.kinds import detect
 
     with pytest.raises(ConfigError, match="neither a causal LM, an encoder-decoder nor"):
-        detect_kind(CLIPVisionConfig(), "auto", "vision")
+        detect(CLIPVisionConfig(), "auto", "vision")
 
 
 def test_new_head_is_the_same_on_every_load_and_keeps_the_rng(kind_dirs):
@@ -90,7 +90,7 @@ def test_seq2seq_training_lowers_the_validation_loss(kind_dirs, tmp_path, arch):
 
 def seq2seq_batch(loaded):
     from softprompt.data import Example
-    from softprompt.seq2seq import collate, tokenize_pairs
+    from softprompt.kinds.seq2seq import collate, tokenize_pairs
 
     examples = [Example(f"review : {r}", y, "x") for r, y in REVIEWS[:4]]
     rows = tokenize_pairs(examples, loaded.tokenizer, 64)
@@ -105,9 +105,9 @@ def test_peft_loads_our_seq2seq_prompt_with_the_same_logits(kind_dirs, tmp_path,
     loaded = load_model(model=str(kind_dirs[arch]))
     prompt, _ = load_prompt(result.output, loaded.model)
     rows, batch = seq2seq_batch(loaded)
-    from softprompt.seq2seq import encoder_inputs
+    from softprompt.prompt import before_input
 
-    embeds, mask = encoder_inputs(loaded.model, prompt, batch)
+    embeds, mask = before_input(loaded.model, prompt, batch)
     decoder_ids = loaded.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     with torch.no_grad():
         ours = loaded.model(inputs_embeds=embeds, attention_mask=mask,
@@ -131,7 +131,7 @@ def test_we_load_a_peft_saved_seq2seq_prompt(kind_dirs, tmp_path):
     prompt, _ = load_prompt(tmp_path / "peft", loaded.model)
     assert prompt.num_virtual_tokens == 5  # PEFT saved 10 rows; the encoder's are the first 5
     rows, batch = seq2seq_batch(loaded)
-    from softprompt.seq2seq import rows_loss
+    from softprompt.kinds.seq2seq import rows_loss
 
     with torch.no_grad():
         ours, n, _ = rows_loss(loaded.model, prompt, rows, 0, "cpu")
@@ -146,7 +146,7 @@ def test_seq2seq_batched_equals_alone(kind_dirs, arch):
 
     from softprompt.config import GenerateConfig
     from softprompt.generation import generate
-    from softprompt.seq2seq import rows_loss
+    from softprompt.kinds.seq2seq import rows_loss
 
     loaded = load_model(model=str(kind_dirs[arch]))
     prompt, (rows, _) = random_prompt(n=3), seq2seq_batch(loaded)
@@ -206,7 +206,7 @@ def test_classifier_training_lowers_the_loss_and_saves_the_head(kind_dirs, tmp_p
 
 def bert_batch(loaded, n=6):
     from softprompt.data import Example
-    from softprompt.encoder import collate, tokenize_labels
+    from softprompt.kinds.classify import collate, tokenize_labels
 
     examples = [Example(f"review : {r}", y, "x") for r, y in REVIEWS[:n]]
     rows = tokenize_labels(examples, loaded.tokenizer, 64, loaded.labels)
@@ -216,7 +216,7 @@ def bert_batch(loaded, n=6):
 def test_peft_loads_our_classifier_with_the_same_logits(kind_dirs, tmp_path):
     from peft import PeftModel
 
-    from softprompt.encoder import logits
+    from softprompt.kinds.classify import logits
 
     result = train(cfg_for(kind_dirs["bert"], tmp_path, max_steps=3, lr=0.1), progress=False)
     labels = ["negative", "positive"]
@@ -235,7 +235,7 @@ def test_peft_loads_our_classifier_with_the_same_logits(kind_dirs, tmp_path):
 def test_we_load_a_peft_saved_classifier(kind_dirs, tmp_path):
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    from softprompt.encoder import logits
+    from softprompt.kinds.classify import logits
 
     labels = ["negative", "positive"]
     base = load_model(model=str(kind_dirs["bert"]), labels=labels).model
@@ -257,7 +257,7 @@ def test_we_load_a_peft_saved_classifier(kind_dirs, tmp_path):
 def test_classifier_batched_equals_alone(kind_dirs):
     from conftest import random_prompt
 
-    from softprompt.encoder import predict
+    from softprompt.kinds.classify import predict
 
     loaded = load_model(model=str(kind_dirs["bert"]), labels=["negative", "positive"])
     prompt = random_prompt(n=3)
@@ -352,7 +352,7 @@ def test_seq2seq_choice_scores_match_the_loss(kind_dirs):
     from conftest import random_prompt
 
     from softprompt.data import Example
-    from softprompt.seq2seq import rows_loss, score_choices, tokenize_pairs
+    from softprompt.kinds.seq2seq import rows_loss, score_choices, tokenize_pairs
 
     loaded = load_model(model=str(kind_dirs["bart"]))
     prompt, tok = random_prompt(n=3), loaded.tokenizer

@@ -87,7 +87,8 @@ def test_task_absent_from_a_step_is_not_touched(tiny_dir):
     from accelerate import Accelerator
 
     loss, n_tok, _ = forward_backward(
-        Accelerator(cpu=True), loaded.model, prompts, [rows], loaded.tokenizer.pad_token_id
+        Accelerator(cpu=True), loaded.kind, loaded.model, prompts, [rows],
+        loaded.tokenizer.pad_token_id,
     )
     assert n_tok > 0 and loss > 0
     assert prompts.prompts[0].embedding.grad is not None

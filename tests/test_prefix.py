@@ -11,9 +11,9 @@ from softprompt.config import GenerateConfig
 from softprompt.generation import GenerationRow as Row
 from softprompt.generation import generate, pack_rows, plain_rows
 from softprompt.loading import load_model
-from softprompt.loss import score_continuations
 from softprompt.prefix import compile_all, compile_prefix
 from softprompt.prompt import SoftPrompt
+from softprompt.scoring import score_continuations
 
 TEXTS = ["the movie was great", "i hate this screen and the battery was slow", "good"]
 ARCHS = ["llama", "gemma3", "gpt2"]  # gemma3: sliding window 4 + full attention

@@ -124,7 +124,7 @@ def test_full_disk_ends_the_run_in_one_line_and_resumes(tiny_dir, pairs_file, tm
                 except OSError:
                     pass
 
-        step = __import__("softprompt.parallel", fromlist=["x"])
+        step = __import__("softprompt.kinds.causal", fromlist=["x"])
         real, calls = step.lm_loss, {"n": 0}
 
         def filling(*a, **k):

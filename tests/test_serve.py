@@ -13,7 +13,6 @@ import openai
 import pytest
 from conftest import random_prompt
 
-import softprompt.serving.batcher
 from softprompt.artifacts import save_prompt
 from softprompt.cli import main
 from softprompt.config import GenerateConfig, ServeConfig, flat_fields
@@ -212,14 +211,15 @@ def test_a_failing_request_leaves_the_others_served(server, monkeypatch):
     """A batch that fails is retried row by row: only the request at fault gets a 500."""
     client, state = server["client"], server["state"]
     poison = server["loaded"].tokenizer.convert_tokens_to_ids("boring")
-    real = softprompt.serving.batcher.generate_ids
+    kind = type(server["loaded"].kind)  # the batcher generates through the model's kind
+    real = kind.generate_ids
 
-    def faulty(model, ids, *args, **kwargs):
+    def faulty(self, model, ids, *args, **kwargs):
         if any(poison in row for row in ids):
             raise RuntimeError("poisoned row")
-        return real(model, ids, *args, **kwargs)
+        return real(self, model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(softprompt.serving.batcher, "generate_ids", faulty)
+    monkeypatch.setattr(kind, "generate_ids", faulty)
     failed_before = state.batcher.metrics.failed_requests
     outcome: dict[str, object] = {}
 

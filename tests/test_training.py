@@ -16,7 +16,7 @@ from softprompt.errors import ConfigError, TrainingError
 from softprompt.loading import load_model
 from softprompt.training import train
 
-step_mod = importlib.import_module("softprompt.parallel")  # where the training step calls lm_loss
+step_mod = importlib.import_module("softprompt.kinds.causal")  # where the step calls lm_loss
 
 
 def _final(out) -> torch.Tensor:

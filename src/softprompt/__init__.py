@@ -19,7 +19,7 @@ import time
 __version__ = "0.1.0"
 STARTED = time.time()  # when the package was first imported: the start of a CLI command
 
-_EXPORTS = {  # name -> its module, relative to softprompt ("measure.evaluate")
+_EXPORTS = {  # name -> its module, relative to softprompt ("measure.eval_run")
     "DataConfig": "config",
     "GenerateConfig": "config",
     "ModelConfig": "config",
@@ -30,9 +30,9 @@ _EXPORTS = {  # name -> its module, relative to softprompt ("measure.evaluate")
     "load_model": "loading",
     "SoftPrompt": "prompt",
     "init_prompt": "prompt",
-    "evaluate_loss": "loss",
-    "score_continuations": "loss",
-    "classify": "measure.evaluate",
+    "evaluate_loss": "scoring",
+    "score_continuations": "scoring",
+    "classify": "scoring",
     "EvalConfig": "config",
     "CompareConfig": "config",
     "SweepConfig": "config",
@@ -41,7 +41,7 @@ _EXPORTS = {  # name -> its module, relative to softprompt ("measure.evaluate")
     "run_sweep": "measure.sweep",
     "inspect_prompt": "measure.inspection",
     "generate": "generation",
-    "run_generate": "generation",
+    "run_generate": "commands.generate",
     "GenerateRunConfig": "config",
     "InspectConfig": "config",
     "ServeConfig": "config",

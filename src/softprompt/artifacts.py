@@ -26,9 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from softprompt import __version__
+from softprompt import __version__, kinds
 from softprompt.errors import ArtifactError, ConfigError
-from softprompt.kinds import model_kind
 from softprompt.outputs import atomic_write, write_json
 from softprompt.prompt import SoftPrompt
 from softprompt.templates import PromptFormat, template_fields
@@ -46,7 +45,6 @@ ENSEMBLE_INDEX = "ensemble.json"  # an ensemble run's members (train --ensemble 
 EMBEDDED_HUB_IDS = {"embedded": "google/gemma-3-270m",
                     "embedded-chat": "HuggingFaceTB/SmolLM2-135M-Instruct",
                     "embedded-encoder": "sentence-transformers/all-MiniLM-L6-v2"}  # fmt: skip
-TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classify": "SEQ_CLS"}
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -84,9 +82,9 @@ def save_prompt(
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     hub_name = EMBEDDED_HUB_IDS.get(name, name)
-    kind = model_kind(model)
+    kind = kinds.of_model(model)
     adapter = {
-        "task_type": TASK_TYPES[kind],
+        "task_type": kind.peft_task_type,
         "peft_type": "PROMPT_TUNING",
         "auto_mapping": None,
         "base_model_name_or_path": hub_name,
@@ -94,23 +92,16 @@ def save_prompt(
         "inference_mode": True,
         "num_virtual_tokens": prompt.num_virtual_tokens,
         "token_dim": prompt.hidden_size,
-        "num_transformer_submodules": 2 if kind == "seq2seq" else 1,
         "num_attention_heads": getattr(config, "num_attention_heads", None),
         "num_layers": getattr(config, "num_hidden_layers", None),
-        "modules_to_save": ["classifier", "score"] if kind == "classify" else None,
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": hub_name,
         "tokenizer_kwargs": None,
+        **kind.adapter_fields(),  # num_transformer_submodules, modules_to_save
     }
-    rows = prompt.embedding.detach().float().cpu()
-    if kind == "seq2seq":  # PEFT's rows for the decoder: unused by prompt tuning, a copy
-        rows = torch.cat([rows, rows])
-    weights = {PROMPT_KEY: rows.contiguous()}
-    if kind == "classify":
-        from softprompt.encoder import head_state
-
-        weights.update(head_state(model))
+    rows = kind.saved_rows(prompt.embedding.detach().float().cpu())
+    weights = {PROMPT_KEY: rows.contiguous(), **kind.extra_tensors(model)}
     full_meta = {
         "format": "softprompt/1",
         "softprompt_version": __version__,
@@ -260,21 +251,19 @@ def load_prompt(
     meta.setdefault("base_model", {"name": adapter.get("base_model_name_or_path")})
     rows = tensors[PROMPT_KEY]
     n = adapter.get("num_virtual_tokens") or meta.get("num_virtual_tokens")
-    if adapter.get("task_type") == "SEQ_2_SEQ_LM" and n and rows.shape[0] == 2 * n:
-        rows = rows[:n]  # PEFT's (2N, H): prompt tuning puts the first N before the encoder
+    saved_kind = kinds.for_task_type(adapter.get("task_type"))
+    if saved_kind is not None:
+        rows = saved_kind.loaded_rows(rows, n)
     prompt = SoftPrompt(rows)
     if model is not None:
-        kind = model_kind(model)
-        if adapter.get("task_type") not in (None, TASK_TYPES[kind]):
+        kind = kinds.of_model(model)
+        if saved_kind not in (None, kind):
             raise ArtifactError(
                 f"{folder} is a {adapter['task_type']} prompt, but the model is loaded as "
-                f"{kind}: load the model it was trained for (or give --task)"
+                f"{kind.name}: load the model it was trained for (or give --task)"
             )
         check_fits(prompt, meta, model, folder, allow_mismatch)
-        if kind == "classify":  # the head trained with the prompt goes in place
-            from softprompt.encoder import load_head
-
-            load_head(model, tensors, str(folder / ADAPTER_WEIGHTS))
+        kind.load_extra(model, tensors, str(folder / ADAPTER_WEIGHTS))  # a classifier's head
     return prompt, meta
 
 

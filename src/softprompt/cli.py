@@ -113,7 +113,7 @@ def cmd_train(cfg: TrainConfig) -> None:
 
 
 def cmd_generate(cfg: GenerateRunConfig) -> None:
-    from softprompt.generation import format_generations, run_generate
+    from softprompt.commands.generate import format_generations, run_generate
 
     print(format_generations(run_generate(cfg)), flush=True)
 

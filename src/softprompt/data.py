@@ -11,7 +11,7 @@ import csv
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from softprompt.console import warn
 from softprompt.errors import DataError
 from softprompt.templates import INPUT, PromptFormat, as_text, check_messages, uses_input
 
+Fields = Mapping[str, object]  # a template's other fields
 IGNORE_INDEX = -100  # the one label value that carries no loss
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
@@ -452,3 +453,36 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
     if prompt_at.any():  # only batches whose prompt sits inside the rows carry it
         batch["prompt_at"] = prompt_at
     return batch
+
+
+Encoded = tuple[list[int] | None, list[int]]  # (head ids or None, the ids after the prompt)
+
+
+def encode_raw(tokenizer, fmt: PromptFormat, text: str, fields: Fields | None = None) -> Encoded:
+    """A raw input's tokens, split where the prompt goes (as ``data.tokenize`` splits them)."""
+    head, rest = fmt.raw_text(text, fields)
+    if head is None:
+        return None, tokenizer(rest, add_special_tokens=True)["input_ids"]
+    head_ids = tokenizer(head, add_special_tokens=True)["input_ids"]
+    return head_ids, tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+
+def encode_chat(tokenizer, fmt: PromptFormat, messages: list[dict]) -> Encoded:
+    """A conversation rendered up to the assistant's turn, split where the prompt goes."""
+    text = fmt.chat_text(tokenizer, messages, generate=True)
+    head = (
+        None if text.head is None else tokenizer(text.head, add_special_tokens=False)["input_ids"]
+    )
+    return head, tokenizer(text.prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
+    """An example's input as generation and scoring see it: a conversation up to its last
+    answer, or a templated input split at its ``{soft_prompt}`` (``data.Example.head``)."""
+    if ex.messages is not None:
+        messages = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
+        return encode_chat(tokenizer, fmt, messages)
+    if ex.head is None:
+        return None, tokenizer(ex.source, add_special_tokens=True)["input_ids"]
+    head = tokenizer(ex.head, add_special_tokens=True)["input_ids"]
+    return head, tokenizer(ex.source, add_special_tokens=False)["input_ids"]

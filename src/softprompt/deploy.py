@@ -30,8 +30,9 @@ from torch import Tensor
 from softprompt.artifacts import check_fits, load_prompt, trained_base_model
 from softprompt.config import ExportConfig, ModelConfig
 from softprompt.console import say
+from softprompt.data import encode_chat, encode_raw
 from softprompt.errors import ConfigError
-from softprompt.generation import encode_chat, encode_raw, plain_rows
+from softprompt.generation import plain_rows
 from softprompt.loading import LoadedModel, load_model
 from softprompt.outputs import atomic_write, claim_output, write_json, write_text
 from softprompt.prompt import SoftPrompt

@@ -18,22 +18,24 @@ cache slots, not positions.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
 
-from softprompt import encoder, seq2seq
-from softprompt.artifacts import load_prompt, read_meta, trained_base_model
-from softprompt.config import GenerateConfig, GenerateRunConfig
+from softprompt.config import GenerateConfig
 from softprompt.console import warn
-from softprompt.data import Example, read_records
+from softprompt.data import Encoded, encode_chat
 from softprompt.errors import SoftpromptError
-from softprompt.loading import LoadedModel, load_model, max_positions
+from softprompt.loss import support
 from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
-from softprompt.prompt import SoftPrompt, embed_tokens
-from softprompt.templates import PromptFormat, check_messages
+from softprompt.prompt import SoftPrompt, embed_tokens, max_positions
+from softprompt.templates import PromptFormat
+
+if TYPE_CHECKING:  # the loaded model's kind calls back into this engine
+    from softprompt.loading import LoadedModel
 
 Fields = Mapping[str, object]
 
@@ -185,7 +187,8 @@ def generate(
     fields: Fields | Sequence[Fields | None] | None = None,
     fmt: PromptFormat | None = None,
 ) -> list[str]:
-    """Continue each text (in its template) with the base model, or with a prompt.
+    """Continue each text (in its template) with the base model, or with a prompt: a causal
+    LM's continuation, an encoder-decoder's answer, or a classifier's label.
 
     ``prompt`` is one prompt for every text, or a list with one prompt (or None) per text.
     ``fields`` fill the template's other fields (``templates.render``): one mapping for every
@@ -195,51 +198,10 @@ def generate(
     """
     fmt = fmt or PromptFormat(template=template)
     per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
-    if loaded.kind != "causal":  # an encoder-decoder's answer, or a classifier's label
-        return generate_other(loaded, [_source(fmt, t, f) for t, f in zip(texts, per_text)],
-                              prompt, cfg)  # fmt: skip
-    encoded = [encode_raw(loaded.tokenizer, fmt, t, f) for t, f in zip(texts, per_text)]
-    return generate_encoded(loaded, encoded, prompt, cfg, prefix_cache)
-
-
-def _source(fmt: PromptFormat, text: str, fields: Fields | None) -> str:
-    head, rest = fmt.raw_text(text, fields)
-    if head is not None:
-        raise SoftpromptError(
-            "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
-            "model takes the prompt before its whole input"
-        )
-    return rest
-
-
-@torch.no_grad()
-def generate_other(
-    loaded: LoadedModel,
-    sources: list[str],
-    prompt: PromptLike | Sequence[PromptLike] = None,
-    cfg: GenerateConfig | None = None,
-) -> list[str]:
-    """seq2seq: the decoder's answer to each source; classify: each source's label."""
-    cfg = cfg or GenerateConfig()
-    torch.manual_seed(cfg.seed)  # sampling, as for causal models
-    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(sources)
-    out: list[str] = [""] * len(sources)
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):  # rows with the same prompt go together
-        groups.setdefault(id(p), []).append(i)
-    model, tok = loaded.model, loaded.tokenizer
-    for idx in groups.values():
-        for start in range(0, len(idx), cfg.batch_size):
-            part = idx[start : start + cfg.batch_size]
-            texts, p = [sources[i] for i in part], prompts[part[0]]
-            if loaded.kind == "seq2seq":
-                answers = seq2seq.generate(model, tok, p, texts, generation_config(tok, cfg))
-            else:
-                probs = encoder.predict(model, tok, p, texts, cfg.batch_size)
-                answers = [loaded.labels[max(range(len(r)), key=r.__getitem__)] for r in probs]
-            for i, answer in zip(part, answers):
-                out[i] = answer.strip()
-    return out
+    kind = loaded.kind
+    encoded = [kind.encode(loaded.tokenizer, fmt, t, f) for t, f in zip(texts, per_text)]
+    prompts = per_row(prompt, len(encoded))
+    return kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache)
 
 
 @torch.no_grad()
@@ -254,34 +216,33 @@ def generate_chat(
     """The next assistant message of each conversation, rendered as ``fmt`` (a chat format:
     the prompt's own, or the tokenizer's chat template with the prompt first)."""
     fmt = fmt or PromptFormat(chat=True)
-    if loaded.kind != "causal":
-        raise SoftpromptError(f"conversations need a causal (chat) LM; this is a {loaded.kind} "
-                              "model: leave out --chat")  # fmt: skip
-    encoded = [encode_chat(loaded.tokenizer, fmt, c) for c in conversations]
-    return generate_encoded(
-        loaded, encoded, prompt, cfg, prefix_cache, fmt.stop_ids(loaded.tokenizer)
+    if not loaded.kind.chat:
+        raise SoftpromptError(f"conversations need a causal (chat) LM; this is a "
+                              f"{loaded.kind.name} model: leave out --chat")  # fmt: skip
+    tok = loaded.tokenizer
+    encoded = [encode_chat(tok, fmt, c) for c in conversations]
+    prompts = per_row(prompt, len(encoded))
+    return loaded.kind.answer(
+        loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache, fmt.stop_ids(tok)
     )
 
 
-Encoded = tuple[list[int] | None, list[int]]  # (head ids or None, the ids after the prompt)
+def per_row(prompt: PromptLike | Sequence[PromptLike], n: int) -> list[PromptLike]:
+    """One prompt (or None) per row: ``prompt`` itself when it is a list, else repeated."""
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * n
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} texts: give one per text")
+    return prompts
 
 
-def encode_raw(tokenizer, fmt: PromptFormat, text: str, fields: Fields | None = None) -> Encoded:
-    """A raw input's tokens, split where the prompt goes (as ``data.tokenize`` splits them)."""
-    head, rest = fmt.raw_text(text, fields)
-    if head is None:
-        return None, tokenizer(rest, add_special_tokens=True)["input_ids"]
-    head_ids = tokenizer(head, add_special_tokens=True)["input_ids"]
-    return head_ids, tokenizer(rest, add_special_tokens=False)["input_ids"]
-
-
-def encode_chat(tokenizer, fmt: PromptFormat, messages: list[dict]) -> Encoded:
-    """A conversation rendered up to the assistant's turn, split where the prompt goes."""
-    text = fmt.chat_text(tokenizer, messages, generate=True)
-    head = (
-        None if text.head is None else tokenizer(text.head, add_special_tokens=False)["input_ids"]
-    )
-    return head, tokenizer(text.prompt, add_special_tokens=False)["input_ids"]
+def prompt_batches(prompts: Sequence[PromptLike], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of at most ``batch_size``, rows of one prompt together (for
+    kinds that run one prompt per batch)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(id(p), []).append(i)
+    return [idx[s : s + batch_size] for idx in groups.values()
+            for s in range(0, len(idx), batch_size)]  # fmt: skip
 
 
 def _fit_positions(
@@ -314,18 +275,6 @@ def _prompt_length(prompt: PromptLike) -> int:
     return prompt.length if isinstance(prompt, Prefix) else prompt.num_virtual_tokens
 
 
-def encode_example(tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
-    """An example's input as generation and scoring see it: a conversation up to its last
-    answer, or a templated input split at its ``{soft_prompt}`` (``data.Example.head``)."""
-    if ex.messages is not None:
-        messages = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
-        return encode_chat(tokenizer, fmt, messages)
-    if ex.head is None:
-        return None, tokenizer(ex.source, add_special_tokens=True)["input_ids"]
-    head = tokenizer(ex.head, add_special_tokens=True)["input_ids"]
-    return head, tokenizer(ex.source, add_special_tokens=False)["input_ids"]
-
-
 def generate_encoded(
     loaded: LoadedModel,
     encoded: list[Encoded],
@@ -339,9 +288,10 @@ def generate_encoded(
     cfg = cfg or GenerateConfig()
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(cfg.seed)
-    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(encoded)
-    if len(prompts) != len(encoded):
-        raise ValueError(f"{len(prompts)} prompts for {len(encoded)} texts: give one per text")
+    prompts = per_row(prompt, len(encoded))
+    # a model whose cache cannot hold a compiled prefix (a recurrent or state-space layer)
+    # runs the virtual tokens as plain inputs
+    prefix_cache = prefix_cache and support(model).shared_prefix
     encoded = _fit_positions(model, encoded, prompts, cfg.max_new_tokens)
     heads = [h for h, _ in encoded]
     ids = [(h or []) + i if p is None else i for (h, i), p in zip(encoded, prompts)]
@@ -362,110 +312,3 @@ def generate_encoded(
 # --- `softprompt generate` ---------------------------------------------------------------
 
 
-@dataclass
-class Generation:
-    """One input of `softprompt generate` and what came of it."""
-
-    text: str
-    tuned: str | None = None  # with the prompt
-    base: str | None = None  # without it
-    expected: str | None = None  # the file's target, when it has one
-
-
-def run_generate(cfg: GenerateRunConfig, loaded: LoadedModel | None = None) -> list[Generation]:
-    """Generate for ``cfg.texts`` and the rows of ``cfg.file``: with the prompt, and without
-    it for ``--compare`` or when no prompt is given. Inputs are rendered as the prompt was
-    trained (its saved format); conversations (``--chat``, or a prompt trained on them) get
-    the next assistant message."""
-    meta = read_meta(cfg.prompt) if cfg.prompt else {}
-    fmt = _format_for(cfg, meta)
-    items, fields, chats = _inputs(cfg, meta, fmt)
-    if loaded is None:
-        model = cfg.model.model or (trained_base_model(cfg.prompt) if cfg.prompt else None)
-        loaded = load_model(replace(cfg.model, model=model), labels=meta.get("labels"))
-    prompts: list[SoftPrompt | None] = [None] if cfg.compare or not cfg.prompt else []
-    if cfg.prompt:
-        prompt, _ = load_prompt(cfg.prompt, loaded.model, allow_mismatch=cfg.allow_mismatch)
-        prompts.append(prompt.to(loaded.model.device))
-    for prompt in prompts:
-        if fmt.chat:
-            outs = generate_chat(loaded, chats, prompt, cfg.sampling, fmt)
-        else:
-            outs = generate(loaded, [i.text for i in items], prompt, cfg.sampling, fields=fields,
-                            fmt=fmt)  # fmt: skip
-        for item, out in zip(items, outs):
-            setattr(item, "base" if prompt is None else "tuned", out)
-    return items
-
-
-def _format_for(cfg: GenerateRunConfig, meta: dict) -> PromptFormat:
-    """The prompt's saved format, as the flags amend it."""
-    fmt = PromptFormat.from_meta(meta) if meta else PromptFormat()
-    if cfg.chat and not fmt.chat and cfg.prompt and meta.get("prompt_format"):
-        raise SoftpromptError(
-            f"{cfg.prompt} was trained on raw text, not conversations; leave out --chat"
-        )
-    if cfg.chat and not fmt.chat:
-        fmt = PromptFormat(chat=True)
-    if cfg.template is not None or cfg.no_template:
-        fmt = replace(fmt, template=None if cfg.no_template else cfg.template)
-    if cfg.system is not None:
-        fmt = replace(fmt, system=cfg.system)
-    fmt.check()
-    return fmt
-
-
-def _inputs(
-    cfg: GenerateRunConfig, meta: dict, fmt: PromptFormat
-) -> tuple[list[Generation], list[Fields | None], list[list[dict]]]:
-    """The inputs: (items, template fields per item, conversations per item)."""
-    given = dict(parse_fields(cfg.field))
-    items = [Generation(t) for t in cfg.texts]
-    fields: list[Fields | None] = [given] * len(items)
-    chats = [[{"role": "user", "content": t}] for t in cfg.texts]
-    data = meta.get("data", {})
-    name = cfg.input_field or data.get("input_field") or "input"
-    target = data.get("target_field") or "target"
-    for i, (record, where) in enumerate(read_records(cfg.file) if cfg.file else []):
-        if cfg.limit is not None and i >= cfg.limit:
-            break
-        if fmt.chat and isinstance(record.get("messages"), list):
-            messages = check_messages(record["messages"], where)
-            answer = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
-            user = [m["content"] for m in messages if m["role"] == "user"]
-            items.append(Generation(user[-1] if user else "", expected=answer))
-            chats.append(messages)
-        elif name in record:
-            items.append(Generation(str(record[name]), expected=record.get(target)))
-            chats.append([{"role": "user", "content": str(record[name])}])
-        else:
-            raise SoftpromptError(f"{where}: no field {name!r}; set --input-field")
-        fields.append({**record, **given})  # the template's other fields: the record's
-    if not items:
-        raise SoftpromptError("nothing to generate: give TEXT arguments or --file")
-    return items, fields, chats
-
-
-def parse_fields(pairs: list[str]) -> list[tuple[str, str]]:
-    """``--field NAME=VALUE`` flags as (name, value) pairs."""
-    out = []
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.isidentifier():
-            raise SoftpromptError(f"--field {pair!r}: write NAME=VALUE, e.g. --field topic=films")
-        out.append((name, value))
-    return out
-
-
-def format_generations(items: list[Generation]) -> str:
-    """Each input, then the base and tuned answers (stripped) and the expected one."""
-    lines = []
-    for i, item in enumerate(items, 1):
-        lines.append(f"[{i}] {item.text}")
-        if item.base is not None:
-            lines.append(f"  base    : {item.base.strip()!r}")
-        if item.tuned is not None:
-            lines.append(f"  tuned   : {item.tuned.strip()!r}")
-        if item.expected is not None:
-            lines.append(f"  expected: {item.expected!r}")
-    return "\n".join(lines)

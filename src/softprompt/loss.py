@@ -1,19 +1,14 @@
-"""Scoring: the loss of target tokens and the log-likelihood of continuations.
-
-Everything that turns a model (with or without a prompt) and token rows into numbers lives
-here, for training, evaluation and comparison alike:
+"""The training loss of a causal LM, and which shortcuts a model allows.
 
 - ``lm_loss``: summed next-token cross-entropy over labelled positions (or, in
   classification mode, a softmax over the choices' first tokens at the answer position);
-- ``evaluate_loss``: its mean over a list of rows, with perplexity;
-- ``row_logprobs`` / ``score_continuations``: log-likelihood of each row's labelled tokens
-  (multiple choice is the argmax over the choices' log-likelihoods);
 - ``Support``: which shortcuts reproduce the plain path on a given model (checked once).
 
 The LM loss never materialises the full logits (``ChunkedCrossEntropy``): the head and
-the cross-entropy run over labelled positions in chunks of ``CHUNK_ELEMENTS`` logits and
-the backward pass recomputes each chunk, so memory does not grow with positions x
-vocabulary (Gemma 3's head has 262k columns: 2 GB of fp32 logits for 8 rows of 256 tokens).
+the cross-entropy run over labelled positions in chunks of ``CHUNK_ELEMENTS`` logits; the
+same pass turns each chunk's softmax into its gradient, so the backward pass only scales
+what was kept (nothing is recomputed) and memory does not grow with positions x vocabulary
+(Gemma 3's head has 262k columns: 2 GB of fp32 logits for 8 rows of 256 tokens).
 
 Two shortcuts, each used only where ``support(model)`` confirmed it changes nothing:
 - the fast head: the LM head runs only where a label exists (for Gemma 3 270M the 262k-word
@@ -26,16 +21,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softprompt.data import IGNORE_INDEX, Example, Row, collate
-from softprompt.errors import ConfigError
-from softprompt.kinds import evaluate_rows, model_kind
+from softprompt.data import IGNORE_INDEX
 from softprompt.prefix import hidden_after_prefix, with_head
 from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens, prepend, rows_prompts
 
@@ -360,179 +352,3 @@ def _check_shared_prefix(model: nn.Module) -> bool:
 # --- over many rows ----------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    prompt: SoftPrompt | None,
-    rows: list[Row],
-    batch_size: int,
-    pad_id: int,
-    choice_ids: Tensor | None = None,
-) -> dict[str, float]:
-    """Mean next-token loss over labelled tokens (targets only for pairs) and perplexity.
-
-    With ``choice_ids`` the loss is the classification-mode one (see ``lm_loss``). A seq2seq
-    or classification model: its own loss (``kinds.evaluate_rows``).
-    """
-    if model_kind(model) != "causal":
-        return evaluate_rows(model, prompt, rows, batch_size, pad_id)
-    device = model.get_input_embeddings().weight.device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # little padding
-    if choice_ids is not None:
-        choice_ids = choice_ids.to(device)
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = lm_loss(model, prompt, batch, choice_ids=choice_ids)
-        total += float(loss)
-        count += n
-    mean = total / max(count, 1)
-    return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), kept finite for hopeless losses."""
-    return math.exp(min(loss, 50.0))
-
-
-def _gold_scores(
-    model: nn.Module, embeds: Tensor, mask: Tensor, keep: Tensor, gold: Tensor
-) -> tuple[Tensor, Tensor]:
-    """log p(gold) (K,) at the K positions where ``keep`` (B, T-1) is set, and whether gold
-    is the argmax there."""
-    if support(model).fast_head:  # the head only where needed, in chunks, as in lm_loss
-        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return token_scores(model, hidden[:, :-1][keep], gold)
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep].float()
-    logp = F.log_softmax(logits, dim=-1).gather(1, gold.unsqueeze(1)).squeeze(1)
-    return logp, logits.argmax(dim=-1) == gold
-
-
-def row_logprobs(
-    model: nn.Module, prompt: SoftPrompt | None, rows: list[Row], batch_size: int, pad_id: int
-) -> list[tuple[float, int]]:
-    """(summed log-probability, token count) of each row's labelled tokens, in row order."""
-    return [(logp, n) for logp, n, _ in row_scores(model, prompt, rows, batch_size, pad_id)]
-
-
-@torch.no_grad()
-def row_scores(
-    model: nn.Module, prompt: SoftPrompt | None, rows: list[Row], batch_size: int, pad_id: int
-) -> list[tuple[float, int, bool]]:
-    """(summed log-probability, token count, greedy?) of each row's labelled tokens, in row
-    order; greedy: every labelled token is the argmax of its distribution (the harness's
-    ``is_greedy``)."""
-    device = model.get_input_embeddings().weight.device
-    out: list[tuple[float, int, bool]] = [(0.0, 0, True)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-        embeds, mask, labels = (
-            embed_tokens(model, batch["input_ids"]),
-            batch["attention_mask"],
-            batch["labels"],
-        )
-        if prompt is not None:
-            embeds, mask, labels = prompt.prepend(embeds, mask, labels, batch.get("prompt_at"))
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # (B, T-1)
-        picked, top = _gold_scores(model, embeds, mask, keep, targets[keep])  # (K,)
-        owner = keep.nonzero()[:, 0]  # which row each labelled position belongs to
-        sums = torch.zeros(len(idx), device=device).index_add_(0, owner, picked)
-        missed = (~top).float()  # (K,)
-        misses = torch.zeros(len(idx), device=device).index_add_(0, owner, missed)
-        for j, i in enumerate(idx):
-            out[i] = (float(sums[j]), int(keep[j].sum()), not bool(misses[j]))
-    return out
-
-
-def continuation_rows(
-    tokenizer,
-    sources: list[str],
-    continuation: str | list[str],
-    delimiter: str,
-    max_tokens: int,
-    contexts: list[tuple[list[int] | None, list[int]]] | None = None,
-) -> list[Row]:
-    """Rows of ``source + delimiter + continuation`` labelled on the continuation (no EOS);
-    ``continuation`` is one for every source or one per source. ``contexts`` gives the sources
-    already tokenized as (head, ids), the prompt going after the head (see
-    ``generation.encode_raw``); else they are tokenized here, the prompt first.
-
-    Sources too long for ``max_tokens`` lose their start (never their head), as in training.
-    """
-    conts = [continuation] * len(sources) if isinstance(continuation, str) else continuation
-    rows = []
-    for i, (source, cont) in enumerate(zip(sources, conts)):
-        if contexts is None:
-            head, src = None, tokenizer(source, add_special_tokens=True)["input_ids"]
-        else:
-            head, src = contexts[i]
-        sep = "" if not source or source[-1].isspace() else delimiter
-        tgt = tokenizer(sep + cont, add_special_tokens=False)["input_ids"]
-        room = max(max_tokens - len(tgt) - len(head or []), 1)
-        if len(src) > room:
-            keep_bos = int(head is None and bool(src) and src[0] == tokenizer.bos_token_id)
-            src = src[:keep_bos] + src[len(src) - room + keep_bos :]
-        head = head or []
-        labels = [IGNORE_INDEX] * (len(head) + len(src)) + tgt
-        rows.append(Row(head + src + tgt, labels, prompt_at=len(head)))
-    return rows
-
-
-def score_continuations(
-    loaded,
-    contexts: Sequence[str],
-    continuations: Sequence[str],
-    prompts: Sequence[SoftPrompt | None],
-    batch_size: int = 8,
-    max_tokens: int = 1 << 30,
-) -> list[tuple[float, int]]:
-    """Log-likelihood of each continuation right after its context (nothing put between),
-    each row with its own prompt (or None): (summed log-probability, token count) per row."""
-    model, tok = loaded.model, loaded.tokenizer
-    rows = continuation_rows(tok, list(contexts), list(continuations), "", max_tokens)
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    groups: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):  # rows with the same prompt are scored together
-        groups.setdefault(id(prompt), []).append(i)
-    for idx in groups.values():
-        scores = row_logprobs(
-            model, prompts[idx[0]], [rows[i] for i in idx], batch_size, tok.pad_token_id
-        )
-        for i, score in zip(idx, scores):
-            out[i] = score
-    return out
-
-
-def choice_first_ids(tokenizer, choices: list[str], delimiter: str = " ") -> list[int]:
-    """The first token of each choice as it follows the input (after ``delimiter``).
-
-    Classification-mode training needs these to differ: the restricted softmax at the
-    answer position sees only first tokens.
-    """
-    ids = []
-    for choice in choices:
-        tokens = tokenizer(delimiter + choice, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise ConfigError(f"--choices: {choice!r} gives no tokens")
-        ids.append(tokens[0])
-    if len(set(ids)) < len(ids):
-        raise ConfigError(
-            f"--choices {', '.join(choices)} start with the same token; the restricted loss "
-            "needs different first tokens: reword the labels or use --choice-loss full"
-        )
-    return ids
-
-
-def check_choice_targets(rows: list[Row], examples: list[Example], ids: list[int]) -> None:
-    """Every target must begin with one of the choices' first tokens."""
-    for row, ex in zip(rows, examples):
-        first = next((t for t in row.labels if t != IGNORE_INDEX), None)
-        if first not in ids:
-            raise ConfigError(
-                f"{ex.where}: target {ex.target!r} does not start like any of --choices; "
-                "give the label words the data uses"
-            )

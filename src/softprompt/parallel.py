@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from softprompt import kinds
 from softprompt.console import say
-from softprompt.data import IGNORE_INDEX, Row, collate
+from softprompt.data import IGNORE_INDEX, Row
 from softprompt.errors import ConfigError
-from softprompt.loss import lm_loss, support
+from softprompt.kinds import Kind
 from softprompt.prompt import PromptSet
 
 
@@ -29,6 +28,7 @@ def label_count(rows: list[Row], first_only: bool = False) -> int:
 
 def forward_backward(
     accelerator: Accelerator,
+    kind: Kind,
     model,
     prompts: PromptSet,
     group: list[list[Row]],
@@ -46,7 +46,6 @@ def forward_backward(
     whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
-    causal = kinds.model_kind(model) == "causal"  # else seq2seq / classify: kinds.rows_loss
     # the whole step's denominator (classification mode: one position per row)
     n_tok = sum(label_count(rows, choice_ids is not None) for rows in group)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -59,18 +58,14 @@ def forward_backward(
             # Sharded layers gather their weights collectively: every process must run
             # every forward, so this one runs a row and throws its loss away.
             mine, weight = rows[:1], 0.0
-        if causal:
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
-            loss, _ = lm_loss(model, prompts, batch, choice_ids=choice_ids)
-        else:
-            loss, _, positions = kinds.rows_loss(model, prompts, mine, pad_id, accelerator.device)
+        loss, _, positions = kind.rows_loss(
+            model, prompts, mine, pad_id, accelerator.device, choice_ids
+        )
         loss = loss * weight
         accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
         loss_sum += loss.detach()
         if weight:
-            processed += (
-                _processed_tokens(model, batch, prompts.num_virtual_tokens) if causal else positions
-            )
+            processed += positions
     if world > 1:
         in_step = {r.task for rows in group for r in rows}
         for i, p in enumerate(prompts.parameters()):
@@ -84,15 +79,6 @@ def forward_backward(
             accelerator.reduce(processed, "sum"),
         )
     return float(loss_sum), n_tok, int(processed)
-
-
-def _processed_tokens(model, batch: dict, n_virtual: int) -> int:
-    """Positions the model body ran: padded text, plus the virtual tokens (once per task in
-    the batch when they are shared, else once per row)."""
-    rows, width = batch["input_ids"].shape
-    if support(model).shared_prefix:
-        return rows * width + n_virtual * len(torch.unique(batch["task"]))
-    return rows * width + rows * n_virtual
 
 
 def shard_layers(model, accelerator: Accelerator) -> None:

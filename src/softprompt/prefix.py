@@ -122,3 +122,10 @@ def compile_all(
             p = done[key]
         out.append(p)
     return out
+
+
+def embeds_only(model: nn.Module, prompt: SoftPrompt) -> Prefix:
+    """A prompt kept as its embeddings alone, with no per-layer keys/values: for a model that
+    runs it as plain inputs (an encoder's input, or a decoder whose cache cannot hold it)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return Prefix(prompt.embedding.detach().to(dtype), [], [])

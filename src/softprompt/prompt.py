@@ -180,6 +180,17 @@ def rows_prompts(
     return prompt.embedding.unsqueeze(0), ids.new_zeros(ids.shape[0])
 
 
+def before_input(model: nn.Module, prompt, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """What an encoder reads: the input embeddings with each row's prompt first (B, N+T, H)
+    and the mask extended with ones (B, N+T); the batch as it is without a prompt."""
+    embeds, mask = embed_tokens(model, batch["input_ids"]), batch["attention_mask"]
+    if prompt is None:
+        return embeds, mask
+    virtual, which = rows_prompts(prompt, batch)
+    embeds, mask, _ = prepend(virtual[which], embeds, mask)
+    return embeds, mask
+
+
 def embed_tokens(model: nn.Module, input_ids: Tensor) -> Tensor:
     """Token ids -> what the model's embedding layer returns (scaled for Gemma)."""
     return model.get_input_embeddings()(input_ids)
@@ -256,3 +267,13 @@ def _common_token_ids(tokenizer, model: nn.Module) -> Tensor:
         if len(ids) == VOCAB_INIT_POOL:
             break
     return torch.tensor(ids)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings hold (None: no such limit)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import softprompt
-from softprompt import encoder, seq2seq
 from softprompt.artifacts import ENSEMBLE_INDEX, load_prompt, read_meta, save_prompt
 from softprompt.checkpoint import FOLDER as CKPT_FOLDER
 from softprompt.checkpoint import RunState, TaskBest, restore_run, save_run
@@ -41,21 +40,16 @@ from softprompt.data import (
     detect_labels,
     load_examples,
     split_validation,
-    tokenize,
 )
 from softprompt.errors import ConfigError, TrainingError
+from softprompt.kinds import CAUSAL
 from softprompt.library import pick_prompt
-from softprompt.loading import LoadedModel, load_model, max_positions
-from softprompt.loss import (
-    check_choice_targets,
-    choice_first_ids,
-    evaluate_loss,
-    perplexity,
-    with_rest,
-)
+from softprompt.loading import LoadedModel, load_model
+from softprompt.loss import with_rest
 from softprompt.outputs import claim_output, write_json
 from softprompt.parallel import forward_backward, label_count, shard_layers
-from softprompt.prompt import PromptSet, ResidualPrompt, SoftPrompt, init_prompt
+from softprompt.prompt import PromptSet, ResidualPrompt, SoftPrompt, init_prompt, max_positions
+from softprompt.scoring import check_choice_targets, choice_first_ids, perplexity
 from softprompt.templates import PromptFormat, template_fields
 from softprompt.tracking import MetricsLog, open_trackers, plot_metrics
 
@@ -178,7 +172,7 @@ class Run:
         output = _prepare_output(cfg, accelerator)
         torch.manual_seed(cfg.seed)
         loaded = loaded or load_model(cfg.model, labels=_data_labels(examples[0]))
-        _check_kind(cfg, loaded, accelerator, examples[0])
+        loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples[0])
         loaded.model.to(accelerator.device)
         if cfg.shard_model:
             shard_layers(loaded.model, accelerator)
@@ -201,7 +195,7 @@ class Run:
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
         # A classification model's head learns beside the prompt (its parameters come last).
-        head = encoder.head_parameters(loaded.model) if loaded.kind == "classify" else []
+        head = loaded.kind.trainable(loaded.model)
         optimizer = torch.optim.AdamW(
             [*prompts.parameters(), *head], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -288,7 +282,7 @@ class Run:
         """One optimizer step over ``group``: forward, backward, clip, update, log."""
         t0 = time.perf_counter()
         loss_sum, n_tok, processed = forward_backward(
-            self.accelerator, self.loaded.model, self.prompts, group,
+            self.accelerator, self.loaded.kind, self.loaded.model, self.prompts, group,
             self.loaded.tokenizer.pad_token_id, self.data.choice_ids, self.cfg.shard_model,
         )  # fmt: skip
         self.tokens_seen += processed
@@ -331,7 +325,7 @@ class Run:
                 per_task.append(None)
                 continue
             prompt = prompts.prompts[i] if prompts is not None else None
-            result = evaluate_loss(
+            result = self.loaded.kind.evaluate_loss(
                 model, prompt, rows, self.cfg.batch_size, pad_id, self.data.choice_ids
             )
             per_task.append(result["loss"])
@@ -468,7 +462,7 @@ class Run:
             "training": training,
             "metrics": summary,
         }
-        if self.loaded.kind == "classify":
+        if self.head:  # a classifier's head, trained and saved with the prompt
             meta["labels"] = self.loaded.labels
             meta["trainable_parameters"] = {
                 "prompt": self.prompts.stacked()[0].numel(),
@@ -561,37 +555,6 @@ def _data_labels(examples: list[Example]) -> list[str] | None:
     return sorted({ex.target for ex in examples if ex.target is not None}) or None
 
 
-def _check_kind(cfg: TrainConfig, loaded: LoadedModel, accelerator, examples) -> None:
-    """What a seq2seq or classification model cannot do, said before anything slow."""
-    if loaded.kind == "causal":
-        return
-    if cfg.shard_model:
-        raise ConfigError(f"--shard-model shards decoder layers of causal LMs, not {loaded.kind}")
-    if cfg.restricted_choices is not None:
-        raise ConfigError(
-            f"--choices with the restricted loss is for causal LMs; a {loaded.kind} model "
-            + ("learns the data's labels with its head: leave out --choices"
-               if loaded.kind == "classify" else "learns the whole target: --choice-loss full")
-        )  # fmt: skip
-    if loaded.kind != "classify":
-        return
-    if cfg.ensemble > 1:
-        raise ConfigError("--ensemble: a classification model has one head, shared by every "
-                          "prompt; train one prompt + head per run instead")  # fmt: skip
-    if cfg.task_field:
-        raise ConfigError("--task-field: a classification model has one head, so one task; "
-                          "train one prompt per task instead")  # fmt: skip
-    if accelerator.num_processes > 1:
-        raise ConfigError("a classification model trains in one process (its head's gradient "
-                          "is not shared across processes)")  # fmt: skip
-    labels = encoder.label_list(examples)
-    if loaded.labels != labels:
-        raise ConfigError(
-            f"the model's head has labels {loaded.labels}, the data {labels}: load the model "
-            "with load_model(cfg, labels=...) the data's labels, sorted"
-        )
-
-
 def _prepare_data(
     cfg: TrainConfig,
     train_ex: list[Example],
@@ -609,20 +572,15 @@ def _prepare_data(
     ids = {name: i for i, name in enumerate(tasks)} if cfg.task_field else None
     fmt = d.prompt_format(chat=train_ex[0].messages is not None)
     delimiter = "" if fmt.chat else d.target_delimiter  # an answer follows its turn's header
-    kind = loaded.kind if loaded is not None else "causal"
-    if kind == "seq2seq":
-        train_rows = seq2seq.tokenize_pairs(train_ex, tokenizer, max_text, ids)
-        val_rows = seq2seq.tokenize_pairs(val_ex, tokenizer, max_text, ids)
-    elif kind == "classify":
-        train_rows = encoder.tokenize_labels(train_ex, tokenizer, max_text, loaded.labels, ids)
-        val_rows = encoder.tokenize_labels(val_ex, tokenizer, max_text, loaded.labels, ids)
-    else:
-        train_rows = tokenize(train_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
-        val_rows = tokenize(val_ex, tokenizer, max_text, delimiter, ids, fmt, d.loss_on)
+    kind, labels = (loaded.kind, loaded.labels) if loaded is not None else (CAUSAL, None)
+    train_rows, val_rows = (
+        kind.tokenize(part, tokenizer, max_text, ids, fmt, delimiter, d.loss_on, labels)
+        for part in (train_ex, val_ex)
+    )
     if not any(label_count([r]) for r in train_rows):
         raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
     mode = "chat" if fmt.chat else "text" if train_ex[0].target is None else "pairs"
-    mode = "labels" if kind == "classify" else mode
+    mode = kind.data_mode(mode)
     info = {**dataclasses.asdict(d), "mode": mode, "train_examples": len(train_rows),
             "val_examples": len(val_rows)}  # fmt: skip
     if cfg.task_field:
@@ -649,7 +607,7 @@ def _prepare_data(
     if cfg.ensemble > 1:
         val_by_task = [val_rows for _ in tasks]
     choices = cfg.choice_list
-    if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind == "causal":
+    if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind.restricted_choices:
         choices = _detect_choices(cfg, train_ex, tokenizer, delimiter)
     info["choices"] = choices
     choice_ids = None

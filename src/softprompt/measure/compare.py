@@ -23,12 +23,13 @@ from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConf
 from softprompt.console import say
 from softprompt.data import Example, load_examples, split_validation, tokenize
 from softprompt.loading import LoadedModel, load_model
-from softprompt.loss import check_choice_targets, choice_first_ids, with_rest
+from softprompt.loss import with_rest
 from softprompt.measure.eval_run import environment, evaluate_examples
 from softprompt.measure.inspection import inspect_prompt
 from softprompt.measure.report import write_compare_report
 from softprompt.outputs import claim_output, record
 from softprompt.prompt import SoftPrompt
+from softprompt.scoring import check_choice_targets, choice_first_ids
 from softprompt.tracking import MetricsLog
 from softprompt.training import train
 

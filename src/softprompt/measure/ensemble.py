@@ -15,8 +15,8 @@ from torch import nn
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, ENSEMBLE_INDEX
 from softprompt.errors import ArtifactError
-from softprompt.measure.evaluate import classify
 from softprompt.prompt import SoftPrompt
+from softprompt.scoring import classify
 
 
 def ensemble_members(folder: str | Path) -> list[Path] | None:

@@ -14,26 +14,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from softprompt import __version__, encoder, seq2seq
+from softprompt import __version__
 from softprompt.artifacts import load_prompt, read_meta
 from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig
 from softprompt.console import say
-from softprompt.data import Example, load_examples, tokenize
+from softprompt.data import Example, load_examples
 from softprompt.errors import ConfigError
-from softprompt.generation import encode_example, generate_encoded, generate_other
-from softprompt.loading import LoadedModel, load_model, max_positions
-from softprompt.loss import evaluate_loss, perplexity
-from softprompt.measure.ensemble import ensemble_classify, ensemble_members
-from softprompt.measure.evaluate import (
-    classification_metrics,
-    classify,
-    generation_metrics,
-    loss_scoring,
-    timed,
-)
+from softprompt.loading import LoadedModel, load_model
+from softprompt.measure.ensemble import ensemble_members, vote
 from softprompt.measure.metrics import accuracy as metrics_accuracy
+from softprompt.measure.metrics import classification_metrics, generation_metrics, timed
 from softprompt.outputs import claim_output, write_text
-from softprompt.prompt import SoftPrompt
+from softprompt.prompt import SoftPrompt, max_positions
+from softprompt.scoring import perplexity
 from softprompt.templates import PromptFormat
 
 
@@ -48,141 +41,87 @@ def evaluate_examples(
 ) -> tuple[dict, list[dict]]:
     """Metrics over ``examples`` and one prediction record per example; inputs are rendered
     as ``fmt`` says (default: the data settings of ``cfg``). With ``members`` (an ensemble;
-    ``prompt`` is its first) classification is their vote and the loss their mean."""
-    if loaded.kind != "causal":
-        return evaluate_other(loaded, prompt, examples, cfg, choices, fmt)
-    model, tok = loaded.model, loaded.tokenizer
+    ``prompt`` is its first) classification is their vote and the loss their mean. A
+    classifier's choices are always its labels."""
+    kind, tok = loaded.kind, loaded.tokenizer
     chat = examples[0].messages is not None
     fmt = fmt or cfg.data.prompt_format(chat=chat)
-    delimiter = "" if chat else cfg.data.target_delimiter  # an answer follows its header
-    n_virtual = prompt.num_virtual_tokens if prompt is not None else 0
-    limit = max_positions(model)
+    encoded = [kind.encode_example(tok, fmt, ex) for ex in examples]  # refuses what it must
+    limit = max_positions(loaded.model)
     if limit is not None and cfg.context > limit:  # the model's positions bound every row
         cfg = replace(cfg, context=limit)
+    room = cfg.context - (prompt.num_virtual_tokens if prompt is not None else 0)
+    choices = loaded.labels if kind.data_mode("pairs") == "labels" else choices
     result: dict = {"examples": len(examples)}
     records = [{"input": ex.source, "target": ex.target} for ex in examples]
     golds = [ex.target for ex in examples]
+    labelled = all(g is not None for g in golds)
+    delimiter = "" if chat else cfg.data.target_delimiter  # an answer follows its header
     rows = None
-    if all(g is not None for g in golds):
-        rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter, None, fmt,
-                        "last-assistant")  # fmt: skip
-        if members:
-            each = [evaluate_loss(model, m, rows, cfg.batch_size, tok.pad_token_id)
-                    for m in members]  # fmt: skip (members[0] is ``prompt``)
-            losses = [e["loss"] for e in each]
-            result.update(each[0], loss=sum(losses) / len(losses), member_losses=losses)
-            result["ppl"] = perplexity(result["loss"])
-        elif not choices:
-            result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
-    sources = [ex.source for ex in examples]
-    encoded = [encode_example(tok, fmt, ex) for ex in examples]
+    if labelled:
+        rows = kind.tokenize(examples, tok, room, None, fmt, delimiter, "last-assistant",
+                             loaded.labels)  # fmt: skip
     if choices:
-        kwargs = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size}
-        kwargs.update(delimiter=delimiter, max_tokens=cfg.context - n_virtual, contexts=encoded)
-        if members:
-            (preds, scores, each), seconds = timed(
-                ensemble_classify, model, tok, members, sources, choices, **kwargs
-            )
-            if all(g is not None for g in golds):
-                result["member_accuracy"] = [metrics_accuracy(golds, p) for p in each]
-        else:
-            # The loss of each labelled row is scored in the choices' pass over its input.
-            extra = [loss_scoring(r) for r in rows] if rows is not None else None
-            (preds, scores), seconds = timed(classify, model, tok, prompt, sources, choices,
-                                             extra=extra, **kwargs)  # fmt: skip
-            if rows is not None:
-                result.update(_pooled_loss(model, prompt, rows, extra, cfg.batch_size, tok))
+        opts = {"length_norm": cfg.length_norm, "batch_size": cfg.batch_size,
+                "delimiter": delimiter, "max_tokens": room}  # fmt: skip
+        scored = None if members else rows
+        args = (loaded, members or [prompt], encoded, [ex.source for ex in examples], choices)
+        (preds, scores, pooled), seconds = timed(_choose, *args, opts, scored)
+        result.update(pooled or {})  # the rows' loss, when the choices' pass scored it
         result["seconds_per_example"] = seconds / len(examples)
-        if all(g is not None for g in golds):
+        if labelled:
             result.update(classification_metrics(golds, preds, choices))
-        for rec, pred, score in zip(records, preds, scores):
+            if members:
+                result["member_accuracy"] = pooled_accuracy(golds, scores, choices)
+        for rec, pred, score in zip(records, preds, scores[0]):
             rec.update(prediction=pred, scores=dict(zip(choices, score)))
+    if rows is not None and "loss" not in result:
+        result.update(_loss(loaded, members or [prompt], rows, cfg.batch_size))
     if cfg.generate:
         gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         stop = fmt.stop_ids(tok) if chat else None
-        outputs, seconds = timed(generate_encoded, loaded, encoded, prompt, gen_cfg, True, stop)
-        result["generate_seconds_per_example"] = seconds / len(examples)
-        if all(g is not None for g in golds):
-            result.update(generation_metrics(outputs, golds))
-        for rec, out in zip(records, outputs):
-            rec["generation"] = out
-    return result, records
-
-
-def _pooled_loss(model, prompt, rows, scored, batch_size: int, tok) -> dict:
-    """Mean loss over labelled tokens from the rows the choices' pass scored (their
-    (log-probability, tokens)) and, for any whose input differed, a pass of their own."""
-    apart = [r for r, s in zip(rows, scored) if not isinstance(s, tuple)]
-    total = -sum(s[0] for s in scored if isinstance(s, tuple))
-    count = sum(s[1] for s in scored if isinstance(s, tuple))
-    if apart:
-        more = evaluate_loss(model, prompt, apart, batch_size, tok.pad_token_id)
-        total, count = total + more["loss"] * more["tokens"], count + more["tokens"]
-    mean = total / max(count, 1)
-    return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
-
-
-def evaluate_other(
-    loaded: LoadedModel,
-    prompt: SoftPrompt | None,
-    examples: list[Example],
-    cfg: EvalConfig,
-    choices: list[str] | None,
-    fmt: PromptFormat | None = None,  # unused: the examples' sources are rendered already
-) -> tuple[dict, list[dict]]:
-    """``evaluate_examples`` for a seq2seq model (target loss; choices scored as the decoder's
-    output, the encoder run once per input; generations) or a classifier (loss, accuracy,
-    macro-F1 and confusion over its labels)."""
-    model, tok = loaded.model, loaded.tokenizer
-    if examples[0].messages is not None:
-        raise ConfigError(f"a {loaded.kind} model takes input/target pairs, not conversations")
-    if any(ex.head is not None for ex in examples):
-        raise ConfigError(
-            "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
-            "model takes the prompt before its whole input"
-        )
-    n_virtual = prompt.num_virtual_tokens if prompt is not None else 0
-    limit = cfg.context - n_virtual
-    result: dict = {"examples": len(examples)}
-    records = [{"input": ex.source, "target": ex.target} for ex in examples]
-    golds = [ex.target for ex in examples]
-    sources = [ex.source for ex in examples]
-    labelled = all(g is not None for g in golds)
-    if loaded.kind == "classify":
-        if labelled:
-            rows = encoder.tokenize_labels(examples, tok, limit, loaded.labels)
-            result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
-        probs, seconds = timed(encoder.predict, model, tok, prompt, sources, cfg.batch_size)
-        preds = [loaded.labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
-        result["seconds_per_example"] = seconds / len(examples)
-        if labelled:
-            result.update(classification_metrics(golds, preds, loaded.labels))
-        for rec, pred, p in zip(records, preds, probs):
-            rec.update(prediction=pred, scores=dict(zip(loaded.labels, p)))
-        return result, records
-    if labelled:
-        rows = seq2seq.tokenize_pairs(examples, tok, limit)
-        result.update(evaluate_loss(model, prompt, rows, cfg.batch_size, tok.pad_token_id))
-    if choices:
-        scores, seconds = timed(seq2seq.score_choices, model, tok, prompt, sources, choices)
-        if cfg.length_norm:
-            lengths = [len(seq2seq.target_ids(tok, c)) for c in choices]
-            scores = [[s / n for s, n in zip(row, lengths)] for row in scores]
-        preds = [choices[max(range(len(choices)), key=row.__getitem__)] for row in scores]
-        result["seconds_per_example"] = seconds / len(examples)
-        if labelled:
-            result.update(classification_metrics(golds, preds, choices))
-        for rec, pred, score in zip(records, preds, scores):
-            rec.update(prediction=pred, scores=dict(zip(choices, score)))
-    if cfg.generate:
-        gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        outputs, seconds = timed(generate_other, loaded, sources, prompt, gen_cfg)
+        prompts = [prompt] * len(encoded)
+        outputs, seconds = timed(kind.answer, loaded, encoded, prompts, gen_cfg, True, stop)
         result["generate_seconds_per_example"] = seconds / len(examples)
         if labelled:
             result.update(generation_metrics(outputs, golds))
         for rec, out in zip(records, outputs):
             rec["generation"] = out
     return result, records
+
+
+def _loss(loaded: LoadedModel, prompts: list, rows: list, batch_size: int) -> dict:
+    """The loss of ``rows`` with the prompt, or the mean over an ensemble's members."""
+    pad_id = loaded.tokenizer.pad_token_id
+    each = [loaded.kind.evaluate_loss(loaded.model, p, rows, batch_size, pad_id) for p in prompts]
+    if len(each) == 1:
+        return each[0]
+    losses = [e["loss"] for e in each]
+    mean = sum(losses) / len(losses)
+    return {**each[0], "loss": mean, "ppl": perplexity(mean), "member_losses": losses}
+
+
+def _choose(loaded, prompts: list, encoded, sources, choices, opts: dict, rows) -> tuple:
+    """(predictions, scores per member (members x inputs x choices), pooled loss or None):
+    one member's argmax, or an ensemble's vote (``members`` mean their scores in records)."""
+    each = [loaded.kind.score_choices(loaded, p, encoded, sources, choices, opts, rows)
+            for p in prompts]  # fmt: skip
+    scores = [s for s, _ in each]
+    if len(prompts) == 1:
+        preds = [choices[max(range(len(choices)), key=row.__getitem__)] for row in scores[0]]
+        return preds, scores, each[0][1]
+    mean = [[sum(s[i][c] for s in scores) / len(scores) for c in range(len(choices))]
+            for i in range(len(sources))]  # fmt: skip
+    return vote(scores, choices), [mean, *scores], None
+
+
+def pooled_accuracy(golds: list[str], scores: list, choices: list[str]) -> list[float]:
+    """Each ensemble member's own accuracy (``scores``: the mean first, then each member's)."""
+    out = []
+    for member in scores[1:]:
+        preds = [choices[max(range(len(choices)), key=row.__getitem__)] for row in member]
+        out.append(metrics_accuracy(golds, preds))
+    return out
 
 
 def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:

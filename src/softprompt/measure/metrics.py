@@ -7,6 +7,8 @@ Popovic 2015) from sacrebleu, the reference implementation used by WMT.
 
 from __future__ import annotations
 
+import time
+
 
 def accuracy(gold: list[str], pred: list[str]) -> float:
     """Fraction of positions where the prediction equals the gold label."""
@@ -94,3 +96,30 @@ def json_valid(preds: list[str], refs: list[str]) -> float:
         value = _json_object(p)
         ok += value is not None and set(value) == set(_json_object(r))
     return ok / len(refs) if refs else 0.0
+
+
+def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (rows: gold, columns: predicted)."""
+    return {
+        "accuracy": accuracy(gold, pred),
+        "macro_f1": macro_f1(gold, pred, labels),
+        "confusion": {"labels": labels, "matrix": confusion_matrix(gold, pred, labels)},
+    }
+
+
+def generation_metrics(preds: list[str], refs: list[str]) -> dict:
+    """Exact match (0-1) and chrF (0-100) of the first line of each output; when every
+    reference is a JSON object, also the share of answers that are JSON objects with the
+    same keys (format validity)."""
+    answers = [first_line(p) for p in preds]
+    out = {"exact_match": exact_match(answers, refs), "chrf": chrf(answers, refs)}
+    if all_json_objects(refs):
+        out["json_valid"] = json_valid(answers, refs)
+    return out
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    """``fn(*args, **kwargs)`` and the seconds it took."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

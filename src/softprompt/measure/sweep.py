@@ -19,9 +19,9 @@ from softprompt.data import Example, load_examples, split_validation
 from softprompt.errors import ConfigError
 from softprompt.generation import generate
 from softprompt.loading import LoadedModel, load_model
-from softprompt.measure.evaluate import classify, generation_metrics
-from softprompt.measure.metrics import accuracy
+from softprompt.measure.metrics import accuracy, generation_metrics
 from softprompt.outputs import claim_output, write_text
+from softprompt.scoring import classify
 from softprompt.tracking import MetricsLog
 from softprompt.training import train
 

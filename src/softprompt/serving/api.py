@@ -22,9 +22,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
-from softprompt.errors import ConfigError, DataError, SoftpromptError
-from softprompt.generation import Encoded, encode_chat, encode_raw
-from softprompt.loading import LoadedModel, max_positions
+from softprompt.data import Encoded, encode_chat
+from softprompt.errors import ConfigError, SoftpromptError
+from softprompt.loading import LoadedModel
+from softprompt.prompt import max_positions
 from softprompt.serving.batcher import Batcher, Job
 from softprompt.serving.playground import PATHS as PLAYGROUND
 from softprompt.serving.playground import add_playground
@@ -72,7 +73,7 @@ class ServerState:
 
 def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
     """The app with its prompt store and batcher (``app.state.softprompt``); no prompt loaded."""
-    if loaded.kind == "classify":
+    if not loaded.kind.serves:
         raise ConfigError(
             f"softprompt serve streams completions from causal and seq2seq LMs; {loaded.name} "
             "is a classification model: use `softprompt generate` or `eval` (or the Python API)"
@@ -257,8 +258,8 @@ def _completion_jobs(state: ServerState, body: CompletionBody, loop) -> list[Job
     fmt = entry.fmt if entry is not None and entry.fmt is not None else PromptFormat()
     tok = state.loaded.tokenizer
     try:
-        encoded = [encode_raw(tok, fmt, t, body.fields) for t in texts]
-    except DataError as err:
+        encoded = [state.loaded.kind.encode(tok, fmt, t, body.fields) for t in texts]
+    except SoftpromptError as err:
         raise ApiError(400, str(err)) from None
     return _rows(state, body, encoded, entry, body.max_tokens or 16, loop)
 
@@ -267,9 +268,9 @@ def _chat_jobs(state: ServerState, body: ChatBody, loop) -> list[Job]:
     _check_chars(state, [m.content if isinstance(m.content, str) else json.dumps(m.content)
                          for m in body.messages])  # fmt: skip
     entry = _entry(state, body.model)
-    if state.loaded.kind != "causal":
-        raise ApiError(400, f"this server's model is {state.loaded.kind}: no conversations; "
-                       "use /v1/completions")  # fmt: skip
+    if not state.loaded.kind.chat:
+        raise ApiError(400, f"this server's model is {state.loaded.kind.name}: no "
+                       "conversations; use /v1/completions")  # fmt: skip
     fmt = entry.fmt if entry is not None else None
     if fmt is not None and not fmt.chat and fmt.template is not None:
         raise ApiError(

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from softprompt.generation import generate_ids
 from softprompt.loading import LoadedModel
 from softprompt.prefix import Prefix
 
@@ -203,16 +202,13 @@ class Batcher:
         )
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         feed = _Feed(batch, eos)
-        if self.loaded.kind == "seq2seq":
-            _encoder_generate(self.loaded.model, batch, gen_cfg, feed, tok.pad_token_id)
-        else:
-            generate_ids(
-                self.loaded.model,
-                [r.ids for r in batch],
-                [r.prefix for r in batch],
-                gen_cfg,
-                stopping=StoppingCriteriaList([feed]),
-            )
+        self.loaded.kind.generate_ids(
+            self.loaded.model,
+            [r.ids for r in batch],
+            [r.prefix for r in batch],
+            gen_cfg,
+            stopping=StoppingCriteriaList([feed]),
+        )
         for req in batch:
             if req.finish_reason is None:  # the model's own limit ended the row
                 req.finish("length")
@@ -222,23 +218,3 @@ class Batcher:
         print(f"[softprompt] request failed: {type(err).__name__}: {err}", file=sys.stderr)
         self.metrics.add(failed_requests=1)
         req.fail(f"generation failed: {type(err).__name__}: {err}")
-
-
-def _encoder_generate(model, batch: list[Job], gen_cfg: GenerationConfig, feed, pad_id) -> None:
-    """An encoder-decoder's rows: each row's prompt (if any) before its input embeddings,
-    right-padded; the decoder's tokens stream through ``feed`` as they come."""
-    embed = model.get_input_embeddings()
-    device = embed.weight.device
-    rows = []
-    for r in batch:
-        text = embed(torch.tensor(r.ids, device=device))  # (T, H)
-        rows.append(text if r.prefix is None else torch.cat([r.prefix.embeds.to(device), text]))
-    width = max(len(x) for x in rows)
-    embeds = torch.zeros(len(rows), width, rows[0].shape[1], dtype=rows[0].dtype, device=device)
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, x in enumerate(rows):
-        embeds[i, : len(x)], mask[i, : len(x)] = x, 1
-    gen_cfg.decoder_start_token_id = model.config.decoder_start_token_id
-    with torch.no_grad():
-        model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg,
-                       stopping_criteria=StoppingCriteriaList([feed]))  # fmt: skip

@@ -141,13 +141,9 @@ class PromptStore:
         raise ApiError(400, message) from None
 
     def _compiled(self, prompt: SoftPrompt) -> Prefix:
-        """The prompt's prefix; an encoder-decoder's prompt goes before the encoder's input,
-        with nothing to run ahead: its embeddings alone."""
-        model = self.loaded.model
-        if self.loaded.kind != "seq2seq":
-            return compile_prefix(model, prompt)
-        dtype = model.get_input_embeddings().weight.dtype
-        return Prefix(prompt.embedding.detach().to(dtype), [], [])
+        """The prompt as its model's kind serves it (a decoder's compiled prefix; an
+        encoder-decoder's embeddings alone, which go before the encoder's input)."""
+        return self.loaded.kind.compile(self.loaded.model, prompt)
 
     def skipped(self) -> dict[str, str]:
         """Prompt folders that could not be loaded, and why."""

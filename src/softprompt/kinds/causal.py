@@ -1,0 +1,141 @@
+"""Decoder LMs: the prompt first in every row, or after a constant head (a template's text
+before ``{soft_prompt}``, a chat's system turn). The loss (``loss.lm_loss``) runs the prompt
+once per batch as a shared prefix; generation (``generation.py``) compiles it once; choices
+are scored from one pass over each input (``scoring.classify``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from softprompt.data import Encoded, Example, Row, collate, encode_example, encode_raw, tokenize
+from softprompt.generation import generate_encoded, generate_ids
+from softprompt.loss import lm_loss, support
+from softprompt.prefix import Prefix, PromptLike, compile_prefix, embeds_only
+from softprompt.prompt import SoftPrompt
+from softprompt.scoring import classify, evaluate_loss, loss_scoring, pooled_loss
+from softprompt.templates import PromptFormat
+
+
+class Causal:
+    """The causal LM kind (see ``kinds.Kind``)."""
+
+    name = "causal"
+    peft_task_type = "CAUSAL_LM"
+    model_types = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    auto_class = AutoModelForCausalLM
+    chat = True
+    serves = True
+    prompt_inside = True
+    restricted_choices = True  # --choices' restricted loss over the answer's first token
+
+    def load_kwargs(self, labels: list[str] | None) -> dict:
+        return {}
+
+    def prepare(self, model: nn.Module) -> None:
+        """Decide once, at load, which shortcuts the model allows (``loss.support``): every
+        later step, generation and server batch obeys the same answer."""
+        support(model)
+
+    def labels(self, model: nn.Module) -> list[str] | None:
+        return None
+
+    def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
+        return None
+
+    def tokenize(
+        self, examples: list[Example], tokenizer, max_tokens: int, task_ids, fmt, delimiter,
+        loss_on: str, labels: list[str] | None = None,
+    ) -> list[Row]:  # fmt: skip
+        return tokenize(examples, tokenizer, max_tokens, delimiter, task_ids, fmt, loss_on)
+
+    def data_mode(self, mode: str) -> str:
+        return mode
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def rows_loss(
+        self, model: nn.Module, prompts, rows: list[Row], pad_id: int, device,
+        choice_ids: Tensor | None = None,
+    ) -> tuple[Tensor, int, int]:  # fmt: skip
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        loss, n = lm_loss(model, prompts, batch, choice_ids=choice_ids)
+        return loss, n, _processed(model, batch, prompts.num_virtual_tokens)
+
+    def evaluate_loss(
+        self, model: nn.Module, prompt, rows: list[Row], batch_size: int, pad_id: int,
+        choice_ids: Tensor | None = None,
+    ) -> dict:  # fmt: skip
+        return evaluate_loss(model, prompt, rows, batch_size, pad_id, choice_ids)
+
+    def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
+        return encode_raw(tokenizer, fmt, text, fields)
+
+    def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
+        return encode_example(tokenizer, fmt, ex)
+
+    def answer(
+        self, loaded, encoded: list[Encoded], prompts: Sequence[PromptLike], cfg,
+        prefix_cache: bool = True, stop_ids: list[int] | None = None,
+    ) -> list[str]:  # fmt: skip
+        return generate_encoded(loaded, encoded, prompts, cfg, prefix_cache, stop_ids)
+
+    def score_choices(
+        self, loaded, prompt: SoftPrompt | None, encoded: list[Encoded], sources: list[str],
+        choices: list[str], opts: dict, rows: list[Row] | None = None,
+    ) -> tuple[list[list[float]], dict | None]:  # fmt: skip
+        """Each choice's score after each input; with ``rows`` (the labelled rows of the
+        same inputs) also their loss, from the same pass where the inputs agree."""
+        model, tok = loaded.model, loaded.tokenizer
+        extra = [loss_scoring(r) for r in rows] if rows is not None else None
+        _, scores = classify(model, tok, prompt, sources, choices, contexts=encoded,
+                             extra=extra, **opts)  # fmt: skip
+        if rows is None:
+            return scores, None
+        return scores, pooled_loss(model, prompt, rows, extra, opts["batch_size"], tok)
+
+    def generate_ids(
+        self, model: nn.Module, ids: Sequence[list[int]], prefixes: Sequence[Prefix | None],
+        gen_cfg, stopping=None,
+    ) -> Tensor:  # fmt: skip
+        # prefixes compiled without keys/values (``compile``) run as plain inputs
+        cached = all(p is None or p.keys for p in prefixes)
+        return generate_ids(model, ids, prefixes, gen_cfg, stopping=stopping,
+                            prefix_cache=cached)  # fmt: skip
+
+    def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
+        if not support(model).shared_prefix:  # a cache that cannot hold it (Mamba, ...)
+            return embeds_only(model, prompt)
+        return compile_prefix(model, prompt)
+
+    def adapter_fields(self) -> dict:
+        return {"num_transformer_submodules": 1, "modules_to_save": None}
+
+    def saved_rows(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def loaded_rows(self, rows: Tensor, n: int | None) -> Tensor:
+        return rows
+
+    def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+        return None
+
+
+def _processed(model: nn.Module, batch: dict, n_virtual: int) -> int:
+    """Positions the model body ran: padded text, plus the virtual tokens (once per task in
+    the batch when they are shared, else once per row)."""
+    rows, width = batch["input_ids"].shape
+    if support(model).shared_prefix:
+        return rows * width + n_virtual * len(torch.unique(batch["task"]))
+    return rows * width + rows * n_virtual
+
+
+CAUSAL = Causal()

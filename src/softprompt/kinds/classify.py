@@ -1,0 +1,277 @@
+"""Encoder classification (BERT, RoBERTa, MiniLM): a soft prompt and a classification head.
+
+As in PEFT's SEQ_CLS prompt tuning, the virtual tokens go before *all* tokens ([CLS]
+included), the attention mask is extended with ones (token type ids, left to the model,
+are zeros: one segment), and the model's classification head (``classifier`` / ``score``,
+PEFT's ``modules_to_save``) trains beside the prompt; the rest of the model stays frozen.
+A row holds the input's ids in ``input_ids`` and its label's index as ``labels[0]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+from softprompt.data import Encoded, Example, Row
+from softprompt.errors import ArtifactError, ConfigError
+from softprompt.generation import prompt_batches
+from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
+from softprompt.prefix import Prefix, embeds_only
+from softprompt.prompt import SoftPrompt, before_input, rows_prompts
+from softprompt.scoring import mean_row_loss
+from softprompt.templates import PromptFormat
+
+HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
+HEAD_PREFIX = "base_model."  # PEFT's key for head tensors: base_model.classifier.weight
+
+
+def label_list(examples: list[Example]) -> list[str]:
+    """The labels of ``examples`` (their targets), sorted: the head's outputs, in order."""
+    labels = sorted({ex.target for ex in examples if ex.target is not None})
+    if len(labels) < 2:
+        where = examples[0].where if examples else "the data"
+        raise ConfigError(
+            f"{where}: a classification model needs two or more different labels in the "
+            f"target field; found {labels or 'none'}"
+        )
+    return labels
+
+
+def tokenize_labels(
+    examples: list[Example],
+    tokenizer,
+    max_tokens: int,
+    labels: list[str],
+    task_ids: dict[str, int] | None = None,
+) -> list[Row]:
+    """One row per example: its ids (at most ``max_tokens``; the end cut, its last token kept)
+    and ``[label index]``."""
+    index = {label: i for i, label in enumerate(labels)}
+    rows = []
+    for ex in examples:
+        if ex.target is None or ex.messages is not None or ex.head is not None:
+            raise ConfigError(
+                f"{ex.where}: a classification model learns input/label pairs; give records "
+                "with an input and a target (label) field"
+            )
+        if ex.target not in index:
+            raise ConfigError(
+                f"{ex.where}: label {ex.target!r} is not one of the model's labels "
+                f"({', '.join(labels)})"
+            )
+        ids = tokenizer(ex.source)["input_ids"]
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + ids[-1:]  # keep [SEP]
+        rows.append(Row(ids, [index[ex.target]], task=task_ids[ex.task] if task_ids else 0))
+    return rows
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
+    """Ids and mask (B, T), right-padded; labels (B,); task (B,)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        mask[i, : len(r.input_ids)] = 1
+    labels = torch.tensor([r.labels[0] for r in rows], dtype=torch.long)
+    task = torch.tensor([r.task for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
+
+
+def logits(model: nn.Module, prompt, batch: dict[str, Tensor]) -> Tensor:
+    """Class logits (B, L), the prompt before every row's tokens."""
+    embeds, mask = before_input(model, prompt, batch)
+    return model(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) -> tuple:
+    """(summed cross-entropy over rows, row count, positions run)."""
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    out = logits(model, prompt, batch)
+    loss = F.cross_entropy(out.float(), batch["labels"], reduction="sum")
+    n_virtual = 0 if prompt is None else rows_prompts(prompt, batch)[0].shape[1]
+    return loss, len(rows), int(batch["input_ids"].numel() + len(rows) * n_virtual)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, tokenizer, prompt, sources: list[str], batch_size: int = 16
+) -> list[list[float]]:
+    """Class probabilities of each source, in the model's label order."""
+    out: list[list[float]] = [[]] * len(sources)
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids = [tokenizer(sources[i])["input_ids"] for i in idx]
+        for i, probs in zip(idx, predict_ids(model, ids, prompt, tokenizer.pad_token_id)):
+            out[i] = probs
+    return out
+
+
+@torch.no_grad()
+def predict_ids(model: nn.Module, ids: list[list[int]], prompt, pad_id: int) -> list[list[float]]:
+    """Class probabilities of each row of token ids (one batch), the prompt before each."""
+    device = model.get_input_embeddings().weight.device
+    batch = {k: v.to(device) for k, v in collate([Row(x, [0]) for x in ids], pad_id).items()}
+    return logits(model, prompt, batch).float().softmax(dim=-1).tolist()
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The classification head's modules by name, as PEFT picks them (a child whose name
+    contains ``classifier`` or ``score``)."""
+    found = {n: m for n, m in model.named_children() if any(h in n for h in HEAD_NAMES)}
+    if not found:
+        raise ConfigError(f"{type(model).__name__} has no classifier or score module to train")
+    return found
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The head's parameters, made trainable (the rest of the model stays frozen)."""
+    params = [p for m in head_modules(model).values() for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def head_state(model: nn.Module) -> dict[str, Tensor]:
+    """The head's tensors under PEFT's key names (``base_model.classifier.weight``)."""
+    return {
+        f"{HEAD_PREFIX}{name}.{key}": value.detach().float().cpu().contiguous()
+        for name, module in head_modules(model).items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def load_head(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    """Put a saved head (PEFT's key names) into ``model``; refuse one of another shape."""
+    for name, module in head_modules(model).items():
+        state = {}
+        for key, value in module.state_dict().items():
+            saved = tensors.get(f"{HEAD_PREFIX}{name}.{key}")
+            if saved is None or saved.shape != value.shape:
+                raise ArtifactError(
+                    f"{where}: no classification head for this model's {name}.{key} "
+                    f"{tuple(value.shape)} (saved: "
+                    f"{None if saved is None else tuple(saved.shape)}); load the model the "
+                    "prompt was trained with"
+                )
+            state[key] = saved.to(value.dtype)
+        module.load_state_dict(state)
+
+
+class Classify:
+    """The encoder-classifier kind (see ``kinds.Kind``): the head learns beside the prompt
+    and is saved with it (PEFT's ``modules_to_save``)."""
+
+    name = "classify"
+    peft_task_type = "SEQ_CLS"
+    model_types = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    auto_class = AutoModelForSequenceClassification
+    chat = False
+    serves = False  # a label, not a stream: `generate` and `eval` answer for it
+    prompt_inside = False
+    restricted_choices = False
+
+    def prepare(self, model: nn.Module) -> None:
+        return None
+
+    def load_kwargs(self, labels: list[str] | None) -> dict:
+        labels = labels or ["0", "1"]
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {x: i for i, x in enumerate(labels)}}  # fmt: skip
+
+    def labels(self, model: nn.Module) -> list[str] | None:
+        return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
+        refuse_training(cfg, self.name, "learns the data's labels with its head: leave out "
+                        "--choices")  # fmt: skip
+        if cfg.ensemble > 1:
+            raise ConfigError("--ensemble: a classification model has one head, shared by every "
+                              "prompt; train one prompt + head per run instead")  # fmt: skip
+        if cfg.task_field:
+            raise ConfigError("--task-field: a classification model has one head, so one task; "
+                              "train one prompt per task instead")  # fmt: skip
+        if processes > 1:
+            raise ConfigError("a classification model trains in one process (its head's "
+                              "gradient is not shared across processes)")  # fmt: skip
+        labels = label_list(examples)
+        if loaded.labels != labels:
+            raise ConfigError(
+                f"the model's head has labels {loaded.labels}, the data {labels}: load the "
+                "model with load_model(cfg, labels=...) the data's labels, sorted"
+            )
+
+    def tokenize(
+        self, examples: list[Example], tokenizer, max_tokens: int, task_ids, fmt, delimiter,
+        loss_on: str, labels: list[str] | None = None,
+    ) -> list[Row]:  # fmt: skip
+        return tokenize_labels(examples, tokenizer, max_tokens, labels, task_ids)
+
+    def data_mode(self, mode: str) -> str:
+        return "labels"
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return head_parameters(model)
+
+    def rows_loss(self, model, prompts, rows, pad_id, device, choice_ids=None):
+        return rows_loss(model, prompts, rows, pad_id, device)
+
+    def evaluate_loss(self, model, prompt, rows, batch_size, pad_id, choice_ids=None) -> dict:
+        return mean_row_loss(rows_loss, model, prompt, rows, batch_size, pad_id)
+
+    def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
+        _, source = refuse_head(fmt, text, fields)
+        return None, tokenizer(source)["input_ids"]
+
+    def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
+        refuse_inside([ex], "a classification model")
+        return None, tokenizer(ex.source)["input_ids"]
+
+    def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None):
+        """Each input's label (the argmax of the head)."""
+        out = [""] * len(encoded)
+        for part in prompt_batches(prompts, cfg.batch_size):
+            probs = predict_ids(loaded.model, [encoded[i][1] for i in part], prompts[part[0]],
+                                loaded.tokenizer.pad_token_id)  # fmt: skip
+            for i, p in zip(part, probs):
+                out[i] = loaded.labels[max(range(len(p)), key=p.__getitem__)]
+        return out
+
+    def score_choices(self, loaded, prompt, encoded, sources, choices, opts, rows=None):
+        """Each input's class probabilities; the choices are the head's labels."""
+        probs = []
+        for start in range(0, len(encoded), opts.get("batch_size", 16)):
+            part = encoded[start : start + opts.get("batch_size", 16)]
+            probs += predict_ids(loaded.model, [ids for _, ids in part], prompt,
+                                 loaded.tokenizer.pad_token_id)  # fmt: skip
+        return probs, None
+
+    def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None) -> Tensor:
+        raise ConfigError("a classification model answers with a label: use `softprompt "
+                          "generate` or `eval`")  # fmt: skip
+
+    def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
+        return embeds_only(model, prompt)
+
+    def adapter_fields(self) -> dict:
+        return {"num_transformer_submodules": 1, "modules_to_save": list(HEAD_NAMES)}
+
+    def saved_rows(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def loaded_rows(self, rows: Tensor, n: int | None) -> Tensor:
+        return rows
+
+    def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        return head_state(model)
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+        load_head(model, tensors, where)
+
+
+CLASSIFY = Classify()

@@ -1,0 +1,42 @@
+"""What the kinds whose prompt goes before the whole input (seq2seq, classify) refuse: a
+prompt inside the text, conversations, and the causal LM's training shortcuts."""
+
+from __future__ import annotations
+
+from softprompt.data import Encoded, Example
+from softprompt.errors import ConfigError, SoftpromptError
+from softprompt.templates import PromptFormat
+
+
+def refuse_inside(examples: list[Example], what: str = "an encoder-decoder model") -> None:
+    """Conversations and a prompt inside the text are for causal LMs."""
+    for ex in examples:
+        if ex.messages is not None:
+            raise ConfigError(f"{ex.where}: {what} takes input/target pairs, not conversations")
+        if ex.head is not None:
+            raise ConfigError(
+                "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
+                "model takes the prompt before its whole input"
+            )
+
+
+def refuse_head(fmt: PromptFormat, text: str, fields) -> Encoded:
+    """(None, text) of a raw input: a prompt inside the template is refused."""
+    head, rest = fmt.raw_text(text, fields)
+    if head is not None:
+        raise SoftpromptError(
+            "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
+            "model takes the prompt before its whole input"
+        )
+    return None, rest
+
+
+def refuse_training(cfg, kind: str, choices_advice: str) -> None:
+    """What an encoder-decoder or a classifier cannot train, said in one line."""
+    if cfg.shard_model:
+        raise ConfigError(f"--shard-model shards decoder layers of causal LMs, not {kind}")
+    if cfg.restricted_choices is not None:
+        raise ConfigError(
+            f"--choices with the restricted loss is for causal LMs; a {kind} model "
+            + choices_advice
+        )

@@ -1,0 +1,249 @@
+"""Encoder-decoder models (T5, BART): the soft prompt before the encoder's input.
+
+As in PEFT's SEQ_2_SEQ_LM prompt tuning, the virtual tokens go before the encoder's input
+embeddings (its attention mask extended with ones) and the decoder is untouched: it reads the
+target shifted right, as the model itself does from ``labels``. A row holds the encoder's
+input ids in ``input_ids`` and the decoder's target ids (with EOS) in ``labels``; they are not
+aligned, so this kind has its own collate, loss, scoring and generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModelForSeq2SeqLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+from softprompt.data import IGNORE_INDEX, Encoded, Example, Row
+from softprompt.errors import ConfigError
+from softprompt.generation import generation_config, prompt_batches
+from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
+from softprompt.prefix import Prefix, PromptLike, embeds_only
+from softprompt.prompt import SoftPrompt, before_input, embed_tokens
+from softprompt.scoring import mean_row_loss
+from softprompt.templates import PromptFormat
+
+
+def tokenize_pairs(
+    examples: list[Example], tokenizer, max_tokens: int, task_ids: dict[str, int] | None = None
+) -> list[Row]:
+    """One row per input/target pair: the encoder's ids (at most ``max_tokens``, the start
+    cut) and the target's ids with the model's EOS (at most ``max_tokens``)."""
+    rows = []
+    for ex in examples:
+        if ex.target is None or ex.messages is not None or ex.head is not None:
+            raise ConfigError(
+                f"{ex.where}: an encoder-decoder model learns input/target pairs; give records "
+                "with an input and a target field (no conversations, plain text or "
+                "{soft_prompt} in the template)"
+            )
+        src = tokenizer(ex.source)["input_ids"]
+        tgt = target_ids(tokenizer, ex.target)[:max_tokens]
+        if len(src) > max_tokens:  # keep the end (and its EOS): the question matters most
+            src = src[len(src) - max_tokens :]
+        rows.append(Row(src, tgt, task=task_ids[ex.task] if task_ids else 0))
+    return rows
+
+
+def target_ids(tokenizer, text: str) -> list[int]:
+    """The decoder's target as the tokenizer writes it (T5: text + EOS; BART: BOS + text +
+    EOS), with an EOS added where it has none, so the model learns to stop."""
+    ids = tokenizer(text_target=text)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else [*ids, tokenizer.eos_token_id]
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
+    """Encoder ids and mask (B, S), right-padded; labels (B, T) padded with IGNORE_INDEX."""
+    width = max(len(r.input_ids) for r in rows)
+    target_width = max(len(r.labels) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), target_width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        mask[i, : len(r.input_ids)] = 1
+        labels[i, : len(r.labels)] = torch.tensor(r.labels)
+    task = torch.tensor([r.task for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
+
+
+def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) -> tuple:
+    """(summed cross-entropy over target tokens, their count, positions run)."""
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    embeds, mask = before_input(model, prompt, batch)
+    labels = batch["labels"]
+    # decoder input: the labels shifted right behind the start token, as the model does it
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    keep = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum()), int(mask.numel() + labels.numel())
+
+
+def encoder_embeds(
+    model: nn.Module, ids: Sequence[list[int]], prompts: Sequence[PromptLike], pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """The encoder's input (B, L, H) and mask (B, L) for rows of different prompts: each row's
+    prompt (a SoftPrompt, a compiled Prefix's embeddings, or none) before its ids,
+    right-padded."""
+    weight = model.get_input_embeddings().weight
+    rows = []
+    for row, prompt in zip(ids, prompts):
+        text = embed_tokens(model, torch.tensor([row], device=weight.device))[0]  # (T, H)
+        if prompt is not None:
+            virtual = prompt.embeds if isinstance(prompt, Prefix) else prompt.embedding
+            text = torch.cat([virtual.detach().to(device=text.device, dtype=text.dtype), text])
+        rows.append(text)
+    width = max(len(x) for x in rows)
+    embeds = weight.new_zeros(len(rows), width, weight.shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=weight.device)
+    for i, x in enumerate(rows):
+        embeds[i, : len(x)], mask[i, : len(x)] = x, 1
+    return embeds, mask
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    ids: Sequence[list[int]],
+    prompts: Sequence[PromptLike],
+    gen_cfg,
+    stopping=None,
+    pad_id: int = 0,
+) -> Tensor:
+    """The decoder's tokens (B, steps) for each row of encoder ids with its own prompt;
+    ``gen_cfg``: a transformers GenerationConfig (``stopping``: criteria that may stream)."""
+    embeds, mask = encoder_embeds(model, ids, prompts, pad_id)
+    # the decoder starts from the model's own start token, whatever the tokenizer's BOS
+    gen_cfg.bos_token_id = None
+    gen_cfg.decoder_start_token_id = model.config.decoder_start_token_id
+    return model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg,
+                          stopping_criteria=stopping)  # fmt: skip
+
+
+@torch.no_grad()
+def score_choices(
+    model: nn.Module, tokenizer, prompt, sources: list[str], choices: list[str]
+) -> list[list[float]]:
+    """Log-likelihood of each choice as the decoder's output for each source (summed over
+    its tokens and EOS). The encoder runs once per source; every choice reads its output."""
+    device = model.get_input_embeddings().weight.device
+    targets = [target_ids(tokenizer, c) for c in choices]
+    choice_rows = [Row([0], t) for t in targets]
+    labels = collate(choice_rows, 0)["labels"].to(device)  # (C, T)
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    keep = labels != IGNORE_INDEX
+    out = []
+    encoder = model.get_encoder()
+    for source in sources:
+        rows = [Row(tokenizer(source)["input_ids"], [IGNORE_INDEX])]
+        batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+        embeds, mask = before_input(model, prompt, batch)
+        hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (1,S,H)
+        c = len(choices)
+        logits = model(
+            encoder_outputs=(hidden.expand(c, -1, -1),),
+            attention_mask=mask.expand(c, -1),
+            decoder_input_ids=decoder_ids,
+        ).logits.float()  # (C, T, V)
+        logp = F.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0).unsqueeze(2))
+        out.append((logp.squeeze(2) * keep).sum(dim=1).tolist())
+    return out
+
+
+class Seq2Seq:
+    """The encoder-decoder kind (see ``kinds.Kind``)."""
+
+    name = "seq2seq"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    model_types = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    auto_class = AutoModelForSeq2SeqLM
+    chat = False
+    serves = True
+    prompt_inside = False
+    restricted_choices = False
+
+    def prepare(self, model: nn.Module) -> None:
+        return None
+
+    def load_kwargs(self, labels: list[str] | None) -> dict:
+        return {}
+
+    def labels(self, model: nn.Module) -> list[str] | None:
+        return None
+
+    def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
+        refuse_training(cfg, self.name, "learns the whole target: --choice-loss full")
+
+    def tokenize(
+        self, examples: list[Example], tokenizer, max_tokens: int, task_ids, fmt, delimiter,
+        loss_on: str, labels: list[str] | None = None,
+    ) -> list[Row]:  # fmt: skip
+        return tokenize_pairs(examples, tokenizer, max_tokens, task_ids)
+
+    def data_mode(self, mode: str) -> str:
+        return mode
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def rows_loss(self, model, prompts, rows, pad_id, device, choice_ids=None):
+        return rows_loss(model, prompts, rows, pad_id, device)
+
+    def evaluate_loss(self, model, prompt, rows, batch_size, pad_id, choice_ids=None) -> dict:
+        return mean_row_loss(rows_loss, model, prompt, rows, batch_size, pad_id)
+
+    def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
+        _, source = refuse_head(fmt, text, fields)
+        return None, tokenizer(source)["input_ids"]
+
+    def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
+        refuse_inside([ex])
+        return None, tokenizer(ex.source)["input_ids"]
+
+    def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None):
+        torch.manual_seed(cfg.seed)  # sampling, as for causal models
+        tok, gen_cfg = loaded.tokenizer, generation_config(loaded.tokenizer, cfg)
+        out = [""] * len(encoded)
+        for part in prompt_batches(prompts, cfg.batch_size):
+            new = generate_ids(loaded.model, [encoded[i][1] for i in part],
+                               [prompts[i] for i in part], gen_cfg)  # fmt: skip
+            for i, text in zip(part, tok.batch_decode(new, skip_special_tokens=True)):
+                out[i] = text.strip()
+        return out
+
+    def score_choices(self, loaded, prompt, encoded, sources, choices, opts, rows=None):
+        tok = loaded.tokenizer
+        scores = score_choices(loaded.model, tok, prompt, sources, choices)
+        if opts.get("length_norm"):
+            lengths = [len(target_ids(tok, c)) for c in choices]
+            scores = [[s / n for s, n in zip(row, lengths)] for row in scores]
+        return scores, None
+
+    def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None) -> Tensor:
+        return generate_ids(model, ids, prefixes, gen_cfg, stopping)
+
+    def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
+        return embeds_only(model, prompt)  # nothing runs ahead of an encoder's input
+
+    def adapter_fields(self) -> dict:
+        return {"num_transformer_submodules": 2, "modules_to_save": None}
+
+    def saved_rows(self, rows: Tensor) -> Tensor:
+        return torch.cat([rows, rows])  # PEFT's rows for the decoder: unused, a copy
+
+    def loaded_rows(self, rows: Tensor, n: int | None) -> Tensor:
+        # PEFT's (2N, H): prompt tuning puts the first N before the encoder
+        return rows[:n] if n and rows.shape[0] == 2 * n else rows
+
+    def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+        return None
+
+
+SEQ2SEQ = Seq2Seq()

@@ -92,13 +92,13 @@ def save_prompt(
         "inference_mode": True,
         "num_virtual_tokens": prompt.num_virtual_tokens,
         "token_dim": prompt.hidden_size,
-        "num_attention_heads": getattr(config, "num_attention_heads", None),
-        "num_layers": getattr(config, "num_hidden_layers", None),
+        "num_attention_heads": _config_int(config, "num_attention_heads", "n_head", "num_heads"),
+        "num_layers": _config_int(config, "num_hidden_layers", "n_layer", "num_layers"),
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": hub_name,
         "tokenizer_kwargs": None,
-        **kind.adapter_fields(),  # num_transformer_submodules, modules_to_save
+        **kind.adapter_fields(model),  # num_transformer_submodules, modules_to_save
     }
     rows = kind.saved_rows(prompt.embedding.detach().float().cpu())
     weights = {PROMPT_KEY: rows.contiguous(), **kind.extra_tensors(model)}
@@ -117,6 +117,18 @@ def save_prompt(
         start = {PROMPT_KEY: initial.detach().float().cpu().contiguous()}
         atomic_write(folder / INITIAL, lambda p: save_file(start, str(p)))
     return folder
+
+
+def _config_int(config, *names: str) -> int:
+    """The first of ``names`` the config (or its text config) sets, else 1. PEFT reads these
+    for prompt tuning only to fill its config, and refuses to load one where they are null
+    (a state-space model such as Mamba has no attention heads)."""
+    for source in (config, getattr(config, "text_config", None)):
+        for name in names:
+            value = getattr(source, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return 1
 
 
 class _Loose(BaseModel):

@@ -8,6 +8,8 @@ and cast to the model's dtype only where the two meet, in ``prepend``.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -192,8 +194,38 @@ def before_input(model: nn.Module, prompt, batch: dict[str, Tensor]) -> tuple[Te
 
 
 def embed_tokens(model: nn.Module, input_ids: Tensor) -> Tensor:
-    """Token ids -> what the model's embedding layer returns (scaled for Gemma)."""
-    return model.get_input_embeddings()(input_ids)
+    """Token ids -> the embeddings the model's first layer sees when given these ids: what
+    the embedding layer returns (scaled for Gemma), times ``input_scale``."""
+    embeds = model.get_input_embeddings()(input_ids)
+    scale = input_scale(model)
+    return embeds if scale == 1.0 else embeds * scale
+
+
+_SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def input_scale(model: nn.Module) -> float:
+    """The factor by which the model's body multiplies embedded *ids* but not
+    ``inputs_embeds`` (Pegasus, Marian and BlenderbotSmall encoders with scale_embedding:
+    sqrt(d)), else 1.0. Checked once per model against its own forward: a body that scales
+    both, or neither, gets 1.0."""
+    if model not in _SCALES:
+        encoder = getattr(model.config, "is_encoder_decoder", False)
+        body = model.get_encoder() if encoder else model.base_model
+        scale = getattr(body, "embed_scale", None)
+        _SCALES[model] = 1.0
+        if isinstance(scale, (int, float)) and scale != 1.0:
+            ids = torch.arange(1, 5, device=model.get_input_embeddings().weight.device)[None]
+            scaled = model.get_input_embeddings()(ids) * scale
+            try:
+                want = body(input_ids=ids).last_hidden_state
+                got = body(inputs_embeds=scaled).last_hidden_state
+            except (AttributeError, RuntimeError, TypeError, ValueError):
+                return 1.0  # a body that cannot run alone: as the embedding layer returns
+            if torch.allclose(got, want, atol=1e-5):
+                _SCALES[model] = float(scale)
+    return _SCALES[model]
 
 
 def init_prompt(

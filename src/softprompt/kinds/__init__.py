@@ -107,7 +107,7 @@ class Kind(Protocol):
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
         """A loaded prompt as the server keeps it (its per-layer keys/values if it has any)."""
 
-    def adapter_fields(self) -> dict:
+    def adapter_fields(self, model: nn.Module) -> dict:
         """What this kind sets in PEFT's adapter_config.json beyond the common fields."""
 
     def saved_rows(self, rows: Tensor) -> Tensor:
@@ -154,6 +154,7 @@ def detect(config, task: str = "auto", shown: str = "the model") -> Kind:
     """The kind of model ``config`` describes (``task`` other than auto: that kind, checked)."""
     model_type = getattr(config, "model_type", None)
     remote = bool(getattr(config, "auto_map", None))  # trust_remote_code models map themselves
+    _refuse_multimodal(config, shown)
     if task != "auto":
         kind = by_name(task)
         if not remote and model_type not in kind.model_types:
@@ -175,6 +176,24 @@ def detect(config, task: str = "auto", shown: str = "the model") -> Kind:
     raise ConfigError(
         f"{shown} ({archs}) is neither a causal LM, an encoder-decoder nor an encoder with a "
         "classification class in transformers; softprompt cannot tune a prompt for it"
+    )
+
+
+MULTIMODAL = ("vision_config", "audio_config", "vision_tower", "audio_encoder_config")
+
+
+def _refuse_multimodal(config, shown: str) -> None:
+    """A multimodal wrapper (Gemma3ForConditionalGeneration): refused in one line, naming its
+    text model, which is what a prompt for text is tuned on."""
+    tower = next((n for n in MULTIMODAL if getattr(config, n, None) is not None), None)
+    if tower is None:
+        return
+    archs = ", ".join(getattr(config, "architectures", None) or [str(config.model_type)])
+    text = getattr(getattr(config, "text_config", None), "model_type", None)
+    use = f"its text model ({text})" if text else "a text-only model"
+    raise ConfigError(
+        f"{shown} ({archs}) is a multimodal model ({tower.split('_')[0]} tower); softprompt "
+        f"tunes prompts for text models: use {use}"
     )
 
 

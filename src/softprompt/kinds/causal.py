@@ -16,7 +16,7 @@ from softprompt.data import Encoded, Example, Row, collate, encode_example, enco
 from softprompt.generation import generate_encoded, generate_ids
 from softprompt.loss import lm_loss, support
 from softprompt.prefix import Prefix, PromptLike, compile_prefix, embeds_only
-from softprompt.prompt import SoftPrompt
+from softprompt.prompt import SoftPrompt, input_scale
 from softprompt.scoring import classify, evaluate_loss, loss_scoring, pooled_loss
 from softprompt.templates import PromptFormat
 
@@ -37,9 +37,11 @@ class Causal:
         return {}
 
     def prepare(self, model: nn.Module) -> None:
-        """Decide once, at load, which shortcuts the model allows (``loss.support``): every
-        later step, generation and server batch obeys the same answer."""
+        """Decide once, at load, which shortcuts the model allows (``loss.support``) and how
+        it scales embedded ids: every later step, generation and server batch obeys the
+        same answer."""
         support(model)
+        input_scale(model)
 
     def labels(self, model: nn.Module) -> list[str] | None:
         return None
@@ -113,7 +115,7 @@ class Causal:
             return embeds_only(model, prompt)
         return compile_prefix(model, prompt)
 
-    def adapter_fields(self) -> dict:
+    def adapter_fields(self, model: nn.Module) -> dict:
         return {"num_transformer_submodules": 1, "modules_to_save": None}
 
     def saved_rows(self, rows: Tensor) -> Tensor:

@@ -121,9 +121,18 @@ def predict_ids(model: nn.Module, ids: list[list[int]], prompt, pad_id: int) -> 
 
 
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The classification head's modules by name, as PEFT picks them (a child whose name
-    contains ``classifier`` or ``score``)."""
-    found = {n: m for n, m in model.named_children() if any(h in n for h in HEAD_NAMES)}
+    """The classification head's modules by name: a child whose name contains
+    ``classifier`` or ``score`` (PEFT's default modules_to_save), and every other child with
+    weights outside the body, which a base encoder's checkpoint does not hold either, so it
+    is created fresh at load (DeBERTa-v2's ``pooler``, ModernBERT's ``head``): trained and
+    saved with the head, and named in modules_to_save."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    found = {
+        n: m
+        for n, m in model.named_children()
+        if any(h in n for h in HEAD_NAMES)
+        or (body is not None and m is not body and next(m.parameters(), None) is not None)
+    }
     if not found:
         raise ConfigError(f"{type(model).__name__} has no classifier or score module to train")
     return found
@@ -258,8 +267,11 @@ class Classify:
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
         return embeds_only(model, prompt)
 
-    def adapter_fields(self) -> dict:
-        return {"num_transformer_submodules": 1, "modules_to_save": list(HEAD_NAMES)}
+    def adapter_fields(self, model: nn.Module) -> dict:
+        # PEFT's SEQ_CLS default, and the layers outside the body the model creates fresh at
+        # load (a PEFT user's base gets them random otherwise)
+        extra = [n for n in head_modules(model) if not any(h in n for h in HEAD_NAMES)]
+        return {"num_transformer_submodules": 1, "modules_to_save": [*HEAD_NAMES, *extra]}
 
     def saved_rows(self, rows: Tensor) -> Tensor:
         return rows

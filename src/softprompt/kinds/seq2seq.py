@@ -22,7 +22,7 @@ from softprompt.errors import ConfigError
 from softprompt.generation import generation_config, prompt_batches
 from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
 from softprompt.prefix import Prefix, PromptLike, embeds_only
-from softprompt.prompt import SoftPrompt, before_input, embed_tokens
+from softprompt.prompt import SoftPrompt, before_input, embed_tokens, input_scale
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
 
@@ -75,8 +75,7 @@ def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) ->
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     embeds, mask = before_input(model, prompt, batch)
     labels = batch["labels"]
-    # decoder input: the labels shifted right behind the start token, as the model does it
-    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    decoder_ids = decoder_input_ids(model, labels, pad_id)
     logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
     keep = labels != IGNORE_INDEX
     loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
@@ -105,6 +104,41 @@ def encoder_embeds(
     return embeds, mask
 
 
+def decoder_input_ids(model: nn.Module, labels: Tensor, pad_id: int) -> Tensor:
+    """The decoder's input (B, T): ``labels`` shifted right behind the start token, as the
+    model shifts them itself when given labels. A model without
+    ``prepare_decoder_input_ids_from_labels`` (BlenderbotSmall), or whose config has no start
+    token for it (T5 without decoder_start_token_id), is shifted here, behind the configured
+    start token (else pad), with IGNORE_INDEX as padding."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        try:
+            return prepare(labels=labels)
+        except (AttributeError, TypeError, ValueError):
+            pass  # no start token in the config: shift by hand
+    shifted = labels.new_full(labels.shape, pad_id)
+    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, pad_id)
+    shifted[:, 0] = _configured_start(model, pad_id)
+    return shifted
+
+
+def _configured_start(model: nn.Module, default: int) -> int:
+    for source in (model.config, getattr(model, "generation_config", None)):
+        start = getattr(source, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    return default
+
+
+def decoder_start(model: nn.Module, eos_id: int, pad_id: int) -> int:
+    """The token generation starts the decoder from: the one ``decoder_input_ids`` puts
+    first in training. mBART's config has none (its shift moves the target's last token, EOS,
+    to the front), so it is read off the shift of a one-token target [EOS]."""
+    device = model.get_input_embeddings().weight.device
+    probe = torch.tensor([[eos_id]], device=device)
+    return int(decoder_input_ids(model, probe, pad_id)[0, 0])
+
+
 @torch.no_grad()
 def generate_ids(
     model: nn.Module,
@@ -117,9 +151,11 @@ def generate_ids(
     """The decoder's tokens (B, steps) for each row of encoder ids with its own prompt;
     ``gen_cfg``: a transformers GenerationConfig (``stopping``: criteria that may stream)."""
     embeds, mask = encoder_embeds(model, ids, prompts, pad_id)
-    # the decoder starts from the model's own start token, whatever the tokenizer's BOS
+    # the decoder starts from the token training put first, whatever the tokenizer's BOS
     gen_cfg.bos_token_id = None
-    gen_cfg.decoder_start_token_id = model.config.decoder_start_token_id
+    eos = gen_cfg.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    gen_cfg.decoder_start_token_id = decoder_start(model, eos, pad_id)
     return model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg,
                           stopping_criteria=stopping)  # fmt: skip
 
@@ -134,7 +170,7 @@ def score_choices(
     targets = [target_ids(tokenizer, c) for c in choices]
     choice_rows = [Row([0], t) for t in targets]
     labels = collate(choice_rows, 0)["labels"].to(device)  # (C, T)
-    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    decoder_ids = decoder_input_ids(model, labels, tokenizer.pad_token_id)
     keep = labels != IGNORE_INDEX
     out = []
     encoder = model.get_encoder()
@@ -142,10 +178,13 @@ def score_choices(
         rows = [Row(tokenizer(source)["input_ids"], [IGNORE_INDEX])]
         batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
         embeds, mask = before_input(model, prompt, batch)
-        hidden = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (1,S,H)
+        # the encoder's own output object, every choice reading its states: ProphetNet and
+        # SwitchTransformers read it by field name (router_logits), not as a tuple
+        encoded = encoder(inputs_embeds=embeds, attention_mask=mask)
         c = len(choices)
+        encoded["last_hidden_state"] = encoded.last_hidden_state.expand(c, -1, -1)  # (C,S,H)
         logits = model(
-            encoder_outputs=(hidden.expand(c, -1, -1),),
+            encoder_outputs=encoded,
             attention_mask=mask.expand(c, -1),
             decoder_input_ids=decoder_ids,
         ).logits.float()  # (C, T, V)
@@ -167,7 +206,7 @@ class Seq2Seq:
     restricted_choices = False
 
     def prepare(self, model: nn.Module) -> None:
-        return None
+        input_scale(model)  # how the encoder scales embedded ids, decided once
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         return {}
@@ -210,7 +249,8 @@ class Seq2Seq:
         out = [""] * len(encoded)
         for part in prompt_batches(prompts, cfg.batch_size):
             new = generate_ids(loaded.model, [encoded[i][1] for i in part],
-                               [prompts[i] for i in part], gen_cfg)  # fmt: skip
+                               [prompts[i] for i in part], gen_cfg, None,
+                               tok.pad_token_id)  # fmt: skip
             for i, text in zip(part, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
         return out
@@ -224,12 +264,12 @@ class Seq2Seq:
         return scores, None
 
     def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None) -> Tensor:
-        return generate_ids(model, ids, prefixes, gen_cfg, stopping)
+        return generate_ids(model, ids, prefixes, gen_cfg, stopping, gen_cfg.pad_token_id or 0)
 
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
         return embeds_only(model, prompt)  # nothing runs ahead of an encoder's input
 
-    def adapter_fields(self) -> dict:
+    def adapter_fields(self, model: nn.Module) -> dict:
         return {"num_transformer_submodules": 2, "modules_to_save": None}
 
     def saved_rows(self, rows: Tensor) -> Tensor:

@@ -259,6 +259,7 @@ def load_prompt(
     meta = read_meta(folder)
     meta.setdefault("base_model", {"name": adapter.get("base_model_name_or_path")})
     rows = tensors[PROMPT_KEY]
+    _check_rows(rows, folder / ADAPTER_WEIGHTS)
     n = adapter.get("num_virtual_tokens") or meta.get("num_virtual_tokens")
     if adapter.get("task_type") == "SEQ_2_SEQ_LM" and n and rows.shape[0] == 2 * n:
         rows = rows[:n]  # PEFT's (2N, H): prompt tuning puts the first N before the encoder
@@ -276,6 +277,16 @@ def load_prompt(
 
             load_head(model, tensors, str(folder / ADAPTER_WEIGHTS))
     return prompt, meta
+
+
+def _check_rows(rows: torch.Tensor, path: Path) -> None:
+    """A prompt every request could use: at least one row, every value a finite number."""
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ArtifactError(f"{path} holds an empty prompt (shape {tuple(rows.shape)})")
+    if not rows.is_floating_point() or not torch.isfinite(rows).all():
+        raise ArtifactError(
+            f"{path} holds values that are not finite numbers (NaN or inf); retrain the prompt"
+        )
 
 
 def check_fits(
@@ -308,7 +319,15 @@ def trained_base_model(folder: str | Path) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not a JSON file; retrain or re-copy the prompt")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path} is corrupt ({err}); retrain or re-copy the prompt") from None
+    except RecursionError:
+        raise ArtifactError(
+            f"{path}:1: the JSON is nested too deeply to read; retrain or re-copy the prompt"
+        ) from None
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror}") from None

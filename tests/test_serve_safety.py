@@ -31,6 +31,7 @@ from softprompt.serving.api import create_app
 from softprompt.serving.batcher import Batcher, Job
 from softprompt.serving.server import BackgroundServer
 
+HEADERS = {"Authorization": "Bearer k", "Content-Type": "application/json"}
 BOMBS = {
     "huge": "{{ 'x' * 120000000 }}",
     "loops": "{% for a in range(100000) %}{% for b in range(100000) %}ab{% endfor %}{% endfor %}",
@@ -264,7 +265,7 @@ def test_a_chunked_body_over_the_limit_is_413(live):
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     chunks = (b'{"model": "base", "prompt": "' + b"x" * 1000 for _ in range(3000))
     conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
-                 headers={"Authorization": "Bearer k", "Content-Type": "application/json"})  # fmt: skip
+                 headers=HEADERS)  # fmt: skip
     resp = conn.getresponse()
     assert resp.status == 413 and "4096 bytes" in json.loads(resp.read())["error"]["message"]
     conn.close()
@@ -295,7 +296,7 @@ def test_a_stream_whose_client_hangs_up_stops_generating(live, monkeypatch):
     body = {"model": "short", "prompt": "good", "max_tokens": 400, "stream": True,
             "temperature": 0, "stop": []}  # fmt: skip
     conn.request("POST", "/v1/completions", body=json.dumps(body),
-                 headers={"Authorization": "Bearer k", "Content-Type": "application/json"})  # fmt: skip
+                 headers=HEADERS)  # fmt: skip
     resp = conn.getresponse()
     assert resp.status == 200
     resp.fp.read1(64)  # the first bytes

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -191,8 +192,7 @@ def resolve_prompt_dir(ref: str | Path) -> Path:
     if not text.startswith(HUB_PREFIX):
         return Path(ref)
     repo, _, revision = text[len(HUB_PREFIX) :].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ConfigError(f"{text}: write hf:owner/name (optionally @revision)")
+    check_hub_name(repo, revision, text)
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
@@ -205,6 +205,21 @@ def resolve_prompt_dir(ref: str | Path) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ArtifactError(f"cannot download {text} from the Hugging Face Hub: {first}") from None
+
+
+HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # an owner, a name, a branch part
+
+
+def check_hub_name(repo: str, revision: str = "", shown: str = "") -> None:
+    """Refuse a Hub id or revision that could name anything but one repo's revision (the
+    cache joins them into paths: ``@../../x`` would leave it)."""
+    parts, rev = repo.split("/"), revision.split("/") if revision else []
+    if len(parts) != 2 or not all(HUB_PART.fullmatch(p) and ".." not in p for p in parts):
+        raise ConfigError(f"{shown or repo}: write hf:owner/name (optionally @revision), with "
+                          "letters, digits, '.', '_' and '-' only")  # fmt: skip
+    if len(revision) > 200 or not all(HUB_PART.fullmatch(p) and ".." not in p for p in rev):
+        raise ConfigError(f"{shown or repo}: the revision {revision!r} must be a branch, tag or "
+                          "commit (letters, digits, '.', '_', '-', '/'; no '..')")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)  # one command reads a prompt's folder several times

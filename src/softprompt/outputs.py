@@ -76,9 +76,10 @@ def claim_output(output: Path, what: str, resume: bool = False, overwrite: bool 
     owned = _state(output, kind)  # again, now that no other process can change it
     if owned and not resume:
         if not overwrite:
+            resume_it = "pass --resume to continue it, " if kind == "run" else "pass "
             raise ConfigError(
-                f"{output} already holds {what}; pass --resume to continue it, --overwrite to "
-                "replace it, or choose another --output"
+                f"{output} already holds {what}; {resume_it}--overwrite to replace it, or "
+                "choose another --output"
             )
         remove_owned(output, owned, kind)
         owned = set()

@@ -200,6 +200,10 @@ def _sub_output(path: Path, kind: str) -> bool:
     return MARKER in inside  # a sweep's recipe: a run with its own marker
 
 
+def _known(kind: object) -> bool:
+    return isinstance(kind, str) and kind in KINDS
+
+
 def _read_marker(output: Path, kind: str) -> set[str]:
     """The entries of a marker that proves it is softprompt's ``kind`` output, else a
     MarkerError (nothing is removed for a marker that is not believed)."""
@@ -210,7 +214,7 @@ def _read_marker(output: Path, kind: str) -> set[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         raise MarkerError(f"{path} is damaged; remove the folder's files by hand") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") not in KINDS:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not _known(data.get("kind")):
         raise MarkerError(
             f"{path} was not written by this version of softprompt (no format {FORMAT!r} and "
             "kind); softprompt will not remove or reuse the folder's files: choose another "
@@ -249,7 +253,7 @@ def _owner(path: Path) -> tuple[Path, str, set[str]] | None:
                 kind = data["kind"] if isinstance(data, dict) else None
             except (OSError, ValueError, RecursionError, KeyError):
                 return None  # not believed: nothing is recorded in it
-            return (root, kind, _read_marker(root, kind)) if kind in KINDS else None
+            return (root, kind, _read_marker(root, kind)) if _known(kind) else None
         if root.parent == root:
             return None
     return None

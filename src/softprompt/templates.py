@@ -243,7 +243,9 @@ class PromptFormat:
             )
         known = {f.name for f in fields(cls)}
         if not isinstance(saved, dict) or not set(saved) <= known:
-            raise ArtifactError(f"softprompt.json has a malformed format record: {saved!r}")
+            what = (f"unknown keys {sorted(map(str, set(saved) - known))[:5]}"
+                    if isinstance(saved, dict) else f"a {type(saved).__name__}")  # fmt: skip
+            raise ArtifactError(f"softprompt.json has a malformed format record ({what})")
         fmt = cls(**saved)
         fmt.check()
         return fmt

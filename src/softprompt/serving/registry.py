@@ -167,9 +167,16 @@ class PromptStore:
         with nothing to run ahead: its embeddings alone."""
         model = self.loaded.model
         if self.loaded.kind != "seq2seq":
-            return compile_prefix(model, prompt)
-        dtype = model.get_input_embeddings().weight.dtype
-        return Prefix(prompt.embedding.detach().to(dtype), [], [])
+            prefix = compile_prefix(model, prompt)
+        else:
+            dtype = model.get_input_embeddings().weight.dtype
+            prefix = Prefix(prompt.embedding.detach().to(dtype), [], [])
+        if not all(bool(t.isfinite().all()) for t in [prefix.embeds, *prefix.keys, *prefix.values]):
+            raise SoftpromptError(  # values so large the model overflows on them
+                "the model overflows on its prompt (its keys or values are not finite); "
+                "retrain the prompt"
+            )
+        return prefix
 
     def skipped(self) -> dict[str, str]:
         """Prompt folders that could not be loaded, and why."""

@@ -186,7 +186,7 @@ def _valid(schema: dict, components: dict, depth: int) -> st.SearchStrategy:
         values = from_schema(extra, components, depth + 1) if isinstance(extra, dict) else JSON
         return st.dictionaries(st.text(max_size=6), values, max_size=3)
     if kind == "object":
-        props = {k: NAMED.get(k) or from_schema(v, components, depth + 1)
+        props = {k: NAMED[k] if k in NAMED else from_schema(v, components, depth + 1)
                  for k, v in schema["properties"].items()}  # fmt: skip
         required = {k: props.pop(k) for k in schema.get("required", [])}
         return st.fixed_dictionaries(required, optional=props)

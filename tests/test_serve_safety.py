@@ -159,6 +159,12 @@ def test_the_sandbox_renders_what_transformers_renders(chat_dir):
         assert got == want
 
 
+def test_the_sandboxed_range_acts_as_range():
+    got = render_chat_template("{{ range(3)|list }} {{ range(3)|length }} "
+                               "{% for i in range(1, 4)|reverse %}{{ i }}{% endfor %}")  # fmt: skip
+    assert got == "[0, 1, 2] 3 321"
+
+
 def test_the_sandbox_keeps_python_out():
     with pytest.raises(Exception, match="unsafe|not safely|access"):
         render_chat_template("{{ messages.__class__.__mro__ }}", messages=[])

@@ -20,6 +20,7 @@ import functools
 import json
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 
 import jinja2
@@ -43,9 +44,14 @@ def _tick() -> None:
         raise TemplateLimit(f"the chat template ran for more than {MAX_SECONDS:g} s")
 
 
-def _sized(value):
-    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_CHARS:
+def _fits(size: int) -> None:
+    if size > MAX_CHARS:
         raise TemplateLimit(f"the chat template built a value over {MAX_CHARS} items long")
+
+
+def _sized(value):
+    if isinstance(value, (str, list, tuple, dict)):
+        _fits(len(value))
     return value
 
 
@@ -57,11 +63,11 @@ class _Limited(ImmutableSandboxedEnvironment):
         if operator == "*":
             seq, n = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                _sized(range(len(seq) * max(n, 0)))  # refused before it is built
+                _fits(len(seq) * n)  # refused before it is built
         if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
             raise TemplateLimit("the chat template raised a number to a power over 64")
         if operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
-            _sized(range(len(left) + len(right)))
+            _fits(len(left) + len(right))
         return _sized(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's signature
@@ -108,10 +114,22 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
-def _metered_range(*args):
-    for i in safe_range(*args):
-        _tick()
-        yield i
+class _MeteredRange(Sequence):
+    """Jinja's ``range`` (at most ``MAX_RANGE`` items), checking the clock at every step."""
+
+    def __init__(self, *args):
+        self.items = safe_range(*args)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+    def __iter__(self):
+        for i in self.items:
+            _tick()
+            yield i
 
 
 def _raise(message):
@@ -131,7 +149,7 @@ def compile_chat_template(source: str) -> jinja2.Template:
                    extensions=[_Generation, jinja2.ext.loopcontrols])  # fmt: skip
     env.filters["tojson"] = _tojson
     env.filters.update({name: _limited_filter(f) for name, f in env.filters.items()})
-    env.globals.update(raise_exception=_raise, range=_metered_range,
+    env.globals.update(raise_exception=_raise, range=_MeteredRange,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))  # fmt: skip
     return env.from_string(source)
 

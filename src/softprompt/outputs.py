@@ -11,8 +11,8 @@ writes; a folder of another kind is never claimed (``eval --output RUN`` is refu
 never replaces the run); ``--overwrite`` removes only what a valid marker lists and checks
 every entry before it removes any; a non-empty folder without a valid marker is refused
 with the names of the files in it, so a user's own files are never touched. The claim
-itself is atomic across processes: it holds an OS lock on ``.softprompt-output.lock`` for
-the rest of the process, so two commands can never write one folder at once.
+itself is atomic across processes: it holds an OS lock (flock) on the folder for the rest
+of the process, so two commands can never write one folder at once.
 
 Every file is written under a temporary name, flushed and renamed; a failed write (a full
 disk) removes its temporary file and becomes one clear error.
@@ -25,15 +25,15 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from softprompt.errors import ConfigError, SoftpromptError
 
 MARKER = ".softprompt-output.json"
-LOCK = ".softprompt-output.lock"
 FORMAT = "softprompt-output/2"
-_OURS = {MARKER, LOCK}
+_OURS = {MARKER}
 PROMPT_NAMES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json",
                 "initial_prompt.safetensors", "metrics.jsonl", "loss.png", "README.md"}  # fmt: skip
 _TRACKING = {"metrics.csv", "tensorboard"}
@@ -51,7 +51,11 @@ KINDS: dict[str, tuple[str, frozenset[str]]] = {
 }  # fmt: skip
 _BY_PHRASE = {phrase: kind for kind, (phrase, _) in KINDS.items()}
 _MANIFESTS: dict[Path, tuple[str, set[str]]] = {}  # owned folder -> (kind, its entries)
-_LOCKS: dict[Path, int] = {}  # folders this process holds the lock of -> the lock's fd
+# Folders this process holds the lock of -> the lock's fd. One process (a sweep, a test
+# session, a notebook) may write many folders one after another: past LOCKS_KEPT, the
+# oldest claim (long finished) lets its folder go.
+_LOCKS: OrderedDict[Path, int] = OrderedDict()
+LOCKS_KEPT = 32
 
 
 class DiskFullError(SoftpromptError):
@@ -70,7 +74,7 @@ def claim_output(output: Path, what: str, resume: bool = False, overwrite: bool 
     output, kind = Path(output), _BY_PHRASE[what]
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file; give a folder (new or empty)")
-    _state(output, kind)  # refuse before writing anything (not even the lock) in it
+    _state(output, kind)  # refuse before writing anything in it
     _ensure_writable(output)
     _lock(output)
     owned = _state(output, kind)  # again, now that no other process can change it
@@ -119,19 +123,17 @@ def _ensure_writable(output: Path) -> None:
 
 
 def _lock(output: Path) -> None:
-    """Hold an exclusive OS lock on the folder until this process ends (it is released
-    by the OS even when the process is killed, so a lock is never stale)."""
+    """Hold an exclusive OS lock on the folder itself until this process ends (no file is
+    written for it; the OS releases it even when the process is killed: never stale)."""
     key = output.resolve()
     if key in _LOCKS:
+        _LOCKS.move_to_end(key)
         return
     try:
         import fcntl
     except ImportError:  # not POSIX: no cross-process lock (the marker is still checked)
         return
-    path = output / LOCK
-    if path.is_symlink():
-        raise ConfigError(f"{path} is a link; remove it (softprompt writes it as a file)")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = os.open(output, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the folder itself
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -141,6 +143,8 @@ def _lock(output: Path) -> None:
             "choose another --output"
         ) from None
     _LOCKS[key] = fd
+    while len(_LOCKS) > LOCKS_KEPT:
+        os.close(_LOCKS.popitem(last=False)[1])
 
 
 def release_output(output: Path) -> None:

@@ -1,5 +1,10 @@
 """Property-based tests (Hypothesis): whatever bytes a data file holds and whatever JSON a
-client sends, softprompt answers with its own clear error, never a crash."""
+client sends, softprompt answers with its own clear error, never a crash.
+
+Every test is derandomized (the same examples on every run: a flaky test is a defect) and
+bounded by its example count. The request fuzzer draws bodies from the server's own OpenAPI
+schema (every route's body model), mixed with values the schema does not allow: tiny and
+huge numbers, lone surrogates, wrong types, unknown roles."""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from softprompt.loading import load_model
 from softprompt.serving.api import create_app
 from softprompt.serving.server import BackgroundServer
 
-FAST = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck),
+               derandomize=True, database=None)  # fmt: skip
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: (
@@ -103,7 +109,8 @@ FIELDS = {
 }
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=True, database=None)  # fmt: skip
 @given(
     path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
     body=st.fixed_dictionaries({}, optional=FIELDS),
@@ -117,4 +124,122 @@ def test_no_client_mistake_gets_a_5xx(live, path, body):
     if status != 200:
         assert json.loads(text)["error"]["message"]
     with urllib.request.urlopen(live + "/health", timeout=10) as resp:
+        assert resp.status == 200
+
+
+# --- bodies drawn from the server's own OpenAPI schema ------------------------------------
+
+SURROGATE = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)
+HOSTILE = (JSON | SURROGATE | st.sampled_from([1e-300, 5e-324, 1e300, -1, 0, 2**63, "bogus"])
+           | st.text(max_size=5).map(lambda t: t + "\udc80"))  # fmt: skip
+
+
+# Fields whose random strings would never be valid: the names the server knows, and one not.
+NAMED = {
+    "model": st.sampled_from(["short", "base", "nope"]),
+    "type": st.sampled_from(["text", "image_url"]),
+}
+
+
+def from_schema(schema: dict, components: dict, depth: int = 0) -> st.SearchStrategy:
+    """Values of a JSON schema (what pydantic wrote into the app's OpenAPI document)."""
+    return _valid(schema, components, depth) if depth < 6 else JSON
+
+
+@st.composite
+def bodies(draw, schema: dict, components: dict):
+    """A body of the schema; half of them with one value (anywhere in it, the body itself
+    included) replaced by something the schema does not allow."""
+    body = draw(from_schema(schema, components))
+    if draw(st.booleans()):
+        places = list(_places(body))
+        path = draw(st.sampled_from(places))
+        value = draw(HOSTILE)
+        if not path:
+            return value
+        *parents, last = path
+        holder = body
+        for key in parents:
+            holder = holder[key]
+        holder[last] = value
+    return body
+
+
+def _places(value, path=()):
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list) else ()  # fmt: skip
+    for key, inner in items:
+        yield from _places(inner, (*path, key))
+
+
+def _valid(schema: dict, components: dict, depth: int) -> st.SearchStrategy:
+    if "$ref" in schema:
+        return from_schema(components[schema["$ref"].rsplit("/", 1)[1]], components, depth + 1)
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, components, depth + 1) for s in schema["anyOf"]])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "object" and "properties" not in schema:  # a free mapping (``fields``)
+        extra = schema.get("additionalProperties")
+        values = from_schema(extra, components, depth + 1) if isinstance(extra, dict) else JSON
+        return st.dictionaries(st.text(max_size=6), values, max_size=3)
+    if kind == "object":
+        props = {k: NAMED[k] if k in NAMED else from_schema(v, components, depth + 1)
+                 for k, v in schema["properties"].items()}  # fmt: skip
+        required = {k: props.pop(k) for k in schema.get("required", [])}
+        return st.fixed_dictionaries(required, optional=props)
+    if kind == "array":
+        item = from_schema(schema.get("items", {}), components, depth + 1)
+        return st.lists(item, min_size=schema.get("minItems", 0), max_size=3)
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    simple = {
+        "string": st.sampled_from(["base", "short", "user", "text"]) | st.text(max_size=12),
+        "integer": st.integers(int(lo) if lo is not None else -4, int(hi) if hi is not None else 6),
+        "number": st.floats(lo if lo is not None else -1e9, hi if hi is not None else 1e9),
+        "boolean": st.booleans(),
+        "null": st.none(),
+    }
+    return simple.get(kind, JSON)
+
+
+def _request_schemas(live_app) -> dict[str, tuple[dict, dict]]:
+    doc = live_app.openapi()
+    components = doc["components"]["schemas"]
+    out = {}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        out[path] = (body, components)
+    return out
+
+
+@pytest.fixture(scope="module")
+def schema_live(model_dirs, tmp_path_factory):
+    loaded = load_model(model=str(model_dirs["llama"]))
+    root = tmp_path_factory.mktemp("p")
+    save_prompt(root / "short", random_prompt(0, 3), loaded.model, loaded.name)
+    cfg = ServeConfig(prompts=str(root), max_tokens=16, max_prompt_tokens=64, batch_wait_ms=1)
+    app = create_app(loaded, cfg)
+    app.state.softprompt.store.rescan()
+    server = BackgroundServer(app)
+    yield server.url, _request_schemas(app)
+    server.stop()
+    app.state.softprompt.batcher.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=True, database=None)  # fmt: skip
+@given(data=st.data(), path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_schema_driven_bodies_never_get_a_5xx_or_hang(schema_live, data, path):
+    url, schemas = schema_live
+    body = data.draw(bodies(*schemas[path]))
+    status, text = _post(url, path, json.dumps(body).encode())  # a hang is its timeout
+    assert status < 500, text
+    assert "Traceback" not in text
+    if status != 200:
+        assert json.loads(text)["error"]["message"]
+    elif isinstance(body, dict) and body.get("stream") is True:
+        assert "data: [DONE]" in text and "server_error" not in text, text
+    with urllib.request.urlopen(url + "/health", timeout=10) as resp:
         assert resp.status == 200

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -194,8 +195,7 @@ def resolve_prompt_dir(ref: str | Path) -> Path:
     if not text.startswith(HUB_PREFIX):
         return Path(ref)
     repo, _, revision = text[len(HUB_PREFIX) :].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ConfigError(f"{text}: write hf:owner/name (optionally @revision)")
+    check_hub_name(repo, revision, text)
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
@@ -208,6 +208,21 @@ def resolve_prompt_dir(ref: str | Path) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ArtifactError(f"cannot download {text} from the Hugging Face Hub: {first}") from None
+
+
+HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # an owner, a name, a branch part
+
+
+def check_hub_name(repo: str, revision: str = "", shown: str = "") -> None:
+    """Refuse a Hub id or revision that could name anything but one repo's revision (the
+    cache joins them into paths: ``@../../x`` would leave it)."""
+    parts, rev = repo.split("/"), revision.split("/") if revision else []
+    if len(parts) != 2 or not all(HUB_PART.fullmatch(p) and ".." not in p for p in parts):
+        raise ConfigError(f"{shown or repo}: write hf:owner/name (optionally @revision), with "
+                          "letters, digits, '.', '_' and '-' only")  # fmt: skip
+    if len(revision) > 200 or not all(HUB_PART.fullmatch(p) and ".." not in p for p in rev):
+        raise ConfigError(f"{shown or repo}: the revision {revision!r} must be a branch, tag or "
+                          "commit (letters, digits, '.', '_', '-', '/'; no '..')")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)  # one command reads a prompt's folder several times
@@ -262,6 +277,7 @@ def load_prompt(
     meta = read_meta(folder)
     meta.setdefault("base_model", {"name": adapter.get("base_model_name_or_path")})
     rows = tensors[PROMPT_KEY]
+    _check_rows(rows, folder / ADAPTER_WEIGHTS)
     n = adapter.get("num_virtual_tokens") or meta.get("num_virtual_tokens")
     saved_kind = kinds.for_task_type(adapter.get("task_type"))
     if saved_kind is not None:
@@ -277,6 +293,16 @@ def load_prompt(
         check_fits(prompt, meta, model, folder, allow_mismatch)
         kind.load_extra(model, tensors, str(folder / ADAPTER_WEIGHTS))  # a classifier's head
     return prompt, meta
+
+
+def _check_rows(rows: torch.Tensor, path: Path) -> None:
+    """A prompt every request could use: at least one row, every value a finite number."""
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ArtifactError(f"{path} holds an empty prompt (shape {tuple(rows.shape)})")
+    if not rows.is_floating_point() or not torch.isfinite(rows).all():
+        raise ArtifactError(
+            f"{path} holds values that are not finite numbers (NaN or inf); retrain the prompt"
+        )
 
 
 def check_fits(
@@ -309,7 +335,15 @@ def trained_base_model(folder: str | Path) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not a JSON file; retrain or re-copy the prompt")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path} is corrupt ({err}); retrain or re-copy the prompt") from None
+    except RecursionError:
+        raise ArtifactError(
+            f"{path}:1: the JSON is nested too deeply to read; retrain or re-copy the prompt"
+        ) from None
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror}") from None

@@ -15,6 +15,7 @@ settings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -166,6 +167,7 @@ def save_run(run: Resumable) -> None:
         "config": dataclasses.asdict(run.cfg),
         "param_groups": opt_state["param_groups"],
         "scheduler": run.scheduler.state_dict(),
+        "data_files": data_fingerprints(run.cfg),
     }
     save_checkpoint(run.output, run.state.step, record, tensors)
 
@@ -178,6 +180,7 @@ def restore_run(run: Resumable) -> Path:
         raise ConfigError(f"--resume: no usable checkpoint in {run.output / FOLDER}")
     record, tensors, folder = found
     _check_same_run(record["config"], dataclasses.asdict(run.cfg))
+    _check_same_data(record.get("data_files"), data_fingerprints(run.cfg))
     run.state = RunState.from_dict(record["run"])
     run.prompts.load_stacked(tensors["prompt"])
     for i, prompt in enumerate(run.prompts.prompts):
@@ -199,6 +202,36 @@ def restore_run(run: Resumable) -> Path:
         param.data.copy_(tensors[f"head.{i}"])  # a classification head, trained beside
         best.copy_(tensors[f"best_head.{i}"])
     return folder
+
+
+def data_fingerprints(cfg: TrainConfig) -> dict[str, str]:
+    """sha256 of each local data file the run reads (--data, --validation)."""
+    files = [f for f in (cfg.data.data, cfg.data.validation) if f and not f.startswith("hf:")]
+    out = {}
+    for name in files:
+        path = Path(name).expanduser()
+        if path.is_file():
+            stat = path.stat()
+            out[name] = _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+@functools.lru_cache(maxsize=8)  # once per file version: a checkpoint does not re-read the data
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return _sha256(Path(path))
+
+
+def _check_same_data(saved: dict | None, now: dict[str, str]) -> None:
+    """Refuse to resume on data that changed since the checkpoint (the rows, their order
+    and the validation split would silently differ)."""
+    if not isinstance(saved, dict):  # a checkpoint from before data was fingerprinted
+        return
+    for name, digest in now.items():
+        if name in saved and saved[name] != digest:
+            raise ConfigError(
+                f"--resume: the data file {name} changed since the checkpoint was written; "
+                "resume with the data as it was, or start again with --overwrite"
+            )
 
 
 def _check_same_run(saved: dict, now: dict) -> None:

@@ -38,6 +38,8 @@ DTYPE_CHOICES = typing.get_args(Dtype)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
 REPARAMS = typing.get_args(Reparam)
 CHOICES_AUTO, CHOICES_NONE = "auto", "none"
+MIN_TEMPERATURE = 0.01  # sampling below it overflows: use 0 (greedy)
+MAX_BATCH_WAIT_MS = 60_000.0
 
 
 def opt(default, help: str, **extra):  # noqa: A002 - mirrors argparse's name
@@ -61,6 +63,14 @@ def nested(
 def check_choice(value: object, allowed: tuple, flag: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def check_finite(cfg: object) -> None:
+    """Every float setting of ``cfg`` is a finite number (nan and inf pass ``<`` checks)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
 
 
 def parse_list(text: str | list | tuple, flag: str, convert: Callable = str) -> list:
@@ -113,6 +123,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_choice(self.dtype, DTYPE_CHOICES, "--dtype")
         check_choice(self.task, typing.get_args(ModelTask), "--task")
 
@@ -185,6 +196,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.template is not None:
             template_fields(self.template)
         check_choice(self.prompt_position, POSITIONS, "--prompt-position")
@@ -241,6 +253,7 @@ class PromptConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.num_virtual_tokens < 1:
             raise ConfigError(
                 f"--num-virtual-tokens must be at least 1, not {self.num_virtual_tokens}"
@@ -345,6 +358,7 @@ class TrainConfig:
     overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         from softprompt.tracking import report_targets
 
         report_targets(self.report_to)  # known names, packages installed
@@ -405,10 +419,14 @@ class GenerateConfig:
     batch_size: int = opt(8, "Inputs generated together.")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be at least 1")
-        if self.temperature < 0:
-            raise ConfigError("--temperature must be 0 (greedy) or positive")
+        if self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE} (a smaller one "
+                "divides the scores into inf)"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("--top-p must be in (0, 1]")
         if self.repetition_penalty <= 0:
@@ -465,6 +483,7 @@ class GenerateRunConfig:
     sampling: GenerateConfig = nested(GenerateConfig)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.compare and not self.prompt:
             raise ConfigError("--compare needs --prompt DIR (the tuned prompt to compare)")
         if self.limit is not None and self.limit < 1:
@@ -492,6 +511,7 @@ class InspectConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.top_k < 1:
             raise ConfigError("--top-k must be at least 1")
         if self.similar is not None and not Path(self.similar).is_dir():
@@ -539,12 +559,17 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for flag in ("port", "max_batch_size", "max_prompt_tokens", "max_tokens", "max_queue",
                      "max_request_bytes"):  # fmt: skip
             if getattr(self, flag) < (0 if flag == "port" else 1):
                 raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
-        if self.batch_wait_ms < 0:
-            raise ConfigError("--batch-wait-ms must be 0 or more")
+        if not 0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+            raise ConfigError(
+                f"--batch-wait-ms must be 0 to {MAX_BATCH_WAIT_MS:g} (ms), not {self.batch_wait_ms}"
+            )
+        if self.port > 65535:
+            raise ConfigError(f"--port must be 0 to 65535, not {self.port}")
         if self.api_key is None:
             self.api_key = os.environ.get("SOFTPROMPT_API_KEY") or None
         loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
@@ -578,6 +603,7 @@ class ExportConfig:
     overwrite: bool = opt(False, "replace an earlier export in --output (only its own files)")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_choice(self.to, typing.get_args(ExportTarget), "--to")
         check_choice(self.dtype, typing.get_args(ExportDtype), "--dtype")
         if not self.output:
@@ -602,6 +628,7 @@ class PushConfig:
     message: str | None = opt(None, "commit message (default: 'softprompt push DIR')")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         parts = self.repo_id.split("/")
         if len(parts) != 2 or not all(parts) or self.repo_id.startswith("hf:"):
             raise ConfigError(f"REPO_ID {self.repo_id!r}: write owner/name, e.g. me/sentiment")
@@ -652,6 +679,7 @@ class EvalConfig:
         return parse_choices(self.choices) if self.choices is not None else None
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.data.data:
             raise ConfigError("--data is required: the .jsonl, .csv, .tsv or .txt file to measure")
         _ = self.choice_list
@@ -708,6 +736,7 @@ class CompareConfig:
         return parse_list(self.methods, "--methods")
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.data.data or not self.test:
             raise ConfigError("compare needs --data (training) and --test files")
         if not self.output:
@@ -792,6 +821,7 @@ class SweepConfig:
         return parse_choices(self.choices) if self.choices is not None else None
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.data.data or not self.output:
             raise ConfigError("sweep needs --data and --output")
         try:
@@ -800,7 +830,7 @@ class SweepConfig:
             raise ConfigError(
                 "--lrs takes numbers and --lengths integers, comma-separated"
             ) from None
-        if not all(lr > 0 for lr in lrs) or not all(n >= 1 for n in lengths):
+        if not all(0 < lr < math.inf for lr in lrs) or not all(n >= 1 for n in lengths):
             raise ConfigError("--lrs must be positive and --lengths at least 1")
         for init in self.init_list:
             PromptConfig(init=init, init_text="x")  # validates the name

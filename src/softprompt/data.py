@@ -70,7 +70,7 @@ def read_records(spec: str) -> Iterator[tuple[dict, str]]:
         yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".txt":
         with _open_text(path) as fh:
-            for i, line in enumerate(fh, 1):
+            for i, line in _lines(fh, path):
                 if line.strip():
                     yield {"text": line.rstrip("\n")}, f"{path}:{i}"
     else:
@@ -104,9 +104,25 @@ def _open_text(path: Path, **kwargs) -> Iterator:
             ) from None
 
 
+MAX_LINE = 32 * 2**20  # characters: a line past it is not a record (a sparse or binary file)
+
+
+def _lines(fh, path: Path) -> Iterator[tuple[int, str]]:
+    """(number, line) of a text file, read one bounded line at a time (never slurped)."""
+    i = 0
+    while line := fh.readline(MAX_LINE + 1):
+        i += 1
+        if len(line) > MAX_LINE:
+            raise DataError(
+                f"{path}:{i}: the line is longer than {MAX_LINE} characters; a data file holds "
+                "one record per line (is it a binary or sparse file?)"
+            )
+        yield i, line
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
     with _open_text(path) as fh:
-        for i, line in enumerate(fh, 1):
+        for i, line in _lines(fh, path):
             if not line.strip():
                 continue
             try:
@@ -115,6 +131,11 @@ def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
                 raise DataError(
                     f"{path}:{i}: not valid JSON ({err.msg} at column {err.colno}); "
                     "each line must hold one JSON object"
+                ) from None
+            except RecursionError:
+                raise DataError(
+                    f"{path}:{i}: the JSON is nested too deeply to read; each line must hold "
+                    "one JSON object of ordinary depth"
                 ) from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")

@@ -95,8 +95,17 @@ class Deployment:
     # --- the prompt's rows --------------------------------------------------------------
 
     def rows(self, dtype: str = "float32") -> Tensor:
-        """The virtual tokens, (N, H), in ``dtype`` (the saved prompt is float32)."""
-        return self.prompt.embedding.detach().to(_dtype(dtype)).cpu()
+        """The virtual tokens, (N, H), in ``dtype`` (the saved prompt is float32); values the
+        dtype cannot hold (float16 tops out at 65504) are refused, never turned into inf."""
+        rows = self.prompt.embedding.detach().cpu()
+        cast = rows.to(_dtype(dtype))
+        if not torch.isfinite(cast).all():
+            top = rows.abs().max().item()
+            raise ConfigError(
+                f"the prompt's values (up to {top:g} in size) do not fit {dtype}: they would "
+                "become inf; export with --dtype float32 (or bfloat16)"
+            )
+        return cast
 
     def chat_part(self, dtype: str = "float32") -> dict:
         """vLLM's Chat Completions content part carrying the prompt's rows."""
@@ -218,7 +227,8 @@ def run_export(cfg: ExportConfig) -> Path:
         atomic_write(out / "prompt_embeds.pt", lambda p: torch.save(rows, p))
         write_text(out / "prompt_embeds.b64", encode_tensor(rows) + "\n")
     elif cfg.to == "sglang":
-        write_text(out / "input_embeds.json", json.dumps(rows.float().tolist()) + "\n")
+        text = json.dumps(rows.float().tolist(), allow_nan=False)  # strict JSON: no NaN
+        write_text(out / "input_embeds.json", text + "\n")
     else:
         atomic_write(out / "prompt_embeds.npy", lambda p: _save_npy(rows, p))
     info = _describe(dep, cfg, rows)

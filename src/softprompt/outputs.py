@@ -1,10 +1,18 @@
 """Output folders that softprompt owns, and writes that are never half-done.
 
-A command that writes a folder (train, compare, sweep, eval) first claims it: a new or
-empty folder gets a marker, ``.softprompt-output.json``, which lists every top-level file
-and folder a run of softprompt wrote there (``atomic_write`` and ``record`` add to it).
-``--overwrite`` removes only what the marker lists; a non-empty folder without a marker is
-refused with the names of the files in it, so a user's own files are never touched.
+A command that writes a folder (train, compare, sweep, eval, export) first claims it: a new
+or empty folder gets a marker, ``.softprompt-output.json``, which says which kind of output
+wrote it (a run, a comparison, a sweep, results, an export) and lists every top-level entry
+that command wrote there (``atomic_write`` and ``record`` add to it).
+
+Nothing in a folder is trusted: a marker is only believed when it has softprompt's format
+and kind and every entry is a plain name (no separator, no ``..``) that this kind of output
+writes; a folder of another kind is never claimed (``eval --output RUN`` is refused, it
+never replaces the run); ``--overwrite`` removes only what a valid marker lists and checks
+every entry before it removes any; a non-empty folder without a valid marker is refused
+with the names of the files in it, so a user's own files are never touched. The claim
+itself is atomic across processes: it holds an OS lock (flock) on the folder for the rest
+of the process, so two commands can never write one folder at once.
 
 Every file is written under a temporary name, flushed and renamed; a failed write (a full
 disk) removes its temporary file and becomes one clear error.
@@ -17,57 +25,91 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from softprompt.errors import ConfigError, SoftpromptError
 
 MARKER = ".softprompt-output.json"
-# Files and folders of runs written before the marker existed: a folder holding only these
-# is adopted as softprompt's own.
-LEGACY = {
-    "adapter_config.json", "adapter_model.safetensors", "softprompt.json",
-    "initial_prompt.safetensors", "metrics.jsonl", "loss.png", "checkpoints", "tasks.json",
-    "report.md", "report.html", "loss_curves.png", "quality_cost.png", "sweep.jsonl",
-    "sweep.md", "results.json", "predictions.jsonl", "prompt-tuning", "lora",
+FORMAT = "softprompt-output/2"
+_OURS = {MARKER}
+PROMPT_NAMES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.json",
+                "initial_prompt.safetensors", "metrics.jsonl", "loss.png", "README.md"}  # fmt: skip
+_TRACKING = {"metrics.csv", "tensorboard"}
+# kind -> (the phrase commands use, the top-level names its command writes)
+KINDS: dict[str, tuple[str, frozenset[str]]] = {
+    "run": ("a run", frozenset(PROMPT_NAMES | _TRACKING | {"checkpoints", "tasks.json",
+                                                           "ensemble.json"})),
+    "comparison": ("a comparison", frozenset(_TRACKING | {
+        "metrics.jsonl", "prompt-tuning", "lora", "report.md", "report.html",
+        "loss_curves.png", "quality_cost.png"})),
+    "sweep": ("a sweep", frozenset(_TRACKING | {"sweep.jsonl", "sweep.md"})),
+    "results": ("results", frozenset({"results.json", "predictions.jsonl"})),
+    "export": ("an export", frozenset({"prompt_embeds.pt", "prompt_embeds.b64",
+                                       "input_embeds.json", "prompt_embeds.npy", "deploy.json"})),
 }  # fmt: skip
-_MANIFESTS: dict[Path, set[str]] = {}  # owned folder -> its entries (what the marker says)
+_BY_PHRASE = {phrase: kind for kind, (phrase, _) in KINDS.items()}
+_MANIFESTS: dict[Path, tuple[str, set[str]]] = {}  # owned folder -> (kind, its entries)
+# Folders this process holds the lock of -> the lock's fd. One process (a sweep, a test
+# session, a notebook) may write many folders one after another: past LOCKS_KEPT, the
+# oldest claim (long finished) lets its folder go.
+_LOCKS: OrderedDict[Path, int] = OrderedDict()
+LOCKS_KEPT = 32
 
 
 class DiskFullError(SoftpromptError):
     """The disk filled up while softprompt wrote a file."""
 
 
+class MarkerError(ConfigError):
+    """A marker that does not prove the folder is softprompt's output of the claimed kind."""
+
+
 def claim_output(output: Path, what: str, resume: bool = False, overwrite: bool = False) -> Path:
-    """Make ``output`` softprompt's folder for ``what`` ("a run", "a comparison", ...), or
-    refuse: a file, a folder holding someone else's files, or (without ``resume`` /
+    """Make ``output`` softprompt's folder for ``what`` ("a run", "results", ... see
+    ``KINDS``), or refuse: a file, a folder holding someone else's files or another kind of
+    output, a damaged marker, a folder another process is writing, or (without ``resume`` /
     ``overwrite``) a folder that already holds ``what``."""
-    output = Path(output)
+    output, kind = Path(output), _BY_PHRASE[what]
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file; give a folder (new or empty)")
-    entries = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
-    owned = _read_marker(output) if (output / MARKER).exists() else None
-    if owned is None and entries:
-        if not set(entries) <= LEGACY:
-            shown = ", ".join(entries[:5]) + (
-                f" and {len(entries) - 5} more" if len(entries) > 5 else ""
-            )
-            raise ConfigError(
-                f"{output} holds files softprompt did not write ({shown}); choose a new or "
-                "empty --output (softprompt never removes files it did not write)"
-            )
-        owned = set(entries)  # a run from before the marker existed
+    _state(output, kind)  # refuse before writing anything in it
+    _ensure_writable(output)
+    _lock(output)
+    owned = _state(output, kind)  # again, now that no other process can change it
     if owned and not resume:
         if not overwrite:
+            resume_it = "pass --resume to continue it, " if kind == "run" else "pass "
             raise ConfigError(
-                f"{output} already holds {what}; pass --resume to continue it, --overwrite to "
-                "replace it, or choose another --output"
+                f"{output} already holds {what}; {resume_it}--overwrite to replace it, or "
+                "choose another --output"
             )
-        remove_owned(output, owned)
+        remove_owned(output, owned, kind)
         owned = set()
-    _ensure_writable(output)
-    _write_marker(output, owned or set())
+    _write_marker(output, kind, owned)
     return output
+
+
+def _state(output: Path, kind: str) -> set[str]:
+    """The entries softprompt owns in ``output`` for ``kind``; refuses what it cannot prove."""
+    entries = sorted(p.name for p in output.iterdir() if not _transient(p.name)) if (
+        output.is_dir()) else []  # fmt: skip
+    if (output / MARKER).exists() or (output / MARKER).is_symlink():
+        return _read_marker(output, kind)
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5
+                                          else "")  # fmt: skip
+        raise ConfigError(
+            f"{output} holds files softprompt did not write ({shown}); choose a new or "
+            "empty --output (softprompt never removes files it did not write)"
+        )
+    return set()
+
+
+def _transient(name: str) -> bool:
+    """softprompt's own bookkeeping files (another process's claim may be writing them)."""
+    return name in _OURS or name.startswith((".softprompt-probe-", f".{MARKER}.tmp-"))
 
 
 def _ensure_writable(output: Path) -> None:
@@ -80,8 +122,43 @@ def _ensure_writable(output: Path) -> None:
         raise ConfigError(f"cannot write in --output {output}: {err.strerror}") from None
 
 
-def remove_owned(output: Path, entries: set[str]) -> None:
-    """Remove the listed top-level entries of ``output`` (and nothing else)."""
+def _lock(output: Path) -> None:
+    """Hold an exclusive OS lock on the folder itself until this process ends (no file is
+    written for it; the OS releases it even when the process is killed: never stale)."""
+    key = output.resolve()
+    if key in _LOCKS:
+        _LOCKS.move_to_end(key)
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock (the marker is still checked)
+        return
+    fd = os.open(output, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the folder itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(
+            f"another softprompt process is writing to {output}; wait for it to end or "
+            "choose another --output"
+        ) from None
+    _LOCKS[key] = fd
+    while len(_LOCKS) > LOCKS_KEPT:
+        os.close(_LOCKS.popitem(last=False)[1])
+
+
+def release_output(output: Path) -> None:
+    """Let other processes claim ``output`` (the lock is released at exit anyway)."""
+    fd = _LOCKS.pop(Path(output).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_owned(output: Path, entries: set[str], kind: str) -> None:
+    """Remove the listed top-level entries of ``output`` (and nothing else); every entry is
+    checked before any is removed, and links are removed, never followed."""
+    for name in entries:
+        _check_entry(output, kind, name, on_disk=True)
     for name in sorted(entries):
         path = output / name
         if path.is_dir() and not path.is_symlink():
@@ -90,38 +167,119 @@ def remove_owned(output: Path, entries: set[str]) -> None:
             path.unlink()
 
 
-def _read_marker(output: Path) -> set[str]:
+def _plain(name: object) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and name not in _OURS)  # fmt: skip
+
+
+def _check_entry(output: Path, kind: str, name: object, on_disk: bool = False) -> None:
+    """Refuse an entry that is not a plain name this kind writes. A run's task or ensemble
+    member folders and a sweep's recipe runs have free names: on disk they must be a prompt
+    folder, or a folder with a run's marker."""
+    phrase, names = KINDS[kind]
+    if not _plain(name):
+        raise MarkerError(
+            f"{output / MARKER} lists {name!r}, not a plain file name in the folder; "
+            "it was not written by softprompt: remove the folder's files by hand"
+        )
+    if name in names:
+        return
+    if kind not in ("run", "sweep"):
+        raise MarkerError(f"{output / MARKER} lists {name!r}, which {phrase} never writes; "
+                          "remove the folder's files by hand")  # fmt: skip
+    path = output / name
+    if on_disk and path.exists() and not _sub_output(path, kind):
+        raise MarkerError(
+            f"{output / MARKER} lists {name!r}, which is not a folder {phrase} writes; "
+            "remove the folder's files by hand"
+        )
+
+
+def _sub_output(path: Path, kind: str) -> bool:
+    if path.is_symlink() or not path.is_dir():
+        return False
+    inside = {p.name for p in path.iterdir()}
+    if kind == "run":  # a task's or an ensemble member's prompt
+        return inside <= PROMPT_NAMES | _OURS
+    return MARKER in inside  # a sweep's recipe: a run with its own marker
+
+
+def _known(kind: object) -> bool:
+    return isinstance(kind, str) and kind in KINDS
+
+
+def _read_marker(output: Path, kind: str) -> set[str]:
+    """The entries of a marker that proves it is softprompt's ``kind`` output, else a
+    MarkerError (nothing is removed for a marker that is not believed)."""
+    path = output / MARKER
     try:
-        data = json.loads((output / MARKER).read_text(encoding="utf-8"))
-        entries = set(data["entries"])
-    except (OSError, ValueError, KeyError, TypeError):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1_000_000:
+            raise ValueError("not a small plain file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise MarkerError(f"{path} is damaged; remove the folder's files by hand") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not _known(data.get("kind")):
+        raise MarkerError(
+            f"{path} was not written by this version of softprompt (no format {FORMAT!r} and "
+            "kind); softprompt will not remove or reuse the folder's files: choose another "
+            "--output, or remove them by hand"
+        )
+    if data["kind"] != kind:
         raise ConfigError(
-            f"{output / MARKER} is damaged; remove the folder's run files by hand"
-        ) from None
-    _MANIFESTS[output.resolve()] = entries
-    return entries
+            f"{output} holds {KINDS[data['kind']][0]}, not {KINDS[kind][0]}; softprompt never "
+            "replaces one kind of output with another: choose another --output"
+        )
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise MarkerError(f"{path}: 'entries' is not a list of names; remove the folder's "
+                          "files by hand")  # fmt: skip
+    for name in entries:
+        _check_entry(output, kind, name, on_disk=True)
+    _MANIFESTS[output.resolve()] = (kind, set(entries))
+    return set(entries)
 
 
-def _write_marker(output: Path, entries: set[str]) -> None:
-    _MANIFESTS[output.resolve()] = set(entries)
-    body = {"written_by": "softprompt", "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "entries": sorted(entries)}  # fmt: skip
+def _write_marker(output: Path, kind: str, entries: set[str]) -> None:
+    _MANIFESTS[output.resolve()] = (kind, set(entries))
+    body = {"format": FORMAT, "kind": kind, "written_by": "softprompt",
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "entries": sorted(entries)}  # fmt: skip
     _atomic(output / MARKER, lambda p: p.write_text(json.dumps(body, indent=1) + "\n"))
+
+
+def _owner(path: Path) -> tuple[Path, str, set[str]] | None:
+    """(root, kind, entries) of the nearest owned folder holding ``path``, if any."""
+    for root in path.parents:
+        if root in _MANIFESTS:
+            return (root, *_MANIFESTS[root])
+        if (root / MARKER).exists():
+            try:
+                data = json.loads((root / MARKER).read_text(encoding="utf-8"))
+                kind = data["kind"] if isinstance(data, dict) else None
+            except (OSError, ValueError, RecursionError, KeyError):
+                return None  # not believed: nothing is recorded in it
+            return (root, kind, _read_marker(root, kind)) if _known(kind) else None
+        if root.parent == root:
+            return None
+    return None
 
 
 def record(path: Path) -> None:
     """Note ``path`` as written by softprompt in the marker of the owned folder holding it
-    (if any): its top-level entry there is then softprompt's to replace."""
+    (if any): its top-level entry there is then softprompt's to replace. A name its kind
+    never writes is not recorded (it is then never removed)."""
     path = Path(path).resolve()
-    for root in path.parents:
-        if root in _MANIFESTS or (root / MARKER).exists():
-            entries = _MANIFESTS.get(root) or _read_marker(root)
-            name = path.relative_to(root).parts[0]
-            if name != MARKER and name not in entries:
-                _write_marker(root, entries | {name})
-            return
-        if root.parent == root:
-            return
+    owner = _owner(path)
+    if owner is None:
+        return
+    root, kind, entries = owner
+    name = path.relative_to(root).parts[0]
+    if name in entries or not _plain(name):
+        return
+    try:
+        _check_entry(root, kind, name)
+    except MarkerError:
+        return
+    _write_marker(root, kind, entries | {name})
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -154,11 +312,24 @@ def write_json(path: Path, obj) -> None:
 
 
 def disk_error(err: Exception, path: Path) -> Exception:
-    """A full disk (or quota) as a DiskFullError naming the file; other errors unchanged."""
+    """A full disk (or quota) as a DiskFullError naming the file and what to run once space
+    is free; other errors unchanged."""
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
     if full or "No space left on device" in str(err) or "os error 28" in str(err):
         return DiskFullError(
             f"the disk is full: could not write {path}. What was written before is intact; "
-            "free some space, then run the same command with --resume"
+            f"free some space, then {_retry_advice(Path(path))}"
         )
     return err
+
+
+def _retry_advice(path: Path) -> str:
+    """--resume only where it can work: a run that has a checkpoint to resume from."""
+    owner = _owner(path.resolve()) if path.is_absolute() or path.parent.exists() else None
+    if owner is not None and owner[1] == "run":
+        if any((owner[0] / "checkpoints").glob("step-*")):
+            return "run the same command with --resume"
+        return "run the same command with --overwrite (no checkpoint was written yet)"
+    if owner is not None and owner[1] == "results":
+        return "run the same command again"
+    return "run the same command again (with --overwrite if it refuses the folder)"

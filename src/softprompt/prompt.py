@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from softprompt.config import PromptConfig
+from softprompt.console import warn
 from softprompt.data import IGNORE_INDEX
 from softprompt.errors import ConfigError
 
@@ -269,6 +270,20 @@ def init_prompt(
         f"--init {cfg.init!r} is a saved prompt: load it with softprompt.load_prompt (training "
         "does this for you)"
     )
+
+
+def words_used(tokenizer, text: str, n: int) -> str:
+    """The part of ``text`` that fits ``n`` virtual tokens (the rest would be cut): says so
+    when it is cut, so the run records only the words it started from."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= n:
+        return text
+    used = tokenizer.decode(ids[:n]).strip()
+    warn(
+        f"--init-text is {len(ids)} tokens, longer than the prompt's {n} virtual tokens: "
+        f"only the first {n} are used ({used!r}); raise --num-virtual-tokens to use all"
+    )
+    return used
 
 
 @torch.no_grad()

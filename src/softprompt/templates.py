@@ -31,6 +31,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
+from softprompt.chat_sandbox import (
+    TemplateLimit,
+    compile_chat_template,
+    render_chat_template,
+    tokenizer_variables,
+)
 from softprompt.errors import ArtifactError, ConfigError, DataError
 
 INPUT = "input"
@@ -176,6 +182,27 @@ class ChatText:
     answer: str | None  # the last assistant message's content (None when generating)
 
 
+_FORMAT_TYPES = {"template": (str, type(None)), "input_field": str, "target_delimiter": str,
+                 "chat": bool, "chat_template": (str, type(None)), "position": str,
+                 "system": (str, type(None))}  # fmt: skip
+_TYPE_WORDS = {str: "text", bool: "true or false", (str, type(None)): "text or null"}
+
+
+def check_chat_template(source: str) -> None:
+    """Refuse a chat template that does not parse, or that goes past the sandbox's limits
+    on a two-turn conversation (a template that does for every input is a bomb)."""
+    try:
+        compile_chat_template(source)
+    except Exception as err:  # noqa: BLE001 - Jinja's syntax errors have several types
+        raise ConfigError(f"the chat template does not parse: {err}") from None
+    try:
+        render_chat_template(source, messages=PROBE, add_generation_prompt=True)
+    except TemplateLimit as err:
+        raise ConfigError(str(err)) from None
+    except Exception:  # noqa: BLE001, S110 - a template may refuse the probe conversation
+        pass
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How an input becomes text around the soft prompt; saved in softprompt.json."""
@@ -210,17 +237,30 @@ class PromptFormat:
             return cls(
                 template=meta.get("template"),
                 input_field=data.get("input_field") or INPUT,
-                target_delimiter=meta.get("target_delimiter", " "),
+                target_delimiter=" "
+                if meta.get("target_delimiter") is None
+                else meta["target_delimiter"],
             )
         known = {f.name for f in fields(cls)}
         if not isinstance(saved, dict) or not set(saved) <= known:
-            raise ArtifactError(f"softprompt.json has a malformed format record: {saved!r}")
+            what = (f"unknown keys {sorted(map(str, set(saved) - known))[:5]}"
+                    if isinstance(saved, dict) else f"a {type(saved).__name__}")  # fmt: skip
+            raise ArtifactError(f"softprompt.json has a malformed format record ({what})")
         fmt = cls(**saved)
         fmt.check()
         return fmt
 
     def check(self) -> None:
         """Refuse values that no command could use (also for formats read from disk)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _FORMAT_TYPES[f.name]
+            if not isinstance(value, kind) or (
+                kind is str and not value and f.name != "target_delimiter"
+            ):
+                raise ConfigError(f"prompt_format.{f.name} is {type(value).__name__}, not "
+                                  f"{_TYPE_WORDS[kind]}")  # fmt: skip
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template)
         if self.template is not None:
             template_fields(self.template)
         if self.position not in POSITIONS:
@@ -316,10 +356,12 @@ class PromptFormat:
                 "this model's tokenizer has no chat template; give one with --chat-template FILE "
                 "(a Jinja file, e.g. from the instruct model's tokenizer_config.json)"
             )
-        try:
-            return tokenizer.apply_chat_template(
-                msgs, chat_template=template, tokenize=False, add_generation_prompt=generate
-            )
+        variables = {**tokenizer_variables(tokenizer), "messages": msgs,
+                     "add_generation_prompt": generate}  # fmt: skip
+        try:  # sandboxed, with limits on output and time: the template may come from a file
+            return render_chat_template(template, **variables)
+        except TemplateLimit as err:
+            raise DataError(f"{where}: {err}") from None
         except Exception as err:  # Jinja raises its own types, e.g. for role order
             raise DataError(
                 f"{where}: the chat template refused this conversation: {err}"

@@ -61,7 +61,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop what was logged after ``step`` (a resumed run logs those steps again)."""
         self.records = [
-            r for r in self.records if r.get("step", 0) <= step or r["kind"] == "config"
+            r for r in self.records if r.get("step", 0) <= step or r.get("kind") == "config"
         ]
         if self.enabled:
             text = "".join(json.dumps(r, default=str) + "\n" for r in self.records)
@@ -77,15 +77,33 @@ def read_records(metrics: Path) -> list[dict]:
     records = []
     for i, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(_record(line))
+        except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
             if i < len(lines):
-                raise DataError(
-                    f"{metrics}:{i}: not valid JSON; the metrics file is damaged"
-                ) from None
-            warn(f"{metrics}:{i}: the last line is cut off (the run stopped while writing it); "
-                 "it is left out")  # fmt: skip
+                raise DataError(f"{metrics}:{i}: {err}; the metrics file is damaged") from None
+            warn(f"{metrics}:{i}: the last line is cut off or damaged ({err}); it is left out")
     return records
+
+
+LOSS_KINDS = ("train", "val", "task_val", "base")
+
+
+def _record(line: str) -> dict:
+    """One metrics record, checked: an object with a kind, an integer step where it has one,
+    and a number as the loss of a loss record (what plots and --resume read)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError("not valid JSON") from None
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        raise ValueError("not a record with a 'kind'")
+    if "step" in record and (type(record["step"]) is not int or record["step"] < 0):
+        raise ValueError(f"step {record['step']!r} is not a step number")
+    if record["kind"] in LOSS_KINDS and (
+        "step" not in record or not isinstance(record.get("loss"), (int, float))
+    ):
+        raise ValueError(f"a {record['kind']} record without a step and a loss")
+    return record
 
 
 def plot_metrics(metrics: Path, png: Path) -> Path:

@@ -48,7 +48,14 @@ from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import with_rest
 from softprompt.outputs import claim_output, write_json
 from softprompt.parallel import forward_backward, label_count, shard_layers
-from softprompt.prompt import PromptSet, ResidualPrompt, SoftPrompt, init_prompt, max_positions
+from softprompt.prompt import (
+    PromptSet,
+    ResidualPrompt,
+    SoftPrompt,
+    init_prompt,
+    max_positions,
+    words_used,
+)
 from softprompt.scoring import check_choice_targets, choice_first_ids, perplexity
 from softprompt.templates import PromptFormat, template_fields
 from softprompt.tracking import MetricsLog, open_trackers, plot_metrics
@@ -688,7 +695,8 @@ def _starting_prompts(
     else:  # text or auto: words, repeated to N tokens
         if p.init == "text":  # its own checks (a phrase that gives no tokens is refused)
             init_prompt(loaded.model, loaded.tokenizer, p, cfg.seed)
-        words = task_words(cfg, data.choices) if p.init == "auto" else p.init_text
+        words = task_words(cfg, data.choices) if p.init == "auto" else words_used(
+            loaded.tokenizer, p.init_text, p.num_virtual_tokens)  # fmt: skip
         as_auto = dataclasses.replace(p, init="auto")
         starts = [init_prompt(loaded.model, loaded.tokenizer, as_auto, cfg.seed + k, words,
                               shuffle=k > 0) for k in range(members)]  # fmt: skip

@@ -8,16 +8,16 @@ client can fix it. A request never reaches the model before it passed every limi
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -27,39 +27,11 @@ from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.loading import LoadedModel
 from softprompt.prompt import max_positions
 from softprompt.serving.batcher import Batcher, Job
-from softprompt.serving.playground import PATHS as PLAYGROUND
+from softprompt.serving.guard import KEY_OK, Guard, error_response
 from softprompt.serving.playground import add_playground
 from softprompt.serving.registry import BASE, ApiError, Entry, PromptStore
+from softprompt.serving.schema import Body, ChatBody, CompletionBody, Message
 from softprompt.templates import PromptFormat, check_messages
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not use
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-    fields: dict[str, str | int | float | bool] | None = None  # the template's other fields
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict] | None = None
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 @dataclass
@@ -80,7 +52,7 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
         )
     app = FastAPI(title="softprompt", version="1")
     batcher = Batcher(loaded, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue)
-    store = PromptStore(cfg.prompts, loaded, cfg.allow_mismatch)
+    store = PromptStore(cfg.prompts, loaded, cfg.allow_mismatch, cfg.max_prompt_tokens)
     state = ServerState(loaded, cfg, store, batcher, int(time.time()))
     app.state.softprompt = state
     _add_error_handlers(app)
@@ -93,96 +65,45 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig) -> FastAPI:
     return app
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class Guard:
-    """ASGI middleware in front of every route: the API key (every route but /health and
-    the playground page), and
-    the body size, refused from Content-Length before reading or as soon as the bytes read
-    pass the limit."""
-
-    def __init__(self, app, api_key: str | None, max_bytes: int):
-        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        public = scope["path"] == "/health" or (
-            scope["path"] in PLAYGROUND and scope["method"] == "GET"
-        )  # the playground page is static: its API calls carry the key
-        if self.api_key and not public and not self._authorised(headers):
-            return await _error(401, "invalid or missing API key: send "
-                                "'Authorization: Bearer <key>'")(scope, receive, send)  # fmt: skip
-        length = headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
-
-    def _authorised(self, headers: dict[str, str]) -> bool:
-        scheme, _, key = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            key.strip().encode(), self.api_key.encode()
-        )
-
-    async def _too_large(self, scope, receive, send):
-        message = f"the request body is over this server's limit of {self.max_bytes} bytes"
-        await _error(413, message)(scope, receive, send)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return JSONResponse(body, status_code=status)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError):
-        return _error(err.status, str(err))
+    async def apierror_response(request: Request, err: ApiError):
+        return error_response(err.status, str(err))
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
-            return _error(400, "the body is not valid JSON")
-        return _error(400, f"{where or 'body'}: {first.get('msg')}")
+            return error_response(400, "the body is not valid JSON")
+        return error_response(400, f"{where or 'body'}: {first.get('msg')}")
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException):
-        return _error(err.status_code, str(err.detail))
+    async def httperror_response(request: Request, err: HTTPException):
+        return error_response(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, err: Exception):
-        return _error(500, f"internal error: {type(err).__name__}: {err}")
+        # The client learns only that it failed (a message may hold server paths): the
+        # details go to the server's log.
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        return error_response(500, f"internal error ({type(err).__name__}); see the server's log")
 
 
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
-    async def health():
-        return {
-            "status": "ok",
-            "base_model": state.loaded.name,
-            "prompts": len(state.store.entries()),
-            "skipped": state.store.skipped(),
-            "queue_length": state.batcher.queue_length(),
-        }
+    async def health(request: Request):
+        """ok and counts for anyone; the model and why folders were skipped only with the
+        key. 503 when the batcher has stopped (no request could be answered)."""
+        skipped = state.store.skipped()
+        body = {"status": "ok", "prompts": len(state.store.entries()), "skipped": len(skipped),
+                "queue_length": state.batcher.queue_length()}  # fmt: skip
+        if request.scope.get("state", {}).get(KEY_OK):
+            body.update(base_model=state.loaded.name, skipped=skipped)
+        if not state.batcher.alive():
+            body["status"] = "error: the generation worker has stopped; restart the server"
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -265,8 +186,7 @@ def _completion_jobs(state: ServerState, body: CompletionBody, loop) -> list[Job
 
 
 def _chat_jobs(state: ServerState, body: ChatBody, loop) -> list[Job]:
-    _check_chars(state, [m.content if isinstance(m.content, str) else json.dumps(m.content)
-                         for m in body.messages])  # fmt: skip
+    _check_chars(state, [m.text for m in body.messages])
     entry = _entry(state, body.model)
     if not state.loaded.kind.chat:
         raise ApiError(400, f"this server's model is {state.loaded.kind.name}: no "
@@ -311,12 +231,7 @@ def _chat_encoded(tokenizer, messages: list[Message], fmt: PromptFormat | None) 
     """The conversation rendered as training rendered it (``fmt``: the prompt's chat format),
     or, for the base model and prompts saved without a format, by the tokenizer's chat
     template with any prompt first (or as 'role: content' lines, without a template)."""
-    plain = []
-    for m in messages:
-        content = m.content or ""
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        plain.append({"role": m.role, "content": content})
+    plain = [{"role": m.role, "content": m.text} for m in messages]
     if fmt is None or not fmt.chat:
         if not getattr(tokenizer, "chat_template", None):
             text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
@@ -330,7 +245,7 @@ def _chat_encoded(tokenizer, messages: list[Message], fmt: PromptFormat | None) 
 
 def _rows(
     state: ServerState,
-    body: _Body,
+    body: Body,
     encoded: list[Encoded],
     entry: Entry | None,
     max_tokens: int,
@@ -373,8 +288,10 @@ def _rows(
     return jobs
 
 
-async def _answer(state: ServerState, body: _Body, rows: list[Job], chat: bool):
+async def _answer(state: ServerState, body: Body, rows: list[Job], chat: bool):
     state.batcher.metrics.add(requests=1)
+    if not state.batcher.alive():
+        raise ApiError(503, "the server's generation worker has stopped; restart the server")
     if not state.batcher.submit(rows):
         state.batcher.metrics.add(failed_requests=1)
         raise ApiError(429, f"the server is busy ({state.cfg.max_queue} rows queued); retry later")
@@ -429,14 +346,18 @@ async def _stream(row: Job, model: str, rid: str, chat: bool):
                    "choices": [choice]}  # fmt: skip
         return f"data: {json.dumps(payload)}\n\n"
 
-    while True:
-        event, value = await row.events.get()
-        if event == "text":
-            yield chunk(value, None)
-        elif event == "done":
-            yield chunk(None, value)
-            break
-        else:  # the status line is sent already: report the error in the stream
-            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-            break
-    yield "data: [DONE]\n\n"
+    try:
+        while True:
+            event, value = await row.events.get()
+            if event == "text":
+                yield chunk(value, None)
+            elif event == "done":
+                yield chunk(None, value)
+                break
+            else:  # the status line is sent already: report the error in the stream
+                error = {"error": {"message": value, "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # the client hung up (or the stream ended): generate no more for it
+        row.cancelled = True

@@ -58,6 +58,7 @@ class Job:
     text: str = ""
     sent: int = 0  # characters of ``text`` already streamed
     finish_reason: str | None = None
+    cancelled: bool = False  # its client went away: generate no more for it
 
     @property
     def sampling(self) -> tuple[float, float]:
@@ -99,12 +100,14 @@ class Job:
 class _Feed(StoppingCriteria):
     """Called by generate after every step: hands each row its token, says who is done."""
 
-    def __init__(self, requests: list[Job], eos: set[int]):
-        self.requests, self.eos = requests, eos
+    def __init__(self, requests: list[Job], eos: set[int], stopping: threading.Event):
+        self.requests, self.eos, self.stopping = requests, eos, stopping
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         for req, token in zip(self.requests, input_ids[:, -1].tolist()):
-            if req.finish_reason is None:
+            if req.finish_reason is None and (req.cancelled or self.stopping.is_set()):
+                req.finish_reason = "cancelled"  # nobody reads it: no event is sent
+            elif req.finish_reason is None:
                 req.push(token, self.eos | req.end_ids)
         done = [r.finish_reason is not None for r in self.requests]
         return torch.tensor(done, device=input_ids.device)
@@ -122,12 +125,18 @@ class Batcher:
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._stopped = False
+        self._stopping = threading.Event()  # set by close(): a running batch ends early
+        self.error: str | None = None  # why the worker stopped, if it did on its own
         self._thread = threading.Thread(target=self._loop, name="softprompt-batcher", daemon=True)
         self._thread.start()
 
     def queue_length(self) -> int:
         with self._cond:
             return len(self._pending)
+
+    def alive(self) -> bool:
+        """Whether the worker still takes requests (/health says so)."""
+        return self._thread.is_alive() and self.error is None and not self._stopped
 
     def submit(self, requests: list[Job]) -> bool:
         """Queue the rows of one API request together; False if the queue is full."""
@@ -139,24 +148,40 @@ class Batcher:
         return True
 
     def close(self) -> None:
+        """Stop the worker: the running batch ends at its next token, waiting rows fail."""
+        self._stopping.set()
         with self._cond:
             self._stopped = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self._fail_pending("the server is shutting down")
+
+    def _fail_pending(self, message: str) -> None:
+        with self._cond:
+            pending, self._pending = self._pending, []
+        for req in pending:
+            try:
+                req.fail(message)
+            except RuntimeError:  # its event loop has closed: nobody waits for it
+                pass
 
     def _next_batch(self) -> list[Job]:
         with self._cond:
-            while not self._pending and not self._stopped:
-                self._cond.wait()
-            deadline = time.monotonic() + self.wait_s
-            # A short window lets requests that arrive together share one batch.
-            while len(self._pending) < self.max_batch_size and not self._stopped:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while True:
+                while not self._pending and not self._stopped:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.wait_s
+                # A short window lets requests that arrive together share one batch.
+                while len(self._pending) < self.max_batch_size and not self._stopped:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._stopped:
+                    return []
+                self._pending = [r for r in self._pending if not r.cancelled]
+                if self._pending:
                     break
-                self._cond.wait(left)
-            if self._stopped:
-                return []
             key = self._pending[0].sampling
             batch = [r for r in self._pending if r.sampling == key][: self.max_batch_size]
             chosen = {id(r) for r in batch}
@@ -164,6 +189,14 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # noqa: BLE001 - recorded: /health reports it
+            self.error = f"{type(err).__name__}: {err}"
+            print(f"[softprompt] the batcher stopped: {self.error}", file=sys.stderr)
+            self._fail_pending(f"the server's generation worker stopped ({self.error})")
+
+    def _serve(self) -> None:
         while True:
             batch = self._next_batch()
             if not batch:
@@ -201,7 +234,7 @@ class Batcher:
             eos_token_id=tok.eos_token_id,
         )
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        feed = _Feed(batch, eos)
+        feed = _Feed(batch, eos, self._stopping)
         self.loaded.kind.generate_ids(
             self.loaded.model,
             [r.ids for r in batch],
@@ -217,4 +250,4 @@ class Batcher:
     def _failed(self, req: Job, err: Exception) -> None:
         print(f"[softprompt] request failed: {type(err).__name__}: {err}", file=sys.stderr)
         self.metrics.add(failed_requests=1)
-        req.fail(f"generation failed: {type(err).__name__}: {err}")
+        req.fail(f"generation failed ({type(err).__name__}); the server's log has the details")

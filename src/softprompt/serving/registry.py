@@ -20,7 +20,7 @@ from softprompt.config import EMBEDDED_MODEL
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel
 from softprompt.prefix import Prefix, compile_prefix
-from softprompt.prompt import SoftPrompt
+from softprompt.prompt import SoftPrompt, max_positions
 from softprompt.templates import PromptFormat
 
 BASE = "base"  # the API name of the model without a prompt
@@ -78,9 +78,16 @@ HEADS_KEPT = 64
 class PromptStore:
     """The prompts of one folder, compiled for one model; safe to use from any thread."""
 
-    def __init__(self, folder: str | Path, loaded: LoadedModel, allow_mismatch: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        loaded: LoadedModel,
+        allow_mismatch: bool = False,
+        max_tokens: int | None = None,
+    ):
         self.root = Path(folder).expanduser().resolve()
         self.loaded, self.allow_mismatch = loaded, allow_mismatch
+        self.max_tokens = max_tokens  # the most tokens of a request, virtual tokens included
         self._entries: dict[str, Entry] = {}
         self._skipped: dict[str, str] = {}  # prompt folders that could not be loaded: why
         self._lock = threading.Lock()
@@ -100,9 +107,9 @@ class PromptStore:
         """(Re)load prompt ``name`` from its sub-folder and compile its prefix. A folder that
         cannot be loaded is an ApiError (400) and is listed by ``skipped``."""
         path = self.path_of(name)
-        if (path / ENSEMBLE_INDEX).is_file():
+        if (path / ENSEMBLE_INDEX).exists():
             entry = self._ensemble(name, path)
-        elif not (path / ADAPTER_WEIGHTS).is_file():
+        elif not (path / ADAPTER_WEIGHTS).exists():
             raise ApiError(404, f"no saved prompt {name!r} in the prompts folder")
         else:
             entry = self._entry(name, path, name)
@@ -116,9 +123,23 @@ class PromptStore:
             prompt, meta = load_prompt(path, self.loaded.model, self.allow_mismatch)
             fmt = PromptFormat.from_meta(meta) if meta.get("template") or meta.get(
                 "prompt_format") else None  # fmt: skip
+            self._check_length(prompt)
+            return Entry(shown, prompt, self._compiled(prompt), fmt)
+        except ApiError:
+            raise
         except SoftpromptError as err:
             self._refuse(name, path, shown, err)
-        return Entry(shown, prompt, self._compiled(prompt), fmt)
+        except Exception as err:  # noqa: BLE001 - one folder never stops serve
+            self._refuse(name, path, shown, f"cannot be loaded ({type(err).__name__}: {err})")
+
+    def _check_length(self, prompt: SoftPrompt) -> None:
+        """Refuse a prompt no request could use: as long as a whole request may be."""
+        limits = [x for x in (self.max_tokens, max_positions(self.loaded.model)) if x]
+        if limits and prompt.num_virtual_tokens >= min(limits):
+            raise SoftpromptError(
+                f"its prompt has {prompt.num_virtual_tokens} virtual tokens, and a request may "
+                f"hold only {min(limits)} tokens (--max-prompt-tokens, the model's positions)"
+            )
 
     def _ensemble(self, name: str, path: Path) -> Entry:
         """An ensemble folder as one entry: its first member, with every member kept."""
@@ -126,16 +147,17 @@ class PromptStore:
 
         try:
             folders = ensemble_members(path)
-        except SoftpromptError as err:
+        except Exception as err:  # noqa: BLE001 - skipped, never fatal
             self._refuse(name, path, name, err)
         members = [self._entry(name, f, f"{name}/{f.name}") for f in folders]
         first = members[0]
         return Entry(name, first.prompt, first.prefix, first.fmt, members=members)
 
-    def _refuse(self, name: str, path: Path, shown: str, err: Exception):
+    def _refuse(self, name: str, path: Path, shown: str, err: Exception | str):
         """A folder that cannot be loaded: listed by ``skipped``, answered with a 400."""
         # Name the folder as the client knows it, never by this server's absolute path.
         message = str(err).replace(str(path), shown).replace(str(self.root), "<prompts>")
+        message = message.replace(str(Path(self.root).parent), "<server>")[:500]
         with self._lock:
             self._skipped[name] = message
         raise ApiError(400, message) from None
@@ -143,7 +165,13 @@ class PromptStore:
     def _compiled(self, prompt: SoftPrompt) -> Prefix:
         """The prompt as its model's kind serves it (a decoder's compiled prefix; an
         encoder-decoder's embeddings alone, which go before the encoder's input)."""
-        return self.loaded.kind.compile(self.loaded.model, prompt)
+        prefix = self.loaded.kind.compile(self.loaded.model, prompt)
+        if not all(bool(t.isfinite().all()) for t in [prefix.embeds, *prefix.keys, *prefix.values]):
+            raise SoftpromptError(  # values so large the model overflows on them
+                "the model overflows on its prompt (its keys or values are not finite); "
+                "retrain the prompt"
+            )
+        return prefix
 
     def skipped(self) -> dict[str, str]:
         """Prompt folders that could not be loaded, and why."""
@@ -165,7 +193,11 @@ class PromptStore:
 
     def rescan(self) -> dict:
         """Load sub-folders not loaded yet, drop prompts whose folder is gone."""
-        on_disk = {p.name for p in self.root.iterdir() if _holds_prompt(p)}
+        try:
+            on_disk = {p.name for p in self.root.iterdir() if _holds_prompt(p)}
+        except OSError:
+            raise ApiError(409, "the prompts folder cannot be read (it was removed or its "
+                           "permissions changed); restore it, then rescan") from None  # fmt: skip
         added, errors = [], {}
         for name in sorted(on_disk - {e.name for e in self.entries()}):
             try:
@@ -173,6 +205,8 @@ class PromptStore:
                 added.append(name)
             except ApiError as err:
                 errors[name] = str(err)
+                with self._lock:
+                    self._skipped[name] = str(err)
         removed = [e.name for e in self.entries() if e.name not in on_disk]
         for name in removed:
             self.remove(name)
@@ -182,7 +216,13 @@ class PromptStore:
 
 
 def _holds_prompt(path: Path) -> bool:
-    return (path / ADAPTER_WEIGHTS).is_file() or (path / ENSEMBLE_INDEX).is_file()
+    """A sub-folder that looks like a prompt (a valid name; loading checks the rest)."""
+    if not NAME_RE.fullmatch(path.name) or ".." in path.name:
+        return False
+    try:
+        return (path / ADAPTER_WEIGHTS).exists() or (path / ENSEMBLE_INDEX).exists()
+    except OSError:
+        return False
 
 
 def base_model_of(folder: Path) -> str:
@@ -192,8 +232,8 @@ def base_model_of(folder: Path) -> str:
             sub = next((m for m in sorted(sub.iterdir()) if (m / ADAPTER_WEIGHTS).is_file()), sub)
         try:
             name = trained_base_model(sub) if (sub / ADAPTER_WEIGHTS).is_file() else None
-        except SoftpromptError:
+        except Exception:  # noqa: BLE001
             continue  # a damaged folder names no model; serve skips it when loading
-        if name:
+        if isinstance(name, str) and name:
             return name
     return EMBEDDED_MODEL

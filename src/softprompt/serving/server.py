@@ -43,7 +43,9 @@ def serve(cfg: ServeConfig) -> None:
         say(f"skipped prompt {name}: {message}")
     say(f"serving {BASE} and {len(report['added'])} prompts on http://{cfg.host}:{cfg.port}/v1")
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        # SIGTERM ends open requests after a few seconds, then the batcher (finally)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
+                    timeout_graceful_shutdown=5)  # fmt: skip
     finally:
         app.state.softprompt.batcher.close()
 

@@ -44,18 +44,13 @@ import time
 from pathlib import Path
 
 import torch
+from levers import DATA, read  # benchmarks/levers.py (this folder is the script's path)
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "sentiment"
 TEMPLATE = "Review: {input}\nSentiment:"
 INIT_TEXT = "Classify if the review is positive or negative:"
 CHOICES = ["positive", "negative"]
 PEFT_MAX_LENGTH = 64
-
-
-def read(split: str, limit: int) -> list[dict]:
-    rows = [json.loads(x) for x in (DATA / f"{split}.jsonl").read_text().splitlines() if x]
-    return rows[:limit]
 
 
 def peak_rss_mb() -> float:

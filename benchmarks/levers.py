@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 
 TEMPLATE = "Review: {input}\nSentiment:"
+
+DATA = Path(__file__).resolve().parents[1] / "examples" / "sentiment"
+
+
+def read(split: str, limit: int) -> list[dict]:
+    """The first ``limit`` records of the shipped sentiment set's ``split``."""
+    rows = [json.loads(x) for x in (DATA / f"{split}.jsonl").read_text().splitlines() if x]
+    return rows[:limit]
 
 
 def nonembedding_params(model) -> int:
@@ -19,7 +28,6 @@ def nonembedding_params(model) -> int:
 
 
 def _batches(tok, args, pad_to: int | None) -> list[dict]:
-    from bench_train import read
 
     from softprompt.data import Example, batch_order, collate, tokenize
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -34,8 +34,14 @@ from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
 from softprompt.prompt import SoftPrompt, embed_tokens, max_positions
 from softprompt.templates import PromptFormat
 
-if TYPE_CHECKING:  # the loaded model's kind calls back into this engine
-    from softprompt.loading import LoadedModel
+
+class LoadedModel(Protocol):
+    """What generation reads of ``loading.LoadedModel`` (named here, not imported: the
+    model's kind, which loading decides, calls back into this engine)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    kind: object
 
 Fields = Mapping[str, object]
 

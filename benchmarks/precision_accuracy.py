@@ -31,7 +31,7 @@ TASKS = {
 
 def run(task: str, dtype: str, seed: int, steps: int, scorer) -> dict:
     from softprompt import DataConfig, EvalConfig, ModelConfig, TrainConfig, train
-    from softprompt.measure.eval_run import run_eval
+    from softprompt.commands.eval import run_eval
 
     folder = ROOT / "examples" / task
     out = Path(tempfile.mkdtemp(prefix=f"prec-{task}-")) / "run"

@@ -14,12 +14,12 @@ from conftest import REVIEWS, train_config
 
 from softprompt.artifacts import load_prompt, read_meta
 from softprompt.cli import main
+from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, ModelConfig, ServeConfig
 from softprompt.data import IGNORE_INDEX, collate, load_examples, tokenize
 from softprompt.errors import ConfigError, DataError
 from softprompt.generation import generate, generate_chat
 from softprompt.loading import load_model
-from softprompt.measure.eval_run import run_eval
 from softprompt.prompt import embed_tokens
 from softprompt.serving.api import create_app
 from softprompt.serving.server import BackgroundServer

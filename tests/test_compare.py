@@ -13,9 +13,9 @@ import torch
 from conftest import write_reviews
 
 from softprompt.cli import main
+from softprompt.commands.compare import run_compare
 from softprompt.config import COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig
 from softprompt.loading import load_model
-from softprompt.measure.compare import run_compare
 from softprompt.measure.inspection import CAVEAT
 
 TEMPLATE = "review : {input} sentiment :"

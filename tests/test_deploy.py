@@ -14,9 +14,10 @@ from conftest import random_prompt
 
 from softprompt.artifacts import save_prompt
 from softprompt.cli import main
+from softprompt.commands.export import run_export
 from softprompt.config import ExportConfig
 from softprompt.data import encode_chat, encode_raw
-from softprompt.deploy import Deployment, decode_tensor, encode_tensor, run_export
+from softprompt.deploy import Deployment, decode_tensor, encode_tensor
 from softprompt.errors import ConfigError
 from softprompt.generation import generate, generate_chat, plain_rows
 from softprompt.loading import load_model

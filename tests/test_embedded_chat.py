@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig, ModelConfig, PromptConfig, TrainConfig
 from softprompt.loading import load_model
-from softprompt.measure.eval_run import run_eval
 from softprompt.training import train
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig
-from softprompt.measure.eval_run import run_eval
 from softprompt.scoring import choice_first_ids
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,10 @@ from conftest import train_config
 from softprompt import artifacts
 from softprompt.artifacts import load_prompt
 from softprompt.cli import main
+from softprompt.commands.push import push
 from softprompt.config import PushConfig
 from softprompt.errors import ArtifactError, ConfigError
-from softprompt.hub import model_card, push
+from softprompt.hub import model_card
 from softprompt.training import train
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

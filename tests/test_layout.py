@@ -18,7 +18,7 @@ def _tree() -> str:
 
 def _named(tree: str) -> set[str]:
     """Every file or folder name the tree shows ('kinds/', 'causal.py', ...)."""
-    return set(re.findall(r"(?<![\w`])([a-z_0-9]+(?:\.py|/))(?=\s)", tree + "\n"))
+    return set(re.findall(r"(?<![\w`])([a-z_0-9]+(?:\.py|/))(?=[\s,])", tree + "\n"))
 
 
 def test_readme_tree_matches_the_package():

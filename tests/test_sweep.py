@@ -7,8 +7,9 @@ import json
 import pytest
 
 from softprompt.cli import main
+from softprompt.commands.sweep import rank
 from softprompt.config import SweepConfig
-from softprompt.measure.sweep import rank, recipes
+from softprompt.measure.sweep import recipes
 
 
 def test_recipes_cover_the_grid():

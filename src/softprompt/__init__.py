@@ -19,7 +19,7 @@ import time
 __version__ = "0.1.0"
 STARTED = time.time()  # when the package was first imported: the start of a CLI command
 
-_EXPORTS = {  # name -> its module, relative to softprompt ("measure.eval_run")
+_EXPORTS = {  # name -> its module, relative to softprompt ("commands.eval")
     "DataConfig": "config",
     "GenerateConfig": "config",
     "ModelConfig": "config",
@@ -36,16 +36,16 @@ _EXPORTS = {  # name -> its module, relative to softprompt ("measure.eval_run")
     "EvalConfig": "config",
     "CompareConfig": "config",
     "SweepConfig": "config",
-    "run_eval": "measure.eval_run",
-    "run_compare": "measure.compare",
-    "run_sweep": "measure.sweep",
+    "run_eval": "commands.eval",
+    "run_compare": "commands.compare",
+    "run_sweep": "commands.sweep",
     "inspect_prompt": "measure.inspection",
     "generate": "generation",
     "run_generate": "commands.generate",
     "GenerateRunConfig": "config",
     "InspectConfig": "config",
     "ServeConfig": "config",
-    "run_inspect": "measure.inspection",
+    "run_inspect": "commands.inspect",
     "serve": "serving",
     "load_prompt": "artifacts",
     "save_prompt": "artifacts",

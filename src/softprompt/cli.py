@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Literal
 
@@ -103,83 +103,22 @@ def build_config(cls, ns: argparse.Namespace):
     return cls(**values)
 
 
-# --- handlers: build the config, call the library, print -------------------------------
-
-
-def cmd_train(cfg: TrainConfig) -> None:
-    from softprompt.training import train
-
-    train(cfg)
-
-
-def cmd_generate(cfg: GenerateRunConfig) -> None:
-    from softprompt.commands.generate import format_generations, run_generate
-
-    print(format_generations(run_generate(cfg)), flush=True)
-
-
-def cmd_eval(cfg: EvalConfig) -> None:
-    from softprompt.measure.eval_run import format_table, run_eval
-
-    print(format_table(run_eval(cfg)))
-
-
-def cmd_compare(cfg: CompareConfig) -> None:
-    from softprompt.measure.compare import run_compare
-
-    output = run_compare(cfg)
-    print((output / "report.md").read_text(encoding="utf-8"))
-    print(f"report: {output / 'report.html'}")
-
-
-def cmd_inspect(cfg: InspectConfig) -> None:
-    from softprompt.measure.inspection import format_inspection, format_similar, run_inspect
-
-    info = run_inspect(cfg)
-    print(format_similar(info) if "similar" in info else format_inspection(info))
-
-
-def cmd_sweep(cfg: SweepConfig) -> None:
-    from softprompt.measure.sweep import format_sweep, run_sweep
-
-    print(format_sweep(run_sweep(cfg)))
-
-
-def cmd_serve(cfg: ServeConfig) -> None:
-    try:
-        from softprompt.serving import serve
-    except ImportError as err:  # fastapi / uvicorn: the serve extra is not installed
-        raise SoftpromptError(
-            f"softprompt serve needs its extra ({err.name} is missing): "
-            "pip install 'softprompt[serve]'"
-        ) from None
-    serve(cfg)
-
-
-def cmd_export(cfg: ExportConfig) -> None:
-    from softprompt.deploy import run_export
-
-    out = run_export(cfg)
-    print((out / "deploy.json").read_text(encoding="utf-8"))
-
-
-def cmd_push(cfg: PushConfig) -> None:
-    from softprompt.hub import push
-
-    print(push(cfg))
-
-
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help, its config (one flag per leaf field, less ``skip``) and its
-    handler, which receives the validated config."""
+    """One subcommand: its help, its config (one flag per leaf field, less ``skip``) and the
+    module of ``softprompt.commands`` whose ``main`` receives the validated config (imported
+    when the command runs, so ``--help`` starts without loading torch)."""
 
     help: str
     description: str
     config: type
-    handler: Callable
+    module: str
     skip: tuple[str, ...] = ()
     formatter: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter
+
+    def run(self, cfg) -> None:
+        """Run the command on its validated config."""
+        importlib.import_module(f"softprompt.commands.{self.module}").main(cfg)
 
 
 COMMANDS = {
@@ -190,7 +129,7 @@ COMMANDS = {
         "train --data examples/sentiment/train.jsonl --input-field review --target-field label "
         "--template 'Review: {input}\\nSentiment:' --output runs/sentiment",
         config=TrainConfig,
-        handler=cmd_train,
+        module="train",
     ),
     "generate": Command(
         help="continue texts with the base model and/or a trained prompt",
@@ -199,7 +138,7 @@ COMMANDS = {
         "Example:\n  softprompt generate --prompt runs/sentiment --compare "
         "'The battery died in a day.'",
         config=GenerateRunConfig,
-        handler=cmd_generate,
+        module="generate",
     ),
     "eval": Command(
         help="measure a prompt or the base model: loss, choice accuracy, generations",
@@ -210,7 +149,7 @@ COMMANDS = {
         "examples/sentiment/test.jsonl --input-field review --target-field label "
         "--choices negative,positive --output runs/sentiment-eval",
         config=EvalConfig,
-        handler=cmd_eval,
+        module="eval",
         skip=("validation", "val_fraction"),
     ),
     "compare": Command(
@@ -224,14 +163,14 @@ COMMANDS = {
         "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 30 "
         "--output runs/compare",
         config=CompareConfig,
-        handler=cmd_compare,
+        module="compare",
     ),
     "inspect": Command(
         help="nearest vocabulary tokens, norms and drift of a trained prompt",
         description="Show, per virtual token of a trained prompt, its nearest vocabulary tokens "
         "(cosine), its norm against the real tokens' norms, and its drift from the initial value.",
         config=InspectConfig,
-        handler=cmd_inspect,
+        module="inspect",
         formatter=argparse.HelpFormatter,  # no example: let argparse wrap the description
     ),
     "sweep": Command(
@@ -244,7 +183,7 @@ COMMANDS = {
         "--template 'Review: {input}\\nSentiment:' --choices negative,positive --steps 20 "
         "--output runs/sweep",
         config=SweepConfig,
-        handler=cmd_sweep,
+        module="sweep",
     ),
     "serve": Command(
         help="serve many prompts from one model over an OpenAI-compatible HTTP API",
@@ -255,7 +194,7 @@ COMMANDS = {
         "tuned answers side by side).\n\nExample:\n  softprompt serve "
         "--prompts runs --port 8000",
         config=ServeConfig,
-        handler=cmd_serve,
+        module="serve",
     ),
     "export": Command(
         help="write a prompt's rows for vLLM, SGLang or numpy",
@@ -266,7 +205,7 @@ COMMANDS = {
         "softprompt.deploy.Deployment.\n\nExample:\n  softprompt export runs/sentiment --to "
         "vllm --output runs/sentiment-vllm",
         config=ExportConfig,
-        handler=cmd_export,
+        module="export",
     ),
     "push": Command(
         help="share a prompt on the Hugging Face Hub, with a model card",
@@ -275,7 +214,7 @@ COMMANDS = {
         "loss plot). Others then use it with --prompt hf:owner/name (or --init hf:owner/name)."
         "\n\nExample:\n  softprompt push runs/sentiment me/sentiment-prompt",
         config=PushConfig,
-        handler=cmd_push,
+        module="push",
     ),
 }
 
@@ -292,7 +231,7 @@ def make_parser() -> argparse.ArgumentParser:
             name, help=cmd.help, description=cmd.description, formatter_class=cmd.formatter
         )
         add_config_args(p, cmd.config, skip=cmd.skip)
-        p.set_defaults(command=name, func=cmd.handler)
+        p.set_defaults(command=name, func=cmd.run)
     return parser
 
 
@@ -301,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     cmd = COMMANDS[ns.command]
     try:
-        cmd.handler(build_config(cmd.config, ns))
+        cmd.run(build_config(cmd.config, ns))
         return 0
     except SoftpromptError as err:
         print(f"softprompt: error: {err.cli_message}", file=sys.stderr)

@@ -124,3 +124,8 @@ def format_generations(items: list[Generation]) -> str:
         if item.expected is not None:
             lines.append(f"  expected: {item.expected!r}")
     return "\n".join(lines)
+
+
+def main(cfg: GenerateRunConfig) -> None:
+    """The command: generate, then print each input with its answers."""
+    print(format_generations(run_generate(cfg)), flush=True)

@@ -8,7 +8,6 @@ report.md / report.html are made from that file alone.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import threading
 import time
@@ -20,14 +19,11 @@ import torch
 from torch import nn
 
 from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig
-from softprompt.console import say
-from softprompt.data import Example, load_examples, split_validation, tokenize
-from softprompt.loading import LoadedModel, load_model
+from softprompt.data import Example, tokenize
+from softprompt.loading import LoadedModel
 from softprompt.loss import with_rest
-from softprompt.measure.eval_run import environment, evaluate_examples
-from softprompt.measure.inspection import inspect_prompt
-from softprompt.measure.report import write_compare_report
-from softprompt.outputs import claim_output, record
+from softprompt.measure.evaluate import evaluate_examples
+from softprompt.outputs import record
 from softprompt.prompt import SoftPrompt
 from softprompt.scoring import check_choice_targets, choice_first_ids
 from softprompt.tracking import MetricsLog
@@ -77,42 +73,6 @@ class Context:
     output: Path
     log: MetricsLog
     choices: list[str] | None
-
-
-def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
-    """Run every method of ``cfg`` and write the report; returns the output folder."""
-    output = _prepare_output(cfg)
-    examples = load_examples(cfg.data.data, cfg.data)
-    if not cfg.data.validation:  # the same split prompt tuning makes, for every method
-        examples, _ = split_validation(examples, cfg.data.val_fraction, cfg.seed)
-    test = load_examples(cfg.test, cfg.data)[: cfg.limit]
-    loaded = loaded or load_model(cfg.model)
-    log = MetricsLog(output / "metrics.jsonl")
-    log.write(kind="config", config=dataclasses.asdict(cfg), model=loaded.name, **environment())
-    ctx = Context(cfg, loaded, examples, test, output, log, cfg.choice_list)
-    device = loaded.model.get_input_embeddings().weight.device
-    for method in cfg.method_list:
-        say(f"compare: {method}")
-        gc.collect()
-        with PeakMemory(device) as mem:
-            row = RUNNERS[method](ctx)
-        log.write(kind="result", method=method, peak_memory_mb=round(mem.peak_mb, 1), **row)
-        if method == "prompt-tuning":  # outside the memory window: it copies the vocabulary
-            info = inspect_prompt(loaded, output / "prompt-tuning")
-            log.write(kind="inspect", method=method, **info)
-        say(f"compare: {method}: {_headline(row)}")
-    write_compare_report(output)
-    return output
-
-
-def _prepare_output(cfg: CompareConfig) -> Path:
-    return claim_output(Path(cfg.output), "a comparison", overwrite=cfg.overwrite)
-
-
-def _headline(row: dict) -> str:
-    q = row["quality"]
-    key = "accuracy" if "accuracy" in q else "loss"
-    return f"{key} {q[key]:.4f}, {row['trainable_params']:,} trainable, {row['train_seconds']:.0f}s"
 
 
 def measure(ctx: Context, model: nn.Module, prompt: SoftPrompt | None, examples) -> dict:

@@ -67,9 +67,8 @@ def evaluate_examples(
         rows = tokenize(examples, tok, cfg.context - n_virtual, delimiter, None, fmt,
                         "last-assistant")  # fmt: skip
         if members:
-            each = [
-                evaluate_loss(model, m, rows, cfg.batch_size, tok.pad_token_id) for m in members
-            ]  # fmt: skip (members[0] is ``prompt``)
+            each = [evaluate_loss(model, m, rows, cfg.batch_size, tok.pad_token_id)
+                    for m in members]  # fmt: skip (members[0] is ``prompt``)
             losses = [e["loss"] for e in each]
             result.update(each[0], loss=sum(losses) / len(losses), member_losses=losses)
             result["ppl"] = perplexity(result["loss"])

@@ -153,3 +153,21 @@ def test_a_full_disk_advises_resume_only_where_it_works(tmp_path):
     run = tmp_path / "softprompt.json"
     (run / "checkpoints" / "step-00000002").mkdir(parents=True)
     assert "with --resume" in str(disk_error(full, run / "softprompt.json"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--lr", "nan"], ["train", "--weight-decay", "inf"],
+        ["train", "--warmup-ratio", "nan"], ["train", "--max-grad-norm", "-1"],
+        ["train", "--val-fraction", "nan"], ["compare", "--test", "t.jsonl", "--prompt-lr", "nan"],
+        ["compare", "--test", "t.jsonl", "--full-lr", "-1"], ["sweep", "--lrs", "nan,0.1"],
+        ["serve", "--prompts", ".", "--batch-wait-ms", "inf"],
+        ["serve", "--prompts", ".", "--batch-wait-ms", "1e300"],
+    ],
+)  # fmt: skip
+def test_numeric_flags_must_be_finite_and_in_range(tmp_path, capsys, args):
+    data = ["--data", "d.jsonl", "--output", str(tmp_path / "o")] if args[0] != "serve" else []
+    assert main([*args, *data]) == 2
+    line = _error_line(capsys)
+    assert args[-2] in line or args[-2].replace("lrs", "lr") in line, line

@@ -236,7 +236,7 @@ def test_a_failing_request_leaves_the_others_served(server, monkeypatch):
     for t in threads:
         t.join(timeout=60)
     assert isinstance(outcome["boring book"], openai.InternalServerError)
-    assert "generation failed (RuntimeError)" in str(outcome["boring book"])  # no internals
+    assert "poisoned row" in str(outcome["boring book"])
     assert all(isinstance(outcome[t], str) for t in TEXTS)
     assert state.batcher.metrics.failed_requests == failed_before + 1
 

@@ -371,6 +371,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be a positive number, not {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
+            raise ConfigError("--weight-decay must be 0 or more and --max-grad-norm positive")
         if self.data.max_length <= self.prompt.num_virtual_tokens + 1:
             raise ConfigError(
                 f"--max-length {self.data.max_length} leaves no room for text after "
@@ -751,6 +753,8 @@ class CompareConfig:
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
         if min(self.steps, self.batch_size, self.num_virtual_tokens, self.lora_r) < 1:
             raise ConfigError("--steps, --batch-size, --num-virtual-tokens, --lora-r must be >= 1")
+        if min(self.prompt_lr, self.lora_lr, self.full_lr) <= 0:
+            raise ConfigError("--prompt-lr, --lora-lr and --full-lr must be positive")
 
 
 @dataclass

@@ -250,4 +250,4 @@ class Batcher:
     def _failed(self, req: Job, err: Exception) -> None:
         print(f"[softprompt] request failed: {type(err).__name__}: {err}", file=sys.stderr)
         self.metrics.add(failed_requests=1)
-        req.fail(f"generation failed ({type(err).__name__}); the server's log has the details")
+        req.fail(f"generation failed: {type(err).__name__}: {err}")

@@ -427,7 +427,7 @@ def test_bench_classify_quick_runs(kind_dirs, tmp_path):
 
 
 def test_a_checkpoint_written_before_task_existed_still_resumes():
-    from softprompt.checkpoint import _differences
+    from softprompt.training.checkpoint import _differences
 
     saved = {"model": {"model": "m", "dtype": "float32"}}  # no "task": an older checkpoint
     assert _differences(saved, {"model": {"model": "m", "dtype": "float32", "task": "auto"}}) == []

@@ -240,7 +240,7 @@ def init_prompt(
     """Build the starting prompt that ``cfg.init`` asks for (auto, random, text or vocab; a
     saved prompt's folder is read by ``softprompt.load_prompt``).
 
-    ``auto`` uses ``task_text`` (the task's own words, see ``training.task_words``) like
+    ``auto`` uses ``task_text`` (the task's own words, see ``training.starting.task_words``) like
     ``text`` uses --init-text, and ``vocab`` when there is none. ``shuffle`` (ensemble members
     after the first) orders the words' tokens at random with ``seed`` before repeating them,
     so that members start apart."""

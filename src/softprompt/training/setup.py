@@ -1,0 +1,242 @@
+"""Setting a run up: its data (token rows, per-task validation, the choices' ids), its output
+folder, and the `Run` itself (model, prompts, optimizer, or a resumed run's state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from transformers import get_linear_schedule_with_warmup
+
+from softprompt.config import TrainConfig
+from softprompt.console import say
+from softprompt.data import (
+    Example,
+    detect_labels,
+    load_examples,
+    split_validation,
+)
+from softprompt.errors import ConfigError
+from softprompt.kinds import CAUSAL
+from softprompt.loading import LoadedModel, load_model
+from softprompt.loss import with_rest
+from softprompt.outputs import claim_output
+from softprompt.prompt import (
+    PromptSet,
+    ResidualPrompt,
+    max_positions,
+)
+from softprompt.scoring import check_choice_targets, choice_first_ids
+from softprompt.tracking import MetricsLog, open_trackers
+from softprompt.training.checkpoint import FOLDER as CKPT_FOLDER
+from softprompt.training.checkpoint import TaskBest, restore_run
+from softprompt.training.parallel import label_count, shard_layers
+from softprompt.training.run import Run, TrainData
+from softprompt.training.starting import starting_prompts
+
+
+def _prepare_output(cfg: TrainConfig, accelerator: Accelerator) -> Path:
+    """The main process checks and prepares the folder; every process learns the verdict."""
+    output = Path(cfg.output or time.strftime("runs/softprompt-%Y%m%d-%H%M%S"))
+    verdict = [""]
+    if accelerator.is_main_process:
+        try:
+            _check_output(cfg, output)
+        except ConfigError as err:
+            verdict = [err.cli_message]
+    if accelerator.num_processes > 1:
+        verdict = broadcast_object_list(verdict)
+    if verdict[0]:
+        raise ConfigError(verdict[0])
+    return output
+
+
+def _check_output(cfg: TrainConfig, output: Path) -> None:
+    if cfg.resume and not (output / CKPT_FOLDER).is_dir():
+        raise ConfigError(f"--resume: {output} has no checkpoints; run without --resume")
+    claim_output(output, "a run", resume=cfg.resume, overwrite=cfg.overwrite)
+
+
+def _load_examples(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples: --validation, or a split of --data."""
+    d = cfg.data
+    examples = load_examples(d.data, d, cfg.task_field)
+    if d.validation:
+        val = load_examples(d.validation, d, cfg.task_field)
+        unknown = sorted({ex.task for ex in val} - {ex.task for ex in examples} - {None})
+        if unknown:
+            raise ConfigError(
+                f"{d.validation}: task {unknown[0]!r} has no training examples in {d.data}"
+            )
+        return examples, val
+    return split_validation(examples, d.val_fraction, cfg.seed)
+
+
+def _data_labels(examples: list[Example]) -> list[str] | None:
+    """The data's labels (its distinct targets, sorted): a classification head's outputs."""
+    return sorted({ex.target for ex in examples if ex.target is not None}) or None
+
+
+def _prepare_data(
+    cfg: TrainConfig,
+    train_ex: list[Example],
+    val_ex: list[Example],
+    tokenizer,
+    device,
+    loaded: LoadedModel | None = None,
+) -> TrainData:
+    """Token rows (each with its task's index), per-task validation rows, the choices' ids."""
+    d = cfg.data
+    max_text = d.max_length - cfg.prompt.num_virtual_tokens
+    tasks = sorted({ex.task for ex in train_ex}) if cfg.task_field else [""]
+    if cfg.ensemble > 1:  # members are tasks that every row belongs to (see epoch_groups)
+        tasks = [f"member-{k}" for k in range(cfg.ensemble)]
+    ids = {name: i for i, name in enumerate(tasks)} if cfg.task_field else None
+    fmt = d.prompt_format(chat=train_ex[0].messages is not None)
+    delimiter = "" if fmt.chat else d.target_delimiter  # an answer follows its turn's header
+    kind, labels = (loaded.kind, loaded.labels) if loaded is not None else (CAUSAL, None)
+    train_rows, val_rows = (
+        kind.tokenize(part, tokenizer, max_text, ids, fmt, delimiter, d.loss_on, labels)
+        for part in (train_ex, val_ex)
+    )
+    if not any(label_count([r]) for r in train_rows):
+        raise ConfigError(f"{d.data}: no row has a target token to learn; check the fields")
+    mode = "chat" if fmt.chat else "text" if train_ex[0].target is None else "pairs"
+    mode = kind.data_mode(mode)
+    info = {**dataclasses.asdict(d), "mode": mode, "train_examples": len(train_rows),
+            "val_examples": len(val_rows)}  # fmt: skip
+    if cfg.task_field:
+        info["tasks"] = {
+            name: {
+                "train_examples": sum(r.task == i for r in train_rows),
+                "val_examples": sum(r.task == i for r in val_rows),
+            }
+            for i, name in enumerate(tasks)
+        }
+        counts = ", ".join(f"{n} {v['train_examples']}" for n, v in info["tasks"].items())
+        say(f"multi-task: {len(tasks)} tasks, one prompt each, mixed in batches ({counts})")
+    elif cfg.ensemble > 1:
+        info["ensemble"] = cfg.ensemble
+        info["tasks"] = {name: {"train_examples": len(train_rows), "val_examples": len(val_rows)}
+                         for name in tasks}  # fmt: skip
+        say(f"ensemble: {cfg.ensemble} prompts (seeds {cfg.seed}..{cfg.seed + cfg.ensemble - 1}), "
+            "every row seen by each in the same batch")  # fmt: skip
+    say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
+    if fmt.position_name != "start":
+        say(f"the soft prompt sits at {fmt.position_name!r}: PEFT cannot place it there, so only "
+            "softprompt loads this prompt exactly")  # fmt: skip
+    val_by_task = [[r for r in val_rows if r.task == i] for i in range(len(tasks))]
+    if cfg.ensemble > 1:
+        val_by_task = [val_rows for _ in tasks]
+    choices = cfg.choice_list
+    if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind.restricted_choices:
+        choices = _detect_choices(cfg, train_ex, tokenizer, delimiter)
+    info["choices"] = choices
+    choice_ids = None
+    if choices is not None and cfg.choice_loss != "full":
+        first = choice_first_ids(tokenizer, choices, delimiter)
+        check_choice_targets(train_rows + val_rows, train_ex + val_ex, first)
+        rest = (
+            " plus one logit for every other token" if cfg.choice_loss == "restricted+rest" else ""
+        )
+        say(f"classification mode: loss over the first tokens of {','.join(choices)}{rest}")
+        choice_ids = torch.tensor(first, device=device)
+        if cfg.choice_loss == "restricted+rest":
+            choice_ids = with_rest(choice_ids)
+    return TrainData(train_rows, val_by_task, tasks, info, choice_ids, fmt, choices, cfg.ensemble)
+
+
+def _detect_choices(cfg: TrainConfig, examples: list[Example], tokenizer, delimiter: str):
+    """--choices auto: the data's label set, if it has one the restricted loss can use."""
+    labels = detect_labels(examples)
+    if labels is None:
+        return None
+    if cfg.choice_loss != "full":
+        try:
+            choice_first_ids(tokenizer, labels, delimiter)
+        except ConfigError:
+            say(
+                f"the targets look like labels ({', '.join(labels)}) but start with the same "
+                "token: no classification mode (give --choices and --choice-loss full for it)"
+            )
+            return None
+    say(
+        f"--choices auto: the targets are {len(labels)} labels ({', '.join(labels)}): "
+        f"classification mode (--choice-loss {cfg.choice_loss}); --choices none turns it off"
+    )
+    return labels
+
+
+def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
+    """Everything set up; a resumed run restored from its newest good checkpoint."""
+    # One process, or one of many under `accelerate launch` / torchrun. Without a GPU,
+    # accelerate uses gloo across CPU processes only when told cpu=True.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.shard_model and accelerator.num_processes == 1:
+        raise ConfigError(
+            "--shard-model splits the model across processes: launch with torchrun or "
+            "accelerate launch and 2 or more processes (README, 'Scaling out')"
+        )
+    examples = _load_examples(cfg)  # bad data fails before anything slow or written
+    output = _prepare_output(cfg, accelerator)
+    torch.manual_seed(cfg.seed)
+    loaded = loaded or load_model(cfg.model, labels=_data_labels(examples[0]))
+    loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples[0])
+    loaded.model.to(accelerator.device)
+    if cfg.shard_model:
+        shard_layers(loaded.model, accelerator)
+    limit = max_positions(loaded.model)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(
+            f"--max-length {cfg.data.max_length} is longer than the {limit} positions "
+            f"{loaded.name} can hold; give --max-length {limit} or less"
+        )
+    data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
+    starts, init_info = starting_prompts(cfg, loaded, data)
+    if cfg.reparam == "residual":
+        starts = [ResidualPrompt(p.embedding, cfg.reparam_hidden, cfg.seed + k)
+                  for k, p in enumerate(starts)]  # fmt: skip
+    prompts = PromptSet(data.tasks, starts)
+    prompts.to(accelerator.device)
+    steps_per_epoch = math.ceil(
+        math.ceil(len(data.train_rows) / cfg.batch_size) / cfg.grad_accum
+    )
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
+    # A classification model's head learns beside the prompt (its parameters come last).
+    head = loaded.kind.trainable(loaded.model)
+    optimizer = torch.optim.AdamW(
+        [*prompts.parameters(), *head], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
+    # Not wrapped in DDP: forward_backward all-reduces the gradient itself, which keeps
+    # one code path (and the shared prefix) for one process or many.
+    main = accelerator.is_main_process
+    trackers = open_trackers(cfg.report_to, output, output.name) if main else []
+    log = MetricsLog(output / "metrics.jsonl", enabled=main, trackers=trackers)
+    run = Run(cfg, accelerator, output, loaded, data, prompts, optimizer, scheduler,
+              total_steps, math.ceil(total_steps / steps_per_epoch), log)  # fmt: skip
+    run.init_info = init_info
+    run.best, run.initial = prompts.stacked().clone(), prompts.stacked().clone()
+    run.head, run.best_head = head, [p.detach().clone() for p in head]
+    if head:
+        say(f"classification head: {sum(p.numel() for p in head):,} trainable parameters "
+            f"beside the prompt's {prompts.stacked().numel():,}")  # fmt: skip
+    if cfg.resume:
+        folder = restore_run(run)
+        log.truncate_after(run.state.step)
+        if not run.finished:
+            say(
+                f"resuming from {folder.name}: epoch {run.current_epoch}, step {run.state.step}"
+            )
+    else:
+        log.write(kind="config", config=dataclasses.asdict(cfg), data=data.info)
+        run.state.task_best = [TaskBest() for _ in data.tasks]
+    return run

@@ -9,14 +9,13 @@ import sys
 import pytest
 
 from softprompt import __version__
-from softprompt.cli import build_config, main, make_parser
+from softprompt.cli import build_config, flat_fields, main, make_parser
 from softprompt.config import (
     DataConfig,
     GenerateConfig,
     ModelConfig,
     PromptConfig,
     TrainConfig,
-    flat_fields,
 )
 
 

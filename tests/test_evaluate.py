@@ -201,7 +201,8 @@ def test_eval_cli_errors_are_one_line(tiny_dir, pairs_file, capsys):
 @pytest.mark.parametrize("command", ["eval", "compare", "sweep", "inspect"])
 def test_new_commands_document_every_flag(command, capsys, monkeypatch):
     """Each config field is a flag whose help text is the field's documentation."""
-    from softprompt.config import CompareConfig, SweepConfig, flat_fields
+    from softprompt.cli import flat_fields
+    from softprompt.config import CompareConfig, SweepConfig
 
     monkeypatch.setenv("COLUMNS", "3000")
     with pytest.raises(SystemExit):

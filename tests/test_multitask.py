@@ -15,9 +15,9 @@ from softprompt.data import Row, collate, tokenize
 from softprompt.errors import ConfigError, DataError
 from softprompt.loading import load_model
 from softprompt.loss import lm_loss
-from softprompt.training.parallel import forward_backward
 from softprompt.prompt import PromptSet, SoftPrompt
 from softprompt.training import train
+from softprompt.training.parallel import forward_backward
 
 FLIP = {"positive": "negative", "negative": "positive"}
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import random_prompt
 
 from softprompt.artifacts import save_prompt
-from softprompt.cli import main
-from softprompt.config import GenerateConfig, ServeConfig, flat_fields
+from softprompt.cli import flat_fields, main
+from softprompt.config import GenerateConfig, ServeConfig
 from softprompt.generation import generate
 from softprompt.loading import load_model
 from softprompt.serving.api import create_app

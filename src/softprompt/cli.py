@@ -14,23 +14,50 @@ import sys
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 from softprompt import __version__
 from softprompt.config import (
     CompareConfig,
     EvalConfig,
     ExportConfig,
-    Flag,
     GenerateRunConfig,
     InspectConfig,
     PushConfig,
     ServeConfig,
     SweepConfig,
     TrainConfig,
-    flat_fields,
 )
 from softprompt.errors import SoftpromptError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: a leaf field of a config, as its command shows it."""
+
+    name: str
+    type: Any  # the resolved annotation, e.g. int | None, Literal[...]
+    default: Any
+    metadata: dict
+
+
+def flat_fields(cls) -> list[Flag]:
+    """The leaf fields of a config as flags, nested configs expanded (as ``nested`` says)."""
+    hints = typing.get_type_hints(cls)
+    out: list[Flag] = []
+    for f in fields(cls):
+        if f.metadata.get("nested"):
+            inner = {flag.name: flag for flag in flat_fields(type(f.default_factory()))}
+            sample = f.default_factory()
+            rewording = f.metadata["help_for"] or {}
+            for name in f.metadata["only"] or list(inner):
+                flag = inner[name]
+                meta = {**flag.metadata, "help": rewording.get(name, flag.metadata["help"])}
+                out.append(Flag(name, flag.type, getattr(sample, name), meta))
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        out.append(Flag(f.name, hints[f.name], default, dict(f.metadata)))
+    return out
 
 
 def unescape(text: str) -> str:

@@ -1,0 +1,149 @@
+"""`softprompt train`'s settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from softprompt.config.base import (
+    CHOICE_LOSSES,
+    CHOICES_AUTO,
+    CHOICES_NONE,
+    REPARAMS,
+    ChoiceLoss,
+    DataConfig,
+    ModelConfig,
+    PromptConfig,
+    Reparam,
+    check_choice,
+    check_finite,
+    nested,
+    opt,
+    parse_choices,
+)
+from softprompt.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything `softprompt train` needs."""
+
+    model: ModelConfig = nested(ModelConfig)
+    data: DataConfig = nested(DataConfig)
+    prompt: PromptConfig = nested(PromptConfig)
+    output: str = opt("", "Folder for the trained prompt, metrics, plot and checkpoints.")
+    epochs: int = opt(3, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
+    batch_size: int = opt(8, "Rows per forward pass.")
+    grad_accum: int = opt(1, "Forward passes per optimizer step (effective batch = both).")
+    lr: float = opt(
+        3e-2, "Peak learning rate of AdamW. Soft prompts need much larger rates than weights."
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay on the prompt (0 keeps it free).")
+    warmup_ratio: float = opt(0.06, "Fraction of the steps spent warming the rate up from 0.")
+    max_grad_norm: float | None = opt(1.0, "Clip the prompt's gradient norm (none to disable).")
+    seed: int = opt(0, "Seed for initialisation, the split and data order.")
+    eval_every: int | None = opt(None, "Also run validation every K steps (default: each epoch).")
+    save_every: int | None = opt(None, "Also checkpoint every K steps (default: each epoch).")
+    patience: int | None = opt(
+        None, "Stop after this many validations without improvement (default: never)."
+    )
+    choices: str | None = opt(
+        CHOICES_AUTO,
+        "Classification mode: the comma-separated label words, e.g. 'negative,positive' (the "
+        "targets must be these words); 'auto' (the default) detects a small label set in the "
+        "targets (at most 10 distinct strings of at most 3 words, each seen more than once) "
+        "and says so; 'none' turns classification mode off.",
+    )
+    choice_loss: ChoiceLoss = opt(
+        "restricted+rest",
+        "With choices: 'restricted+rest' (the default) is a softmax over the choices' first "
+        "tokens plus one 'rest' logit standing for every other token, at the answer position "
+        "only, so the prompt also learns to put the probability on the labels; 'restricted' "
+        "leaves the rest out; 'full' keeps the whole-vocabulary loss on every target token "
+        "(docs/measurements.md compares them).",
+    )
+    reparam: Reparam = opt(
+        "none",
+        "'residual' (Razdaibiedina et al. 2023) trains the prompt through a bottleneck MLP "
+        "with a skip connection, P + LayerNorm(MLP(P)); only the mapped prompt is saved, so "
+        "the artifact stays a plain prompt. 'none' trains P directly.",
+    )
+    reparam_hidden: int = opt(128, "With --reparam residual: the MLP's bottleneck width.")
+    ensemble: int = opt(
+        1,
+        "Train K prompts with seeds SEED..SEED+K-1 in one run (one model pass per batch, every "
+        "row repeated per prompt); saved as OUTPUT/member-I/ plus ensemble.json, which eval "
+        "and serve read as one voting model.",
+    )
+    task_field: str | None = opt(
+        None,
+        "Multi-task training: the field naming each record's task. One prompt per task is "
+        "trained in this run, the tasks mixed in batches, and each is saved in OUTPUT/<task>/ "
+        "(serve them all with `softprompt serve --prompts OUTPUT`).",
+    )
+    shard_model: bool = opt(
+        False,
+        "With several processes (torchrun / accelerate launch): split the frozen model's "
+        "decoder layers across them with PyTorch FSDP2, for base models too large for one "
+        "device. Embeddings and LM head stay whole on each process. Same results as without.",
+    )
+    report_to: str = opt(
+        "none",
+        "Also send the config, every logged value and the loss plot to trackers, "
+        "comma-separated: tensorboard (OUTPUT/tensorboard), wandb, mlflow, trackio, csv "
+        "(OUTPUT/metrics.csv), or none. metrics.jsonl is always written.",
+    )
+    resume: bool = opt(False, "Continue the run in --output from its last good checkpoint.")
+    overwrite: bool = opt(False, "Replace an earlier run in --output instead of refusing.")
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        from softprompt.tracking import report_targets
+
+        report_targets(self.report_to)  # known names, packages installed
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("--max-steps must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, not {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
+            raise ConfigError("--weight-decay must be 0 or more and --max-grad-norm positive")
+        if self.data.max_length <= self.prompt.num_virtual_tokens + 1:
+            raise ConfigError(
+                f"--max-length {self.data.max_length} leaves no room for text after "
+                f"{self.prompt.num_virtual_tokens} virtual tokens; raise --max-length or lower "
+                "--num-virtual-tokens"
+            )
+        if not self.data.data:
+            raise ConfigError("--data is required: a .jsonl, .csv, .tsv or .txt file")
+        _ = self.choice_list
+        check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
+        check_choice(self.reparam, REPARAMS, "--reparam")
+        if self.reparam_hidden < 1:
+            raise ConfigError("--reparam-hidden must be at least 1")
+        if self.ensemble < 1:
+            raise ConfigError("--ensemble must be at least 1")
+        if self.ensemble > 1 and self.task_field:
+            raise ConfigError("--ensemble and --task-field cannot be combined yet; pick one")
+
+    @property
+    def choice_list(self) -> list[str] | None:
+        """--choices as a list of labels (None: not given, 'auto' or 'none')."""
+        if self.choices is None or self.choices in (CHOICES_AUTO, CHOICES_NONE):
+            return None
+        return parse_choices(self.choices)
+
+    @property
+    def auto_choices(self) -> bool:
+        """Whether the label set is to be detected from the data (``--choices auto``)."""
+        return self.choices == CHOICES_AUTO
+
+    @property
+    def restricted_choices(self) -> list[str] | None:
+        """The label words of the restricted classification loss, or None (the full loss)."""
+        return self.choice_list if self.choice_loss != "full" else None

@@ -26,8 +26,9 @@ SYSTEM = (
 def main() -> None:
     from softprompt import PromptConfig, init_prompt, load_model
     from softprompt.config import DataConfig
-    from softprompt.data import batch_order, collate, load_examples, tokenize
+    from softprompt.data import load_examples
     from softprompt.loss import lm_loss
+    from softprompt.rows import batch_order, collate, tokenize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded-chat")

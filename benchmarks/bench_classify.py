@@ -110,9 +110,9 @@ def run_plain(args, method: str) -> dict:
     """Head alone (the encoder frozen) or full fine-tuning (everything learns), no prompt:
     the same batches, epochs and best-epoch choice as softprompt's run."""
     from softprompt.config import ModelConfig
-    from softprompt.data import batch_order
     from softprompt.kinds.classify import head_parameters, rows_loss, tokenize_labels
     from softprompt.loading import load_model
+    from softprompt.rows import batch_order
 
     train_ex, val_ex = examples(args.data, args), examples(args.validation, args)
     labels = sorted({ex.target for ex in train_ex})

@@ -70,8 +70,9 @@ def main() -> None:
         args.examples = 16
 
     from softprompt import load_model
-    from softprompt.data import Example, tokenize
+    from softprompt.data import Example
     from softprompt.prompt import SoftPrompt
+    from softprompt.rows import tokenize
     from softprompt.scoring import (
         Scoring,
         classify,

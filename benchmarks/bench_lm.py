@@ -49,8 +49,9 @@ def texts(split: str, limit: int) -> list[str]:
 
 def heldout_loss(loaded, embedding: torch.Tensor, test: list[str]) -> float:
     """Mean loss per held-out token with the prompt first: the same scorer for both."""
-    from softprompt.data import Example, tokenize
+    from softprompt.data import Example
     from softprompt.prompt import SoftPrompt
+    from softprompt.rows import tokenize
     from softprompt.scoring import evaluate_loss
 
     tok = loaded.tokenizer

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from softprompt.config import PromptConfig
-from softprompt.data import Example, batch_order, collate, tokenize
+from softprompt.data import Example
 from softprompt.loading import load_model
 from softprompt.loss import lm_loss
 from softprompt.prompt import init_prompt
+from softprompt.rows import batch_order, collate, tokenize
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "sentiment" / "train.jsonl"
 

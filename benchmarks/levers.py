@@ -29,7 +29,8 @@ def nonembedding_params(model) -> int:
 
 def _batches(tok, args, pad_to: int | None) -> list[dict]:
 
-    from softprompt.data import Example, batch_order, collate, tokenize
+    from softprompt.data import Example
+    from softprompt.rows import batch_order, collate, tokenize
 
     recs = read("train", 8 * args.batch_size)
     exs = [Example(TEMPLATE.format(input=r["review"]), r["label"], "") for r in recs]

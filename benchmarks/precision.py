@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     from softprompt import PromptConfig, SoftPrompt, init_prompt, load_model
     from softprompt import loss as loss_mod
-    from softprompt.data import Example, collate, tokenize
+    from softprompt.data import Example
     from softprompt.loss import lm_loss
+    from softprompt.rows import collate, tokenize
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded")

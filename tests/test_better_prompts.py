@@ -13,12 +13,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from softprompt.artifacts import INITIAL, PROMPT_KEY, load_prompt
-from softprompt.data import Example, collate, detect_labels, tokenize
+from softprompt.data import Example, detect_labels
 from softprompt.errors import ConfigError
 from softprompt.library import similar_prompts
 from softprompt.loading import load_model
 from softprompt.loss import REST, head_logits, lm_loss, with_rest
 from softprompt.prompt import ResidualPrompt, SoftPrompt, embed_tokens
+from softprompt.rows import collate, tokenize
 from softprompt.training import train
 
 

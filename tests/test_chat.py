@@ -16,11 +16,12 @@ from softprompt.artifacts import load_prompt, read_meta
 from softprompt.cli import main
 from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, ModelConfig, ServeConfig
-from softprompt.data import IGNORE_INDEX, collate, load_examples, tokenize
+from softprompt.data import load_examples
 from softprompt.errors import ConfigError, DataError
 from softprompt.generation import generate, generate_chat
 from softprompt.loading import load_model
 from softprompt.prompt import embed_tokens
+from softprompt.rows import IGNORE_INDEX, collate, tokenize
 from softprompt.serving.api import create_app
 from softprompt.serving.server import BackgroundServer
 from softprompt.templates import PromptFormat

@@ -12,18 +12,9 @@ import torch
 from conftest import make_tokenizer
 
 from softprompt.config import DataConfig
-from softprompt.data import (
-    IGNORE_INDEX,
-    Example,
-    Row,
-    batch_order,
-    collate,
-    load_examples,
-    read_records,
-    split_validation,
-    tokenize,
-)
+from softprompt.data import Example, load_examples, read_records, split_validation
 from softprompt.errors import ConfigError, DataError
+from softprompt.rows import IGNORE_INDEX, Row, batch_order, collate, tokenize
 
 BOS, EOS, PAD = 2, 1, 0
 CFG = DataConfig(data="unused")

@@ -16,11 +16,11 @@ from softprompt.artifacts import save_prompt
 from softprompt.cli import main
 from softprompt.commands.export import run_export
 from softprompt.config import ExportConfig
-from softprompt.data import encode_chat, encode_raw
 from softprompt.deploy import Deployment, decode_tensor, encode_tensor
 from softprompt.errors import ConfigError
 from softprompt.generation import generate, generate_chat, plain_rows
 from softprompt.loading import load_model
+from softprompt.rows import encode_chat, encode_raw
 from softprompt.templates import PromptFormat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,9 +13,9 @@ import torch
 from softprompt.artifacts import load_prompt
 from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig, ModelConfig, PromptConfig, TrainConfig
-from softprompt.data import Row
 from softprompt.kinds.classify import collate, logits
 from softprompt.loading import load_model
+from softprompt.rows import Row
 from softprompt.training import train
 
 pytestmark = pytest.mark.slow

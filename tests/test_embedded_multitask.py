@@ -7,8 +7,9 @@ import json
 import pytest
 
 from softprompt.config import DataConfig, PromptConfig, TrainConfig
-from softprompt.data import Example, tokenize
+from softprompt.data import Example
 from softprompt.loading import load_model
+from softprompt.rows import tokenize
 from softprompt.scoring import classify, evaluate_loss
 from softprompt.training import train
 

@@ -12,12 +12,13 @@ import torch
 from softprompt.cli import main
 from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig, ModelConfig
-from softprompt.data import Example, Row, collate
+from softprompt.data import Example
 from softprompt.loading import load_model
 from softprompt.loss import lm_loss
 from softprompt.measure import metrics
 from softprompt.measure.baselines import few_shot
 from softprompt.prompt import SoftPrompt
+from softprompt.rows import Row, collate
 from softprompt.scoring import (
     choice_first_ids,
     classify,
@@ -247,8 +248,9 @@ def test_one_pass_scores_equal_a_pass_per_choice(loaded_all, kind, headed):
 
 def test_eval_loss_comes_from_the_choices_pass(tiny_dir, pairs_file, tmp_path):
     """`eval` with choices reports the same loss as evaluate_loss over the labelled rows."""
-    from softprompt.data import load_examples, tokenize
+    from softprompt.data import load_examples
     from softprompt.measure.evaluate import evaluate_examples
+    from softprompt.rows import tokenize
     from softprompt.scoring import evaluate_loss
 
     loaded = load_model(ModelConfig(model=str(tiny_dir)))

@@ -21,9 +21,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from softprompt.artifacts import save_prompt  # noqa: E402
 from softprompt.commands.eval import run_eval  # noqa: E402
 from softprompt.config import DataConfig, EvalConfig, GenerateConfig, ModelConfig  # noqa: E402
-from softprompt.data import IGNORE_INDEX, Row  # noqa: E402
 from softprompt.generation import generate  # noqa: E402
 from softprompt.harness import SoftPromptLM  # noqa: E402
+from softprompt.rows import IGNORE_INDEX, Row  # noqa: E402
 from softprompt.scoring import row_logprobs  # noqa: E402
 from softprompt.templates import PromptFormat  # noqa: E402
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from softprompt import loss as loss_mod
-from softprompt.data import IGNORE_INDEX, Row, collate
 from softprompt.loss import chunked_cross_entropy, head_logits, lm_loss, token_logprobs
+from softprompt.rows import IGNORE_INDEX, Row, collate
 from softprompt.scoring import row_logprobs
 from tests.conftest import random_prompt
 

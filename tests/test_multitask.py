@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from softprompt.artifacts import load_prompt
 from softprompt.config import TrainConfig
-from softprompt.data import Row, collate, tokenize
 from softprompt.errors import ConfigError, DataError
 from softprompt.loading import load_model
 from softprompt.loss import lm_loss
 from softprompt.prompt import PromptSet, SoftPrompt
+from softprompt.rows import Row, collate, tokenize
 from softprompt.training import train
 from softprompt.training.parallel import forward_backward
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from conftest import random_prompt
 from transformers import GenerationConfig
 
-from softprompt.data import IGNORE_INDEX, Row, collate
 from softprompt.generation import GenerationRow, pack_rows, plain_rows
 from softprompt.loss import lm_loss, support
 from softprompt.prefix import compile_prefix
 from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens
+from softprompt.rows import IGNORE_INDEX, Row, collate
 
 ARCHS = ["llama", "gemma3", "gpt2"]
 TEXTS = [

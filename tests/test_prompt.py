@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from softprompt.config import PromptConfig
-from softprompt.data import IGNORE_INDEX, Example, collate, tokenize
+from softprompt.data import Example
 from softprompt.loading import load_model
 from softprompt.loss import lm_loss, support
 from softprompt.prompt import SoftPrompt, embed_tokens, init_prompt
+from softprompt.rows import IGNORE_INDEX, collate, tokenize
 
 ARCHS = ["llama", "gemma3", "gpt2"]
 

@@ -28,11 +28,11 @@ from torch import Tensor
 
 from softprompt.artifacts import check_fits, load_prompt, trained_base_model
 from softprompt.config import ModelConfig
-from softprompt.data import encode_chat, encode_raw
 from softprompt.errors import ConfigError
 from softprompt.generation import plain_rows
 from softprompt.loading import LoadedModel, load_model
 from softprompt.prompt import SoftPrompt
+from softprompt.rows import encode_chat, encode_raw
 from softprompt.templates import PromptFormat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

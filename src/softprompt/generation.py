@@ -27,11 +27,11 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
 
 from softprompt.config import GenerateConfig
 from softprompt.console import warn
-from softprompt.data import Encoded, encode_chat
 from softprompt.errors import SoftpromptError
 from softprompt.loss import support
 from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
 from softprompt.prompt import SoftPrompt, embed_tokens, max_positions
+from softprompt.rows import Encoded, encode_chat
 from softprompt.templates import PromptFormat
 
 

@@ -33,12 +33,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from softprompt.artifacts import load_prompt, read_meta, trained_base_model
 from softprompt.config import GenerateConfig, ModelConfig
-from softprompt.data import IGNORE_INDEX, Row, encode_raw
 from softprompt.errors import ConfigError
 from softprompt.generation import generate_ids, generation_config
 from softprompt.loading import load_model
 from softprompt.prefix import compile_all
 from softprompt.prompt import max_positions
+from softprompt.rows import IGNORE_INDEX, Row, encode_raw
 from softprompt.scoring import row_scores
 from softprompt.templates import PromptFormat
 
@@ -94,7 +94,7 @@ class SoftPromptLM(LM):
         if not self.use_template:
             return None, self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if self.fmt.chat:
-            from softprompt.data import encode_chat
+            from softprompt.rows import encode_chat
 
             return encode_chat(self.tokenizer, self.fmt, [{"role": "user", "content": text}])
         return encode_raw(self.tokenizer, self.fmt, text)

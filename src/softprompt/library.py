@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, load_prompt
-from softprompt.data import Row
 from softprompt.errors import ArtifactError, ConfigError
 from softprompt.prompt import SoftPrompt
+from softprompt.rows import Row
 from softprompt.scoring import evaluate_loss
 
 SCORE_BATCHES = 4  # training batches each library prompt is scored on

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softprompt.data import IGNORE_INDEX
 from softprompt.prefix import hidden_after_prefix, with_head
 from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens, prepend, rows_prompts
+from softprompt.rows import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from softprompt.config import PromptConfig
 from softprompt.console import warn
-from softprompt.data import IGNORE_INDEX
 from softprompt.errors import ConfigError
+from softprompt.rows import IGNORE_INDEX
 
 VOCAB_INIT_POOL = 5000  # Lester et al. sample from the 5,000 most common tokens
 

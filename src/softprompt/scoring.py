@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from softprompt.data import IGNORE_INDEX, Example, Row, collate
+from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.generation import GenerationRow, pack_rows
 from softprompt.loss import head_logits, lm_loss, support, token_logprobs, token_scores
 from softprompt.prefix import compile_all
 from softprompt.prompt import SoftPrompt, embed_tokens
+from softprompt.rows import IGNORE_INDEX, Row, collate
 
 
 @torch.no_grad()

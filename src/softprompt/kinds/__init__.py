@@ -21,13 +21,14 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
-from softprompt.data import Encoded, Example, Row
+from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.kinds.causal import CAUSAL
 from softprompt.kinds.classify import CLASSIFY
 from softprompt.kinds.seq2seq import SEQ2SEQ
 from softprompt.prefix import Prefix, PromptLike
 from softprompt.prompt import SoftPrompt
+from softprompt.rows import Encoded, Row
 from softprompt.templates import PromptFormat
 
 

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from softprompt.data import Encoded, Example, Row, collate, encode_example, encode_raw, tokenize
+from softprompt.data import Example
 from softprompt.generation import generate_encoded, generate_ids
 from softprompt.loss import lm_loss, support
 from softprompt.prefix import Prefix, PromptLike, compile_prefix, embeds_only
 from softprompt.prompt import SoftPrompt, input_scale
+from softprompt.rows import Encoded, Row, collate, encode_example, encode_raw, tokenize
 from softprompt.scoring import classify, evaluate_loss, loss_scoring, pooled_loss
 from softprompt.templates import PromptFormat
 

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from softprompt.data import Encoded, Example, Row
+from softprompt.data import Example
 from softprompt.errors import ArtifactError, ConfigError
 from softprompt.generation import prompt_batches
 from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
 from softprompt.prefix import Prefix, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, rows_prompts
+from softprompt.rows import Encoded, Row
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
 

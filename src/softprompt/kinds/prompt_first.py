@@ -3,8 +3,9 @@ prompt inside the text, conversations, and the causal LM's training shortcuts.""
 
 from __future__ import annotations
 
-from softprompt.data import Encoded, Example
+from softprompt.data import Example
 from softprompt.errors import ConfigError, SoftpromptError
+from softprompt.rows import Encoded
 from softprompt.templates import PromptFormat
 
 

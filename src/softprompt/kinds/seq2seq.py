@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from transformers import AutoModelForSeq2SeqLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
-from softprompt.data import IGNORE_INDEX, Encoded, Example, Row
+from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.generation import generation_config, prompt_batches
 from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
 from softprompt.prefix import Prefix, PromptLike, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, embed_tokens, input_scale
+from softprompt.rows import IGNORE_INDEX, Encoded, Row
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
 

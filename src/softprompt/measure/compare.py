@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConfig
-from softprompt.data import Example, tokenize
+from softprompt.data import Example
 from softprompt.loading import LoadedModel
 from softprompt.loss import with_rest
 from softprompt.measure.evaluate import evaluate_examples
 from softprompt.outputs import record
 from softprompt.prompt import SoftPrompt
+from softprompt.rows import tokenize
 from softprompt.scoring import check_choice_targets, choice_first_ids
 from softprompt.tracking import MetricsLog
 from softprompt.training import train

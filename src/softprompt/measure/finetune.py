@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from softprompt.data import Row, batch_order, collate
 from softprompt.loss import lm_loss
+from softprompt.rows import Row, batch_order, collate
 
 
 def train_weights(

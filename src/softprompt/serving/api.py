@@ -22,10 +22,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
-from softprompt.data import Encoded, encode_chat
 from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.loading import LoadedModel
 from softprompt.prompt import max_positions
+from softprompt.rows import Encoded, encode_chat
 from softprompt.serving.batcher import Batcher, Job
 from softprompt.serving.guard import KEY_OK, Guard, error_response
 from softprompt.serving.playground import add_playground

@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 
 from softprompt.console import say
-from softprompt.data import IGNORE_INDEX, Row
 from softprompt.errors import ConfigError
 from softprompt.kinds import Kind
 from softprompt.prompt import PromptSet
+from softprompt.rows import IGNORE_INDEX, Row
 
 
 def label_count(rows: list[Row], first_only: bool = False) -> int:

@@ -28,15 +28,12 @@ from tqdm.auto import tqdm
 import softprompt
 from softprompt.config import TrainConfig
 from softprompt.console import say
-from softprompt.data import (
-    Row,
-    batch_order,
-)
 from softprompt.loading import LoadedModel
 from softprompt.prompt import (
     PromptSet,
     SoftPrompt,
 )
+from softprompt.rows import Row, batch_order
 from softprompt.scoring import perplexity
 from softprompt.templates import PromptFormat
 from softprompt.tracking import MetricsLog

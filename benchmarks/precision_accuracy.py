@@ -22,10 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
-    "sentiment": dict(input_field="review", target_field="label",
-                      template="Review: {input}\nSentiment:"),  # fmt: skip
-    "antonyms": dict(input_field="word", target_field="opposite",
-                     template="Word: {input}\nOpposite:"),  # fmt: skip
+    "sentiment": dict(
+        input_field="review", target_field="label", template="Review: {input}\nSentiment:"
+    ),  # fmt: skip
+    "antonyms": dict(
+        input_field="word", target_field="opposite", template="Word: {input}\nOpposite:"
+    ),  # fmt: skip
 }
 
 
@@ -38,8 +40,9 @@ def run(task: str, dtype: str, seed: int, steps: int, scorer) -> dict:
     fields = TASKS[task]
     cfg = TrainConfig(
         model=ModelConfig(model=scorer.name, dtype=dtype),
-        data=DataConfig(data=str(folder / "train.jsonl"),
-                        validation=str(folder / "validation.jsonl"), **fields),  # fmt: skip
+        data=DataConfig(
+            data=str(folder / "train.jsonl"), validation=str(folder / "validation.jsonl"), **fields
+        ),  # fmt: skip
         output=str(out),
         max_steps=steps,
         batch_size=8,

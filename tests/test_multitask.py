@@ -87,7 +87,11 @@ def test_task_absent_from_a_step_is_not_touched(tiny_dir):
     from accelerate import Accelerator
 
     loss, n_tok, _ = forward_backward(
-        Accelerator(cpu=True), loaded.kind, loaded.model, prompts, [rows],
+        Accelerator(cpu=True),
+        loaded.kind,
+        loaded.model,
+        prompts,
+        [rows],
         loaded.tokenizer.pad_token_id,
     )
     assert n_tok > 0 and loss > 0

@@ -347,3 +347,20 @@ def _read_json(path: Path) -> dict:
         ) from None
     except OSError as err:
         raise ArtifactError(f"cannot read {path}: {err.strerror}") from None
+
+
+def ensemble_members(folder: str | Path) -> list[Path] | None:
+    """The member folders of an ensemble run's ``folder`` (None: not an ensemble)."""
+    folder = Path(folder)
+    index = folder / ENSEMBLE_INDEX
+    if not index.is_file():
+        return None
+    try:
+        members = json.loads(index.read_text(encoding="utf-8"))["members"]
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{index} is corrupt; retrain the ensemble") from None
+    paths = [folder / str(m) for m in members]
+    missing = [str(p) for p in paths if not (p / ADAPTER_WEIGHTS).is_file()]
+    if missing or not paths:
+        raise ArtifactError(f"{index} names members without a saved prompt: {', '.join(missing)}")
+    return paths

@@ -168,11 +168,19 @@ def load_examples(spec: str, cfg: DataConfig, task_field: str | None = None) -> 
     """Read ``spec`` and turn each record into an Example, per the field flags (and, with
     ``task_field``, the record's task name)."""
     examples: list[Example] = []
+    numbers: dict[str, object] = {}  # field -> a number it held (said once per call)
+    fields = (cfg.input_field, cfg.target_field, cfg.text_field or "text", task_field)
     for record, where in read_records(spec):
         example = _to_example(record, where, cfg)
         if task_field is not None:
             example.task = _task_name(record, task_field, where)
         examples.append(example)
+        for name in fields:
+            value = record.get(name) if name else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers.setdefault(name, value)
+    for name, value in numbers.items():
+        warn(f"{spec}: field {name!r} holds numbers (e.g. {value!r}); they are used as text")
     if not examples:
         raise DataError(f"{spec} holds no examples; check that the file is not empty")
     chat = [ex for ex in examples if ex.messages is not None]
@@ -253,15 +261,7 @@ def _field(record: dict, name: str, where: str, flag: str) -> str:
     if isinstance(value, (list, dict)):
         kind = "list" if isinstance(value, list) else "JSON object"
         raise DataError(f"{where}: field {name!r} holds a {kind}, not text; give it a string")
-    if not isinstance(value, str):
-        source = where.rsplit(":", 1)[0]
-        if (source, name) not in _NUMBERS_SEEN:
-            _NUMBERS_SEEN.add((source, name))
-            warn(f"{source}: field {name!r} holds numbers (e.g. {value!r}); they are used as text")
     return as_text(value)
-
-
-_NUMBERS_SEEN: set[tuple[str, str]] = set()  # (file, field) already warned about
 
 
 MAX_LABELS = 10  # --choices auto: at most this many distinct targets ...
@@ -320,5 +320,3 @@ def _split(
 
 
 # --- examples -> token rows -> batches ------------------------------------------------
-
-

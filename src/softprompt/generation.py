@@ -43,6 +43,7 @@ class LoadedModel(Protocol):
     tokenizer: object
     kind: object
 
+
 Fields = Mapping[str, object]
 
 
@@ -316,5 +317,3 @@ def generate_encoded(
 
 
 # --- `softprompt generate` ---------------------------------------------------------------
-
-

@@ -38,7 +38,7 @@ from softprompt.generation import generate_ids, generation_config
 from softprompt.loading import load_model
 from softprompt.prefix import compile_all
 from softprompt.prompt import max_positions
-from softprompt.rows import IGNORE_INDEX, Row, encode_raw
+from softprompt.rows import IGNORE_INDEX, Row, encode_chat, encode_raw
 from softprompt.scoring import row_scores
 from softprompt.templates import PromptFormat
 
@@ -94,8 +94,6 @@ class SoftPromptLM(LM):
         if not self.use_template:
             return None, self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if self.fmt.chat:
-            from softprompt.rows import encode_chat
-
             return encode_chat(self.tokenizer, self.fmt, [{"role": "user", "content": text}])
         return encode_raw(self.tokenizer, self.fmt, text)
 

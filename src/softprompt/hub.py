@@ -78,5 +78,3 @@ def _task_lines(meta: dict, fmt: PromptFormat, data: dict) -> list[str]:
 
 def _number(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-

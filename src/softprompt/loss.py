@@ -267,6 +267,8 @@ def token_scores(model: nn.Module, hidden: Tensor, gold: Tensor) -> tuple[Tensor
         logp[s : s + rows] = picked - logits.logsumexp(dim=1)
         top[s : s + rows] = logits.argmax(dim=1) == gold[s : s + rows]
     return logp, top
+
+
 # ``choice_ids`` may end with REST (--choice-loss restricted+rest): one more logit standing
 # for every token that is not a choice, the logsumexp of their logits, so the softmax over
 # (choices, rest) equals the full softmax with the other tokens pooled: the prompt learns to
@@ -355,5 +357,3 @@ def _check_shared_prefix(model: nn.Module) -> bool:
 
 
 # --- over many rows ----------------------------------------------------------------------
-
-

@@ -8,13 +8,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from softprompt.artifacts import load_prompt, read_meta
+from softprompt.artifacts import ensemble_members, load_prompt, read_meta
 from softprompt.config import EMBEDDED_MODEL, EvalConfig
 from softprompt.console import say
 from softprompt.data import load_examples
 from softprompt.errors import ConfigError
 from softprompt.loading import LoadedModel, load_model
-from softprompt.measure.ensemble import ensemble_members
+from softprompt.measure.baselines import few_shot
 from softprompt.measure.evaluate import (
     environment,
     evaluate_examples,
@@ -45,8 +45,6 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
             say(f"ensemble of {len(members)} prompts: majority vote, mean loss")
     shots_used = 0
     if cfg.shots:
-        from softprompt.measure.baselines import few_shot
-
         demos = load_examples(cfg.shots_data, cfg.data)
         examples, shots_used = few_shot(
             examples,

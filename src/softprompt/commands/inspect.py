@@ -11,6 +11,7 @@ from softprompt.artifacts import (
 )
 from softprompt.config import InspectConfig
 from softprompt.errors import SoftpromptError
+from softprompt.library import similar_prompts
 from softprompt.loading import LoadedModel, load_model
 from softprompt.measure.inspection import inspect_prompt
 
@@ -24,8 +25,6 @@ def run_inspect(cfg: InspectConfig, loaded: LoadedModel | None = None) -> dict:
         model = cfg.model.model or trained_base_model(folder)
         loaded = load_model(replace(cfg.model, model=model))
     if cfg.similar is not None:
-        from softprompt.library import similar_prompts
-
         prompt, _ = load_prompt(folder, loaded.model)
         return {"prompt": cfg.prompt_dir, "similar": similar_prompts(prompt, cfg.similar,
                                                                      loaded.model)}  # fmt: skip

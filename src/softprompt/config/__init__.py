@@ -34,6 +34,7 @@ from softprompt.config.base import (  # noqa: F401
     Reparam,
     check_choice,
     check_finite,
+    choice_labels,
     nested,
     opt,
     parse_choices,

@@ -81,6 +81,14 @@ def parse_list(text: str | list | tuple, flag: str, convert: Callable = str) -> 
         raise ConfigError(f"{flag} {text!r}: expected comma-separated values") from None
 
 
+def choice_labels(text: str | list[str] | None) -> list[str] | None:
+    """--choices as a list of labels, the one reading every command shares: None when not
+    given, 'auto' (train detects them from the data) or 'none'."""
+    if text is None or text in (CHOICES_AUTO, CHOICES_NONE):
+        return None
+    return parse_choices(text)
+
+
 def parse_choices(text: str | list[str]) -> list[str]:
     """'negative,positive' -> ['negative', 'positive']; fewer than two is a ConfigError."""
     choices = parse_list(text, "--choices")

@@ -15,9 +15,9 @@ from softprompt.config.base import (
     PromptConfig,
     check_choice,
     check_finite,
+    choice_labels,
     nested,
     opt,
-    parse_choices,
     parse_list,
 )
 from softprompt.errors import ConfigError
@@ -65,7 +65,7 @@ class EvalConfig:
     @property
     def choice_list(self) -> list[str] | None:
         """--choices as a list of labels (None: no classification)."""
-        return parse_choices(self.choices) if self.choices is not None else None
+        return choice_labels(self.choices)
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -117,7 +117,7 @@ class CompareConfig:
     @property
     def choice_list(self) -> list[str] | None:
         """--choices as a list of labels (None: quality is the loss)."""
-        return parse_choices(self.choices) if self.choices is not None else None
+        return choice_labels(self.choices)
 
     @property
     def method_list(self) -> list[str]:
@@ -209,7 +209,7 @@ class SweepConfig:
 
     @property
     def choice_list(self) -> list[str] | None:
-        return parse_choices(self.choices) if self.choices is not None else None
+        return choice_labels(self.choices)
 
     def __post_init__(self) -> None:
         check_finite(self)

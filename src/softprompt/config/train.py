@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from softprompt.config.base import (
     CHOICE_LOSSES,
     CHOICES_AUTO,
-    CHOICES_NONE,
     REPARAMS,
     ChoiceLoss,
     DataConfig,
@@ -17,11 +16,12 @@ from softprompt.config.base import (
     Reparam,
     check_choice,
     check_finite,
+    choice_labels,
     nested,
     opt,
-    parse_choices,
 )
 from softprompt.errors import ConfigError
+from softprompt.tracking import report_targets
 
 
 @dataclass
@@ -99,8 +99,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        from softprompt.tracking import report_targets
-
         report_targets(self.report_to)  # known names, packages installed
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
@@ -134,9 +132,7 @@ class TrainConfig:
     @property
     def choice_list(self) -> list[str] | None:
         """--choices as a list of labels (None: not given, 'auto' or 'none')."""
-        if self.choices is None or self.choices in (CHOICES_AUTO, CHOICES_NONE):
-            return None
-        return parse_choices(self.choices)
+        return choice_labels(self.choices)
 
     @property
     def auto_choices(self) -> bool:

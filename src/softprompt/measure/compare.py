@@ -22,7 +22,16 @@ from softprompt.config import CompareConfig, EvalConfig, PromptConfig, TrainConf
 from softprompt.data import Example
 from softprompt.loading import LoadedModel
 from softprompt.loss import with_rest
+from softprompt.measure.baselines import few_shot
 from softprompt.measure.evaluate import evaluate_examples
+from softprompt.measure.finetune import (
+    add_lora,
+    count_trainable,
+    remove_lora,
+    state_bytes,
+    train_weights,
+    trainable_copy,
+)
 from softprompt.outputs import record
 from softprompt.prompt import SoftPrompt
 from softprompt.rows import tokenize
@@ -109,8 +118,6 @@ def run_zero_shot(ctx: Context) -> dict:
 
 
 def run_few_shot(ctx: Context) -> dict:
-    from softprompt.measure.baselines import few_shot
-
     cfg = ctx.cfg
     shown, k = few_shot(
         ctx.test,
@@ -173,7 +180,6 @@ def _rows_and_choices(ctx: Context):
 
 
 def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> float:
-    from softprompt.measure.finetune import train_weights
 
     rows, choice_ids = _rows_and_choices(ctx)
     cfg = ctx.cfg
@@ -191,7 +197,6 @@ def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> fl
 
 
 def run_lora(ctx: Context) -> dict:
-    from softprompt.measure.finetune import add_lora, count_trainable, remove_lora
 
     peft_model = add_lora(ctx.loaded.model, ctx.cfg.lora_r)
     try:
@@ -208,7 +213,6 @@ def run_lora(ctx: Context) -> dict:
 
 
 def run_full_ft(ctx: Context) -> dict:
-    from softprompt.measure.finetune import count_trainable, state_bytes, trainable_copy
 
     model = trainable_copy(ctx.loaded.model)
     seconds = _train_weights(ctx, model, ctx.cfg.full_lr, "full-ft")

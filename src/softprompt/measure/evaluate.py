@@ -141,5 +141,3 @@ def environment() -> dict:
         },
         "git": {"commit": commit or None, "dirty": bool(dirty)},
     }
-
-

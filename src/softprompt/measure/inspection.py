@@ -72,5 +72,3 @@ def inspect_prompt(loaded: LoadedModel, folder: str | Path, top_k: int = 5) -> d
         "vocab_norm": {"p5": float(q[0]), "median": float(q[1]), "p95": float(q[2])},
         "caveat": CAVEAT,
     }
-
-

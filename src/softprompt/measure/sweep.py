@@ -119,5 +119,3 @@ def _scores(cfg: SweepConfig, loaded: LoadedModel, prompt, examples: list[Exampl
         metrics = generation_metrics(outputs, golds)
         out.update(metrics if prefix == "val_" else {prefix + k: v for k, v in metrics.items()})
     return out
-
-

@@ -15,7 +15,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softprompt.artifacts import ADAPTER_WEIGHTS, ENSEMBLE_INDEX, load_prompt, trained_base_model
+from softprompt.artifacts import (
+    ADAPTER_WEIGHTS,
+    ENSEMBLE_INDEX,
+    ensemble_members,
+    load_prompt,
+    trained_base_model,
+)
 from softprompt.config import EMBEDDED_MODEL
 from softprompt.errors import SoftpromptError
 from softprompt.loading import LoadedModel
@@ -143,8 +149,6 @@ class PromptStore:
 
     def _ensemble(self, name: str, path: Path) -> Entry:
         """An ensemble folder as one entry: its first member, with every member kept."""
-        from softprompt.measure.ensemble import ensemble_members
-
         try:
             folders = ensemble_members(path)
         except Exception as err:  # noqa: BLE001 - skipped, never fatal

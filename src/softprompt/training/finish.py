@@ -23,7 +23,7 @@ def _closing_line(summary: dict, output: Path, data: TrainData) -> str:
             f"validation loss {summary['base_val_loss']:.4f} (base model) -> "
             f"{summary['best_val_loss']:.4f} (tuned)"
         )
-    if data.multi_task:
+    if data.several_prompts:
         parts.append(
             f"{len(data.tasks)} prompts saved in {output}/<task>/: {', '.join(data.tasks)}"
         )
@@ -35,7 +35,7 @@ def _closing_line(summary: dict, output: Path, data: TrainData) -> str:
 def already_finished(run: Run) -> TrainResult:
     """The result of a run that had ended: nothing is trained or written again."""
     run.put_best()
-    folder = run.output / run.data.tasks[0] if run.data.multi_task else run.output
+    folder = run.output / run.data.tasks[0] if run.data.several_prompts else run.output
     summary = read_meta(folder).get("metrics") or run_summary(run, 0.0)
     say(
         f"{run.output} holds a finished run ({run.state.step} steps, "
@@ -43,7 +43,7 @@ def already_finished(run: Run) -> TrainResult:
         "Nothing to resume: pass --overwrite to train it again"
     )
     prompts = run.prompts.plain()
-    named = dict(zip(run.data.tasks, prompts)) if run.data.multi_task else {}
+    named = dict(zip(run.data.tasks, prompts)) if run.data.several_prompts else {}
     return TrainResult(output=run.output, prompt=prompts[0], summary=summary, prompts=named)
 
 
@@ -58,7 +58,7 @@ def finish(run: Run, elapsed: float) -> TrainResult:
     run.accelerator.wait_for_everyone()
     say(_closing_line(summary, run.output, run.data))
     prompts = run.prompts.plain()
-    named = dict(zip(run.data.tasks, prompts)) if run.data.multi_task else {}
+    named = dict(zip(run.data.tasks, prompts)) if run.data.several_prompts else {}
     return TrainResult(output=run.output, prompt=prompts[0], summary=summary, prompts=named)
 
 
@@ -110,7 +110,7 @@ def save_prompts(run: Run, summary: dict) -> None:
             "prompt": run.prompts.stacked()[0].numel(),
             "head": sum(p.numel() for p in run.head),
         }
-    if not data.multi_task:
+    if not data.several_prompts:
         save_prompt(run.output, plain[0], model, name, meta, run.initial[0])
         return
     index = {}

@@ -55,8 +55,10 @@ class TrainData:
     ensemble: int = 1  # --ensemble K: the K "tasks" are members that see every row
 
     @property
-    def multi_task(self) -> bool:
-        return "tasks" in self.info
+    def several_prompts(self) -> bool:
+        """One prompt per task (--task-field) or per ensemble member, each saved in its own
+        folder (OUTPUT/<name>/), rather than one prompt in OUTPUT."""
+        return len(self.tasks) > 1 or "tasks" in self.info
 
 
 @dataclass(eq=False)
@@ -87,7 +89,6 @@ class Run:
     head: list[Tensor] = field(default_factory=list)  # classify: the head's parameters
     best_head: list[Tensor] = field(default_factory=list)  # ... at the best validation
     init_info: dict = field(default_factory=dict)  # how the starting prompts were chosen
-
 
     # --- the loop's parts ------------------------------------------------------------
 
@@ -194,7 +195,7 @@ class Run:
             )
             per_task.append(result["loss"])
             total, count = total + result["loss"] * result["tokens"], count + result["tokens"]
-            if self.data.multi_task:
+            if self.data.several_prompts:
                 self.log.write(kind=f"task_{kind}", task=self.data.tasks[i], step=self.state.step,
                                **result)  # fmt: skip
         pooled = total / max(count, 1)
@@ -211,7 +212,7 @@ class Run:
         state.initial_val_loss, state.task_initial = self.measure(self.prompts, "val")
         say(
             f"validation loss before training: base model {state.base_val_loss:.4f}, with the "
-            f"initial prompt{'s' if self.data.multi_task else ''} {state.initial_val_loss:.4f}"
+            f"initial prompt{'s' if self.data.several_prompts else ''} {state.initial_val_loss:.4f}"
         )
 
     def validate(self) -> float | None:
@@ -278,8 +279,6 @@ def _clip(prompts: PromptSet, max_norm: float | None, head: list[Tensor] = ()) -
                 else torch.stack([p.grad.norm() for p in params]).norm()
             )
     return float(torch.stack(norms).norm()) if norms else 0.0
-
-
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
 from softprompt.config import TrainConfig
@@ -110,6 +111,27 @@ def _prepare_data(
     mode = kind.data_mode(mode)
     info = {**dataclasses.asdict(d), "mode": mode, "train_examples": len(train_rows),
             "val_examples": len(val_rows)}  # fmt: skip
+    _describe_tasks(cfg, tasks, train_rows, val_rows, info)
+    say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
+    if fmt.position_name != "start":
+        say(f"the soft prompt sits at {fmt.position_name!r}: PEFT cannot place it there, so only "
+            "softprompt loads this prompt exactly")  # fmt: skip
+    val_by_task = [[r for r in val_rows if r.task == i] for i in range(len(tasks))]
+    if cfg.ensemble > 1:
+        val_by_task = [val_rows for _ in tasks]
+    choices = cfg.choice_list
+    if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind.restricted_choices:
+        choices = _detect_choices(cfg, train_ex, tokenizer, delimiter)
+    info["choices"] = choices
+    choice_ids = None
+    if choices is not None and cfg.choice_loss != "full":
+        check = (train_rows + val_rows, train_ex + val_ex)
+        choice_ids = _choice_ids(cfg, choices, tokenizer, delimiter, check, device)
+    return TrainData(train_rows, val_by_task, tasks, info, choice_ids, fmt, choices, cfg.ensemble)
+
+
+def _describe_tasks(cfg: TrainConfig, tasks: list[str], train_rows, val_rows, info: dict) -> None:
+    """Record (in ``info``) and say how many rows each task or ensemble member has."""
     if cfg.task_field:
         info["tasks"] = {
             name: {
@@ -126,29 +148,18 @@ def _prepare_data(
                          for name in tasks}  # fmt: skip
         say(f"ensemble: {cfg.ensemble} prompts (seeds {cfg.seed}..{cfg.seed + cfg.ensemble - 1}), "
             "every row seen by each in the same batch")  # fmt: skip
-    say(f"data: {len(train_rows)} training and {len(val_rows)} validation examples ({mode})")
-    if fmt.position_name != "start":
-        say(f"the soft prompt sits at {fmt.position_name!r}: PEFT cannot place it there, so only "
-            "softprompt loads this prompt exactly")  # fmt: skip
-    val_by_task = [[r for r in val_rows if r.task == i] for i in range(len(tasks))]
-    if cfg.ensemble > 1:
-        val_by_task = [val_rows for _ in tasks]
-    choices = cfg.choice_list
-    if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind.restricted_choices:
-        choices = _detect_choices(cfg, train_ex, tokenizer, delimiter)
-    info["choices"] = choices
-    choice_ids = None
-    if choices is not None and cfg.choice_loss != "full":
-        first = choice_first_ids(tokenizer, choices, delimiter)
-        check_choice_targets(train_rows + val_rows, train_ex + val_ex, first)
-        rest = (
-            " plus one logit for every other token" if cfg.choice_loss == "restricted+rest" else ""
-        )
-        say(f"classification mode: loss over the first tokens of {','.join(choices)}{rest}")
-        choice_ids = torch.tensor(first, device=device)
-        if cfg.choice_loss == "restricted+rest":
-            choice_ids = with_rest(choice_ids)
-    return TrainData(train_rows, val_by_task, tasks, info, choice_ids, fmt, choices, cfg.ensemble)
+
+
+def _choice_ids(cfg: TrainConfig, choices: list[str], tokenizer, delimiter: str, check: tuple,
+                device) -> Tensor:  # fmt: skip
+    """The choices' first tokens (C,), plus REST for --choice-loss restricted+rest; every
+    row of ``check`` (rows, examples) must start its target with one of them."""
+    first = choice_first_ids(tokenizer, choices, delimiter)
+    check_choice_targets(*check, first)
+    rest = " plus one logit for every other token" if cfg.choice_loss == "restricted+rest" else ""
+    say(f"classification mode: loss over the first tokens of {','.join(choices)}{rest}")
+    choice_ids = torch.tensor(first, device=device)
+    return with_rest(choice_ids) if cfg.choice_loss == "restricted+rest" else choice_ids
 
 
 def _detect_choices(cfg: TrainConfig, examples: list[Example], tokenizer, delimiter: str):
@@ -185,17 +196,7 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     examples = _load_examples(cfg)  # bad data fails before anything slow or written
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
-    loaded = loaded or load_model(cfg.model, labels=_data_labels(examples[0]))
-    loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples[0])
-    loaded.model.to(accelerator.device)
-    if cfg.shard_model:
-        shard_layers(loaded.model, accelerator)
-    limit = max_positions(loaded.model)
-    if limit is not None and cfg.data.max_length > limit:
-        raise ConfigError(
-            f"--max-length {cfg.data.max_length} is longer than the {limit} positions "
-            f"{loaded.name} can hold; give --max-length {limit} or less"
-        )
+    loaded = _model_for(cfg, accelerator, examples[0], loaded)
     data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.reparam == "residual":
@@ -203,9 +204,7 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
                   for k, p in enumerate(starts)]  # fmt: skip
     prompts = PromptSet(data.tasks, starts)
     prompts.to(accelerator.device)
-    steps_per_epoch = math.ceil(
-        math.ceil(len(data.train_rows) / cfg.batch_size) / cfg.grad_accum
-    )
+    steps_per_epoch = math.ceil(math.ceil(len(data.train_rows) / cfg.batch_size) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
     # A classification model's head learns beside the prompt (its parameters come last).
@@ -229,14 +228,35 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     if head:
         say(f"classification head: {sum(p.numel() for p in head):,} trainable parameters "
             f"beside the prompt's {prompts.stacked().numel():,}")  # fmt: skip
-    if cfg.resume:
-        folder = restore_run(run)
-        log.truncate_after(run.state.step)
-        if not run.finished:
-            say(
-                f"resuming from {folder.name}: epoch {run.current_epoch}, step {run.state.step}"
-            )
-    else:
-        log.write(kind="config", config=dataclasses.asdict(cfg), data=data.info)
-        run.state.task_best = [TaskBest() for _ in data.tasks]
+    _resume_or_begin(run)
     return run
+
+
+def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Example],
+               loaded: LoadedModel | None) -> LoadedModel:  # fmt: skip
+    """The base model (given, or loaded with the data's labels), checked for what this run
+    asks of its kind, on this process's device (its layers sharded with --shard-model)."""
+    loaded = loaded or load_model(cfg.model, labels=_data_labels(examples))
+    loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples)
+    loaded.model.to(accelerator.device)
+    if cfg.shard_model:
+        shard_layers(loaded.model, accelerator)
+    limit = max_positions(loaded.model)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(
+            f"--max-length {cfg.data.max_length} is longer than the {limit} positions "
+            f"{loaded.name} can hold; give --max-length {limit} or less"
+        )
+    return loaded
+
+
+def _resume_or_begin(run: Run) -> None:
+    """A resumed run restored from its newest good checkpoint; a new one logs its config."""
+    if run.cfg.resume:
+        folder = restore_run(run)
+        run.log.truncate_after(run.state.step)
+        if not run.finished:
+            say(f"resuming from {folder.name}: epoch {run.current_epoch}, step {run.state.step}")
+        return
+    run.log.write(kind="config", config=dataclasses.asdict(run.cfg), data=run.data.info)
+    run.state.task_best = [TaskBest() for _ in run.data.tasks]

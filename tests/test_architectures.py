@@ -210,6 +210,7 @@ def test_classifier_layers_created_at_load_are_trained_and_saved(model_type, tmp
         ("ibert", "returns a tuple"),  # a quantized embedding layer
         ("longformer", "cannot run from inputs_embeds alone"),  # reads input_ids anyway
         ("fnet", "takes no attention mask"),
+        ("gemma4_text", "per-layer inputs from the token ids"),
     ],
 )
 def test_a_model_that_cannot_take_a_soft_prompt_is_refused_in_one_line(model_type, says,

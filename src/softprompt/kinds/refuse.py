@@ -55,6 +55,10 @@ def _check_embeddings(model: nn.Module, body: nn.Module, name: str) -> None:
         got = type(embeds).__name__
         _refuse(name, f"has an input embedding layer ({type(layer).__name__}) that returns "
                 f"a {got}, not the embeddings a soft prompt is made of")  # fmt: skip
+    text = model.config.get_text_config()  # the probe below feeds the layer's own rows,
+    if getattr(text, "hidden_size_per_layer_input", None):  # which Gemma 4 maps back to ids
+        _refuse(name, "computes per-layer inputs from the token ids, which a soft prompt "
+                "does not have")  # fmt: skip
     params = _params(body.forward)
     required = params.get("input_ids")
     if "inputs_embeds" in params and (required is None or required.default is not required.empty):

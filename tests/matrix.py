@@ -34,10 +34,10 @@ SMALL = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "dim",
                      "model_dim", "hidden_dim", "word_embed_proj_dim", "embedding_size",
                      "d_embed", "projection_dim", "text_hidden_size",
-                     "pooler_hidden_size"), HIDDEN),
+                     "pooler_hidden_size", "embedding_dim"), HIDDEN),
     **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers",
                      "encoder_layers", "decoder_layers", "num_decoder_layers",
-                     "num_encoder_layers", "n_layers_per_block"), LAYERS),
+                     "num_encoder_layers", "n_layers_per_block", "num_blocks"), LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
                      "encoder_attention_heads", "decoder_attention_heads",
                      "num_decoder_attention_heads", "num_encoder_attention_heads"), HEADS),
@@ -49,11 +49,14 @@ SMALL = {
     **dict.fromkeys(("intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim",
                      "decoder_ffn_dim", "n_inner", "moe_intermediate_size",
                      "shared_expert_intermediate_size", "ffn_hidden_size",
-                     "intermediate_size_mlp", "expert_intermediate_size"), FFN),
+                     "intermediate_size_mlp", "expert_intermediate_size",
+                     "expert_ffn_hidden_size"), FFN),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts",
                      "moe_num_experts"), EXPERTS),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts",
+                     "moe_k", "num_experts_per_token"), 2),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), HIDDEN),
+    **dict.fromkeys(("n_group", "num_expert_group", "topk_group"), 1),  # groups of experts
     "max_position_embeddings": 512,
 }  # fmt: skip
 TOKEN_IDS = {"pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS}
@@ -83,9 +86,10 @@ def shrink(values: dict, vocab: int, top: bool = True) -> dict:
         elif key == "per_layer_config" and isinstance(value, dict):
             out[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
         elif isinstance(value, list) and layers and len(value) == layers and layers > LAYERS:
-            out[key] = value[:LAYERS]
+            out[key] = _cut_types(value)
         else:
             out[key] = value
+    _derived(values, out)
     # hybrids keep one attention layer in their LAYERS (transformers' generate needs one)
     for key, value in (("attn_layer_period", 2), ("attn_layer_offset", 1),
                        ("expert_layer_period", 2), ("expert_layer_offset", 1),
@@ -96,7 +100,53 @@ def shrink(values: dict, vocab: int, top: bool = True) -> dict:
         out["decoder_start_token_id"] = PAD  # T5 in transformers 5 leaves it out; checkpoints
     if top:
         out.update({k: v for k, v in TOKEN_IDS.items() if k in values or k != "bos_token_id"})
+        out.update(OVERRIDES.get(values.get("model_type"), {}))
     return out
+
+
+def _cut_types(value: list) -> list:
+    """A per-layer list cut to LAYERS; a list of layer kinds keeps an attention layer (a
+    hybrid whose first layers are all linear attention or convolutions has no cache that
+    transformers' generate can read), else its last kind dropped by the cut."""
+    cut = value[:LAYERS]
+    if not all(isinstance(v, str) for v in value):
+        return cut
+    lost = [v for v in dict.fromkeys(value) if v not in cut]
+    attention = [v for v in lost if "attention" in v and "linear" not in v or v == "hybrid"]
+    if attention or lost:
+        cut[-1] = (attention or lost)[0]
+    return cut
+
+
+def _derived(values: dict, out: dict) -> None:
+    """Sizes other sizes are derived from, made consistent again after the shrinking."""
+    if "qk_nope_head_dim" in values and "qk_rope_head_dim" in values:  # multi-head latent
+        out["qk_head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
+        if "kv_lora_rank" in values and "num_key_value_heads" in values:  # one kv per head
+            out["num_key_value_heads"] = out["num_attention_heads"]
+    if isinstance(values.get("attention_hidden_size"), int):  # RWKV: hidden; Zamba: 2 x
+        wide = 2 if "attention_head_dim" in values else 1
+        out["attention_hidden_size"] = wide * HIDDEN
+        if wide == 2:
+            out["attention_head_dim"] = wide * HIDDEN // HEADS
+    if "num_experts_per_tok" in values and values["num_experts_per_tok"] is None:
+        out["num_experts_per_tok"] = 2  # DeepSeek-V2's default config leaves it unset
+    if isinstance(values.get("mamba_dt_rank"), int):
+        out["mamba_dt_rank"] = 1
+    if values.get("num_layers_per_stack"):  # HRM: num_hidden_layers is derived from it
+        out["num_layers_per_stack"], out["num_hidden_layers"] = None, 1
+    if isinstance(values.get("layers_block_type"), list) and "hybrid_layer_ids" in values:
+        types = out["layers_block_type"]
+        out["hybrid_layer_ids"] = [i for i, t in enumerate(types) if t == "hybrid"]
+
+
+# type -> settings the generic shrinking cannot derive (sizes the model's code ties together)
+OVERRIDES: dict[str, dict] = {
+    "codegen": {"n_head": 4, "rotary_dim": 4},  # 4 model-parallel groups of heads, hard-coded
+    "encoder-decoder": {"decoder_start_token_id": BOS},  # its checkpoints set it (bert2bert)
+    "layoutlmv3": {"hidden_size": 24, "coordinate_size": 4, "shape_size": 4},  # 4c + 2s = h
+    "lilt": {"hidden_size": 24},  # layout: 6 embeddings of h / 6, shrunk by 4
+}
 
 
 def build_model(model_type: str, kind: str, vocab: int) -> torch.nn.Module:
@@ -136,7 +186,9 @@ REVIEWS = [("the movie was great", "positive"), ("the food was awful", "negative
 LABELS = ["negative", "positive"]
 TEMPLATES = {"causal": "review : {input} sentiment :", "seq2seq": "review : {input}",
              "classify": "review : {input}"}  # fmt: skip
-STEPS, TOL = 6, 1e-4  # training steps; PEFT vs ours: absolute tolerance
+# training steps (a classifier's fresh head needs more: RoBERTa's 6 steps left the loss at
+# ln 2); PEFT vs ours: absolute tolerance
+STEPS, TOL = {"causal": 6, "seq2seq": 6, "classify": 12}, 1e-4
 LR = {"causal": 0.3, "seq2seq": 0.3, "classify": 0.05}  # a trained head needs a gentler rate
 
 
@@ -152,9 +204,22 @@ def tokenizer_for(kind: str):
     return make_tokenizer() if kind == "causal" else kind_tokenizer("<bos> $A <eos>")
 
 
+@torch.no_grad()
+def _own_forward(model: torch.nn.Module) -> None:
+    """The tiny model runs its own forward on token ids, as transformers documents it (else
+    it cannot be built: the shrinking or transformers is at fault, not softprompt)."""
+    ids = torch.tensor([[BOS, 5, 6, 7, EOS]])
+    extra = {"decoder_input_ids": ids[:, :2]} if model.config.is_encoder_decoder else {}
+    try:
+        model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
+    except Exception as err:
+        raise RuntimeError(f"its own forward fails: {first_line(err)}") from err
+
+
 def save_type(model_type: str, kind: str, folder: Path) -> None:
     tok = tokenizer_for(kind)
     model = build_model(model_type, kind, len(tok))
+    _own_forward(model)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
 
@@ -170,6 +235,8 @@ def run_type(model_type: str, root: Path) -> dict:
         rec["kind"] = kind = kind_of(model_type)
     except SoftpromptError as err:
         return {**rec, "status": "refused", "reason": err.cli_message}
+    except Exception as err:  # noqa: BLE001 - transformers cannot make its default config
+        return {**rec, "status": "cannot be built", "reason": first_line(err)}
     folder = root / model_type
     try:
         save_type(model_type, kind, folder)
@@ -214,7 +281,7 @@ def check_type(loaded, folder: Path, runs: Path) -> dict:
     model_cfg = ModelConfig(model=str(folder))
     cfg = TrainConfig(model=model_cfg, data=data_cfg, output=str(runs / "prompt"),
                       prompt=PromptConfig(num_virtual_tokens=4, init="random"),
-                      max_steps=STEPS, batch_size=3, lr=LR[kind], choices=None)  # fmt: skip
+                      max_steps=STEPS[kind], batch_size=3, lr=LR[kind], choices=None)  # fmt: skip
     m = train(cfg, loaded=loaded, progress=False).summary
     assert m["best_val_loss"] < m["initial_val_loss"], f"training did not lower the loss: {m}"
     texts = [r for r, _ in REVIEWS[:4]]
@@ -282,7 +349,17 @@ def _choice_logprob(peft, tok, kind: str, text: str, ids, choice: str) -> float:
 # --- known defects and the generated table ------------------------------------------------
 # type -> why it fails today (the test is an expected failure until fixed; strict, so a fix
 # shows). Written from the matrix's last full run.
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "bert-generation": "PEFT's scores differ from ours by 1.35e-4: not float noise (the same "
+    "gap with the model in float64); cause not found yet",
+    "yoso": "PEFT's scores differ from ours by 9.7e-4 (the same in float64): its LSH "
+    "attention's approximation differs between our batch and PEFT's single rows; not fixed",
+    "flex_olmo": "training does not lower the validation loss (6 or 12 steps); not investigated",
+    "rwkv": "training crashes in backward: RWKV's forward modifies in place a tensor autograd "
+    "needs for the prompt's gradient",
+    "trocr": "batch != alone in generate: learned positions with no position_ids, so a "
+    "left-padded row generates from shifted positions",
+}
 STATUSES = ("works", "refused", "cannot be built", "fails", "not run")
 
 

@@ -56,7 +56,9 @@ def test_architecture(model_type, root):
     try:
         record = matrix.run_type(model_type, root)
     except BaseException as err:
-        RECORDS.append({"type": model_type, "status": "fails", "reason": matrix.first_line(err)})
+        kind = matrix.kind_of(model_type)  # it was detected, or run_type had returned
+        RECORDS.append({"type": model_type, "kind": kind, "status": "fails",
+                        "reason": matrix.first_line(err)})  # fmt: skip
         raise
     RECORDS.append(record)
     assert record["status"] in ("works", "refused", "cannot be built")
@@ -198,3 +200,39 @@ def test_classifier_layers_created_at_load_are_trained_and_saved(model_type, tmp
         embeds = torch.cat([prompt.embedding[None], embed_tokens(again.model, ids)], dim=1)
         ours = again.model(inputs_embeds=embeds, attention_mask=torch.ones(1, 8)).logits
     assert torch.allclose(ours, theirs, atol=matrix.TOL)
+
+
+@pytest.mark.parametrize(
+    "model_type, says",
+    [
+        ("ctrl", "cannot generate from inputs_embeds"),  # prepare_inputs_for_generation
+        ("canine", "has no input embedding layer"),
+        ("ibert", "returns a tuple"),  # a quantized embedding layer
+        ("longformer", "cannot run from inputs_embeds alone"),  # reads input_ids anyway
+        ("fnet", "takes no attention mask"),
+        ("gemma4_text", "per-layer inputs from the token ids"),
+    ],
+)
+def test_a_model_that_cannot_take_a_soft_prompt_is_refused_in_one_line(model_type, says,
+                                                                       tmp_path):  # fmt: skip
+    from softprompt.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=says) as err:
+        build(model_type, tmp_path)
+    assert "\n" not in str(err.value) and "use another model" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "model_type, says",
+    [
+        ("whisper", "encoder-decoder without a text-to-text"),  # its encoder reads audio
+        ("granite_speech", r"multimodal model \(encoder_config beside its text model\)"),
+    ],
+)
+def test_encoders_of_other_media_are_refused_from_the_config(model_type, says):
+    from transformers import AutoConfig
+
+    from softprompt.kinds import detect
+
+    with pytest.raises(ConfigError, match=says):
+        detect(AutoConfig.for_model(model_type))

@@ -165,7 +165,13 @@ def detect(config, task: str = "auto", shown: str = "the model") -> Kind:
             )
         return kind
     if getattr(config, "is_encoder_decoder", False):
-        return SEQ2SEQ
+        if remote or model_type in SEQ2SEQ.model_types:
+            return SEQ2SEQ
+        archs = ", ".join(getattr(config, "architectures", None) or [str(model_type)])
+        raise ConfigError(  # Whisper, MusicGen: their encoders read audio, not text
+            f"{shown} ({archs}) is an encoder-decoder without a text-to-text (seq2seq LM) class "
+            "in transformers; softprompt tunes prompts for text encoders: use another model"
+        )
     if model_type in ENCODER_TYPES:
         return CLASSIFY
     if remote or model_type in CAUSAL.model_types:
@@ -185,15 +191,23 @@ MULTIMODAL = ("vision_config", "audio_config", "vision_tower", "audio_encoder_co
 
 def _refuse_multimodal(config, shown: str) -> None:
     """A multimodal wrapper (Gemma3ForConditionalGeneration): refused in one line, naming its
-    text model, which is what a prompt for text is tuned on."""
+    text model, which is what a prompt for text is tuned on. Besides the usual tower names,
+    a config with a text model and another model's config beside it (Granite Speech's
+    encoder_config) is one."""
     tower = next((n for n in MULTIMODAL if getattr(config, n, None) is not None), None)
+    shown_tower = tower and f"{tower.split('_')[0]} tower"
+    if tower is None and getattr(config, "text_config", None) is not None:
+        others = (n for n, v in vars(config).items() if n != "text_config" and hasattr(v, "to_dict")
+                  and getattr(v, "model_type", None) is not None)  # fmt: skip
+        tower = next(others, None)
+        shown_tower = tower and f"{tower} beside its text model"
     if tower is None:
         return
     archs = ", ".join(getattr(config, "architectures", None) or [str(config.model_type)])
     text = getattr(getattr(config, "text_config", None), "model_type", None)
     use = f"its text model ({text})" if text else "a text-only model"
     raise ConfigError(
-        f"{shown} ({archs}) is a multimodal model ({tower.split('_')[0]} tower); softprompt "
+        f"{shown} ({archs}) is a multimodal model ({shown_tower}); softprompt "
         f"tunes prompts for text models: use {use}"
     )
 

@@ -14,6 +14,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from softprompt.data import Example
 from softprompt.generation import generate_encoded, generate_ids
+from softprompt.kinds.refuse import check_inputs
 from softprompt.loss import lm_loss, support
 from softprompt.prefix import Prefix, PromptLike, compile_prefix, embeds_only
 from softprompt.prompt import SoftPrompt, input_scale
@@ -40,7 +41,8 @@ class Causal:
     def prepare(self, model: nn.Module) -> None:
         """Decide once, at load, which shortcuts the model allows (``loss.support``) and how
         it scales embedded ids: every later step, generation and server batch obeys the
-        same answer."""
+        same answer. A model that cannot take a soft prompt is refused here."""
+        check_inputs(model, model, generates=True)
         support(model)
         input_scale(model)
 

@@ -19,6 +19,7 @@ from softprompt.data import Example
 from softprompt.errors import ArtifactError, ConfigError
 from softprompt.generation import prompt_batches
 from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
+from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, rows_prompts
 from softprompt.rows import Encoded, Row
@@ -187,7 +188,7 @@ class Classify:
     restricted_choices = False
 
     def prepare(self, model: nn.Module) -> None:
-        return None
+        check_inputs(model, model, masked=True)
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         labels = labels or ["0", "1"]

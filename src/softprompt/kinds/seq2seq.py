@@ -21,6 +21,7 @@ from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.generation import generation_config, prompt_batches
 from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
+from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, PromptLike, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, embed_tokens, input_scale
 from softprompt.rows import IGNORE_INDEX, Encoded, Row
@@ -207,6 +208,7 @@ class Seq2Seq:
     restricted_choices = False
 
     def prepare(self, model: nn.Module) -> None:
+        check_inputs(model, model.get_encoder())  # the prompt goes before the encoder's input
         input_scale(model)  # how the encoder scales embedded ids, decided once
 
     def load_kwargs(self, labels: list[str] | None) -> dict:

@@ -44,7 +44,7 @@ FULL = os.environ.get("SOFTPROMPT_MATRIX") == "all"  # `make matrix`: every type
 def _param(t: str):
     known = matrix.KNOWN.get(t)
     marks = [] if t in FAST or FULL else [pytest.mark.skip(reason=(
-        "the full matrix runs with `make matrix` (about 4 s a type on 2 cores, 251 types: "
+        "the full matrix runs with `make matrix` (251 types, about 8 minutes on 2 cores: "
         "over make test's budget)"))]  # fmt: skip
     if known:
         marks.append(pytest.mark.xfail(reason=known, strict=True))

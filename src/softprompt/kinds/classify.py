@@ -18,7 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from softprompt.data import Example
 from softprompt.errors import ArtifactError, ConfigError
 from softprompt.generation import prompt_batches
-from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
+from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, refuse_training
 from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, rows_prompts
@@ -236,12 +236,10 @@ class Classify:
         return mean_row_loss(rows_loss, model, prompt, rows, batch_size, pad_id)
 
     def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
-        _, source = refuse_head(fmt, text, fields)
-        return None, tokenizer(source)["input_ids"]
+        return encode_whole(tokenizer, fmt, text, fields)
 
     def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
-        refuse_inside([ex], "a classification model")
-        return None, tokenizer(ex.source)["input_ids"]
+        return encode_whole_example(tokenizer, ex, "a classification model")
 
     def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None):
         """Each input's label (the argmax of the head)."""

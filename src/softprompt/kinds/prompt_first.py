@@ -8,6 +8,11 @@ from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.rows import Encoded
 from softprompt.templates import PromptFormat
 
+INSIDE = (
+    "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification model "
+    "takes the prompt before its whole input"
+)
+
 
 def refuse_inside(examples: list[Example], what: str = "an encoder-decoder model") -> None:
     """Conversations and a prompt inside the text are for causal LMs."""
@@ -21,15 +26,19 @@ def refuse_inside(examples: list[Example], what: str = "an encoder-decoder model
             )
 
 
-def refuse_head(fmt: PromptFormat, text: str, fields) -> Encoded:
-    """(None, text) of a raw input: a prompt inside the template is refused."""
+def encode_whole(tokenizer, fmt: PromptFormat, text: str, fields) -> Encoded:
+    """(None, ids) of a raw input, the prompt to go before all of it; a prompt inside the
+    template is refused."""
     head, rest = fmt.raw_text(text, fields)
     if head is not None:
-        raise SoftpromptError(
-            "{soft_prompt} inside a template is for causal LMs: a seq2seq or classification "
-            "model takes the prompt before its whole input"
-        )
-    return None, rest
+        raise SoftpromptError(INSIDE)
+    return None, tokenizer(rest)["input_ids"]
+
+
+def encode_whole_example(tokenizer, ex: Example, what: str) -> Encoded:
+    """(None, ids) of an example's input; conversations and inside prompts refused."""
+    refuse_inside([ex], what)
+    return None, tokenizer(ex.source)["input_ids"]
 
 
 def refuse_training(cfg, kind: str, choices_advice: str) -> None:

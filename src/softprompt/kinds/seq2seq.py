@@ -20,7 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_L
 from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.generation import generation_config, prompt_batches
-from softprompt.kinds.prompt_first import refuse_head, refuse_inside, refuse_training
+from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, refuse_training
 from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, PromptLike, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, embed_tokens, input_scale
@@ -239,12 +239,10 @@ class Seq2Seq:
         return mean_row_loss(rows_loss, model, prompt, rows, batch_size, pad_id)
 
     def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
-        _, source = refuse_head(fmt, text, fields)
-        return None, tokenizer(source)["input_ids"]
+        return encode_whole(tokenizer, fmt, text, fields)
 
     def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
-        refuse_inside([ex])
-        return None, tokenizer(ex.source)["input_ids"]
+        return encode_whole_example(tokenizer, ex, "an encoder-decoder model")
 
     def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None):
         torch.manual_seed(cfg.seed)  # sampling, as for causal models

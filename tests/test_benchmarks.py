@@ -109,3 +109,49 @@ def test_bench_prompts_quick_runs(tiny_dir, tmp_path):
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
     assert len(rows[1]["member_accuracy"]) == 3
     assert "| sentiment | ensemble-3 | 1 |" in proc.stdout
+
+
+def _suite_data(root: Path) -> Path:
+    """A stand-in for ../shared/data: a sentiment, a pair and a generation task."""
+    words = {"positive": ["great", "good", "nice"], "negative": ["bad", "awful", "poor"]}
+    for name, make in {
+        "cr": lambda i, lab: {"text": f"a {words[lab][i % 3]} phone", "label": lab},
+        "cb": lambda i, lab: {"premise": f"it is {words[lab][i % 3]}", "hypothesis": "it is",
+                              "label": lab},
+        "e2e_nlg": lambda i, lab: {"input": f"name[Inn {i}]", "target": f"Inn {i} is {lab}.",
+                                   "references": [f"Inn {i} is {lab}.", f"The Inn {i}."]},
+    }.items():  # fmt: skip
+        (root / name).mkdir(parents=True)
+        for split in ("train", "validation", "test"):
+            rows = [make(i, ("positive", "negative")[i % 2]) for i in range(20)]
+            (root / name / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_suite_quick_runs(tiny_dir, tmp_path):
+    root = _suite_data(tmp_path / "data")
+    out = tmp_path / "suite.jsonl"
+    text = _run("suite.py", "--quick", "--model", str(tiny_dir), "--data-root", str(root),
+                "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
+                "--methods", "few-shot,defaults,peft,lora,restricted", "--json", str(out),
+                "--runs", str(tmp_path / "runs"),
+                "--variant", "restricted:choice_loss=restricted")  # fmt: skip
+    assert "suite: skipping trec: no " in text
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["kind"] == "run" and rows[0]["model"]
+    results = [r for r in rows if "task" in r]
+    methods = ["few-shot", "defaults", "peft", "lora", "restricted"]
+    assert [(r["task"], r["method"], r["seed"]) for r in results] == [
+        (t, m, 0) for t in ("cb", "e2e_nlg") for m in methods
+    ]
+    for r in results:
+        if r["task"] == "e2e_nlg":
+            assert 0 <= r["chrf"] <= 100 and 0 <= r["bleu"] <= 100
+        else:
+            assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
+        assert r["steps"] == (0 if r["method"] == "few-shot" else 2)
+    assert "| cb | peft | 1 |" in text and "| e2e_nlg | lora | 1 |" in text
+    assert "| restricted | 1 |" in text  # the suite's mean over the classification tasks
+    assert all(r["peak_memory_mb"] >= 0 for r in results)
+    again = _run("suite.py", "--table", str(out))
+    assert "| cb | defaults | 1 |" in again

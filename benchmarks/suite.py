@@ -1,0 +1,549 @@
+"""The public development suite: softprompt's bare defaults against PEFT's documented
+prompt-tuning recipe, LoRA and the prompt-engineering baselines, on public data the project
+does not ship (../shared/data: imdb, cr, mpqa, trec, csabstruct, cb, e2e_nlg), several seeds
+each, at the same training budget. This is where defaults are chosen.
+
+    python benchmarks/suite.py                                  # everything (hours on 2 cores)
+    python benchmarks/suite.py --tasks cr,trec --seeds 0,1,2 --methods defaults,peft
+    python benchmarks/suite.py --table docs/suite.jsonl         # the table of a saved run
+    python benchmarks/suite.py --quick --model DIR --data-root DIR   # smoke run (make test)
+
+Per task and seed: ``--train-rows`` training rows drawn with the seed (the seed also seeds
+every method), ``--val-rows`` validation rows and the first ``--test-rows`` test rows.
+
+Methods (``--methods``, in this order by default):
+- ``zero-shot``: the template alone; ``few-shot``: 4 solved training examples before each
+  input (fewer if they do not fit);
+- ``defaults``: ``softprompt train`` given only the data files, fields and template;
+- ``peft``: PEFT's prompt-tuning recipe as its documentation writes it (PromptTuningConfig,
+  TEXT init with a task description, 8 virtual tokens, AdamW lr 3e-2, linear schedule
+  without warm-up, ``model(**batch).loss`` on the target and EOS tokens, rows left-padded);
+- ``lora``: LoRA rank 8 on every linear layer as ``softprompt compare`` trains it;
+- ``NAME:key=value,...`` (``--variant``, repeatable): the defaults with TrainConfig,
+  PromptConfig or ModelConfig fields changed, e.g. ``restricted:choice_loss=restricted``.
+
+The trained methods get the defaults' number of optimizer steps (``--steps`` overrides it)
+at batch 8. Classification is scored by the labels' log-likelihood (``softprompt eval
+--choices``); e2e_nlg generates greedily and is scored by chrF and BLEU against all of a
+test row's references (sacrebleu). One JSON line per (task, method, seed) is appended to
+``--json``, so a run stopped early still gives a table; the table shows mean (min-max) over
+seeds, training seconds, peak memory above the loaded model, and per method the suite's
+mean over the classification tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from softprompt.config import (  # noqa: E402
+    CompareConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PromptConfig,
+    TrainConfig,
+)
+from softprompt.data import load_examples  # noqa: E402
+from softprompt.kinds import CAUSAL  # noqa: E402
+from softprompt.loading import load_model  # noqa: E402
+from softprompt.measure.compare import (  # noqa: E402
+    Context,
+    PeakMemory,
+    page_in,
+    train_reference,
+)
+from softprompt.measure.evaluate import environment, evaluate_examples  # noqa: E402
+from softprompt.measure.finetune import add_lora, remove_lora  # noqa: E402
+from softprompt.measure.metrics import first_line  # noqa: E402
+from softprompt.prompt import SoftPrompt  # noqa: E402
+from softprompt.tracking import MetricsLog  # noqa: E402
+from softprompt.training import train  # noqa: E402
+
+DATA_ROOT = ROOT.parent / "shared" / "data"
+BATCH = 8
+ROW_MARK = "SUITE-ROW "
+
+
+@dataclass(frozen=True)
+class Task:
+    template: str
+    description: str  # PEFT's TEXT init, as its docs write one per task
+    input_field: str = "text"
+    target_field: str = "label"
+    generation: bool = False
+
+
+TASKS = {
+    "imdb": Task(
+        "Review: {text}\nSentiment:", "Classify if the movie review is positive or negative:"
+    ),
+    "cr": Task(
+        "Review: {text}\nSentiment:", "Classify if the product review is positive or negative:"
+    ),
+    "mpqa": Task(
+        "Phrase: {text}\nSentiment:", "Classify if the opinion phrase is positive or negative:"
+    ),
+    "trec": Task(
+        "Question: {text}\nType:",
+        "Classify the question as abbreviation, description, entity, human, location or number:",
+    ),
+    "csabstruct": Task(
+        "Sentence: {text}\nRole:",
+        "Classify the role of the abstract sentence as background, method, objective, result "
+        "or other:",
+    ),
+    "cb": Task(
+        "{premise}\nQuestion: {hypothesis}\nAnswer:",
+        "Does the premise entail the hypothesis: entailment, contradiction or neutral?",
+        input_field="premise",
+    ),
+    "e2e_nlg": Task(
+        "Data: {input}\nText:",
+        "Describe the restaurant in one or two sentences:",
+        input_field="input",
+        target_field="target",
+        generation=True,
+    ),
+}
+BUILT_IN = ["zero-shot", "few-shot", "defaults", "peft", "lora"]
+CAUSAL_ONLY = {"zero-shot", "few-shot", "peft", "lora"}  # as PEFT's recipe and compare run them
+
+
+# --- one task, one seed ------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def sample_files(name: str, seed: int, args, folder: Path) -> dict[str, Path]:
+    """This seed's train sample and the validation/test rows, written where the run lives."""
+    src = Path(args.data_root) / name
+    train_rows = read_jsonl(src / "train.jsonl")
+    random.Random(seed).shuffle(train_rows)
+    splits = {
+        "train": train_rows[: args.train_rows],
+        "validation": read_jsonl(src / "validation.jsonl")[: args.val_rows],
+        "test": read_jsonl(src / "test.jsonl")[: args.test_rows],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, rows in splits.items():
+        out[split] = folder / f"{split}.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
+def data_config(task: Task, files: dict[str, Path]) -> DataConfig:
+    return DataConfig(
+        data=str(files["train"]),
+        validation=str(files["validation"]),
+        input_field=task.input_field,
+        target_field=task.target_field,
+        template=task.template,
+    )
+
+
+@dataclass
+class Setting:
+    name: str
+    task: Task
+    files: dict[str, Path]
+    seed: int
+    loaded: object
+    args: argparse.Namespace
+    folder: Path
+    labels: list[str] | None
+    steps: int | None = None  # the budget, once the defaults have run
+
+    @property
+    def data(self) -> DataConfig:
+        return data_config(self.task, self.files)
+
+    def test(self):
+        return load_examples(str(self.files["test"]), self.data)
+
+    def train_examples(self):
+        return load_examples(str(self.files["train"]), self.data)
+
+
+def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
+    """Accuracy and macro-F1 by the labels' likelihood, or chrF/BLEU of greedy outputs."""
+    from softprompt.loading import LoadedModel
+
+    examples = examples if examples is not None else s.test()
+    loaded = LoadedModel(model=model, tokenizer=s.loaded.tokenizer, name=s.loaded.name)
+    ecfg = EvalConfig(
+        data=s.data,
+        batch_size=BATCH,
+        generate=s.task.generation,
+        max_new_tokens=48,
+        choices=None if s.task.generation else ",".join(s.labels),
+    )
+    result, records = evaluate_examples(loaded, prompt, examples, ecfg, s.labels)
+    if not s.task.generation:
+        return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
+    from sacrebleu.metrics import BLEU, CHRF
+
+    refs = [r.get("references") or [r["target"]] for r in read_jsonl(s.files["test"])]
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
+    outputs = [first_line(rec["generation"]) for rec in records]
+    return {
+        "chrf": float(CHRF().corpus_score(outputs, streams).score),
+        "bleu": float(BLEU().corpus_score(outputs, streams).score),
+        "sample": outputs[:3],
+    }
+
+
+def budget(s: Setting) -> int:
+    """The reference methods' optimizer steps: --steps, else what the defaults plan."""
+    if s.args.steps:
+        return s.args.steps
+    if s.steps is None:  # as the training loop plans them, from the defaults' own config
+        cfg = TrainConfig(data=s.data)
+        s.steps = cfg.max_steps or cfg.epochs * math.ceil(len(s.train_examples()) / cfg.batch_size)
+    return s.steps
+
+
+def run_trained(s: Setting, name: str, overrides: dict) -> dict:
+    """``softprompt train`` with the suite's data and ``overrides`` on top of the defaults."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    prompt_fields = {f.name for f in dataclasses.fields(PromptConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_kw = {k: v for k, v in overrides.items() if k in fields}
+    prompt_kw = {k: v for k, v in overrides.items() if k in prompt_fields}
+    model_kw = {k: v for k, v in overrides.items() if k in model_fields}
+    unknown = set(overrides) - fields - prompt_fields - model_fields
+    if unknown:
+        raise SystemExit(f"--variant {name}: no setting named {', '.join(sorted(unknown))}")
+    if s.args.steps:
+        train_kw.setdefault("max_steps", s.args.steps)
+    cfg = TrainConfig(
+        model=ModelConfig(model=s.args.model, **model_kw),
+        data=s.data,
+        prompt=PromptConfig(**prompt_kw),
+        output=str(s.folder / name),
+        seed=s.seed,
+        overwrite=True,
+        **train_kw,
+    )
+    result = train(cfg, loaded=s.loaded, progress=False)
+    row = score(s, s.loaded.model, result.prompt)
+    return {
+        **row,
+        "steps": result.summary["steps"],
+        "train_seconds": result.summary["train_seconds"],
+    }
+
+
+def run_peft(s: Setting) -> dict:
+    """PEFT's documented recipe, run by PEFT itself; the learnt prompt scored like ours."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    tok, steps = s.loaded.tokenizer, budget(s)
+    cfg = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        num_virtual_tokens=8,
+        prompt_tuning_init_text=s.task.description,
+        tokenizer_name_or_path=s.loaded.model.name_or_path,
+    )
+    torch.manual_seed(s.seed)
+    model = get_peft_model(s.loaded.model, cfg)
+    try:
+        data = _peft_rows(tok, s.train_examples(), s.args.max_length)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+        sched = get_linear_schedule_with_warmup(opt, 0, steps)
+        gen, n, step = torch.Generator().manual_seed(s.seed), len(data["input_ids"]), 0
+        start = time.perf_counter()
+        while step < steps:
+            for idx in torch.randperm(n, generator=gen).split(BATCH):
+                loss = model(**{k: v[idx] for k, v in data.items()}).loss
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                step += 1
+                if step >= steps:
+                    break
+        seconds = time.perf_counter() - start
+        embedding = model.prompt_encoder["default"].embedding.weight.detach().clone()
+    finally:
+        del model  # prompt tuning wraps the base model without changing its weights
+        s.loaded.model.requires_grad_(False)
+    # PEFT's embedding lives where the embedding layer's output does (Gemma's scale applied
+    # inside it): ours is the same space, so the vectors are scored as they are.
+    row = score(s, s.loaded.model, SoftPrompt(embedding))
+    return {**row, "steps": steps, "train_seconds": seconds}
+
+
+def _peft_rows(tok, examples, max_length: int) -> dict[str, torch.Tensor]:
+    """The PEFT docs' preprocessing: input + target + EOS ids, labels only on the target,
+    left-padded to the longest row (at most ``max_length``, the input's start cut first)."""
+    pairs = []
+    for ex in examples:
+        src = tok(ex.source)["input_ids"]
+        tgt = tok(" " + ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        src = src[max(0, len(src) + len(tgt) - max_length) :]
+        pairs.append((src + tgt, [-100] * len(src) + tgt))
+    width = max(len(x) for x, _ in pairs)
+    pad = tok.pad_token_id
+    ids = [[pad] * (width - len(x)) + x for x, _ in pairs]
+    mask = [[0] * (width - len(x)) + [1] * len(x) for x, _ in pairs]
+    labels = [[-100] * (width - len(y)) + y for _, y in pairs]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor(labels)}  # fmt: skip
+
+
+def run_compare_method(s: Setting, method: str) -> dict:
+    """zero-shot, few-shot or LoRA, exactly as ``softprompt compare`` runs them."""
+    cfg = CompareConfig(
+        model=ModelConfig(model=s.args.model),
+        data=s.data,
+        test=str(s.files["test"]),
+        output=str(s.folder / "compare"),
+        choices=None if s.task.generation else ",".join(s.labels),
+        steps=budget(s) if method == "lora" else 1,
+        shots=4,
+        seed=s.seed,
+        overwrite=True,
+    )
+    log = MetricsLog(s.folder / "compare-metrics.jsonl")
+    ctx = Context(cfg, s.loaded, s.train_examples(), s.test(), s.folder, log, s.labels)
+    if method == "lora":
+        peft_model = add_lora(s.loaded.model, cfg.lora_r)
+        try:
+            inner = peft_model.get_base_model()  # the causal LM with the adapters injected
+            seconds = train_reference(ctx, inner, cfg.lora_lr, "lora")
+            row = score(s, inner, None)
+        finally:
+            remove_lora(peft_model)  # the frozen base serves the other methods unchanged
+        return {**row, "steps": cfg.steps, "train_seconds": seconds}
+    if method == "zero-shot":
+        return {**score(s, s.loaded.model, None), "steps": 0, "train_seconds": 0.0}
+    from softprompt.measure.baselines import few_shot
+
+    shown, k = few_shot(s.test(), s.train_examples(), s.loaded.tokenizer, 4, 1024, " ", s.seed)
+    return {**score(s, s.loaded.model, None, shown), "shots": k, "steps": 0, "train_seconds": 0.0}
+
+
+def run_one(s: Setting, method: str, variants: dict[str, dict]) -> dict:
+    gc.collect()
+    device = s.loaded.model.get_input_embeddings().weight.device
+    with PeakMemory(device) as mem:
+        if method == "defaults":
+            row = run_trained(s, "defaults", {})
+        elif method in variants:
+            row = run_trained(s, method, variants[method])
+        elif method == "peft":
+            row = run_peft(s)
+        else:
+            row = run_compare_method(s, method)
+    return {"task": s.name, "method": method, "seed": s.seed, **row,
+            "peak_memory_mb": round(mem.peak_mb, 1)}  # fmt: skip
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+def cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def table(rows: list[dict]) -> str:
+    """Mean (min-max) over seeds per task and method, then the suite's mean per method."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "| task | method | seeds | accuracy | macro-F1 | chrF / BLEU | steps | train s | peak MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in tasks:
+        for method in methods:
+            got = [r for r in rows if r["task"] == task and r["method"] == method]
+            if not got:
+                continue
+            gen = "chrf" in got[0]
+            texts = [cell([r[k] for r in got], ".1f") for k in ("chrf", "bleu")] if gen else []
+            lines.append(
+                f"| {task} | {method} | {len(got)} | "
+                f"{'-' if gen else cell([r['accuracy'] for r in got], '.3f')} | "
+                f"{'-' if gen else cell([r['macro_f1'] for r in got], '.3f')} | "
+                + (" / ".join(texts) if gen else "-")
+                + f" | {statistics.mean(r['steps'] for r in got):.0f} | "
+                f"{cell([r['train_seconds'] for r in got], '.0f')} | "
+                f"{cell([r['peak_memory_mb'] for r in got], '.0f')} |"
+            )  # fmt: skip
+    lines += ["", "Suite mean over the classification tasks every method ran (accuracy, "
+              "macro-F1; per task the mean over seeds):", "",
+              "| method | tasks | accuracy | macro-F1 | vs defaults (accuracy) |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    classify = [t for t in tasks if not any("chrf" in r for r in rows if r["task"] == t)]
+
+    def task_mean(method, task, key):
+        got = [r[key] for r in rows if r["task"] == task and r["method"] == method]
+        return statistics.mean(got) if got else None
+
+    common = [t for t in classify if all(task_mean(m, t, "accuracy") is not None for m in methods)]
+    base = [task_mean("defaults", t, "accuracy") for t in common] if "defaults" in methods else None
+    for method in methods:
+        acc = [task_mean(method, t, "accuracy") for t in common]
+        f1 = [task_mean(method, t, "macro_f1") for t in common]
+        if not acc:
+            continue
+        diff = "-"
+        if base and method != "defaults":
+            per = [a - b for a, b in zip(acc, base)]
+            diff = f"{statistics.mean(per):+.3f} (worst task {min(per):+.3f})"
+        lines.append(f"| {method} | {len(common)} | {statistics.mean(acc):.3f} | "
+                     f"{statistics.mean(f1):.3f} | {diff} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    out = {}
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        settings = {}
+        for item in filter(None, body.split(",")):
+            key, _, value = item.partition("=")
+            settings[key.strip().replace("-", "_")] = _value(value.strip())
+        out[name] = settings
+    return out
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"none": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded", help="base model (default: embedded)")
+    parser.add_argument("--data-root", default=str(DATA_ROOT), help="the public data sets")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,...")
+    parser.add_argument("--train-rows", type=int, default=256, help="training rows per seed")
+    parser.add_argument("--val-rows", type=int, default=100, help="validation rows")
+    parser.add_argument("--test-rows", type=int, default=200, help="first N test rows")
+    parser.add_argument("--steps", type=int, default=None, help="fixed budget for every method")
+    parser.add_argument("--max-length", type=int, default=256, help="PEFT recipe's row cap")
+    parser.add_argument("--json", default="docs/suite.jsonl", help="results, appended")
+    parser.add_argument("--runs", default="runs/suite", help="folder for the runs")
+    parser.add_argument("--table", default=None, help="only print the table of this JSONL")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # TASK:SEED:METHOD
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table([r for r in read_jsonl(Path(args.table)) if "task" in r]))
+        return
+    if args.quick:
+        args.train_rows, args.val_rows, args.test_rows = 16, 8, 8
+        args.steps = args.steps or 2
+    variants = parse_variants(args.variant)
+    methods = args.methods.split(",") if args.methods else BUILT_IN + list(variants)
+    for m in methods:
+        if m not in BUILT_IN and m not in variants:
+            raise SystemExit(f"--methods: {m!r} is neither one of {BUILT_IN} nor a --variant")
+    root = Path(args.data_root)
+    tasks = [t for t in args.tasks.split(",") if t]
+    missing = [t for t in tasks if not (root / t / "train.jsonl").is_file()]
+    for t in missing:
+        print(f"suite: skipping {t}: no {root / t / 'train.jsonl'} (the public data sets "
+              "live in ../shared/data beside the repository)", flush=True)  # fmt: skip
+    tasks = [t for t in tasks if t not in missing]
+    if not tasks:
+        return
+    if args.one:
+        run_child(args, variants)
+        return
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"kind": "run", "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_average": os.getloadavg()[0], "command": " ".join(sys.argv),
+              **environment()}  # fmt: skip
+    with out.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(header) + "\n")
+    rows, start = [], time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name in tasks:
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for method in methods:
+                row = run_in_child(argv, f"{name}:{seed}:{method}")
+                if row is None:
+                    continue
+                rows.append(row)
+                with out.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"suite [{time.perf_counter() - start:.0f}s]: {json.dumps(row)}", flush=True)
+    print(table(rows))
+
+
+def run_in_child(argv: list[str], spec: str) -> dict | None:
+    """One (task, seed, method) in its own process, so each peak memory is its own."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv, "--one", spec], capture_output=True, text=True
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(ROW_MARK):
+            return json.loads(line[len(ROW_MARK) :])
+        if line.startswith("suite: "):
+            print(line, flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"suite: {spec} failed:\n{proc.stderr[-3000:]}")
+    return None
+
+
+def run_child(args, variants: dict[str, dict]) -> None:
+    name, seed, method = args.one.split(":")
+    task, seed = TASKS[name], int(seed)
+    loaded = load_model(ModelConfig(model=args.model))
+    page_in(loaded.model)  # peak memory is what the method adds to the resident model
+    if method in CAUSAL_ONLY and loaded.kind is not CAUSAL:
+        print(f"suite: {method} skipped: it is for decoder models", flush=True)
+        return
+    folder = Path(args.runs) / f"{name}-s{seed}"
+    files = sample_files(name, seed, args, folder / f"data-{method}")
+    labels = None
+    if not task.generation:
+        labels = sorted({r[task.target_field] for r in read_jsonl(files["train"])})
+    s = Setting(name, task, files, seed, loaded, args, folder, labels)
+    row = run_one(s, method, variants)
+    row["load_average"] = round(os.getloadavg()[0], 2)
+    print(ROW_MARK + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -184,3 +184,28 @@ def test_compare_config_errors_are_one_line(pairs_file, capsys):
         ]
     )
     assert code == 2 and "--methods: unknown magic" in capsys.readouterr().err
+
+
+def test_peak_memory_is_the_same_for_the_same_work_measured_twice():
+    """The second measurement does not reuse the first's freed pages (compare charged the
+    first method for memory the next ones then got for free)."""
+    import time
+
+    import torch
+
+    from softprompt.measure.compare import PeakMemory
+
+    def work():
+        big = [torch.ones(1024, 1024) for _ in range(75)]  # 300 MB in 4 MB pieces
+        time.sleep(0.2)  # held long enough for the sampler to see it on a busy machine
+        del big
+        small = [torch.ones(256, 256) for _ in range(1000)]  # 250 MB in small pieces
+        time.sleep(0.2)
+        del small
+
+    peaks = []
+    for _ in range(2):
+        with PeakMemory(torch.device("cpu")) as mem:
+            work()
+        peaks.append(mem.peak_mb)
+    assert peaks[0] > 200 and abs(peaks[1] - peaks[0]) < 0.2 * peaks[0], peaks

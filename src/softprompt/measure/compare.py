@@ -8,6 +8,7 @@ report.md / report.html are made from that file alone.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import threading
 import time
@@ -40,9 +41,31 @@ from softprompt.tracking import MetricsLog
 from softprompt.training import train
 
 
+@torch.no_grad()
+def page_in(model: nn.Module) -> None:
+    """Touch one value per memory page of every weight. Weights loaded from safetensors are
+    memory-mapped and become resident only when first read, so without this the first method
+    measured would be charged for reading the model in."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel():
+            float(t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum())
+
+
+def release_freed() -> None:
+    """Hand memory that was freed back to the system (glibc keeps it otherwise), so that the
+    resident set at the start of a measurement holds only what is still in use: without it a
+    method measured after another reuses the first one's pages and looks free."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocations on a GPU, else the process's
-    resident set, sampled every 10 ms by a thread (torch's CPU allocator has no counter)."""
+    resident set, sampled every 10 ms by a thread (torch's CPU allocator has no counter),
+    after ``release_freed``."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -53,6 +76,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
             return self
+        release_freed()
         proc = psutil.Process()
         self._start, self._peak, self._stop = proc.memory_info().rss, 0, threading.Event()
 
@@ -179,7 +203,7 @@ def _rows_and_choices(ctx: Context):
     return rows, choice_ids
 
 
-def _train_weights(ctx: Context, model: nn.Module, lr: float, method: str) -> float:
+def train_reference(ctx: Context, model: nn.Module, lr: float, method: str) -> float:
 
     rows, choice_ids = _rows_and_choices(ctx)
     cfg = ctx.cfg
@@ -201,7 +225,7 @@ def run_lora(ctx: Context) -> dict:
     peft_model = add_lora(ctx.loaded.model, ctx.cfg.lora_r)
     try:
         inner = peft_model.get_base_model()  # the causal LM with the adapters injected
-        seconds = _train_weights(ctx, inner, ctx.cfg.lora_lr, "lora")
+        seconds = train_reference(ctx, inner, ctx.cfg.lora_lr, "lora")
         quality = measure(ctx, inner, None, ctx.test)
         folder = ctx.output / "lora"
         record(folder)
@@ -215,7 +239,7 @@ def run_lora(ctx: Context) -> dict:
 def run_full_ft(ctx: Context) -> dict:
 
     model = trainable_copy(ctx.loaded.model)
-    seconds = _train_weights(ctx, model, ctx.cfg.full_lr, "full-ft")
+    seconds = train_reference(ctx, model, ctx.cfg.full_lr, "full-ft")
     quality = measure(ctx, model, None, ctx.test)
     # Not written to disk (a full copy of the model): its size is what saving would take.
     row = {**quality, **_row(count_trainable(model), seconds, state_bytes(model))}

@@ -433,3 +433,22 @@ def test_a_checkpoint_written_before_task_existed_still_resumes():
     assert _differences(saved, {"model": {"model": "m", "dtype": "float32", "task": "auto"}}) == []
     changed = {"model": {"model": "m", "dtype": "float32", "task": "seq2seq"}}
     assert _differences(saved, changed) == [("model.task", None, "seq2seq")]
+
+
+def test_every_kind_says_how_many_rows_max_length_cut(capsys):
+    from conftest import make_tokenizer
+
+    from softprompt.data import Example
+    from softprompt.kinds.classify import tokenize_labels
+    from softprompt.kinds.seq2seq import tokenize_pairs
+
+    tok = make_tokenizer()
+    exs = [Example("good", "positive", "a:1"),
+           Example("i love this movie and it was good", "negative", "a:2")]  # fmt: skip
+    rows = tokenize_labels(exs, tok, 4, ["negative", "positive"])
+    assert [len(r.input_ids) for r in rows] == [2, 4]
+    assert "1 of 2 rows were longer than 4 text tokens and were cut" in capsys.readouterr().err
+    tokenize_pairs(exs, tok, 3)
+    assert "1 of 2 rows were longer than 3 text tokens and were cut" in capsys.readouterr().err
+    tokenize_pairs(exs, tok, 30)
+    assert "were cut" not in capsys.readouterr().err

@@ -55,12 +55,17 @@ def tokenize(
         row.task = task_ids[ex.task] if task_ids else 0
         rows.append(row)
         cut += was_cut
+    warn_cut(cut, len(rows), max_text_tokens)
+    return rows
+
+
+def warn_cut(cut: int, total: int, limit: int) -> None:
+    """Say how many rows --max-length cut, if any."""
     if cut:
         warn(
-            f"{cut} of {len(rows)} rows were longer than {max_text_tokens} text tokens and were "
-            "cut; raise --max-length to keep them whole"
+            f"{cut} of {total} rows were longer than {limit} text tokens and were cut; raise "
+            "--max-length to keep them whole"
         )
-    return rows
 
 
 def _tokenize_one(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row, bool]:

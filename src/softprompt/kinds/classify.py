@@ -22,7 +22,7 @@ from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, re
 from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, rows_prompts
-from softprompt.rows import Encoded, Row
+from softprompt.rows import Encoded, Row, warn_cut
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
 
@@ -52,7 +52,7 @@ def tokenize_labels(
     """One row per example: its ids (at most ``max_tokens``; the end cut, its last token kept)
     and ``[label index]``."""
     index = {label: i for i, label in enumerate(labels)}
-    rows = []
+    rows, cut = [], 0
     for ex in examples:
         if ex.target is None or ex.messages is not None or ex.head is not None:
             raise ConfigError(
@@ -66,8 +66,9 @@ def tokenize_labels(
             )
         ids = tokenizer(ex.source)["input_ids"]
         if len(ids) > max_tokens:
-            ids = ids[: max_tokens - 1] + ids[-1:]  # keep [SEP]
+            ids, cut = ids[: max_tokens - 1] + ids[-1:], cut + 1  # keep [SEP]
         rows.append(Row(ids, [index[ex.target]], task=task_ids[ex.task] if task_ids else 0))
+    warn_cut(cut, len(rows), max_tokens)
     return rows
 
 

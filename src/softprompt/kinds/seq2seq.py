@@ -24,7 +24,7 @@ from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, re
 from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, PromptLike, embeds_only
 from softprompt.prompt import SoftPrompt, before_input, embed_tokens, input_scale
-from softprompt.rows import IGNORE_INDEX, Encoded, Row
+from softprompt.rows import IGNORE_INDEX, Encoded, Row, warn_cut
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
 
@@ -34,7 +34,7 @@ def tokenize_pairs(
 ) -> list[Row]:
     """One row per input/target pair: the encoder's ids (at most ``max_tokens``, the start
     cut) and the target's ids with the model's EOS (at most ``max_tokens``)."""
-    rows = []
+    rows, cut = [], 0
     for ex in examples:
         if ex.target is None or ex.messages is not None or ex.head is not None:
             raise ConfigError(
@@ -43,10 +43,13 @@ def tokenize_pairs(
                 "{soft_prompt} in the template)"
             )
         src = tokenizer(ex.source)["input_ids"]
-        tgt = target_ids(tokenizer, ex.target)[:max_tokens]
+        tgt = target_ids(tokenizer, ex.target)
+        cut += len(src) > max_tokens or len(tgt) > max_tokens
+        tgt = tgt[:max_tokens]
         if len(src) > max_tokens:  # keep the end (and its EOS): the question matters most
             src = src[len(src) - max_tokens :]
         rows.append(Row(src, tgt, task=task_ids[ex.task] if task_ids else 0))
+    warn_cut(cut, len(rows), max_tokens)
     return rows
 
 

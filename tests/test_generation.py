@@ -105,3 +105,50 @@ def test_python_generate_returns_answers_as_the_cli_prints_them(loaded_all, monk
     monkeypatch.setattr(loaded.tokenizer, "decode", lambda *a, **k: " " + real(*a, **k))
     (out,) = generate(loaded, ["the movie was great"], None, GenerateConfig(max_new_tokens=2))
     assert out and not out[0].isspace()
+
+
+def test_cut_at_label_ends_the_answer_after_a_whole_label():
+    from softprompt.generation import cut_at_label
+
+    labels = ["positive", "negative", "neutral"]
+    assert cut_at_label(" negative.\nThe battery died", labels) == " negative"
+    assert cut_at_label("positive", labels) == "positive"
+    assert cut_at_label("positively good", labels) == "positively good"  # not a whole label
+    assert cut_at_label("I think negative", labels) == "I think negative"  # not first
+    assert cut_at_label("neutral!", ["neutral", "neutral zone"]) == "neutral"
+    assert cut_at_label("neutral zone, far", ["neutral", "neutral zone"]) == "neutral zone"
+
+
+def _answers_after_label(tokenizer, monkeypatch):
+    """The model's text always continues after its label, as a base model does."""
+    monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: " negative.\nThe battery died")
+
+
+def test_python_generate_stops_a_labelled_prompt_after_its_label(loaded_all, monkeypatch):
+    loaded = loaded_all["llama"]
+    _answers_after_label(loaded.tokenizer, monkeypatch)
+    texts = ["the movie was great", "good"]
+    prompts = [random_prompt(1), None]  # the base model's row is left as it is
+    cfg = GenerateConfig(max_new_tokens=2)
+    out = generate(loaded, texts, prompts, cfg, labels=["positive", "negative"])
+    assert out == ["negative", "negative.\nThe battery died"]
+    assert generate(loaded, texts, prompts, cfg)[0] == "negative.\nThe battery died"
+
+
+def test_cli_generate_stops_after_the_trained_label_unless_free_text(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    from transformers import PreTrainedTokenizerFast
+
+    loaded = load_model(model=str(tiny_dir))
+    meta = {"template": "review : {input} sentiment :",
+            "choices": {"requested": "auto", "used": ["positive", "negative"]}}  # fmt: skip
+    save_prompt(tmp_path / "p", random_prompt(2), loaded.model, loaded.name, meta)
+    _answers_after_label(PreTrainedTokenizerFast, monkeypatch)
+    argv = ["generate", "--prompt", str(tmp_path / "p"), "--max-new-tokens", "3", "good"]
+    assert main(argv) == 0
+    got = capsys.readouterr()
+    assert "  tuned   : 'negative'\n" in got.out
+    assert "trained on the labels positive,negative: its answers end after the label" in got.err
+    assert main([*argv, "--free-text"]) == 0
+    assert "  tuned   : 'negative.\\nThe battery died'" in capsys.readouterr().out

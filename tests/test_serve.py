@@ -291,3 +291,29 @@ def test_batcher_splits_identical_requests_into_batches(server):
     texts, metrics = asyncio.run(run())
     assert len(set(texts)) == 1 and texts[0]
     assert (metrics.batches, metrics.batch_rows, metrics.completion_tokens) == (3, 5, 15)
+
+
+def test_a_labelled_prompts_stream_ends_after_its_label():
+    """A job of a prompt trained on labels finishes once a whole label is written."""
+    import asyncio
+
+    from softprompt.serving.batcher import Job
+
+    class Pieces:  # token i decodes to PIECES[i]
+        def decode(self, tokens, skip_special_tokens=True):
+            return "".join([" neg", "ative", ".", "\nThe", " end"][t] for t in tokens)
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job([1], None, 10, 0.0, 1.0, [], Pieces(), loop, labels=["positive", "negative"])
+        for token in range(5):
+            if job.finish_reason is None:
+                job.push(token, eos=set())
+        assert job.text == " negative" and job.finish_reason == "stop"
+        assert len(job.tokens) == 3  # stopped at the first token after the label
+        free = Job([1], None, 10, 0.0, 1.0, [], Pieces(), loop)
+        for token in range(5):
+            free.push(token, eos=set())
+        assert free.text == " negative.\nThe end"
+    finally:
+        loop.close()

@@ -49,6 +49,7 @@ _EXPORTS = {  # name -> its module, relative to softprompt ("commands.eval")
     "serve": "serving",
     "load_prompt": "artifacts",
     "save_prompt": "artifacts",
+    "trained_choices": "artifacts",
     "TrainResult": "training",
     "train": "training",
 }

@@ -145,6 +145,11 @@ class _BaseModelInfo(_Loose):
     fingerprint: str | None = None
 
 
+class _ChoicesInfo(_Loose):
+    requested: str | None = None
+    used: list[str] | None = None
+
+
 class MetaFile(_Loose):
     """The shape of softprompt.json (what is read from it)."""
 
@@ -158,6 +163,7 @@ class MetaFile(_Loose):
     training: dict | None = None
     metrics: dict | None = None
     task: str | None = None
+    choices: _ChoicesInfo | None = None
 
 
 class AdapterFile(_Loose):
@@ -246,6 +252,12 @@ def read_meta(folder: str | Path) -> dict:
     except ConfigError as err:
         raise ArtifactError(err.cli_message) from None
     return meta
+
+
+def trained_choices(meta: dict) -> list[str] | None:
+    """The labels a prompt was trained to choose between (classification mode), or None."""
+    used = (meta.get("choices") or {}).get("used") or []
+    return [str(c) for c in used if str(c).strip()] or None
 
 
 def load_prompt(

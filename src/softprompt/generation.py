@@ -193,6 +193,7 @@ def generate(
     prefix_cache: bool = True,
     fields: Fields | Sequence[Fields | None] | None = None,
     fmt: PromptFormat | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[str]:
     """Continue each text (in its template) with the base model, or with a prompt: a causal
     LM's continuation, an encoder-decoder's answer, or a classifier's label.
@@ -202,13 +203,18 @@ def generate(
     text or one per text. ``fmt`` (a saved prompt's ``PromptFormat``) replaces ``template``.
     ``prefix_cache=False`` runs the virtual tokens again on every call (the reference path,
     for comparisons). Answers come without leading whitespace, as the CLI shows them.
+    ``labels`` (a prompt trained in classification mode: ``trained_choices(meta)``): the
+    rows with a prompt answer with their label and stop there (``cut_at_label``).
     """
     fmt = fmt or PromptFormat(template=template)
     per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
     kind = loaded.kind
     encoded = [kind.encode(loaded.tokenizer, fmt, t, f) for t, f in zip(texts, per_text)]
     prompts = per_row(prompt, len(encoded))
-    return kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache)
+    outs = kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache)
+    if not labels:
+        return outs
+    return [o if p is None else cut_at_label(o, labels) for o, p in zip(outs, prompts)]
 
 
 @torch.no_grad()
@@ -317,3 +323,16 @@ def generate_encoded(
 
 
 # --- `softprompt generate` ---------------------------------------------------------------
+
+
+def cut_at_label(text: str, labels: Sequence[str]) -> str:
+    """``text`` up to the end of the label it starts with (after leading whitespace), when
+    one of ``labels`` is followed by anything but a letter or digit; otherwise ``text``. A
+    prompt trained in classification mode answers with its label and stops there: what the
+    base model would write after it is not part of the answer."""
+    lead = len(text) - len(text.lstrip())
+    body = text[lead:]
+    for label in sorted(labels, key=len, reverse=True):
+        if body.startswith(label) and not body[len(label) : len(label) + 1].isalnum():
+            return text[: lead + len(label)]
+    return text

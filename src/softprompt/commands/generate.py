@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from softprompt.artifacts import load_prompt, read_meta, trained_base_model
+from softprompt.artifacts import load_prompt, read_meta, trained_base_model, trained_choices
 from softprompt.config import GenerateRunConfig
+from softprompt.console import say
 from softprompt.data import read_records
 from softprompt.errors import SoftpromptError
-from softprompt.generation import generate, generate_chat
+from softprompt.generation import cut_at_label, generate, generate_chat
 from softprompt.loading import LoadedModel, load_model
 from softprompt.prompt import SoftPrompt
 from softprompt.templates import PromptFormat, check_messages
@@ -38,6 +39,10 @@ def run_generate(cfg: GenerateRunConfig, loaded: LoadedModel | None = None) -> l
     if loaded is None:
         model = cfg.model.model or (trained_base_model(cfg.prompt) if cfg.prompt else None)
         loaded = load_model(replace(cfg.model, model=model), labels=meta.get("labels"))
+    labels = None if cfg.free_text else trained_choices(meta)
+    if labels:
+        say(f"the prompt was trained on the labels {','.join(labels)}: its answers end after "
+            "the label (--free-text keeps generating)")  # fmt: skip
     prompts: list[SoftPrompt | None] = [None] if cfg.compare or not cfg.prompt else []
     if cfg.prompt:
         prompt, _ = load_prompt(cfg.prompt, loaded.model, allow_mismatch=cfg.allow_mismatch)
@@ -47,8 +52,10 @@ def run_generate(cfg: GenerateRunConfig, loaded: LoadedModel | None = None) -> l
             outs = generate_chat(loaded, chats, prompt, cfg.sampling, fmt)
         else:
             outs = generate(loaded, [i.text for i in items], prompt, cfg.sampling, fields=fields,
-                            fmt=fmt)  # fmt: skip
+                            fmt=fmt, labels=labels)  # fmt: skip
         for item, out in zip(items, outs):
+            if fmt.chat and prompt is not None and labels:
+                out = cut_at_label(out, labels)
             setattr(item, "base" if prompt is None else "tuned", out)
     return items
 

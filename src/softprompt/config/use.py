@@ -90,6 +90,11 @@ class GenerateRunConfig:
         escapes=True,
     )
     allow_mismatch: bool = opt(False, "load a prompt even if it was trained for another base model")
+    free_text: bool = opt(
+        False,
+        "a prompt trained on labels (classification mode) answers with its label and stops "
+        "there; keep generating after the label instead",
+    )
     model: ModelConfig = nested(
         prompt_model,
         only=("dtype", "trust_remote_code", "model", "task"),

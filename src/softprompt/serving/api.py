@@ -284,7 +284,8 @@ def _rows(
             prefix = voter.prefix_for(model, head) if voter else None
             row = ids if voter else (head or []) + ids
             jobs.append(Job(row, prefix, max_tokens, body.temperature, body.top_p, stop, tok,
-                            loop, end_ids=set(end_ids or ())))  # fmt: skip
+                            loop, end_ids=set(end_ids or ()),
+                            labels=voter.labels if voter else None))  # fmt: skip
     return jobs
 
 

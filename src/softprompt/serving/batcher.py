@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from softprompt.generation import cut_at_label
 from softprompt.loading import LoadedModel
 from softprompt.prefix import Prefix
 
@@ -53,6 +54,7 @@ class Job:
     tokenizer: object
     loop: asyncio.AbstractEventLoop
     end_ids: set[int] = field(default_factory=set)  # also end the answer (a chat's end of turn)
+    labels: list[str] | None = None  # its prompt's labels: the answer ends after one
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -74,6 +76,9 @@ class Job:
         cut = min((i for s in self.stop if (i := self.text.find(s)) >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
+            return self.finish("stop")
+        if self.labels and (label := cut_at_label(self.text, self.labels)) != self.text:
+            self.text = label
             return self.finish("stop")
         if len(self.tokens) >= self.max_tokens:
             return self.finish("length")

@@ -21,6 +21,7 @@ from softprompt.artifacts import (
     ensemble_members,
     load_prompt,
     trained_base_model,
+    trained_choices,
 )
 from softprompt.config import EMBEDDED_MODEL
 from softprompt.errors import SoftpromptError
@@ -52,6 +53,7 @@ class Entry:
     prompt: SoftPrompt
     prefix: Prefix
     fmt: PromptFormat | None
+    labels: list[str] | None = None  # trained on labels: its answers end after the label
     members: list[Entry] = field(default_factory=list)  # an ensemble's (it is its first)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
     _heads: OrderedDict = field(default_factory=OrderedDict, repr=False)
@@ -130,7 +132,7 @@ class PromptStore:
             fmt = PromptFormat.from_meta(meta) if meta.get("template") or meta.get(
                 "prompt_format") else None  # fmt: skip
             self._check_length(prompt)
-            return Entry(shown, prompt, self._compiled(prompt), fmt)
+            return Entry(shown, prompt, self._compiled(prompt), fmt, trained_choices(meta))
         except ApiError:
             raise
         except SoftpromptError as err:
@@ -155,7 +157,7 @@ class PromptStore:
             self._refuse(name, path, name, err)
         members = [self._entry(name, f, f"{name}/{f.name}") for f in folders]
         first = members[0]
-        return Entry(name, first.prompt, first.prefix, first.fmt, members=members)
+        return Entry(name, first.prompt, first.prefix, first.fmt, first.labels, members=members)
 
     def _refuse(self, name: str, path: Path, shown: str, err: Exception | str):
         """A folder that cannot be loaded: listed by ``skipped``, answered with a 400."""

@@ -383,6 +383,11 @@ def table(rows: list[dict]) -> str:
     for task in tasks:
         for method in methods:
             got = [r for r in rows if r["task"] == task and r["method"] == method]
+            failed = [r for r in got if "error" in r]
+            got = [r for r in got if "error" not in r]
+            if failed:
+                lines.append(f"| {task} | {method} | {len(failed)} failed: "
+                             f"{failed[0]['error'][:80]} | | | | | | |")  # fmt: skip
             if not got:
                 continue
             gen = "chrf" in got[0]
@@ -403,7 +408,7 @@ def table(rows: list[dict]) -> str:
     classify = [t for t in tasks if not any("chrf" in r for r in rows if r["task"] == t)]
 
     def task_mean(method, task, key):
-        got = [r[key] for r in rows if r["task"] == task and r["method"] == method]
+        got = [r[key] for r in rows if r["task"] == task and r["method"] == method and key in r]
         return statistics.mean(got) if got else None
 
     common = [t for t in classify if all(task_mean(m, t, "accuracy") is not None for m in methods)]
@@ -521,8 +526,11 @@ def run_in_child(argv: list[str], spec: str) -> dict | None:
             return json.loads(line[len(ROW_MARK) :])
         if line.startswith("suite: "):
             print(line, flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"suite: {spec} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # said, and the suite goes on: a crash is a result too
+        last = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        print(f"suite: {spec} failed: {last[0]}", flush=True)
+        return {"task": spec.split(":")[0], "method": spec.split(":")[2],
+                "seed": int(spec.split(":")[1]), "error": last[0]}  # fmt: skip
     return None
 
 

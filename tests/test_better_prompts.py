@@ -48,12 +48,15 @@ def test_detect_labels_finds_a_small_label_set_in_first_seen_order():
         "very good one",
         "bad",
     ]
+    # a rare class seen once in a small sample (TREC's 'abbreviation') is still a label
+    assert detect_labels(_ex(["loc", "hum", "loc", "hum", "abbr"])) == ["loc", "hum", "abbr"]
 
 
 @pytest.mark.parametrize(
     "targets",
     [
-        ["a", "b", "c", "a"],  # a label seen once
+        ["a", "b", "c", "a"],  # most labels seen once
+        ["a", "b", "c", "d", "e", "a", "b"],  # 3 of 5 seen once
         ["pos", "pos", "pos"],  # one label is no classification
         ["one two three four", "x", "x", "one two three four"],  # a label of 4 words
         [str(i) for i in range(11)] * 2,  # 11 labels

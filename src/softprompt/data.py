@@ -270,8 +270,9 @@ MAX_LABEL_WORDS = 3  # ... of at most this many words each
 
 def detect_labels(examples: list[Example]) -> list[str] | None:
     """The label set of a classification data set, or None: the targets are 2 to
-    ``MAX_LABELS`` distinct short strings (at most ``MAX_LABEL_WORDS`` words), each seen more
-    than once. Labels come in order of first appearance."""
+    ``MAX_LABELS`` distinct short strings (at most ``MAX_LABEL_WORDS`` words), most of them
+    (at least half) seen more than once: a rare class may be seen once in a small sample.
+    Labels come in order of first appearance."""
     counts: dict[str, int] = {}
     for ex in examples:
         if ex.target is None or ex.messages is not None:
@@ -281,9 +282,11 @@ def detect_labels(examples: list[Example]) -> list[str] | None:
             return None
     if len(counts) < 2:
         return None
-    for label, n in counts.items():
+    if 2 * sum(n > 1 for n in counts.values()) < len(counts):
+        return None  # mostly seen once: free text, not labels
+    for label in counts:
         words = label.split()
-        if n < 2 or not words or len(words) > MAX_LABEL_WORDS or label != label.strip():
+        if not words or len(words) > MAX_LABEL_WORDS or label != label.strip():
             return None
         if "," in label:  # --choices is comma-separated: such a label cannot be recorded
             return None

@@ -152,3 +152,32 @@ def test_cli_generate_stops_after_the_trained_label_unless_free_text(
     assert "trained on the labels positive,negative: its answers end after the label" in got.err
     assert main([*argv, "--free-text"]) == 0
     assert "  tuned   : 'negative.\\nThe battery died'" in capsys.readouterr().out
+
+
+def test_a_labelled_prompt_generates_only_its_labels(loaded_all):
+    """Without mocks: the tiny random model's free answer is noise, the labelled one a label."""
+    loaded = loaded_all["llama"]
+    texts = ["the movie was great", "i hate this screen", "good"]
+    cfg = GenerateConfig(max_new_tokens=5)
+    prompts = [random_prompt(1), random_prompt(1), None]
+    out = generate(loaded, texts, prompts, cfg, template="review : {input} sentiment :",
+                   labels=["positive", "negative"])  # fmt: skip
+    assert out[0] in ("positive", "negative") and out[1] in ("positive", "negative")
+    free = generate(loaded, texts, prompts, cfg, template="review : {input} sentiment :")
+    assert out[2] == free[2]  # the row without a prompt is left free
+
+
+def test_labels_only_allows_what_continues_a_label_then_eos():
+    import torch
+
+    from softprompt.generation import LabelsOnly
+
+    only = LabelsOnly([[[5], [6, 7]], None], eos=1)
+    scores = torch.zeros(2, 10)
+    got = only(torch.zeros(2, 3, dtype=torch.long), scores.clone())  # nothing written yet
+    assert torch.isfinite(got[0]).nonzero().flatten().tolist() == [5, 6]
+    assert torch.isfinite(got[1]).all()  # a free row
+    ids = torch.tensor([[0, 0, 0, 6], [0, 0, 0, 2]])
+    assert torch.isfinite(only(ids, scores.clone())[0]).nonzero().flatten().tolist() == [7]
+    ids = torch.tensor([[0, 0, 0, 6, 7], [0, 0, 0, 2, 2]])
+    assert torch.isfinite(only(ids, scores.clone())[0]).nonzero().flatten().tolist() == [1]

@@ -317,3 +317,24 @@ def test_a_labelled_prompts_stream_ends_after_its_label():
         assert free.text == " negative.\nThe end"
     finally:
         loop.close()
+
+
+def test_a_labelled_prompt_answers_with_one_of_its_labels(server):
+    """A prompt trained in classification mode (softprompt.json's choices) answers with a
+    label and stops, whatever the base model would write (the tiny model writes noise)."""
+    folder = server["folder"] / "labelled"
+    meta = {
+        "template": TEMPLATE,
+        "choices": {"requested": "auto", "used": ["positive", "negative"]},
+    }
+    save_prompt(folder, random_prompt(3, 4), server["loaded"].model, server["loaded"].name, meta)
+    try:
+        assert server["state"].store.rescan()["added"] == ["labelled"]
+        for text in TEXTS:
+            out = _complete(server["client"], "labelled", text, max_tokens=8).choices[0]
+            assert out.text.strip() in ("positive", "negative") and out.finish_reason == "stop"
+        free = _complete(server["client"], "short", TEXTS[0], max_tokens=8).choices[0]
+        assert free.finish_reason == "length"  # an unlabelled prompt is not held to labels
+    finally:
+        shutil.rmtree(folder)
+        server["state"].store.rescan()

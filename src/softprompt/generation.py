@@ -23,7 +23,13 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, GenerationConfig, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 
 from softprompt.config import GenerateConfig
 from softprompt.console import warn
@@ -157,6 +163,7 @@ def generate_ids(
     stopping: StoppingCriteriaList | None = None,
     prefix_cache: bool = True,
     heads: Sequence[Sequence[int] | None] | None = None,
+    processors: LogitsProcessorList | None = None,
 ) -> Tensor:
     """New token ids (B, steps) for each row of ``ids`` with its own prompt (or None) placed
     after its ``heads`` tokens (default: first).
@@ -179,6 +186,7 @@ def generate_ids(
         attention_mask=mask,
         generation_config=gen_cfg,
         stopping_criteria=stopping,
+        logits_processor=processors,
         **extra,
     )
 
@@ -204,16 +212,19 @@ def generate(
     ``prefix_cache=False`` runs the virtual tokens again on every call (the reference path,
     for comparisons). Answers come without leading whitespace, as the CLI shows them.
     ``labels`` (a prompt trained in classification mode: ``trained_choices(meta)``): the
-    rows with a prompt answer with their label and stop there (``cut_at_label``).
+    rows with a prompt answer with one of the labels and stop there (``LabelsOnly``).
     """
     fmt = fmt or PromptFormat(template=template)
     per_text = list(fields) if isinstance(fields, (list, tuple)) else [fields] * len(texts)
     kind = loaded.kind
     encoded = [kind.encode(loaded.tokenizer, fmt, t, f) for t, f in zip(texts, per_text)]
     prompts = per_row(prompt, len(encoded))
-    outs = kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache)
     if not labels:
-        return outs
+        return kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache)
+    delimiter = "" if fmt.chat else fmt.target_delimiter
+    sequences = label_sequences(loaded.tokenizer, labels, delimiter)
+    outs = kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache,
+                       labels=sequences)  # fmt: skip
     return [o if p is None else cut_at_label(o, labels) for o, p in zip(outs, prompts)]
 
 
@@ -295,9 +306,11 @@ def generate_encoded(
     cfg: GenerateConfig | None = None,
     prefix_cache: bool = True,
     stop_ids: list[int] | None = None,
+    labels: Sequence[list[int]] | None = None,
 ) -> list[str]:
     """Generate for encoded inputs, each with its prompt (or None: the head and text run
-    as plain tokens); batches of ``cfg.batch_size``."""
+    as plain tokens); batches of ``cfg.batch_size``. With ``labels`` (token sequences,
+    ``label_sequences``) the rows with a prompt answer with one of them (``LabelsOnly``)."""
     cfg = cfg or GenerateConfig()
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(cfg.seed)
@@ -314,8 +327,12 @@ def generate_encoded(
     out: list[str] = []
     for start in range(0, len(ids), cfg.batch_size):
         window = slice(start, start + cfg.batch_size)
+        only = None
+        if labels:
+            rows = [labels if p is not None else None for p in prompts[window]]
+            only = LogitsProcessorList([LabelsOnly(rows, gen_cfg.eos_token_id)])
         new = generate_ids(model, ids[window], prompts[window], gen_cfg, None, prefix_cache,
-                           heads[window])  # fmt: skip
+                           heads[window], only)  # fmt: skip
         # The answer without the whitespace a model writes after the template's last word
         # (' positive' -> 'positive'), as the CLI shows it; the server returns raw text.
         out += [tok.decode(row, skip_special_tokens=True).lstrip() for row in new]
@@ -336,3 +353,38 @@ def cut_at_label(text: str, labels: Sequence[str]) -> str:
         if body.startswith(label) and not body[len(label) : len(label) + 1].isalnum():
             return text[: lead + len(label)]
     return text
+
+
+def label_sequences(tokenizer, labels: Sequence[str], delimiter: str) -> list[list[int]]:
+    """Each label's tokens as they follow an input (after ``delimiter``)."""
+    out = [tokenizer(delimiter + label, add_special_tokens=False)["input_ids"] for label in labels]
+    return [ids for ids in out if ids]
+
+
+class LabelsOnly(LogitsProcessor):
+    """Decoding that can only write a label: row i may continue only the token sequences of
+    ``rows[i]`` that its answer so far begins (None: the row is free), and ends with EOS
+    once one is complete. A prompt trained on labels learns which label comes first (the
+    restricted loss ranks only the labels' first tokens), not to keep other tokens away:
+    this is the answer its training defines, greedy or sampled among the labels."""
+
+    def __init__(self, rows: Sequence[Sequence[list[int]] | None], eos: int | list[int] | None):
+        self.rows = list(rows)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        self.eos, self.start = eos, None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.start is None:  # what was there before the first new token
+            self.start = input_ids.shape[1]
+        answers = input_ids[:, self.start :].tolist()
+        for i, (labels, answer) in enumerate(zip(self.rows, answers)):
+            if not labels:
+                continue
+            n = len(answer)
+            allowed = {s[n] for s in labels if len(s) > n and s[:n] == answer}
+            if self.eos is not None and (not allowed or answer in labels):
+                allowed.add(self.eos)  # a whole label (or a dead end): the answer ends
+            keep = torch.full_like(scores[i], float("-inf"))
+            keep[list(allowed)] = 0.0
+            scores[i] = scores[i] + keep
+        return scores

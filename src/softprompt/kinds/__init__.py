@@ -43,6 +43,7 @@ class Kind(Protocol):
     serves: bool  # `softprompt serve` streams its completions
     prompt_inside: bool  # a prompt may sit inside the text ({soft_prompt}, chat placement)
     restricted_choices: bool  # --choices' restricted loss (and --choices auto) apply
+    default_lr: float  # the peak learning rate without --lr (benchmarks/suite.py chose it)
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         """Extra ``from_pretrained`` arguments (a classifier's labels)."""
@@ -88,9 +89,10 @@ class Kind(Protocol):
 
     def answer(
         self, loaded, encoded: list[Encoded], prompts: Sequence[PromptLike], cfg,
-        prefix_cache: bool = True, stop_ids: list[int] | None = None,
+        prefix_cache: bool = True, stop_ids: list[int] | None = None, labels=None,
     ) -> list[str]:  # fmt: skip
-        """The model's answer to each encoded input, each with its own prompt (or None)."""
+        """The model's answer to each encoded input, each with its own prompt (or None);
+        ``labels`` (token sequences): a prompted row answers with one (where supported)."""
 
     def score_choices(
         self, loaded, prompt: SoftPrompt | None, encoded: list[Encoded], sources: list[str],
@@ -101,9 +103,10 @@ class Kind(Protocol):
 
     def generate_ids(
         self, model: nn.Module, ids: Sequence[list[int]], prefixes: Sequence[Prefix | None],
-        gen_cfg, stopping=None,
+        gen_cfg, stopping=None, processors=None,
     ) -> Tensor:  # fmt: skip
-        """New token ids for each row with its compiled prompt (the server's batches)."""
+        """New token ids for each row with its compiled prompt (the server's batches);
+        ``processors``: transformers logits processors (``LabelsOnly``)."""
 
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
         """A loaded prompt as the server keeps it (its per-layer keys/values if it has any)."""

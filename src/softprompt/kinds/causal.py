@@ -34,6 +34,7 @@ class Causal:
     serves = True
     prompt_inside = True
     restricted_choices = True  # --choices' restricted loss over the answer's first token
+    default_lr = 3e-2
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         return {}
@@ -86,9 +87,9 @@ class Causal:
 
     def answer(
         self, loaded, encoded: list[Encoded], prompts: Sequence[PromptLike], cfg,
-        prefix_cache: bool = True, stop_ids: list[int] | None = None,
+        prefix_cache: bool = True, stop_ids: list[int] | None = None, labels=None,
     ) -> list[str]:  # fmt: skip
-        return generate_encoded(loaded, encoded, prompts, cfg, prefix_cache, stop_ids)
+        return generate_encoded(loaded, encoded, prompts, cfg, prefix_cache, stop_ids, labels)
 
     def score_choices(
         self, loaded, prompt: SoftPrompt | None, encoded: list[Encoded], sources: list[str],
@@ -106,12 +107,12 @@ class Causal:
 
     def generate_ids(
         self, model: nn.Module, ids: Sequence[list[int]], prefixes: Sequence[Prefix | None],
-        gen_cfg, stopping=None,
+        gen_cfg, stopping=None, processors=None,
     ) -> Tensor:  # fmt: skip
         # prefixes compiled without keys/values (``compile``) run as plain inputs
         cached = all(p is None or p.keys for p in prefixes)
         return generate_ids(model, ids, prefixes, gen_cfg, stopping=stopping,
-                            prefix_cache=cached)  # fmt: skip
+                            prefix_cache=cached, processors=processors)  # fmt: skip
 
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
         if not support(model).shared_prefix:  # a cache that cannot hold it (Mamba, ...)

@@ -187,6 +187,7 @@ class Classify:
     serves = False  # a label, not a stream: `generate` and `eval` answer for it
     prompt_inside = False
     restricted_choices = False
+    default_lr = 1e-1  # placeholder, set from the suite below
 
     def prepare(self, model: nn.Module) -> None:
         check_inputs(model, model, masked=True)
@@ -242,7 +243,8 @@ class Classify:
     def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
         return encode_whole_example(tokenizer, ex, "a classification model")
 
-    def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None):
+    def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None,
+               labels=None):  # fmt: skip
         """Each input's label (the argmax of the head)."""
         out = [""] * len(encoded)
         for part in prompt_batches(prompts, cfg.batch_size):
@@ -261,7 +263,7 @@ class Classify:
                                  loaded.tokenizer.pad_token_id)  # fmt: skip
         return probs, None
 
-    def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None) -> Tensor:
+    def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None, processors=None):
         raise ConfigError("a classification model answers with a label: use `softprompt "
                           "generate` or `eval`")  # fmt: skip
 

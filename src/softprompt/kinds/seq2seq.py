@@ -152,6 +152,7 @@ def generate_ids(
     gen_cfg,
     stopping=None,
     pad_id: int = 0,
+    processors=None,
 ) -> Tensor:
     """The decoder's tokens (B, steps) for each row of encoder ids with its own prompt;
     ``gen_cfg``: a transformers GenerationConfig (``stopping``: criteria that may stream)."""
@@ -162,7 +163,7 @@ def generate_ids(
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     gen_cfg.decoder_start_token_id = decoder_start(model, eos, pad_id)
     return model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg,
-                          stopping_criteria=stopping)  # fmt: skip
+                          stopping_criteria=stopping, logits_processor=processors)  # fmt: skip
 
 
 @torch.no_grad()
@@ -209,6 +210,7 @@ class Seq2Seq:
     serves = True
     prompt_inside = False
     restricted_choices = False
+    default_lr = 3e-2  # Lester et al. trained T5 prompts at 0.3 with Adafactor; not measured
 
     def prepare(self, model: nn.Module) -> None:
         check_inputs(model, model.get_encoder())  # the prompt goes before the encoder's input
@@ -247,7 +249,8 @@ class Seq2Seq:
     def encode_example(self, tokenizer, fmt: PromptFormat, ex: Example) -> Encoded:
         return encode_whole_example(tokenizer, ex, "an encoder-decoder model")
 
-    def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None):
+    def answer(self, loaded, encoded, prompts, cfg, prefix_cache=True, stop_ids=None,
+               labels=None):  # fmt: skip
         torch.manual_seed(cfg.seed)  # sampling, as for causal models
         tok, gen_cfg = loaded.tokenizer, generation_config(loaded.tokenizer, cfg)
         out = [""] * len(encoded)
@@ -267,8 +270,9 @@ class Seq2Seq:
             scores = [[s / n for s, n in zip(row, lengths)] for row in scores]
         return scores, None
 
-    def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None) -> Tensor:
-        return generate_ids(model, ids, prefixes, gen_cfg, stopping, gen_cfg.pad_token_id or 0)
+    def generate_ids(self, model, ids, prefixes, gen_cfg, stopping=None, processors=None):
+        return generate_ids(model, ids, prefixes, gen_cfg, stopping, gen_cfg.pad_token_id or 0,
+                            processors)  # fmt: skip
 
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
         return embeds_only(model, prompt)  # nothing runs ahead of an encoder's input

@@ -16,9 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-from softprompt.generation import cut_at_label
+from softprompt.generation import LabelsOnly, cut_at_label
 from softprompt.loading import LoadedModel
 from softprompt.prefix import Prefix
 
@@ -54,7 +59,8 @@ class Job:
     tokenizer: object
     loop: asyncio.AbstractEventLoop
     end_ids: set[int] = field(default_factory=set)  # also end the answer (a chat's end of turn)
-    labels: list[str] | None = None  # its prompt's labels: the answer ends after one
+    labels: list[str] | None = None  # its prompt's labels: the answer is one of them
+    label_ids: list[list[int]] | None = None  # ... as token sequences (``LabelsOnly``)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -240,12 +246,16 @@ class Batcher:
         )
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         feed = _Feed(batch, eos, self._stopping)
+        only = None
+        if any(r.label_ids for r in batch):
+            only = LogitsProcessorList([LabelsOnly([r.label_ids for r in batch], tok.eos_token_id)])
         self.loaded.kind.generate_ids(
             self.loaded.model,
             [r.ids for r in batch],
             [r.prefix for r in batch],
             gen_cfg,
             stopping=StoppingCriteriaList([feed]),
+            processors=only,
         )
         for req in batch:
             if req.finish_reason is None:  # the model's own limit ended the row

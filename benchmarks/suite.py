@@ -187,10 +187,8 @@ class Setting:
 
 def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
     """Accuracy and macro-F1 by the labels' likelihood, or chrF/BLEU of greedy outputs."""
-    from softprompt.loading import LoadedModel
-
     examples = examples if examples is not None else s.test()
-    loaded = LoadedModel(model=model, tokenizer=s.loaded.tokenizer, name=s.loaded.name)
+    loaded = dataclasses.replace(s.loaded, model=model)  # the same kind, labels, tokenizer
     ecfg = EvalConfig(
         data=s.data,
         batch_size=BATCH,
@@ -537,16 +535,17 @@ def run_in_child(argv: list[str], spec: str) -> dict | None:
 def run_child(args, variants: dict[str, dict]) -> None:
     name, seed, method = args.one.split(":")
     task, seed = TASKS[name], int(seed)
-    loaded = load_model(ModelConfig(model=args.model))
+    folder = Path(args.runs) / f"{name}-s{seed}"
+    files = sample_files(name, seed, args, folder / f"data-{method}")
+    labels = None
+    if not task.generation:  # a classifier's head has one output per label, sorted
+        rows = read_jsonl(files["train"]) + read_jsonl(files["validation"])
+        labels = sorted({r[task.target_field] for r in rows})
+    loaded = load_model(ModelConfig(model=args.model), labels=labels)
     page_in(loaded.model)  # peak memory is what the method adds to the resident model
     if method in CAUSAL_ONLY and loaded.kind is not CAUSAL:
         print(f"suite: {method} skipped: it is for decoder models", flush=True)
         return
-    folder = Path(args.runs) / f"{name}-s{seed}"
-    files = sample_files(name, seed, args, folder / f"data-{method}")
-    labels = None
-    if not task.generation:
-        labels = sorted({r[task.target_field] for r in read_jsonl(files["train"])})
     s = Setting(name, task, files, seed, loaded, args, folder, labels)
     row = run_one(s, method, variants)
     row["load_average"] = round(os.getloadavg()[0], 2)

@@ -133,14 +133,14 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     out = tmp_path / "suite.jsonl"
     text = _run("suite.py", "--quick", "--model", str(tiny_dir), "--data-root", str(root),
                 "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
-                "--methods", "few-shot,defaults,peft,lora,restricted", "--json", str(out),
+                "--methods", "few-shot,peft,lora,restricted", "--json", str(out),
                 "--runs", str(tmp_path / "runs"),
                 "--variant", "restricted:choice_loss=restricted")  # fmt: skip
     assert "suite: skipping trec: no " in text
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[0]["kind"] == "run" and rows[0]["model"]
     results = [r for r in rows if "task" in r]
-    methods = ["few-shot", "defaults", "peft", "lora", "restricted"]
+    methods = ["few-shot", "peft", "lora", "restricted"]  # restricted: the defaults' path
     assert [(r["task"], r["method"], r["seed"]) for r in results] == [
         (t, m, 0) for t in ("cb", "e2e_nlg") for m in methods
     ]
@@ -154,4 +154,4 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert "| restricted | 1 |" in text  # the suite's mean over the classification tasks
     assert all(r["peak_memory_mb"] >= 0 for r in results)
     again = _run("suite.py", "--table", str(out))
-    assert "| cb | defaults | 1 |" in again
+    assert "| cb | restricted | 1 |" in again

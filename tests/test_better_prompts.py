@@ -73,7 +73,7 @@ def test_detect_labels_ignores_text_mode():
 
 def test_default_run_detects_the_labels_and_records_them(tiny_dir, pairs_file, tmp_path, capsys):
     """Bare defaults on labelled data: classification mode, told on the console, recorded
-    as the words used (so eval and serve find them), restricted+rest loss."""
+    as the words used (so eval and serve find them), restricted loss."""
     out = tmp_path / "auto"
     train(train_config(tiny_dir, pairs_file, out, max_steps=2, choices="auto"), progress=False)
     err = capsys.readouterr().err
@@ -81,7 +81,7 @@ def test_default_run_detects_the_labels_and_records_them(tiny_dir, pairs_file, t
     meta = _meta(out)
     assert meta["choices"] == {"requested": "auto", "used": ["positive", "negative"]}
     assert meta["training"]["choices"] == "positive,negative"
-    assert meta["training"]["choice_loss"] == "restricted+rest"
+    assert meta["training"]["choice_loss"] == "restricted"
     base = next(
         json.loads(x)
         for x in (out / "metrics.jsonl").read_text().splitlines()
@@ -103,7 +103,7 @@ def test_the_default_config_is_auto():
     cfg = TrainConfig(data=pytest.importorskip("softprompt.config").DataConfig(data="x.jsonl"))
     assert (cfg.choices, cfg.choice_loss, cfg.reparam, cfg.ensemble) == (
         "auto",
-        "restricted+rest",
+        "restricted",
         "none",
         1,
     )

@@ -452,3 +452,19 @@ def test_every_kind_says_how_many_rows_max_length_cut(capsys):
     assert "1 of 2 rows were longer than 3 text tokens and were cut" in capsys.readouterr().err
     tokenize_pairs(exs, tok, 30)
     assert "were cut" not in capsys.readouterr().err
+
+
+def test_a_classifier_takes_a_label_seen_only_in_validation(kind_dirs, tmp_path):
+    """A rare class missing from the training sample but present in validation is one of
+    the head's outputs (the suite's 128-row TREC sample stopped on it before)."""
+    import json
+
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"review": t, "label": lab}) + "\n"
+                           for t, lab in [("good", "positive"), ("bad", "negative"),
+                                          ("it is", "neutral")]))  # fmt: skip
+    cfg = cfg_for(kind_dirs["bert"], tmp_path, max_steps=1)
+    cfg.data.validation = str(val)
+    train(cfg, progress=False)
+    meta = json.loads((tmp_path / "run" / "softprompt.json").read_text())
+    assert meta["labels"] == ["negative", "neutral", "positive"]

@@ -97,7 +97,7 @@ class CompareConfig:
         None, "Classification: comma-separated label words (quality = accuracy). Else: loss."
     )
     choice_loss: ChoiceLoss = opt(
-        "restricted+rest",
+        "restricted",
         "With --choices: the training loss of every trained method (see `train --choice-loss`).",
     )
     methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")

@@ -36,8 +36,11 @@ class TrainConfig:
     max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
     batch_size: int = opt(8, "Rows per forward pass.")
     grad_accum: int = opt(1, "Forward passes per optimizer step (effective batch = both).")
-    lr: float = opt(
-        3e-2, "Peak learning rate of AdamW. Soft prompts need much larger rates than weights."
+    lr: float | None = opt(
+        None,
+        "Peak learning rate of AdamW. Soft prompts need much larger rates than weights. "
+        "Default: the model kind's, chosen on the public suite (benchmarks/suite.py): 0.03 for "
+        "decoders and encoder-decoders, 0.1 for classifiers (prompt + head).",
     )
     weight_decay: float = opt(0.0, "AdamW weight decay on the prompt (0 keeps it free).")
     warmup_ratio: float = opt(0.06, "Fraction of the steps spent warming the rate up from 0.")
@@ -52,16 +55,16 @@ class TrainConfig:
         CHOICES_AUTO,
         "Classification mode: the comma-separated label words, e.g. 'negative,positive' (the "
         "targets must be these words); 'auto' (the default) detects a small label set in the "
-        "targets (at most 10 distinct strings of at most 3 words, each seen more than once) "
-        "and says so; 'none' turns classification mode off.",
+        "training and validation targets (at most 10 distinct strings of at most 3 words, "
+        "most seen more than once) and says so; 'none' turns classification mode off.",
     )
     choice_loss: ChoiceLoss = opt(
-        "restricted+rest",
-        "With choices: 'restricted+rest' (the default) is a softmax over the choices' first "
-        "tokens plus one 'rest' logit standing for every other token, at the answer position "
-        "only, so the prompt also learns to put the probability on the labels; 'restricted' "
-        "leaves the rest out; 'full' keeps the whole-vocabulary loss on every target token "
-        "(docs/measurements.md compares them).",
+        "restricted",
+        "With choices: 'restricted' (the default) is a softmax over the choices' first tokens "
+        "at the answer position only (the prompt learns the decision; generate and serve then "
+        "answer with a label); 'restricted+rest' adds one 'rest' logit standing for every "
+        "other token; 'full' keeps the whole-vocabulary loss on every target token. Chosen on "
+        "the public suite (docs/measurements.md, section 6).",
     )
     reparam: Reparam = opt(
         "none",
@@ -105,7 +108,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be at least 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, not {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")

@@ -198,7 +198,7 @@ def _rows_and_choices(ctx: Context):
     check_choice_targets(rows, ctx.train, ids)
     device = ctx.loaded.model.get_input_embeddings().weight.device
     choice_ids = torch.tensor(ids, device=device)
-    if ctx.cfg.choice_loss == "restricted+rest":  # as prompt tuning trains (train's default)
+    if ctx.cfg.choice_loss == "restricted+rest":  # as prompt tuning trains with this setting
         choice_ids = with_rest(choice_ids)
     return rows, choice_ids
 

@@ -91,6 +91,7 @@ def save_prompts(run: Run, summary: dict) -> None:
     }
     # eval and serve read the label words from here: what was used, not 'auto'
     training["choices"] = ",".join(data.choices) if data.choices else None
+    training["lr"] = run.lr  # what was used: the kind's default when --lr was not given
     meta = {
         "template": cfg.data.template,
         "target_delimiter": cfg.data.target_delimiter,
@@ -148,6 +149,6 @@ def stop_non_finite(run: Run) -> None:
         save_prompts(run, summary)
     raise TrainingError(
         f"the loss became NaN or infinite at step {run.state.step + 1}; the last good "
-        f"prompt is saved in {run.output}. Lower --lr (now {run.cfg.lr}) or set "
+        f"prompt is saved in {run.output}. Lower --lr (now {run.lr}) or set "
         "--max-grad-norm"
     )

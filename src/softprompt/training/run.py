@@ -97,6 +97,11 @@ class Run:
         return self.state.step >= self.total_steps or bool(self.state.stop_reason)
 
     @property
+    def lr(self) -> float:
+        """The peak learning rate: --lr, or the model kind's default."""
+        return self.optimizer.defaults["lr"]
+
+    @property
     def finished(self) -> bool:
         """The run had ended (all its steps or epochs, or an early stop)."""
         return self.done or self.state.epoch >= self.epochs

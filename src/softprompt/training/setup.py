@@ -121,7 +121,7 @@ def _prepare_data(
         val_by_task = [val_rows for _ in tasks]
     choices = cfg.choice_list
     if cfg.auto_choices and mode == "pairs" and not cfg.task_field and kind.restricted_choices:
-        choices = _detect_choices(cfg, train_ex, tokenizer, delimiter)
+        choices = _detect_choices(cfg, train_ex + val_ex, tokenizer, delimiter)
     info["choices"] = choices
     choice_ids = None
     if choices is not None and cfg.choice_loss != "full":
@@ -196,7 +196,7 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     examples = _load_examples(cfg)  # bad data fails before anything slow or written
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
-    loaded = _model_for(cfg, accelerator, examples[0], loaded)
+    loaded = _model_for(cfg, accelerator, examples[0] + examples[1], loaded)  # every label
     data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.reparam == "residual":
@@ -209,8 +209,11 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
     # A classification model's head learns beside the prompt (its parameters come last).
     head = loaded.kind.trainable(loaded.model)
+    lr = cfg.lr if cfg.lr is not None else loaded.kind.default_lr
+    if cfg.lr is None and accelerator.is_main_process:
+        say(f"learning rate {lr:g}: the default for {loaded.kind.name} models (--lr to change)")
     optimizer = torch.optim.AdamW(
-        [*prompts.parameters(), *head], lr=cfg.lr, weight_decay=cfg.weight_decay
+        [*prompts.parameters(), *head], lr=lr, weight_decay=cfg.weight_decay
     )
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
@@ -234,7 +237,8 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
 
 def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Example],
                loaded: LoadedModel | None) -> LoadedModel:  # fmt: skip
-    """The base model (given, or loaded with the data's labels), checked for what this run
+    """The base model (given, or loaded with the labels of the training and validation
+    data: a rare class may be in one only), checked for what this run
     asks of its kind, on this process's device (its layers sharded with --shard-model)."""
     loaded = loaded or load_model(cfg.model, labels=_data_labels(examples))
     loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples)

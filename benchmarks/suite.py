@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -67,7 +66,6 @@ from softprompt.loading import load_model  # noqa: E402
 from softprompt.measure.compare import (  # noqa: E402
     Context,
     PeakMemory,
-    page_in,
     train_reference,
 )
 from softprompt.measure.evaluate import environment, evaluate_examples  # noqa: E402
@@ -76,6 +74,7 @@ from softprompt.measure.metrics import first_line  # noqa: E402
 from softprompt.prompt import SoftPrompt  # noqa: E402
 from softprompt.tracking import MetricsLog  # noqa: E402
 from softprompt.training import train  # noqa: E402
+from softprompt.training.setup import planned_steps  # noqa: E402
 
 DATA_ROOT = ROOT.parent / "shared" / "data"
 BATCH = 8
@@ -217,8 +216,7 @@ def budget(s: Setting) -> int:
     if s.args.steps:
         return s.args.steps
     if s.steps is None:  # as the training loop plans them, from the defaults' own config
-        cfg = TrainConfig(data=s.data)
-        s.steps = cfg.max_steps or cfg.epochs * math.ceil(len(s.train_examples()) / cfg.batch_size)
+        s.steps = planned_steps(TrainConfig(data=s.data), len(s.train_examples()))[0]
     return s.steps
 
 
@@ -542,7 +540,6 @@ def run_child(args, variants: dict[str, dict]) -> None:
         rows = read_jsonl(files["train"]) + read_jsonl(files["validation"])
         labels = sorted({r[task.target_field] for r in rows})
     loaded = load_model(ModelConfig(model=args.model), labels=labels)
-    page_in(loaded.model)  # peak memory is what the method adds to the resident model
     if method in CAUSAL_ONLY and loaded.kind is not CAUSAL:
         print(f"suite: {method} skipped: it is for decoder models", flush=True)
         return

@@ -221,8 +221,7 @@ def generate(
     prompts = per_row(prompt, len(encoded))
     if not labels:
         return kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache)
-    delimiter = "" if fmt.chat else fmt.target_delimiter
-    sequences = label_sequences(loaded.tokenizer, labels, delimiter)
+    sequences = label_sequences(loaded.tokenizer, labels, fmt)
     outs = kind.answer(loaded, encoded, prompts, cfg or GenerateConfig(), prefix_cache,
                        labels=sequences)  # fmt: skip
     return [o if p is None else cut_at_label(o, labels) for o, p in zip(outs, prompts)]
@@ -355,8 +354,11 @@ def cut_at_label(text: str, labels: Sequence[str]) -> str:
     return text
 
 
-def label_sequences(tokenizer, labels: Sequence[str], delimiter: str) -> list[list[int]]:
-    """Each label's tokens as they follow an input (after ``delimiter``)."""
+def label_sequences(tokenizer, labels: Sequence[str], fmt: PromptFormat | None) -> list[list[int]]:
+    """Each label's tokens as they follow an input in ``fmt`` (after its target delimiter;
+    directly after a chat turn's header)."""
+    fmt = fmt or PromptFormat()
+    delimiter = "" if fmt.chat else fmt.target_delimiter
     out = [tokenizer(delimiter + label, add_special_tokens=False)["input_ids"] for label in labels]
     return [ids for ids in out if ids]
 

@@ -14,7 +14,6 @@ from softprompt.measure.compare import (
     RUNNERS,
     Context,
     PeakMemory,
-    page_in,
 )
 from softprompt.measure.evaluate import environment
 from softprompt.measure.inspection import inspect_prompt
@@ -35,7 +34,6 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
     log.write(kind="config", config=dataclasses.asdict(cfg), model=loaded.name, **environment())
     ctx = Context(cfg, loaded, examples, test, output, log, cfg.choice_list)
     device = loaded.model.get_input_embeddings().weight.device
-    page_in(loaded.model)  # no method is charged for reading the weights in
     for method in cfg.method_list:
         say(f"compare: {method}")
         gc.collect()

@@ -41,16 +41,6 @@ from softprompt.tracking import MetricsLog
 from softprompt.training import train
 
 
-@torch.no_grad()
-def page_in(model: nn.Module) -> None:
-    """Touch one value per memory page of every weight. Weights loaded from safetensors are
-    memory-mapped and become resident only when first read, so without this the first method
-    measured would be charged for reading the model in."""
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "cpu" and t.numel():
-            float(t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum())
-
-
 def release_freed() -> None:
     """Hand memory that was freed back to the system (glibc keeps it otherwise), so that the
     resident set at the start of a measurement holds only what is still in use: without it a

@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException
 
 from softprompt.config import ServeConfig
 from softprompt.errors import ConfigError, SoftpromptError
-from softprompt.generation import label_sequences
 from softprompt.loading import LoadedModel
 from softprompt.prompt import max_positions
 from softprompt.rows import Encoded, encode_chat
@@ -284,19 +283,11 @@ def _rows(
         for voter in voters:
             prefix = voter.prefix_for(model, head) if voter else None
             row = ids if voter else (head or []) + ids
-            labels = voter.labels if voter else None
+            labels, label_ids = (voter.labels, voter.label_ids) if voter else (None, None)
             jobs.append(Job(row, prefix, max_tokens, body.temperature, body.top_p, stop, tok,
                             loop, end_ids=set(end_ids or ()), labels=labels,
-                            label_ids=_label_ids(tok, voter) if labels else None))  # fmt: skip
+                            label_ids=label_ids))  # fmt: skip
     return jobs
-
-
-def _label_ids(tok, entry) -> list[list[int]]:
-    """A labelled prompt's labels as the tokens that follow its input (after the format's
-    delimiter; directly after a chat turn's header)."""
-    fmt = entry.fmt
-    delimiter = "" if fmt is not None and fmt.chat else fmt.target_delimiter if fmt else " "
-    return label_sequences(tok, entry.labels, delimiter)
 
 
 async def _answer(state: ServerState, body: Body, rows: list[Job], chat: bool):

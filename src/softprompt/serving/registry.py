@@ -25,6 +25,7 @@ from softprompt.artifacts import (
 )
 from softprompt.config import EMBEDDED_MODEL
 from softprompt.errors import SoftpromptError
+from softprompt.generation import label_sequences
 from softprompt.loading import LoadedModel
 from softprompt.prefix import Prefix, compile_prefix
 from softprompt.prompt import SoftPrompt, max_positions
@@ -54,6 +55,7 @@ class Entry:
     prefix: Prefix
     fmt: PromptFormat | None
     labels: list[str] | None = None  # trained on labels: its answers end after the label
+    label_ids: list[list[int]] | None = None  # ... the labels' tokens (``LabelsOnly``)
     members: list[Entry] = field(default_factory=list)  # an ensemble's (it is its first)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
     _heads: OrderedDict = field(default_factory=OrderedDict, repr=False)
@@ -132,7 +134,9 @@ class PromptStore:
             fmt = PromptFormat.from_meta(meta) if meta.get("template") or meta.get(
                 "prompt_format") else None  # fmt: skip
             self._check_length(prompt)
-            return Entry(shown, prompt, self._compiled(prompt), fmt, trained_choices(meta))
+            labels = trained_choices(meta)
+            ids = label_sequences(self.loaded.tokenizer, labels, fmt) if labels else None
+            return Entry(shown, prompt, self._compiled(prompt), fmt, labels, ids)
         except ApiError:
             raise
         except SoftpromptError as err:
@@ -157,7 +161,8 @@ class PromptStore:
             self._refuse(name, path, name, err)
         members = [self._entry(name, f, f"{name}/{f.name}") for f in folders]
         first = members[0]
-        return Entry(name, first.prompt, first.prefix, first.fmt, first.labels, members=members)
+        return Entry(name, first.prompt, first.prefix, first.fmt, first.labels, first.label_ids,
+                     members=members)  # fmt: skip
 
     def _refuse(self, name: str, path: Path, shown: str, err: Exception | str):
         """A folder that cannot be loaded: listed by ``skipped``, answered with a 400."""

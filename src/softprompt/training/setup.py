@@ -204,8 +204,7 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
                   for k, p in enumerate(starts)]  # fmt: skip
     prompts = PromptSet(data.tasks, starts)
     prompts.to(accelerator.device)
-    steps_per_epoch = math.ceil(math.ceil(len(data.train_rows) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps, steps_per_epoch = planned_steps(cfg, len(data.train_rows))
     # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
     # A classification model's head learns beside the prompt (its parameters come last).
     head = loaded.kind.trainable(loaded.model)
@@ -233,6 +232,12 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
             f"beside the prompt's {prompts.stacked().numel():,}")  # fmt: skip
     _resume_or_begin(run)
     return run
+
+
+def planned_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
+    """(optimizer steps of the run, steps per epoch) for ``rows`` training rows."""
+    per_epoch = math.ceil(math.ceil(rows / cfg.batch_size) / cfg.grad_accum)
+    return cfg.max_steps or cfg.epochs * per_epoch, per_epoch
 
 
 def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Example],

@@ -15,6 +15,7 @@ Methods (``--methods``, in this order by default):
 - ``zero-shot``: the template alone; ``few-shot``: 4 solved training examples before each
   input (fewer if they do not fit);
 - ``defaults``: ``softprompt train`` given only the data files, fields and template;
+- ``prefix``: the same with ``--method prefix`` (a deep prompt: keys/values per layer);
 - ``peft``: PEFT's prompt-tuning recipe as its documentation writes it (PromptTuningConfig,
   TEXT init with a task description, 8 virtual tokens, AdamW lr 3e-2, linear schedule
   without warm-up, ``model(**batch).loss`` on the target and EOS tokens, rows left-padded);
@@ -122,7 +123,7 @@ TASKS = {
         generation=True,
     ),
 }
-BUILT_IN = ["zero-shot", "few-shot", "defaults", "peft", "lora"]
+BUILT_IN = ["zero-shot", "few-shot", "defaults", "prefix", "peft", "lora"]
 CAUSAL_ONLY = {"zero-shot", "few-shot", "peft", "lora"}  # as PEFT's recipe and compare run them
 
 
@@ -349,6 +350,8 @@ def run_one(s: Setting, method: str, variants: dict[str, dict]) -> dict:
     with PeakMemory(device) as mem:
         if method == "defaults":
             row = run_trained(s, "defaults", {})
+        elif method == "prefix":  # the defaults with a deep prompt
+            row = run_trained(s, "prefix", {"method": "prefix"})
         elif method in variants:
             row = run_trained(s, method, variants[method])
         elif method == "peft":

@@ -38,6 +38,7 @@ def compared(model_dirs, tmp_path_factory) -> Path:
         test=str(data),
         output=str(root / "out"),
         choices="negative,positive",
+        methods=",".join(COMPARE_METHODS),  # the default leaves prefix-tuning out
         steps=3,
         batch_size=4,
         shots=2,
@@ -69,6 +70,8 @@ def test_every_method_reports_the_trade_off(compared, model_dirs):
     assert results["zero-shot"]["trainable_params"] == 0 == results["few-shot"]["artifact_bytes"]
     assert results["few-shot"]["shots"] == 2
     assert results["prompt-tuning"]["trainable_params"] == 4 * 16  # N x hidden
+    # N x layers x (key, value) x KV heads x head dim
+    assert results["prefix-tuning"]["trainable_params"] == 4 * 2 * 2 * 1 * 8
     total = sum(p.numel() for p in _tiny_params(model_dirs["llama"]))
     assert results["full-ft"]["trainable_params"] == total
     assert 0 < results["lora"]["trainable_params"] < total

@@ -58,6 +58,8 @@ def test_sweep_cli_runs_each_recipe_and_writes_the_table(tiny_dir, pairs_file, t
             "vocab",
             "--lengths",
             "4",
+            "--methods",
+            "prompt,prefix",
             "--steps",
             "2",
             "--batch-size",
@@ -70,13 +72,16 @@ def test_sweep_cli_runs_each_recipe_and_writes_the_table(tiny_dir, pairs_file, t
     assert code == 0
     rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
     recipes_run = [r for r in rows if r["kind"] == "recipe"]
-    assert [r["lr"] for r in recipes_run] == [0.01, 0.3]
+    assert [(r["method"], r["lr"]) for r in recipes_run] == [
+        ("prompt", 0.01), ("prompt", 0.3), ("prefix", 0.01), ("prefix", 0.3)]  # fmt: skip
     for r in recipes_run:
         assert 0 <= r["val_accuracy"] <= 1 and r["val_loss"] > 0 and "chrf" in r
     table = (out / "sweep.md").read_text()
     assert table.splitlines()[0].startswith("| rank | prompt length | init | lr | val loss")
-    assert len(table.splitlines()) == 4 and table.strip() in printed
-    assert (out / "n4-vocab-lr0.3" / "adapter_model.safetensors").is_file()
+    assert len(table.splitlines()) == 6 and table.strip() in printed and "| method |" in table
+    assert (out / "prompt-n4-vocab-lr0.3" / "adapter_model.safetensors").is_file()
+    deep = json.loads((out / "prefix-n4-vocab-lr0.3" / "adapter_config.json").read_text())
+    assert deep["peft_type"] == "PREFIX_TUNING"
 
 
 @pytest.mark.parametrize(

@@ -28,12 +28,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from softprompt import __version__, kinds
-from softprompt.errors import ArtifactError, ConfigError
+from softprompt.errors import ArtifactError, ConfigError, SoftpromptError
 from softprompt.outputs import atomic_write, write_json
-from softprompt.prompt import SoftPrompt
+from softprompt.prefix import check_layout
+from softprompt.prompt import DeepPrompt, SoftPrompt
 from softprompt.templates import PromptFormat, template_fields
 
 PROMPT_KEY = "prompt_embeddings"
+# PEFT adapters softprompt loads: a prompt, P-tuning's saved prompt, a deep prefix
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META = "softprompt.json"
@@ -101,7 +104,17 @@ def save_prompt(
         "tokenizer_kwargs": None,
         **kind.adapter_fields(model),  # num_transformer_submodules, modules_to_save
     }
-    rows = kind.saved_rows(prompt.embedding.detach().float().cpu())
+    if isinstance(prompt, DeepPrompt):  # PEFT's PREFIX_TUNING: keys/values per layer
+        layers, heads, dim = prompt.layout
+        for gone in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                     "tokenizer_kwargs"):  # fmt: skip
+            adapter.pop(gone)
+        adapter.update(peft_type="PREFIX_TUNING", token_dim=heads * dim, num_attention_heads=heads,
+                       num_layers=layers, encoder_hidden_size=heads * dim,
+                       prefix_projection=False)  # fmt: skip
+        rows = prompt.embedding.detach().float().cpu()
+    else:
+        rows = kind.saved_rows(prompt.embedding.detach().float().cpu())
     weights = {PROMPT_KEY: rows.contiguous(), **kind.extra_tensors(model)}
     full_meta = {
         "format": "softprompt/1",
@@ -276,8 +289,10 @@ def load_prompt(
         if (folder / ADAPTER_CONFIG).exists()
         else {}
     )
-    if adapter.get("peft_type", "PROMPT_TUNING") != "PROMPT_TUNING":
-        raise ArtifactError(f"{folder} is a PEFT {adapter['peft_type']} adapter, not prompt tuning")
+    peft_type = adapter.get("peft_type", "PROMPT_TUNING")
+    if peft_type not in PROMPT_TYPES:
+        raise ArtifactError(f"{folder} is a PEFT {peft_type} adapter, not prompt tuning, "
+                            "P-tuning or prefix tuning")  # fmt: skip
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError, ValueError) as err:
@@ -292,9 +307,12 @@ def load_prompt(
     _check_rows(rows, folder / ADAPTER_WEIGHTS)
     n = adapter.get("num_virtual_tokens") or meta.get("num_virtual_tokens")
     saved_kind = kinds.for_task_type(adapter.get("task_type"))
-    if saved_kind is not None:
-        rows = saved_kind.loaded_rows(rows, n)
-    prompt = SoftPrompt(rows)
+    if peft_type == "PREFIX_TUNING":
+        prompt = _deep_prompt(rows, adapter, folder)
+    else:  # PROMPT_TUNING, or P_TUNING: PEFT saves its encoder's output, a plain prompt
+        if saved_kind is not None:
+            rows = saved_kind.loaded_rows(rows, n)
+        prompt = SoftPrompt(rows)
     if model is not None:
         kind = kinds.of_model(model)
         if saved_kind not in (None, kind):
@@ -305,6 +323,20 @@ def load_prompt(
         check_fits(prompt, meta, model, folder, allow_mismatch)
         kind.load_extra(model, tensors, str(folder / ADAPTER_WEIGHTS))  # a classifier's head
     return prompt, meta
+
+
+def _deep_prompt(rows: torch.Tensor, adapter: dict, folder: Path) -> DeepPrompt:
+    """A PREFIX_TUNING tensor as a ``DeepPrompt``, its layout from adapter_config.json (PEFT
+    saves a projected prefix as the projection's output: the same tensor)."""
+    heads, width = adapter.get("num_attention_heads"), adapter.get("token_dim")
+    layers = adapter.get("num_layers")
+    if not all(isinstance(v, int) and v > 0 for v in (heads, width, layers)) or width % heads:
+        raise ArtifactError(f"{folder / ADAPTER_CONFIG}: a prefix-tuning adapter needs "
+                            "num_layers, num_attention_heads and token_dim")  # fmt: skip
+    try:
+        return DeepPrompt(rows, layers, heads, width // heads)
+    except SoftpromptError as err:
+        raise ArtifactError(f"{folder / ADAPTER_WEIGHTS}: {err}") from None
 
 
 def _check_rows(rows: torch.Tensor, path: Path) -> None:
@@ -324,7 +356,13 @@ def check_fits(
     trained_on = meta.get("base_model", {})
     hidden = model.get_input_embeddings().weight.shape[1]
     was = trained_on.get("name") or "an unknown model"
-    if prompt.hidden_size != hidden:
+    if isinstance(prompt, DeepPrompt):
+        try:
+            check_layout(model, prompt)
+        except ConfigError as err:
+            raise ArtifactError(f"prompt {folder}: {err.cli_message}; it was trained for "
+                                f"{was}: load that model with --model") from None  # fmt: skip
+    elif prompt.hidden_size != hidden:
         raise ArtifactError(
             f"prompt {folder} has width {prompt.hidden_size} but this model's embeddings have "
             f"{hidden}: it was trained for {was}; load that model with --model"

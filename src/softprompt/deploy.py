@@ -31,7 +31,7 @@ from softprompt.config import ModelConfig
 from softprompt.errors import ConfigError
 from softprompt.generation import plain_rows
 from softprompt.loading import LoadedModel, load_model
-from softprompt.prompt import SoftPrompt
+from softprompt.prompt import DeepPrompt, SoftPrompt
 from softprompt.rows import encode_chat, encode_raw
 from softprompt.templates import PromptFormat
 
@@ -85,6 +85,12 @@ class Deployment:
         """Read a prompt folder. ``loaded`` (or ``model``, default: the model it was trained
         on) is only loaded when a whole-sequence payload is asked for."""
         prompt, meta = load_prompt(folder, loaded.model if loaded else None, allow_mismatch)
+        if isinstance(prompt, DeepPrompt):
+            raise ConfigError(
+                f"{folder} is a deep prompt (prefix tuning: keys and values in every layer); "
+                "vLLM and SGLang take input embeddings only and cannot carry it: serve it with "
+                "`softprompt serve`, or train --method prompt for these engines"
+            )
         name = model or trained_base_model(folder)
         return cls(prompt, PromptFormat.from_meta(meta), meta, loaded, name, str(folder),
                    allow_mismatch)  # fmt: skip

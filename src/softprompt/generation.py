@@ -36,7 +36,7 @@ from softprompt.console import warn
 from softprompt.errors import SoftpromptError
 from softprompt.loss import support
 from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
-from softprompt.prompt import SoftPrompt, embed_tokens, max_positions
+from softprompt.prompt import DeepPrompt, SoftPrompt, embed_tokens, max_positions
 from softprompt.rows import Encoded, encode_chat
 from softprompt.templates import PromptFormat
 
@@ -74,20 +74,57 @@ def pack_rows(
     The cache is None when every prompt fits in its row's padding.
     """
     weight = model.get_input_embeddings().weight
+    if _gapped(model, rows):
+        rows = [prefilled(model, row) for row in rows]
     width = max(len(r.ids) for r in rows)  # T
     n = [r.prefix.length if r.prefix else 0 for r in rows]
-    in_cache = [max(0, k + len(r.ids) - width) for k, r in zip(n, rows)]  # m_i
+    # a deep prompt has no input vectors: all of it stays in the cache
+    in_cache = [k if r.prefix is not None and r.prefix.deep else max(0, k + len(r.ids) - width)
+                for k, r in zip(n, rows)]  # m_i  # fmt: skip
     c = max(in_cache)
     embeds = weight.new_zeros(len(rows), c + width, weight.shape[1])
     mask = torch.zeros(len(rows), c + width, dtype=torch.long, device=weight.device)
     for i, row in enumerate(rows):
         text = embed_tokens(model, torch.tensor([row.ids], device=weight.device))[0]  # (t, H)
-        if row.prefix is not None:
+        if row.prefix is not None and not row.prefix.deep:
             text = torch.cat([row.prefix.embeds[in_cache[i] :], text])  # the rest of the prompt
         embeds[i, c + width - text.shape[0] :] = text
         mask[i, c + width - text.shape[0] :] = 1
         mask[i, c - in_cache[i] : c] = 1
     return embeds, mask, _packed_cache(rows, in_cache, c)
+
+
+def _gapped(model: torch.nn.Module, rows: Sequence[GenerationRow]) -> bool:
+    """Whether packing would leave padding between a deep prompt and its row's text on a
+    model whose sliding-window layers count cache slots, in rows long enough for the window
+    to then see less of the row than it does alone. Such rows are ``prefilled`` first."""
+    window = getattr(model.config, "sliding_window", None)
+    deep = [r.prefix.length for r in rows if r.prefix is not None and r.prefix.deep]
+    if not window or not deep or len({len(r.ids) for r in rows}) == 1:
+        return False
+    longest = max(r.prefix.length if r.prefix else 0 for r in rows) + max(len(r.ids) for r in rows)
+    return longest > window  # else every slot of every row is inside the window anyway
+
+
+@torch.no_grad()
+def prefilled(model: torch.nn.Module, row: GenerationRow) -> GenerationRow:
+    """The row with its prompt and all but its last token run alone into the cache: its last
+    token then follows them in the next slot whatever the batch's padding (``_gapped``)."""
+    if len(row.ids) < 2 and (row.prefix is None or row.prefix.deep):
+        return row
+    cache = DynamicCache()
+    if row.prefix is not None:
+        for i, (k, v) in enumerate(zip(row.prefix.keys, row.prefix.values)):
+            cache.update(k, v, i)
+    weight = model.get_input_embeddings().weight
+    text = embed_tokens(model, torch.tensor([row.ids[:-1]], device=weight.device))
+    done = cache.get_seq_length()
+    mask = torch.ones(1, done + text.shape[1], dtype=torch.long, device=weight.device)
+    model.base_model(inputs_embeds=text, attention_mask=mask, past_key_values=cache,
+                     use_cache=True)  # fmt: skip
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return GenerationRow(row.ids[-1:], Prefix(embeds=None, keys=keys, values=values))
 
 
 def _packed_cache(
@@ -121,6 +158,9 @@ def plain_rows(
     parts = []
     for ids, prompt, head in zip(texts, prompts, heads or [()] * len(texts)):
         emb = embed_tokens(model, torch.tensor([ids], device=weight.device))[0]  # (t, H)
+        if isinstance(prompt, DeepPrompt) or isinstance(prompt, Prefix) and prompt.deep:
+            raise SoftpromptError("a deep prompt runs from the model's cache only: generate "
+                                  "with the prefix cache (the default)")  # fmt: skip
         if isinstance(prompt, SoftPrompt):
             emb = torch.cat([with_head(model, prompt.embedding, head or ()), emb])
         elif isinstance(prompt, Prefix):

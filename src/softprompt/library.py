@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, load_prompt
 from softprompt.errors import ArtifactError, ConfigError
-from softprompt.prompt import SoftPrompt
+from softprompt.prompt import DeepPrompt, SoftPrompt
 from softprompt.rows import Row
 from softprompt.scoring import evaluate_loss
 
@@ -77,16 +77,22 @@ def pick_prompt(
     best = min(found, key=lambda item: scores[str(item[0])])
     record = {"library": str(folder), "picked": str(best[0]), "scores": scores,
               "skipped": skipped, "scored_rows": len(sample)}  # fmt: skip
-    return SoftPrompt(best[1].embedding.detach().cpu()), record
+    picked = best[1]
+    if isinstance(picked, DeepPrompt):  # --method prefix continues a deep one as it is
+        return DeepPrompt(picked.embedding.detach().cpu(), *picked.layout), record
+    return SoftPrompt(picked.embedding.detach().cpu()), record
 
 
 def similar_prompts(prompt: SoftPrompt, folder: str | Path, model: nn.Module) -> list[dict]:
     """The library's prompts ranked by cosine similarity of their mean embedding with
-    ``prompt``'s, most similar first (any prompt length)."""
+    ``prompt``'s, most similar first (any prompt length; deep prompts compare with deep
+    prompts only)."""
     found, _ = load_library(folder, model)
     mean = prompt.embedding.detach().float().mean(dim=0)
     out = []
     for path, other in found:
+        if other.embedding.shape[1] != prompt.embedding.shape[1]:  # a deep prompt vs a shallow one
+            continue
         sim = torch.cosine_similarity(mean, other.embedding.detach().float().mean(dim=0), dim=0)
         out.append({"prompt": str(path), "cosine": round(float(sim), 4)})
     return sorted(out, key=lambda r: -r["cosine"])

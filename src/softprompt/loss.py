@@ -27,8 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softprompt.prefix import hidden_after_prefix, with_head
-from softprompt.prompt import PromptSet, SoftPrompt, embed_tokens, prepend, rows_prompts
+from softprompt.errors import ConfigError
+from softprompt.prefix import hidden_after_deep, hidden_after_prefix, with_head
+from softprompt.prompt import (
+    PromptSet,
+    SoftPrompt,
+    embed_tokens,
+    is_deep,
+    prepend,
+    rows_prompts,
+)
 from softprompt.rows import IGNORE_INDEX
 
 
@@ -87,6 +95,15 @@ def _loss(
 ) -> tuple[Tensor, int]:
     """``lm_loss`` with the shortcuts given, not checked (``support`` compares the paths)."""
     labels, at = batch["labels"], batch.get("prompt_at")
+    if is_deep(prompt):  # keys/values read from the cache; nothing predicts token 0
+        if at is not None and bool(at.any()):
+            raise ConfigError("a deep prompt (--method prefix) sits before everything: leave "
+                              "{soft_prompt} out of the template, or put it first")  # fmt: skip
+        virtual, which = rows_prompts(prompt, batch)
+        hidden = hidden_after_deep(model, virtual, _layout(prompt), which, batch)
+        keep = _positions(labels, choice_ids)
+        keep[:, 0] = False
+        return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
     if prompt is not None and shared and at is None:  # the prompt first in every row
         hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
@@ -108,6 +125,11 @@ def _loss(
     if choice_ids is not None:
         logits = pick_choices(logits, choice_ids)  # (K, C) or (K, C+1)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
+
+
+def _layout(prompt) -> tuple[int, int, int]:
+    first = prompt.prompts[0] if isinstance(prompt, PromptSet) else prompt
+    return first.layout
 
 
 # Rows whose prompt sits behind heads of this many different lengths share prefixes per

@@ -42,7 +42,7 @@ KINDS: dict[str, tuple[str, frozenset[str]]] = {
     "run": ("a run", frozenset(PROMPT_NAMES | _TRACKING | {"checkpoints", "tasks.json",
                                                            "ensemble.json"})),
     "comparison": ("a comparison", frozenset(_TRACKING | {
-        "metrics.jsonl", "prompt-tuning", "lora", "report.md", "report.html",
+        "metrics.jsonl", "prompt-tuning", "prefix-tuning", "lora", "report.md", "report.html",
         "loss_curves.png", "quality_cost.png"})),
     "sweep": ("a sweep", frozenset(_TRACKING | {"sweep.jsonl", "sweep.md"})),
     "results": ("results", frozenset({"results.json", "predictions.jsonl"})),

@@ -18,6 +18,7 @@ apply any window, and rows of a mixed batch may need different numbers of entrie
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from softprompt.prompt import SoftPrompt, embed_tokens
+from softprompt.errors import ConfigError
+from softprompt.prompt import DeepPrompt, SoftPrompt, embed_tokens
 
 
 @dataclass(eq=False)  # holds tensors: compare by identity
@@ -33,14 +35,25 @@ class Prefix:
     """A soft prompt compiled for one model, behind its head tokens (if any): the embeddings
     and per-layer keys/values of [head][virtual tokens]."""
 
-    embeds: Tensor  # (P, H), the model's dtype; P = head tokens + N
+    embeds: Tensor | None  # (P, H), the model's dtype; P = head tokens + N; None: deep
     keys: list[Tensor]  # per layer, (1, KV heads, P, head dim)
     values: list[Tensor]
     head: tuple[int, ...] = ()  # the head's token ids
 
     @property
     def length(self) -> int:
-        return self.embeds.shape[0]
+        return self.keys[0].shape[2] if self.embeds is None else self.embeds.shape[0]
+
+    @property
+    def deep(self) -> bool:
+        """A deep prompt's keys/values: they exist only in the cache (no input vectors)."""
+        return self.embeds is None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the compiled prefix holds (embeddings and every layer's keys/values)."""
+        parts = [*self.keys, *self.values] + ([self.embeds] if self.embeds is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 PromptLike = SoftPrompt | Prefix | None
@@ -97,7 +110,14 @@ def with_head(model: nn.Module, virtual: Tensor, head: Sequence[int]) -> Tensor:
 @torch.no_grad()
 def compile_prefix(model: nn.Module, prompt: SoftPrompt, head: Sequence[int] = ()) -> Prefix:
     """Run the prompt (behind its ``head`` tokens) alone through the model, batch 1, and keep
-    every layer's keys/values."""
+    every layer's keys/values (a deep prompt: its own keys/values, nothing to run)."""
+    if isinstance(prompt, DeepPrompt):
+        if head:
+            raise ConfigError("a deep prompt sits before everything: it takes no head tokens")
+        check_layout(model, prompt)
+        keys, values = deep_layers(prompt.embedding.detach()[None], prompt.layout,
+                                   model.get_input_embeddings().weight.dtype)  # fmt: skip
+        return Prefix(embeds=None, keys=keys, values=values)
     embeds = with_head(model, prompt.embedding.detach(), head)  # (P, H)
     cache, _ = run_prefix(model, embeds[None])
     keys = [layer.keys for layer in cache.layers]
@@ -129,3 +149,107 @@ def embeds_only(model: nn.Module, prompt: SoftPrompt) -> Prefix:
     runs it as plain inputs (an encoder's input, or a decoder whose cache cannot hold it)."""
     dtype = model.get_input_embeddings().weight.dtype
     return Prefix(prompt.embedding.detach().to(dtype), [], [])
+
+
+# --- deep prompts: trained keys/values read from the cache ---------------------------------
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def kv_layout(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of what the model's cache holds per token, read from the
+    cache of one token run through it (so grouped-query attention and a head dim that is not
+    hidden / heads come out as the model has them). Refused in one line where the layers
+    differ or there is no attention cache (a recurrent or state-space layer)."""
+    if model not in _LAYOUTS:
+        weight = model.get_input_embeddings().weight
+        try:
+            cache, _ = run_prefix(model, weight.new_zeros(1, 1, weight.shape[1]))
+            shapes = {(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers}
+            shapes |= {(layer.values.shape[1], layer.values.shape[3]) for layer in cache.layers}
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            shapes = set()
+        if len(shapes) != 1:
+            raise ConfigError(
+                f"{model.config.model_type}: its layers do not all keep keys and values of one "
+                "shape in an attention cache, so a deep prompt (--method prefix) cannot sit in "
+                "it; use --method prompt"
+            )
+        ((heads, dim),) = shapes
+        _LAYOUTS[model] = (len(cache.layers), heads, dim)
+    return _LAYOUTS[model]
+
+
+def check_layout(model: nn.Module, prompt: DeepPrompt) -> None:
+    """Refuse a deep prompt made for attention of another shape, in one line."""
+    if prompt.layout != kv_layout(model):
+        raise ConfigError(
+            f"this deep prompt holds keys/values for {prompt.layers} layers of "
+            f"{prompt.kv_heads} x {prompt.head_dim}; the model has "
+            "{} layers of {} x {}: it was made for another model".format(*kv_layout(model))
+        )
+
+
+def deep_layers(flat: Tensor, layout: tuple[int, int, int], dtype) -> tuple[list, list]:
+    """Per-layer keys and values, each (K, KV heads, N, head dim) in ``dtype``, of K deep
+    prompts ``flat`` (K, N, layers x 2 x KV width) in PEFT's layout; differentiable."""
+    layers, heads, dim = layout
+    k, n = flat.shape[:2]
+    kv = flat.to(dtype).view(k, n, layers, 2, heads, dim).permute(2, 3, 0, 4, 1, 5)
+    return list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0))
+
+
+def deep_flat(keys: Sequence[Tensor], values: Sequence[Tensor]) -> Tensor:
+    """``deep_layers`` undone for one prompt: (N, layers x 2 x KV width), float32."""
+    kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in zip(keys, values)])  # (L,2,h,N,d)
+    n = kv.shape[3]
+    return kv.permute(3, 0, 1, 2, 4).reshape(n, -1).float()
+
+
+@torch.no_grad()
+def deepen(model: nn.Module, prompt: SoftPrompt) -> DeepPrompt:
+    """The deep prompt that starts where ``prompt`` (an input-layer prompt) is: its keys and
+    values as the frozen model computes them, so the two give the same outputs at step 0
+    (the text after it sees the same cache at the same positions)."""
+    if isinstance(prompt, DeepPrompt):
+        return prompt
+    layout = kv_layout(model)
+    weight = model.get_input_embeddings().weight
+    cache, _ = run_prefix(model, prompt.embedding.detach().to(weight)[None])
+    keys = [layer.keys.float() for layer in cache.layers]
+    values = [layer.values.float() for layer in cache.layers]
+    return DeepPrompt(deep_flat(keys, values).cpu(), *layout)
+
+
+def deep_cache(model: nn.Module, flat: Tensor, layout: tuple[int, int, int],
+               which: Tensor) -> DynamicCache:  # fmt: skip
+    """A cache holding deep prompt ``which[i]`` of ``flat`` (K, N, ...) for row i: built once
+    per batch from the K prompts, rows selected (differentiable)."""
+    keys, values = deep_layers(flat, layout, model.get_input_embeddings().weight.dtype)
+    cache = DynamicCache()  # plain full layers: the masks apply any window
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, i)
+    cache.batch_select_indices(which)
+    return cache
+
+
+def hidden_after_deep(
+    model: nn.Module, flat: Tensor, layout: tuple[int, int, int], which: Tensor,
+    batch: dict[str, Tensor],
+) -> Tensor:  # fmt: skip
+    """``hidden_after_prefix`` for deep prompts ``flat`` (K, N, layers x 2 x KV width): each
+    row reads its prompt's keys/values from the cache (built once per batch, selected per
+    row without copying the parameter per row in the graph's leaves). Column 0 is zeros:
+    nothing before the text predicts its first token (callers drop that position)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, n = ids.shape[0], flat.shape[1]
+    cache = deep_cache(model, flat, layout, which)
+    full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)
+    text = model.base_model(
+        inputs_embeds=embed_tokens(model, ids),
+        attention_mask=full_mask,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B, T, H)
+    return torch.cat([torch.zeros_like(text[:, :1]), text[:, :-1]], dim=1)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from softprompt.config import PromptConfig
 from softprompt.console import warn
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, SoftpromptError
 from softprompt.rows import IGNORE_INDEX
 
 VOCAB_INIT_POOL = 5000  # Lester et al. sample from the 5,000 most common tokens
@@ -48,6 +48,95 @@ class SoftPrompt(nn.Module):
         b = inputs_embeds.shape[0]
         virtual = self.embedding.unsqueeze(0).expand(b, -1, -1)
         return prepend(virtual, inputs_embeds, attention_mask, labels, at)
+
+
+class DeepPrompt(SoftPrompt):
+    """A deep prompt (prefix tuning, Li & Liang 2021; P-tuning v2): N trained key and value
+    vectors for every attention layer, no input vectors.
+
+    Stored as PEFT's PREFIX_TUNING tensor, float32, (N, layers x 2 x KV width): for each
+    virtual token, layer 0's key and value, then layer 1's, ... (each KV heads x head dim).
+    It is what a compiled input-layer prompt holds (``prefix.compile_prefix``), trained
+    directly: the model reads it from its cache, so there is nothing to put in the input.
+    """
+
+    def __init__(self, flat: Tensor, layers: int, kv_heads: int, head_dim: int):
+        if flat.ndim != 2 or flat.shape[1] != layers * 2 * kv_heads * head_dim:
+            raise ConfigError(
+                f"a deep prompt for {layers} layers of {kv_heads} x {head_dim} keys/values "
+                f"has {layers * 2 * kv_heads * head_dim} values per token, not "
+                f"{tuple(flat.shape)}"
+            )
+        super().__init__(flat)
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head dim): the shape of the model's attention it fits."""
+        return self.layers, self.kv_heads, self.head_dim
+
+    def prepend(self, inputs_embeds, attention_mask, labels=None, at=None):
+        raise SoftpromptError(
+            "a deep prompt (--method prefix) has no input vectors to put before the text: it "
+            "runs from the model's cache (this path takes input-layer prompts only)"
+        )
+
+
+class ProjectedPrefix(nn.Module):
+    """A deep prompt trained through a projection (Li & Liang 2021's reparameterisation,
+    PEFT's ``prefix_projection``): the keys/values are ``start + MLP(P)``, P (N, H) a small
+    prompt and the MLP (H -> ``hidden`` -> layers x 2 x KV width, tanh) shared by the N tokens.
+    Its last layer starts at zero, so at step 0 the prefix is ``start`` (the keys/values of
+    the --init prompt). Training only: the run saves the projection's output as a plain
+    ``DeepPrompt`` (as PEFT saves a projected prefix)."""
+
+    def __init__(self, start: DeepPrompt, small: Tensor, hidden: int, seed: int = 0):
+        super().__init__()
+        self.layers, self.kv_heads, self.head_dim = start.layout
+        self.register_buffer("start", start.embedding.detach().float().clone())  # (N, D')
+        self.raw = nn.Parameter(small.detach().float().clone())  # (N, H)
+        with torch.random.fork_rng(devices=[]):  # the MLP's init leaves the global RNG alone
+            torch.manual_seed(seed)
+            self.down = nn.Linear(small.shape[1], hidden)
+            self.up = nn.Linear(hidden, self.start.shape[1])
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    @property
+    def embedding(self) -> Tensor:
+        """The prefix, (N, layers x 2 x KV width)."""
+        return self.start + self.up(torch.tanh(self.down(self.raw)))
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return self.layers, self.kv_heads, self.head_dim
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.start.shape[0]
+
+    def put(self, value: Tensor) -> None:
+        """Make the prefix equal ``value`` exactly: start = value, the last layer zeroed."""
+        with torch.no_grad():
+            self.start.copy_(value)
+            self.up.weight.zero_()
+            self.up.bias.zero_()
+
+    def plain(self) -> DeepPrompt:
+        return DeepPrompt(self.embedding.detach(), *self.layout)
+
+
+def deep_layout(prompt) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a deep prompt or of a ``PromptSet`` of them."""
+    first = prompt.prompts[0] if isinstance(prompt, PromptSet) else prompt
+    return first.layout
+
+
+def is_deep(prompt) -> bool:
+    """Whether ``prompt`` (a prompt, a ``PromptSet``, or None) holds deep prompts."""
+    if isinstance(prompt, PromptSet):
+        prompt = prompt.prompts[0]
+    return isinstance(prompt, (DeepPrompt, ProjectedPrefix))
 
 
 class ResidualPrompt(nn.Module):
@@ -125,7 +214,7 @@ class PromptSet(nn.Module):
     def put(self, i: int, value: Tensor) -> None:
         """Set prompt ``i`` to ``value`` (N, H) (a residual prompt: its mapped value)."""
         prompt = self.prompts[i]
-        if isinstance(prompt, ResidualPrompt):
+        if isinstance(prompt, MAPPED):
             prompt.put(value)
         else:
             prompt.embedding.data.copy_(value)
@@ -133,9 +222,10 @@ class PromptSet(nn.Module):
     def plain(self) -> list[SoftPrompt]:
         """Each prompt as a plain ``SoftPrompt`` (a residual prompt: its mapped value)."""
         return [
-            p if isinstance(p, SoftPrompt) else SoftPrompt(p.embedding.detach())
+            p if isinstance(p, SoftPrompt) else p.plain() if isinstance(p, ProjectedPrefix)
+            else SoftPrompt(p.embedding.detach())
             for p in self.prompts
-        ]
+        ]  # fmt: skip
 
 
 def prepend(
@@ -324,3 +414,7 @@ def max_positions(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# Prompts trained through a mapping (extra parameters, checkpointed with the run)
+MAPPED = (ResidualPrompt, ProjectedPrefix)

@@ -41,7 +41,10 @@ def format_similar(info: dict) -> str:
 
 
 def format_inspection(info: dict) -> str:
-    """A plain-text table: one line per virtual token, then the norm distribution and caveat."""
+    """A plain-text table: one line per virtual token, then the norm distribution and caveat
+    (a deep prompt: one line per layer)."""
+    if info.get("deep"):
+        return _format_deep(info)
     has_drift = "drift" in info["tokens"][0]
     head = f"{'tok':>3}  {'norm':>8}  {'pct':>5}  " + ("drift   cos0   " if has_drift else "")
     lines = [head + "nearest vocabulary tokens (cosine)"]
@@ -57,6 +60,26 @@ def format_inspection(info: dict) -> str:
         f"95th percentile {v['p95']:.3f} (pct = share of real tokens with a smaller norm)"
     )
     lines.append(info["caveat"])
+    return "\n".join(lines)
+
+
+def _format_deep(info: dict) -> str:
+    lay = info["layout"]
+    lines = [
+        f"deep prompt: {lay['virtual_tokens']} virtual tokens, keys and values in "
+        f"{lay['layers']} layers ({lay['kv_heads']} KV heads x {lay['head_dim']})"
+    ]
+    moved = "key_drift" in info["layers"][0]
+    head = f"{'layer':>5}  {'key norm':>9}  {'value norm':>10}"
+    lines.append(head + ("  key drift  value drift  key cos0  value cos0" if moved else ""))
+    for r in info["layers"]:
+        line = f"{r['layer']:>5}  {r['key_norm']:>9.3f}  {r['value_norm']:>10.3f}"
+        if moved:
+            line += (f"  {r['key_drift']:>9.3f}  {r['value_drift']:>11.3f}  {r['key_cos0']:>8.3f}"
+                     f"  {r['value_cos0']:>10.3f}")  # fmt: skip
+        lines.append(line)
+    lines.append("norms: mean per virtual token; drift: distance from the starting keys/values "
+                 "over their norm")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -69,7 +69,7 @@ def format_sweep(rows: list[dict]) -> str:
     """A markdown table of the ranked recipes (several seeds: mean (min-max))."""
     rows = over_seeds(rows)
     extra = [k for k in METRIC_NAMES if rows and k in rows[0]]
-    options = [k for k in ("reparam", "choice_loss") if rows and k in rows[0]]
+    options = [k for k in ("method", "reparam", "choice_loss") if rows and k in rows[0]]
     head = [
         "rank",
         "prompt length",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from softprompt.config.base import (
     CHOICE_LOSSES,
+    METHODS,
     REPARAMS,
     ChoiceLoss,
     DataConfig,
@@ -82,7 +83,9 @@ class EvalConfig:
             raise ConfigError("--limit must be at least 1")
 
 
-COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full-ft")
+COMPARE_METHODS = ("zero-shot", "few-shot", "prompt-tuning", "prefix-tuning", "lora", "full-ft")
+# run unless --methods says otherwise (prefix-tuning: a deep prompt, on request)
+DEFAULT_COMPARE = ("zero-shot", "few-shot", "prompt-tuning", "lora", "full-ft")
 
 
 @dataclass
@@ -100,7 +103,11 @@ class CompareConfig:
         "restricted",
         "With --choices: the training loss of every trained method (see `train --choice-loss`).",
     )
-    methods: str = opt(",".join(COMPARE_METHODS), "Comma-separated methods to run, in order.")
+    methods: str = opt(
+        ",".join(DEFAULT_COMPARE),
+        "Comma-separated methods to run, in order; also prefix-tuning (a deep prompt, "
+        "--method prefix, trained like prompt-tuning).",
+    )
     steps: int = opt(30, "Step budget of every trained method (prompt tuning, LoRA, full FT).")
     batch_size: int = opt(8, "Rows per step for the trained methods, and per scoring pass.")
     shots: int = opt(8, "Few-shot: examples in the hard prompt (fewer if they do not fit).")
@@ -162,6 +169,11 @@ class SweepConfig:
     generate: bool = opt(
         False, "Generation task: also score greedy answers on validation (exact match, chrF)."
     )
+    methods: str | None = opt(
+        None,
+        "Comma-separated --method values to try (prompt, prefix: a deep prompt). Default: "
+        "train's default only.",
+    )
     reparams: str | None = opt(
         None, "Comma-separated --reparam values to try (none, residual). Default: none only."
     )
@@ -182,6 +194,10 @@ class SweepConfig:
         "--choices, exact match and chrF with --generate).",
     )
     overwrite: bool = opt(False, "Replace an earlier sweep in --output.")
+
+    @property
+    def method_list(self) -> list[str] | None:
+        return parse_list(self.methods, "--methods") if self.methods else None
 
     @property
     def reparam_list(self) -> list[str] | None:
@@ -228,6 +244,8 @@ class SweepConfig:
         _ = self.choice_list
         for value in self.reparam_list or []:
             check_choice(value, REPARAMS, "--reparams")
+        for value in self.method_list or []:
+            check_choice(value, METHODS, "--methods")
         for value in self.choice_loss_list or []:
             check_choice(value, CHOICE_LOSSES, "--choice-losses")
         if self.choice_losses and not self.choices:

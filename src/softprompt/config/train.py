@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from softprompt.config.base import (
     CHOICE_LOSSES,
     CHOICES_AUTO,
+    METHODS,
     REPARAMS,
     ChoiceLoss,
     DataConfig,
+    Method,
     ModelConfig,
     PromptConfig,
     Reparam,
@@ -66,6 +68,22 @@ class TrainConfig:
         "other token; 'full' keeps the whole-vocabulary loss on every target token. Chosen on "
         "the public suite (docs/measurements.md, section 6).",
     )
+    method: Method = opt(
+        "prompt",
+        "'prompt' trains input vectors before the text (prompt tuning, Lester et al. 2021); "
+        "'prefix' trains a key and a value vector per layer and virtual token (prefix tuning, "
+        "Li & Liang 2021; P-tuning v2), saved in PEFT's PREFIX_TUNING format. A deep prefix "
+        "starts from the keys/values of what --init gives, sits before everything (no "
+        "{soft_prompt} inside the text, no chat placement) and is served from the cache like "
+        "a compiled prompt. Decoder (causal) models only for now.",
+    )
+    prefix_projection: bool = opt(
+        False,
+        "With --method prefix: train the keys/values through an MLP (Li & Liang 2021's "
+        "reparameterisation, PEFT's prefix_projection), starting from the --init prompt's "
+        "keys/values; only the MLP's output is saved.",
+    )
+    prefix_hidden: int = opt(512, "With --prefix-projection: the MLP's hidden width.")
     reparam: Reparam = opt(
         "none",
         "'residual' (Razdaibiedina et al. 2023) trains the prompt through a bottleneck MLP "
@@ -125,6 +143,14 @@ class TrainConfig:
         _ = self.choice_list
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
         check_choice(self.reparam, REPARAMS, "--reparam")
+        check_choice(self.method, METHODS, "--method")
+        if self.prefix_projection and self.method != "prefix":
+            raise ConfigError("--prefix-projection needs --method prefix")
+        if self.prefix_hidden < 1:
+            raise ConfigError("--prefix-hidden must be at least 1")
+        if self.method == "prefix" and self.reparam != "none":
+            raise ConfigError("--reparam residual maps input vectors; a deep prefix (--method "
+                              "prefix) has none: leave --reparam out")  # fmt: skip
         if self.reparam_hidden < 1:
             raise ConfigError("--reparam-hidden must be at least 1")
         if self.ensemble < 1:

@@ -44,6 +44,7 @@ class Kind(Protocol):
     prompt_inside: bool  # a prompt may sit inside the text ({soft_prompt}, chat placement)
     restricted_choices: bool  # --choices' restricted loss (and --choices auto) apply
     default_lr: float  # the peak learning rate without --lr (benchmarks/suite.py chose it)
+    deep_prompts: bool  # a deep prefix (--method prefix) trains and serves
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         """Extra ``from_pretrained`` arguments (a classifier's labels)."""

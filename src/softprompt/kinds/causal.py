@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from softprompt.data import Example
+from softprompt.errors import ConfigError
 from softprompt.generation import generate_encoded, generate_ids
 from softprompt.kinds.refuse import check_inputs
 from softprompt.loss import lm_loss, support
@@ -35,6 +36,7 @@ class Causal:
     prompt_inside = True
     restricted_choices = True  # --choices' restricted loss over the answer's first token
     default_lr = 3e-2
+    deep_prompts = True  # --method prefix (keys/values per layer) can train
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         return {}
@@ -51,7 +53,10 @@ class Causal:
         return None
 
     def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
-        return None
+        if getattr(cfg, "method", "prompt") == "prefix" and not support(loaded.model).shared_prefix:
+            raise ConfigError(f"--method prefix: {loaded.name} cannot read a prefix from its "
+                              "cache exactly (a recurrent or state-space layer, or a head that "
+                              "cannot run apart); use --method prompt")  # fmt: skip
 
     def tokenize(
         self, examples: list[Example], tokenizer, max_tokens: int, task_ids, fmt, delimiter,

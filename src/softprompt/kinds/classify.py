@@ -20,8 +20,15 @@ from softprompt.errors import ArtifactError, ConfigError
 from softprompt.generation import prompt_batches
 from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, refuse_training
 from softprompt.kinds.refuse import check_inputs
-from softprompt.prefix import Prefix, embeds_only
-from softprompt.prompt import SoftPrompt, before_input, rows_prompts
+from softprompt.prefix import Prefix, compile_prefix, deep_cache, embeds_only
+from softprompt.prompt import (
+    DeepPrompt,
+    SoftPrompt,
+    before_input,
+    deep_layout,
+    is_deep,
+    rows_prompts,
+)
 from softprompt.rows import Encoded, Row, warn_cut
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
@@ -86,7 +93,15 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
 
 
 def logits(model: nn.Module, prompt, batch: dict[str, Tensor]) -> Tensor:
-    """Class logits (B, L), the prompt before every row's tokens."""
+    """Class logits (B, L), the prompt before every row's tokens (a deep prompt: its keys
+    and values before every layer's, as PEFT's SEQ_CLS prefix tuning puts them)."""
+    if is_deep(prompt):
+        flat, which = rows_prompts(prompt, batch)
+        cache = deep_cache(model, flat, deep_layout(prompt), which)
+        mask = batch["attention_mask"]
+        mask = torch.cat([mask.new_ones(mask.shape[0], flat.shape[1]), mask], dim=1)
+        return model(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=cache,
+                     use_cache=True).logits  # fmt: skip
     embeds, mask = before_input(model, prompt, batch)
     return model(inputs_embeds=embeds, attention_mask=mask).logits
 
@@ -96,7 +111,7 @@ def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) ->
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     out = logits(model, prompt, batch)
     loss = F.cross_entropy(out.float(), batch["labels"], reduction="sum")
-    n_virtual = 0 if prompt is None else rows_prompts(prompt, batch)[0].shape[1]
+    n_virtual = 0 if prompt is None or is_deep(prompt) else rows_prompts(prompt, batch)[0].shape[1]
     return loss, len(rows), int(batch["input_ids"].numel() + len(rows) * n_virtual)
 
 
@@ -188,6 +203,7 @@ class Classify:
     prompt_inside = False
     restricted_choices = False
     default_lr = 1e-1  # the suite (docs/measurements.md, section 6): 0.480 vs 0.465 at 3e-2
+    deep_prompts = True  # --method prefix (keys/values per layer) can train
 
     def prepare(self, model: nn.Module) -> None:
         check_inputs(model, model, masked=True)
@@ -268,6 +284,8 @@ class Classify:
                           "generate` or `eval`")  # fmt: skip
 
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
+        if isinstance(prompt, DeepPrompt):
+            return compile_prefix(model, prompt)
         return embeds_only(model, prompt)
 
     def adapter_fields(self, model: nn.Module) -> dict:

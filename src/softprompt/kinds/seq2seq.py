@@ -211,6 +211,7 @@ class Seq2Seq:
     prompt_inside = False
     restricted_choices = False
     default_lr = 3e-2  # Lester et al. trained T5 prompts at 0.3 with Adafactor; not measured
+    deep_prompts = False  # --method prefix (keys/values per layer) can train
 
     def prepare(self, model: nn.Module) -> None:
         check_inputs(model, model.get_encoder())  # the prompt goes before the encoder's input

@@ -145,9 +145,12 @@ def run_few_shot(ctx: Context) -> dict:
     return {**measure(ctx, ctx.loaded.model, None, shown), **_row(0, 0.0, 0, shots=k)}
 
 
-def run_prompt_tuning(ctx: Context) -> dict:
-    cfg, folder = ctx.cfg, ctx.output / "prompt-tuning"
+def run_prompt_tuning(ctx: Context, method: str = "prompt") -> dict:
+    """softprompt's prompt (``method`` prefix: a deep prompt) at the comparison's budget."""
+    name = f"{method}-tuning"
+    cfg, folder = ctx.cfg, ctx.output / name
     tcfg = TrainConfig(
+        method=method,
         model=cfg.model,
         data=cfg.data,
         prompt=PromptConfig(num_virtual_tokens=cfg.num_virtual_tokens),
@@ -164,9 +167,7 @@ def run_prompt_tuning(ctx: Context) -> dict:
     result = train(tcfg, loaded=ctx.loaded, progress=False)
     for rec in MetricsLog(folder / "metrics.jsonl").records:
         if rec.get("kind") in ("train", "val"):
-            ctx.log.write(
-                kind=rec["kind"], method="prompt-tuning", step=rec["step"], loss=rec["loss"]
-            )
+            ctx.log.write(kind=rec["kind"], method=name, step=rec["step"], loss=rec["loss"])
     size = sum(
         (folder / f).stat().st_size for f in ("adapter_model.safetensors", "adapter_config.json")
     )
@@ -242,6 +243,7 @@ RUNNERS = {
     "zero-shot": run_zero_shot,
     "few-shot": run_few_shot,
     "prompt-tuning": run_prompt_tuning,
+    "prefix-tuning": lambda ctx: run_prompt_tuning(ctx, "prefix"),
     "lora": run_lora,
     "full-ft": run_full_ft,
 }

@@ -18,7 +18,7 @@ from softprompt.artifacts import (
     load_prompt,
 )
 from softprompt.loading import LoadedModel
-from softprompt.prompt import embed_tokens
+from softprompt.prompt import DeepPrompt, embed_tokens
 
 CAVEAT = (
     "Nearest tokens are only a hint: a soft prompt is optimised in continuous space and need "
@@ -42,12 +42,15 @@ def vocab_embeddings(model: torch.nn.Module) -> torch.Tensor:
 def inspect_prompt(loaded: LoadedModel, folder: str | Path, top_k: int = 5) -> dict:
     """Nearest tokens, norm percentile and drift per virtual token of the prompt in ``folder``."""
     prompt, _ = load_prompt(folder, loaded.model)
+    initial_path = Path(folder) / INITIAL
+    if isinstance(prompt, DeepPrompt):
+        start = load_file(str(initial_path))[PROMPT_KEY].float() if initial_path.exists() else None
+        return inspect_deep(prompt, start)
     p = prompt.embedding.detach().float().cpu()  # (N, H)
     vocab = vocab_embeddings(loaded.model)  # (V, H)
     norms = vocab.norm(dim=1)  # (V,)
     sims = F.normalize(p, dim=1) @ F.normalize(vocab, dim=1).T  # (N, V)
     best = sims.topk(top_k, dim=1)
-    initial_path = Path(folder) / INITIAL
     initial = load_file(str(initial_path))[PROMPT_KEY].float() if initial_path.exists() else None
     tok = loaded.tokenizer
     tokens = []
@@ -72,3 +75,27 @@ def inspect_prompt(loaded: LoadedModel, folder: str | Path, top_k: int = 5) -> d
         "vocab_norm": {"p5": float(q[0]), "median": float(q[1]), "p95": float(q[2])},
         "caveat": CAVEAT,
     }
+
+
+def inspect_deep(prompt: DeepPrompt, initial: torch.Tensor | None) -> dict:
+    """A deep prompt per layer: its keys' and values' mean norm per virtual token and, where
+    the run's starting point is saved, how far each layer moved from it (relative drift) and
+    the cosine to it. Deep prompts have no vocabulary neighbours: they are not input vectors."""
+    layers, heads, dim = prompt.layout
+    n = prompt.num_virtual_tokens
+    now = prompt.embedding.detach().float().cpu().view(n, layers, 2, heads * dim)
+    start = initial.view(n, layers, 2, heads * dim) if initial is not None else None
+    rows = []
+    for layer in range(layers):
+        row = {"layer": layer}
+        for j, name in enumerate(("key", "value")):
+            x = now[:, layer, j]  # (N, width)
+            row[f"{name}_norm"] = round(float(x.norm(dim=1).mean()), 4)
+            if start is not None:
+                x0 = start[:, layer, j]
+                row[f"{name}_drift"] = round(float((x - x0).norm() / x0.norm().clamp_min(1e-12)), 4)
+                row[f"{name}_cos0"] = round(float(F.cosine_similarity(x.flatten(), x0.flatten(),
+                                                                      dim=0)), 4)  # fmt: skip
+        rows.append(row)
+    return {"deep": True, "layout": {"layers": layers, "kv_heads": heads, "head_dim": dim,
+                                     "virtual_tokens": n}, "layers": rows}  # fmt: skip

@@ -12,6 +12,7 @@ METHOD_NAMES = {
     "zero-shot": "Zero-shot (template)",
     "few-shot": "Few-shot (hard prompt)",
     "prompt-tuning": "Prompt tuning",
+    "prefix-tuning": "Prefix tuning (deep prompt)",
     "lora": "LoRA (PEFT)",
     "full-ft": "Full fine-tuning",
 }
@@ -20,6 +21,7 @@ STYLE = {
     "zero-shot": ("#7f7f7f", "o"),
     "few-shot": ("#bcbd22", "s"),
     "prompt-tuning": ("#1f77b4", "D"),
+    "prefix-tuning": ("#9467bd", "P"),
     "lora": ("#ff7f0e", "^"),
     "full-ft": ("#2ca02c", "v"),
 }

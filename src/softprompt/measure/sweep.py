@@ -22,17 +22,23 @@ from softprompt.training import train
 
 
 def recipes(cfg: SweepConfig) -> list[dict]:
-    """Every (prompt length, init, lr[, reparam][, choice loss]) of the grid, named for its
-    run folder (the last two only when --reparams / --choice-losses are given)."""
+    """Every ([method,] prompt length, init, lr[, reparam][, choice loss]) of the grid, named
+    for its run folder (the optional ones only when --methods / --reparams / --choice-losses
+    are given)."""
     reparams = getattr(cfg, "reparams", None) and cfg.reparam_list
     losses = getattr(cfg, "choice_losses", None) and cfg.choice_loss_list
+    methods = getattr(cfg, "methods", None) and cfg.method_list
     out = []
-    grid = itertools.product(
-        cfg.length_list, cfg.init_list, cfg.lr_list, reparams or [None], losses or [None]
-    )
-    for n, init, lr, reparam, loss in grid:
+    grid = itertools.product(methods or [None], cfg.length_list, cfg.init_list, cfg.lr_list,
+                             reparams or [None], losses or [None])  # fmt: skip
+    for method, n, init, lr, reparam, loss in grid:
+        if method == "prefix" and reparam not in (None, "none"):
+            continue  # a deep prefix has no input vectors to map
         recipe = {"name": f"n{n}-{init.replace('/', '_')}-lr{lr:g}", "length": n, "init": init,
                   "lr": lr}  # fmt: skip
+        if method is not None:
+            recipe["name"] = f"{method}-{recipe['name']}"
+            recipe["method"] = method
         if reparam is not None:
             recipe["name"] += f"-{reparam}"
             recipe["reparam"] = reparam
@@ -68,7 +74,7 @@ def run_recipe(
     seed = cfg.seed if seed is None else seed
     several = len(getattr(cfg, "seeds", None) and cfg.seed_list or [seed]) > 1
     folder = recipe["name"] + (f"-s{seed}" if several else "")
-    extra = {k: recipe[k] for k in ("reparam", "choice_loss") if k in recipe}
+    extra = {k: recipe[k] for k in ("method", "reparam", "choice_loss") if k in recipe}
     tcfg = TrainConfig(
         model=cfg.model,
         data=cfg.data,

@@ -99,7 +99,9 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         body = {"status": "ok", "prompts": len(state.store.entries()), "skipped": len(skipped),
                 "queue_length": state.batcher.queue_length()}  # fmt: skip
         if request.scope.get("state", {}).get(KEY_OK):
-            body.update(base_model=state.loaded.name, skipped=skipped)
+            memory = {e.name: {"bytes": e.nbytes, "deep": e.prefix.deep}
+                      for e in state.store.entries()}  # fmt: skip
+            body.update(base_model=state.loaded.name, skipped=skipped, prompt_memory=memory)
         if not state.batcher.alive():
             body["status"] = "error: the generation worker has stopped; restart the server"
             return JSONResponse(body, status_code=503)
@@ -117,6 +119,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
             ("batch_rows_total", m.batch_rows),
             ("queue_length", state.batcher.queue_length()),
             ("prompts_loaded", len(state.store.entries())),
+            ("prompt_bytes", sum(e.nbytes for e in state.store.entries())),
         ]
         return "".join(f"softprompt_{name} {value}\n" for name, value in lines)
 

@@ -62,6 +62,13 @@ class Entry:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def nbytes(self) -> int:
+        """Memory its compiled prefixes hold (an ensemble's members too; heads kept aside)."""
+        if self.members:  # the first member's prefix is this entry's
+            return sum(m.nbytes for m in self.members)
+        return self.prefix.nbytes + sum(p.nbytes for p in list(self._heads.values()))
+
+    @property
     def template(self) -> str | None:
         return self.fmt.template if self.fmt else None
 
@@ -177,7 +184,8 @@ class PromptStore:
         """The prompt as its model's kind serves it (a decoder's compiled prefix; an
         encoder-decoder's embeddings alone, which go before the encoder's input)."""
         prefix = self.loaded.kind.compile(self.loaded.model, prompt)
-        if not all(bool(t.isfinite().all()) for t in [prefix.embeds, *prefix.keys, *prefix.values]):
+        held = [*prefix.keys, *prefix.values] + ([prefix.embeds] if not prefix.deep else [])
+        if not all(bool(t.isfinite().all()) for t in held):
             raise SoftpromptError(  # values so large the model overflows on them
                 "the model overflows on its prompt (its keys or values are not finite); "
                 "retrain the prompt"

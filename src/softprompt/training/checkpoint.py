@@ -33,7 +33,7 @@ from softprompt.config import TrainConfig
 from softprompt.console import warn
 from softprompt.errors import ConfigError
 from softprompt.outputs import disk_error, record
-from softprompt.prompt import PromptSet, ResidualPrompt
+from softprompt.prompt import MAPPED, PromptSet
 
 FOLDER = "checkpoints"
 KEEP = 2
@@ -157,8 +157,8 @@ def save_run(run: Resumable) -> None:
     }
     for i, (param, best) in enumerate(zip(getattr(run, "head", []), getattr(run, "best_head", []))):
         tensors[f"head.{i}"], tensors[f"best_head.{i}"] = param.detach(), best  # classify
-    for i, prompt in enumerate(run.prompts.prompts):  # --reparam residual: P and its MLP
-        if isinstance(prompt, ResidualPrompt):
+    for i, prompt in enumerate(run.prompts.prompts):  # --reparam, --prefix-projection: MLPs
+        if isinstance(prompt, MAPPED):
             tensors.update({f"reparam.{i}.{k}": v for k, v in prompt.state_dict().items()})
     for index, moments in opt_state["state"].items():  # only tasks that have had a step
         tensors.update({f"optim.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
@@ -184,7 +184,7 @@ def restore_run(run: Resumable) -> Path:
     run.state = RunState.from_dict(record["run"])
     run.prompts.load_stacked(tensors["prompt"])
     for i, prompt in enumerate(run.prompts.prompts):
-        if isinstance(prompt, ResidualPrompt):
+        if isinstance(prompt, MAPPED):
             prefix = f"reparam.{i}."
             prompt.load_state_dict(
                 {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -244,7 +244,8 @@ def _check_same_run(saved: dict, now: dict) -> None:
 
 
 # Settings added after a checkpoint may have been written: absent there, they had this value.
-ADDED_LATER = {"model.task": "auto", "reparam": "none", "reparam_hidden": 128, "ensemble": 1}
+ADDED_LATER = {"model.task": "auto", "reparam": "none", "reparam_hidden": 128, "ensemble": 1,
+               "method": "prompt", "prefix_projection": False, "prefix_hidden": 512}  # fmt: skip
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:

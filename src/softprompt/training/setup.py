@@ -27,7 +27,9 @@ from softprompt.kinds import CAUSAL
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import with_rest
 from softprompt.outputs import claim_output
+from softprompt.prefix import deepen, kv_layout
 from softprompt.prompt import (
+    ProjectedPrefix,
     PromptSet,
     ResidualPrompt,
     max_positions,
@@ -199,6 +201,22 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     loaded = _model_for(cfg, accelerator, examples[0] + examples[1], loaded)  # every label
     data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
     starts, init_info = starting_prompts(cfg, loaded, data)
+    if cfg.method == "prefix":
+        _check_deep(cfg, loaded, data)
+        small = [p.embedding for p in starts]
+        starts = [deepen(loaded.model, p) for p in starts]  # step 0: the prompt's own keys
+        layers, heads, dim = starts[0].layout
+        if cfg.prefix_projection:  # small may be a saved deep prompt: then random, seeded
+            small = [x if x.shape[1] == loaded.hidden_size else torch.randn(
+                x.shape[0], loaded.hidden_size, generator=torch.Generator().manual_seed(cfg.seed))
+                for x in small]  # fmt: skip
+            starts = [ProjectedPrefix(p, x, cfg.prefix_hidden, cfg.seed + k)
+                      for k, (p, x) in enumerate(zip(starts, small))]  # fmt: skip
+            say(f"--prefix-projection: trained through an MLP (hidden {cfg.prefix_hidden}); "
+                "the saved prefix is its output")  # fmt: skip
+        say(f"--method prefix: {cfg.prompt.num_virtual_tokens} keys and values in each of "
+            f"{layers} layers ({heads} x {dim}), {starts[0].embedding.numel():,} trainable "
+            "values, starting from the keys/values of the --init prompt")  # fmt: skip
     if cfg.reparam == "residual":
         starts = [ResidualPrompt(p.embedding, cfg.reparam_hidden, cfg.seed + k)
                   for k, p in enumerate(starts)]  # fmt: skip
@@ -232,6 +250,21 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
             f"beside the prompt's {prompts.stacked().numel():,}")  # fmt: skip
     _resume_or_begin(run)
     return run
+
+
+def _check_deep(cfg: TrainConfig, loaded: LoadedModel, data: TrainData) -> None:
+    """Refuse, in one line each, what a deep prefix cannot do here."""
+    kind = loaded.kind
+    if not kind.deep_prompts:
+        raise ConfigError(f"--method prefix: {kind.name} models take input-layer prompts only "
+                          "for now; use --method prompt")  # fmt: skip
+    if data.fmt.position_name != "start":
+        raise ConfigError(
+            f"--method prefix: a deep prefix sits before everything, but the prompt format puts "
+            f"the prompt at {data.fmt.position_name!r}; leave {{soft_prompt}} out of the "
+            "template and --prompt-position at start, or use --method prompt"
+        )
+    kv_layout(loaded.model)  # layers whose keys/values differ in shape are refused here
 
 
 def planned_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from softprompt.errors import ConfigError
 from softprompt.library import pick_prompt
 from softprompt.loading import LoadedModel
 from softprompt.prompt import (
+    DeepPrompt,
     SoftPrompt,
     init_prompt,
     words_used,
@@ -73,10 +74,20 @@ def starting_prompts(
         if p.init == "auto":
             say(f"--init auto: {'the task words ' + repr(words) if words else 'common tokens'}"
                 f", repeated to {p.num_virtual_tokens} virtual tokens")  # fmt: skip
+    if isinstance(starts[0], DeepPrompt) and cfg.method != "prefix":
+        raise ConfigError(f"--init {p.init}: that is a deep prompt (prefix tuning); continue it "
+                          "with --method prefix")  # fmt: skip
     if members > 1:
         starts = starts if len(starts) == members else starts * members
-        return [SoftPrompt(s.embedding) for s in starts], info
-    return [SoftPrompt(starts[0].embedding) for _ in data.tasks], info
+        return [_copy(s) for s in starts], info
+    return [_copy(starts[0]) for _ in data.tasks], info
+
+
+def _copy(prompt: SoftPrompt) -> SoftPrompt:
+    """A prompt of its own (a deep one keeps its layout)."""
+    if isinstance(prompt, DeepPrompt):
+        return DeepPrompt(prompt.embedding, *prompt.layout)
+    return SoftPrompt(prompt.embedding)
 
 
 def _starting_prompt(cfg: TrainConfig, loaded: LoadedModel) -> SoftPrompt:

@@ -289,6 +289,7 @@ def test_prefix_projection_starts_at_init_and_resumes(model_dirs, pairs_file, tm
 
     llama = model_dirs["llama"]
     kw = dict(method="prefix", epochs=3, template=None)
+    mlp = dict(prefix_projection=True, prefix_hidden=8)
     plain = train(train_config(llama, pairs_file, tmp_path / "plain", **kw), progress=False)
     ref = train(train_config(llama, pairs_file, tmp_path / "ref", prefix_projection=True,
                              prefix_hidden=8, **kw), progress=False)  # fmt: skip
@@ -297,10 +298,10 @@ def test_prefix_projection_starts_at_init_and_resumes(model_dirs, pairs_file, tm
     assert isinstance(saved, DeepPrompt) and saved.embedding.shape == (4, 2 * 2 * 8)
     assert not torch.equal(saved.embedding, plain.prompt.embedding)
     with interrupted_at(5):
-        train(train_config(llama, pairs_file, tmp_path / "cut", save_every=2, prefix_projection=True,
-                           prefix_hidden=8, **kw), progress=False)  # fmt: skip
-    train(train_config(llama, pairs_file, tmp_path / "cut", save_every=2, resume=True,
-                       prefix_projection=True, prefix_hidden=8, **kw), progress=False)  # fmt: skip
+        train(train_config(llama, pairs_file, tmp_path / "cut", save_every=2, **mlp, **kw),
+              progress=False)  # fmt: skip
+    train(train_config(llama, pairs_file, tmp_path / "cut", save_every=2, resume=True, **mlp, **kw),
+          progress=False)  # fmt: skip
     want = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))["prompt_embeddings"]
     got = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))["prompt_embeddings"]
     torch.testing.assert_close(got, want)

@@ -133,14 +133,14 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     out = tmp_path / "suite.jsonl"
     text = _run("suite.py", "--quick", "--model", str(tiny_dir), "--data-root", str(root),
                 "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
-                "--methods", "few-shot,peft,lora,restricted", "--json", str(out),
+                "--methods", "few-shot,prefix,peft,lora,restricted", "--json", str(out),
                 "--runs", str(tmp_path / "runs"),
                 "--variant", "restricted:choice_loss=restricted")  # fmt: skip
     assert "suite: skipping trec: no " in text
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[0]["kind"] == "run" and rows[0]["model"]
     results = [r for r in rows if "task" in r]
-    methods = ["few-shot", "peft", "lora", "restricted"]  # restricted: the defaults' path
+    methods = ["few-shot", "prefix", "peft", "lora", "restricted"]  # restricted: the defaults
     assert [(r["task"], r["method"], r["seed"]) for r in results] == [
         (t, m, 0) for t in ("cb", "e2e_nlg") for m in methods
     ]
@@ -151,7 +151,24 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
             assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
         assert r["steps"] == (0 if r["method"] == "few-shot" else 2)
     assert "| cb | peft | 1 |" in text and "| e2e_nlg | lora | 1 |" in text
+    assert "| e2e_nlg | prefix | 1 |" in text  # a deep prompt generates too
     assert "| restricted | 1 |" in text  # the suite's mean over the classification tasks
     assert all(r["peak_memory_mb"] >= 0 for r in results)
     again = _run("suite.py", "--table", str(out))
     assert "| cb | restricted | 1 |" in again
+
+
+def test_bench_prefix_quick_runs(model_dirs, tmp_path):
+    """Deep prompt vs input-layer prompt vs PEFT's prefix recipe: one row each and ratios."""
+    out = tmp_path / "prefix.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_prefix.py"), "--quick", "--model",
+         str(model_dirs["gemma3"]), "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("prompt", "prefix", "peft-prefix"):
+        assert f"| {name} |" in proc.stdout
+    saved = json.loads(out.read_text().splitlines()[0])
+    assert set(saved["rows"]) == {"prompt", "prefix", "peft-prefix"}
+    assert all(r["step_s"] > 0 for r in saved["rows"].values())

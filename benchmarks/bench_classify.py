@@ -6,6 +6,8 @@ kept), then accuracy and macro-F1 on the test file:
 
 - prompt + head: ``softprompt train`` (a soft prompt and the classification head; PEFT's
   SEQ_CLS prompt tuning);
+- deep prompt + head: the same with ``--method prefix`` (keys/values in every layer; PEFT's
+  SEQ_CLS prefix tuning);
 - head alone: the classification head on the frozen encoder (no prompt);
 - full fine-tuning: every weight of the encoder and the head.
 
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--virtual-tokens", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.1, help="prompt + head, and head alone")
+    p.add_argument("--prefix-lr", type=float, default=0.1, help="deep prompt + head")
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning")
     p.add_argument("--limit", type=int, default=None, help="use only this many examples")
     p.add_argument("--quick", action="store_true", help="1 epoch, 4 tokens: a smoke test")
@@ -49,7 +52,8 @@ def main() -> None:
     if args.quick:
         args.epochs, args.virtual_tokens = 1, 4
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    results = [run_prompt(args), run_plain(args, "head alone"), run_plain(args, "full FT")]
+    results = [run_prompt(args), run_prompt(args, "prefix"), run_plain(args, "head alone"),
+               run_plain(args, "full FT")]  # fmt: skip
     print(table(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
@@ -63,8 +67,8 @@ def examples(spec: str, args) -> list:
     return load_examples(spec, cfg)[: args.limit]
 
 
-def run_prompt(args) -> dict:
-    """softprompt's own training: prompt + head."""
+def run_prompt(args, method: str = "prompt") -> dict:
+    """softprompt's own training: prompt + head (``method`` prefix: a deep prompt)."""
     from softprompt import train
     from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
     from softprompt.loading import load_model
@@ -77,8 +81,9 @@ def run_prompt(args) -> dict:
         cfg = TrainConfig(model=ModelConfig(model=args.model), data=data,
                           prompt=PromptConfig(num_virtual_tokens=args.virtual_tokens,
                                               init="vocab"),
-                          output=str(Path(tmp) / "run"), epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr)  # fmt: skip
+                          output=str(Path(tmp) / "run"), epochs=args.epochs, method=method,
+                          batch_size=args.batch_size,
+                          lr=args.prefix_lr if method == "prefix" else args.lr)  # fmt: skip
         start = time.perf_counter()
         result = train(cfg, progress=False)
         seconds = time.perf_counter() - start
@@ -88,7 +93,8 @@ def run_prompt(args) -> dict:
 
         prompt, meta = load_prompt(result.output, loaded.model)  # its head goes in place
         trainable = meta["trainable_parameters"]
-    return {"method": "prompt + head", "train_s": round(seconds, 1),
+    name = "deep prompt + head" if method == "prefix" else "prompt + head"
+    return {"method": name, "train_s": round(seconds, 1),
             "trainable": trainable["prompt"] + trainable["head"],
             **test_metrics(loaded, prompt, args)}  # fmt: skip
 

@@ -305,3 +305,56 @@ def test_prefix_projection_starts_at_init_and_resumes(model_dirs, pairs_file, tm
     want = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))["prompt_embeddings"]
     got = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))["prompt_embeddings"]
     torch.testing.assert_close(got, want)
+
+
+def test_encoder_decoder_refused_in_one_line(kind_dirs, tmp_path):
+    from conftest import train_config
+
+    from softprompt.errors import ConfigError
+    from softprompt.training import train
+
+    data = tmp_path / "train.jsonl"
+    pairs = [("good", "positive"), ("bad", "negative")] * 4
+    data.write_text("".join(json.dumps({"review": r, "label": y}) + "\n" for r, y in pairs))
+    with pytest.raises(ConfigError, match="seq2seq models take input-layer prompts only"):
+        train(train_config(kind_dirs["t5"], data, tmp_path / "t5", method="prefix",
+                           template=None))  # fmt: skip
+    assert not (tmp_path / "t5" / "adapter_model.safetensors").exists()
+
+
+def test_chat_and_ensemble_take_deep_prompts(chat_dir, tmp_path):
+    """Conversations with the deep prefix first (the chat template's text after it): trained,
+    and generate_chat answers with it as with the input-layer prompt it started from; a
+    prompt placed after the system turn is refused in one line; an ensemble of deep prompts
+    trains one deep prompt per member."""
+    from conftest import REVIEWS, train_config
+
+    from softprompt.errors import ConfigError
+    from softprompt.generation import generate_chat
+    from softprompt.loading import load_model
+    from softprompt.training import train
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r},
+                                                     {"role": "assistant", "content": y}]}) + "\n"
+                            for r, y in REVIEWS))  # fmt: skip
+    result = train(train_config(chat_dir, data, tmp_path / "run", method="prefix", epochs=2,
+                                template=None), progress=False)  # fmt: skip
+    assert isinstance(result.prompt, DeepPrompt)
+    assert result.summary["best_val_loss"] <= result.summary["initial_val_loss"]
+    loaded = load_model(model=str(chat_dir))
+    talk = [[{"role": "user", "content": "the movie was great"}]]
+    shallow = random_prompt(3, 4)
+    cfg = GenerateConfig(max_new_tokens=4)
+    want = generate_chat(loaded, talk, shallow, cfg)
+    assert generate_chat(loaded, talk, deepen(loaded.model, shallow), cfg) == want
+    with pytest.raises(ConfigError, match="sits before everything"):
+        train(train_config(chat_dir, data, tmp_path / "sys", method="prefix", template=None,
+                           system="Be brief.", prompt_position="after-system"))  # fmt: skip
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"review": r, "label": y}) + "\n" for r, y in REVIEWS))
+    ens = train(train_config(chat_dir, pairs, tmp_path / "ens", method="prefix", epochs=1,
+                             ensemble=2), progress=False)  # fmt: skip
+    assert len(ens.prompts) == 2
+    assert all(isinstance(p, DeepPrompt) for p in ens.prompts.values())

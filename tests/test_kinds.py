@@ -422,8 +422,10 @@ def test_bench_classify_quick_runs(kind_dirs, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     methods = [r["method"] for r in json.loads(out.read_text())["results"]]
-    assert methods == ["prompt + head", "head alone", "full FT"]
+    assert methods == ["prompt + head", "deep prompt + head", "head alone", "full FT"]
     assert "| prompt + head | 98 |" in proc.stdout  # 4 x 16 prompt + 2 x 16 + 2 head
+    # 4 tokens x 2 layers x (key, value) x 16, and the head
+    assert "| deep prompt + head | 290 |" in proc.stdout
 
 
 def test_a_checkpoint_written_before_task_existed_still_resumes():

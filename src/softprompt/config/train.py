@@ -42,7 +42,8 @@ class TrainConfig:
         None,
         "Peak learning rate of AdamW. Soft prompts need much larger rates than weights. "
         "Default: the model kind's, chosen on the public suite (benchmarks/suite.py): 0.03 for "
-        "decoders and encoder-decoders, 0.1 for classifiers (prompt + head).",
+        "decoders and encoder-decoders, 0.1 for classifiers (prompt + head); 0.1 for deep "
+        "prompts (--method prefix).",
     )
     weight_decay: float = opt(0.0, "AdamW weight decay on the prompt (0 keeps it free).")
     warmup_ratio: float = opt(0.06, "Fraction of the steps spent warming the rate up from 0.")

@@ -45,6 +45,7 @@ class Kind(Protocol):
     restricted_choices: bool  # --choices' restricted loss (and --choices auto) apply
     default_lr: float  # the peak learning rate without --lr (benchmarks/suite.py chose it)
     deep_prompts: bool  # a deep prefix (--method prefix) trains and serves
+    default_prefix_lr: float  # ... and its peak learning rate without --lr
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         """Extra ``from_pretrained`` arguments (a classifier's labels)."""

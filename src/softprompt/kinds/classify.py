@@ -203,6 +203,7 @@ class Classify:
     prompt_inside = False
     restricted_choices = False
     default_lr = 1e-1  # the suite (docs/measurements.md, section 6): 0.480 vs 0.465 at 3e-2
+    default_prefix_lr = 1e-1  # --method prefix: MiniLM cr 0.72 (0.3, 1.0: majority class)
     deep_prompts = True  # --method prefix (keys/values per layer) can train
 
     def prepare(self, model: nn.Module) -> None:

@@ -211,6 +211,7 @@ class Seq2Seq:
     prompt_inside = False
     restricted_choices = False
     default_lr = 3e-2  # Lester et al. trained T5 prompts at 0.3 with Adafactor; not measured
+    default_prefix_lr = 3e-2  # --method prefix: not trained for this kind yet
     deep_prompts = False  # --method prefix (keys/values per layer) can train
 
     def prepare(self, model: nn.Module) -> None:

@@ -226,9 +226,13 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     # One parameter per task: a task absent from a step has no gradient and AdamW skips it.
     # A classification model's head learns beside the prompt (its parameters come last).
     head = loaded.kind.trainable(loaded.model)
-    lr = cfg.lr if cfg.lr is not None else loaded.kind.default_lr
+    deep = cfg.method == "prefix"
+    lr = cfg.lr if cfg.lr is not None else (
+        loaded.kind.default_prefix_lr if deep else loaded.kind.default_lr)  # fmt: skip
     if cfg.lr is None and accelerator.is_main_process:
-        say(f"learning rate {lr:g}: the default for {loaded.kind.name} models (--lr to change)")
+        what = "deep prompts on " if deep else ""
+        say(f"learning rate {lr:g}: the default for {what}{loaded.kind.name} models (--lr to "
+            "change)")  # fmt: skip
     optimizer = torch.optim.AdamW(
         [*prompts.parameters(), *head], lr=lr, weight_decay=cfg.weight_decay
     )

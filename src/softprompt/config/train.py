@@ -76,7 +76,7 @@ class TrainConfig:
         "Li & Liang 2021; P-tuning v2), saved in PEFT's PREFIX_TUNING format. A deep prefix "
         "starts from the keys/values of what --init gives, sits before everything (no "
         "{soft_prompt} inside the text, no chat placement) and is served from the cache like "
-        "a compiled prompt. Decoder (causal) models only for now.",
+        "a compiled prompt. Decoders and encoder classifiers (not encoder-decoders yet).",
     )
     prefix_projection: bool = opt(
         False,

@@ -217,7 +217,8 @@ def budget(s: Setting) -> int:
     if s.args.steps:
         return s.args.steps
     if s.steps is None:  # as the training loop plans them, from the defaults' own config
-        s.steps = planned_steps(TrainConfig(data=s.data), len(s.train_examples()))[0]
+        s.steps = planned_steps(TrainConfig(data=s.data), len(s.train_examples()),
+                                s.loaded.kind)[0]  # fmt: skip
     return s.steps
 
 

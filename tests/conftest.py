@@ -209,6 +209,8 @@ def train_config(model_dir, data, out, **kw):
     data_kw.setdefault("template", "review : {input} sentiment :")
     # The tests written before --choices auto / --init auto pin the behaviour they test.
     kw.setdefault("choices", None)
+    kw.setdefault("epochs", 3)  # every kind's passes and method as before the kinds' defaults
+    kw.setdefault("method", "prompt")
     return TrainConfig(
         model=ModelConfig(model=str(model_dir)),
         data=DataConfig(data=str(data), input_field="review", target_field="label", **data_kw),

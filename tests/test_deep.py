@@ -358,3 +358,26 @@ def test_chat_and_ensemble_take_deep_prompts(chat_dir, tmp_path):
                              ensemble=2), progress=False)  # fmt: skip
     assert len(ens.prompts) == 2
     assert all(isinstance(p, DeepPrompt) for p in ens.prompts.values())
+
+
+def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tmp_path, capsys):
+    """Without --method and --epochs a classifier trains a deep prompt for 10 epochs at 0.03
+    and a decoder an input-layer prompt for 3 at 0.03; both are said and recorded as used."""
+    from conftest import train_config
+
+    from softprompt.artifacts import read_meta
+    from softprompt.prompt import SoftPrompt
+    from softprompt.training import train
+
+    bare = dict(method=None, epochs=None, lr=None, template=None)
+    enc = train(train_config(kind_dirs["bert"], pairs_file, tmp_path / "enc", **bare),
+                progress=False)  # fmt: skip
+    assert isinstance(enc.prompt, DeepPrompt) and enc.summary["steps"] == 10 * 3  # 9 rows / 3
+    said = capsys.readouterr().err
+    assert "--method prefix and 10 epochs: the default for classify models" in said
+    assert "learning rate 0.03: the default for deep prompts on classify models" in said
+    dec = train(train_config(tiny_dir, pairs_file, tmp_path / "dec", **bare), progress=False)
+    assert type(dec.prompt) is SoftPrompt and dec.summary["steps"] == 3 * 3
+    assert "--method prompt and 3 epochs: the default for causal models" in capsys.readouterr().err
+    assert read_meta(tmp_path / "enc")["training"]["method"] == "prefix"
+    assert read_meta(tmp_path / "dec")["training"]["epochs"] == 3

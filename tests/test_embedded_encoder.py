@@ -1,7 +1,8 @@
-"""Slow: prompt + head on the bundled encoder (all-MiniLM-L6-v2) and the shipped
-sentiment data (3 epochs, under two minutes): training lowers the validation loss, eval
-reports the classification numbers, and PEFT loads the folder with identical logits on the
-real model."""
+"""Slow: the bundled encoder (all-MiniLM-L6-v2) on the shipped sentiment data with bare
+defaults (a deep prompt + head, lr 0.03, 10 epochs: the kind's defaults; about two minutes):
+training learns the task with a margin (0.795 test accuracy at seed 0 on 2026-12-03, the
+validation loss from 0.69 to 0.29), eval reports the classification numbers, and PEFT loads
+the folder with identical logits on the real model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from softprompt.artifacts import load_prompt
 from softprompt.commands.eval import run_eval
-from softprompt.config import DataConfig, EvalConfig, ModelConfig, PromptConfig, TrainConfig
+from softprompt.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from softprompt.kinds.classify import collate, logits
 from softprompt.loading import load_model
 from softprompt.rows import Row
@@ -34,23 +35,21 @@ def test_prompt_and_head_on_minilm(tmp_path):
     cfg = TrainConfig(
         model=ModelConfig(model="embedded-encoder"),
         data=data,
-        prompt=PromptConfig(num_virtual_tokens=20, init="vocab"),
         output=str(tmp_path / "run"),
-        epochs=10,  # the README's MiniLM recipe: 3 epochs left the loss at ln 2 (issue 28)
-        batch_size=16,
-        lr=0.1,
     )
     result = train(cfg, progress=False)
-    assert result.summary["best_val_loss"] < result.summary["initial_val_loss"]
+    assert result.summary["steps"] == 320  # the kind's 10 epochs of 250 rows at batch 8
+    assert result.prompt.layout == (6, 12, 32)  # a deep prompt: MiniLM's 6 layers
+    # ln 2 = 0.693 is chance: a real drop, not noise (0.287 measured)
+    assert result.summary["best_val_loss"] < 0.55
 
     ev = EvalConfig(
         data=DataConfig(data=str(DATA / "test.jsonl"), input_field="review", target_field="label"),
         prompt=str(result.output),
-        limit=40,
     )
     m = run_eval(ev)["metrics"]
-    assert m["confusion"]["labels"] == LABELS and sum(map(sum, m["confusion"]["matrix"])) == 40
-    assert 0 <= m["macro_f1"] <= 1 and 0 <= m["accuracy"] <= 1
+    assert m["confusion"]["labels"] == LABELS and sum(map(sum, m["confusion"]["matrix"])) == 200
+    assert m["accuracy"] >= 0.7 and m["macro_f1"] >= 0.7  # chance is 0.5; 0.795 measured
 
     from peft import PeftModel
 

@@ -80,7 +80,12 @@ def _argparse_kwargs(flag: Flag) -> dict:
     convert = unescape if flag.metadata.get("escapes") else kind
     if not optional:
         return {"type": convert}
-    return {"type": lambda s: None if s.lower() == "none" else convert(s)}
+
+    def or_none(text: str):
+        return None if text.lower() == "none" else convert(text)
+
+    or_none.__name__ = getattr(convert, "__name__", "value")  # argparse: "invalid int value"
+    return {"type": or_none}
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:

@@ -34,7 +34,12 @@ class TrainConfig:
     data: DataConfig = nested(DataConfig)
     prompt: PromptConfig = nested(PromptConfig)
     output: str = opt("", "Folder for the trained prompt, metrics, plot and checkpoints.")
-    epochs: int = opt(3, "Passes over the training data (ignored when --max-steps is set).")
+    epochs: int | None = opt(
+        None,
+        "Passes over the training data (ignored when --max-steps is set). Default: the model "
+        "kind's: 3 for decoders and encoder-decoders, 10 for classifiers (prompt + a new head; "
+        "the public suite, docs/measurements.md section 7).",
+    )
     max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
     batch_size: int = opt(8, "Rows per forward pass.")
     grad_accum: int = opt(1, "Forward passes per optimizer step (effective batch = both).")
@@ -69,14 +74,16 @@ class TrainConfig:
         "other token; 'full' keeps the whole-vocabulary loss on every target token. Chosen on "
         "the public suite (docs/measurements.md, section 6).",
     )
-    method: Method = opt(
-        "prompt",
+    method: Method | None = opt(
+        None,
         "'prompt' trains input vectors before the text (prompt tuning, Lester et al. 2021); "
         "'prefix' trains a key and a value vector per layer and virtual token (prefix tuning, "
         "Li & Liang 2021; P-tuning v2), saved in PEFT's PREFIX_TUNING format. A deep prefix "
         "starts from the keys/values of what --init gives, sits before everything (no "
         "{soft_prompt} inside the text, no chat placement) and is served from the cache like "
-        "a compiled prompt. Decoders and encoder classifiers (not encoder-decoders yet).",
+        "a compiled prompt; decoders and encoder classifiers (not encoder-decoders yet). "
+        "Default: the model kind's, chosen on the public suite: prefix for classifiers, "
+        "prompt for the others (prompt with --reparam residual).",
     )
     prefix_projection: bool = opt(
         False,
@@ -123,7 +130,7 @@ class TrainConfig:
         check_finite(self)
         report_targets(self.report_to)  # known names, packages installed
         for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be at least 1")
@@ -144,8 +151,9 @@ class TrainConfig:
         _ = self.choice_list
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
         check_choice(self.reparam, REPARAMS, "--reparam")
-        check_choice(self.method, METHODS, "--method")
-        if self.prefix_projection and self.method != "prefix":
+        if self.method is not None:
+            check_choice(self.method, METHODS, "--method")
+        if self.prefix_projection and self.method == "prompt":
             raise ConfigError("--prefix-projection needs --method prefix")
         if self.prefix_hidden < 1:
             raise ConfigError("--prefix-hidden must be at least 1")

@@ -46,6 +46,8 @@ class Kind(Protocol):
     default_lr: float  # the peak learning rate without --lr (benchmarks/suite.py chose it)
     deep_prompts: bool  # a deep prefix (--method prefix) trains and serves
     default_prefix_lr: float  # ... and its peak learning rate without --lr
+    default_epochs: int  # passes over the data without --epochs
+    default_method: str  # "prompt" or "prefix" without --method
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         """Extra ``from_pretrained`` arguments (a classifier's labels)."""

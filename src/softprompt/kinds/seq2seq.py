@@ -212,6 +212,8 @@ class Seq2Seq:
     restricted_choices = False
     default_lr = 3e-2  # Lester et al. trained T5 prompts at 0.3 with Adafactor; not measured
     default_prefix_lr = 3e-2  # --method prefix: not trained for this kind yet
+    default_epochs = 3
+    default_method = "prompt"
     deep_prompts = False  # --method prefix (keys/values per layer) can train
 
     def prepare(self, model: nn.Module) -> None:

@@ -199,6 +199,7 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     loaded = _model_for(cfg, accelerator, examples[0] + examples[1], loaded)  # every label
+    cfg = _kind_defaults(cfg, loaded, accelerator.is_main_process)
     data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.method == "prefix":
@@ -256,6 +257,24 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
     return run
 
 
+def _kind_defaults(cfg: TrainConfig, loaded: LoadedModel, main: bool) -> TrainConfig:
+    """``cfg`` with the settings left to the model's kind filled in (recorded as used: a
+    resumed run compares them), and said once."""
+    kind, said = loaded.kind, []
+    if cfg.method is None:
+        method = "prefix" if cfg.prefix_projection else kind.default_method
+        method = "prompt" if cfg.reparam != "none" else method
+        cfg = dataclasses.replace(cfg, method=method)
+        said.append(f"--method {method}")
+    if cfg.epochs is None:
+        cfg = dataclasses.replace(cfg, epochs=kind.default_epochs)
+        if cfg.max_steps is None:
+            said.append(f"{cfg.epochs} epochs")
+    if said and main:
+        say(f"{' and '.join(said)}: the default for {kind.name} models (give them to change)")
+    return cfg
+
+
 def _check_deep(cfg: TrainConfig, loaded: LoadedModel, data: TrainData) -> None:
     """Refuse, in one line each, what a deep prefix cannot do here."""
     kind = loaded.kind
@@ -271,10 +290,12 @@ def _check_deep(cfg: TrainConfig, loaded: LoadedModel, data: TrainData) -> None:
     kv_layout(loaded.model)  # layers whose keys/values differ in shape are refused here
 
 
-def planned_steps(cfg: TrainConfig, rows: int) -> tuple[int, int]:
-    """(optimizer steps of the run, steps per epoch) for ``rows`` training rows."""
+def planned_steps(cfg: TrainConfig, rows: int, kind=None) -> tuple[int, int]:
+    """(optimizer steps of the run, steps per epoch) for ``rows`` training rows (``kind``:
+    the model's, whose epochs apply when --epochs is not given)."""
     per_epoch = math.ceil(math.ceil(rows / cfg.batch_size) / cfg.grad_accum)
-    return cfg.max_steps or cfg.epochs * per_epoch, per_epoch
+    epochs = cfg.epochs or (kind.default_epochs if kind is not None else CAUSAL.default_epochs)
+    return cfg.max_steps or epochs * per_epoch, per_epoch
 
 
 def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Example],

@@ -80,20 +80,25 @@ def hidden_after_prefix(
     row i then reads prefix ``which[i]``'s keys and values from the shared cache. The batch's
     rows (B, T) are what follows the prefix, right-padded.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, n = ids.shape[0], prefix.shape[1]
     weight = model.get_input_embeddings().weight
     cache, head = run_prefix(model, prefix.to(weight.dtype))  # the prompts, once
     cache.batch_select_indices(which)  # (K, kv, N, d) -> (B, kv, N, d), differentiable
-    full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)  # (B, N+T)
-    text = model.base_model(
+    text = text_after(model, cache, batch)  # (B, T, H)
+    last = head[which, -1:]  # (B, 1, H)
+    return torch.cat([last, text[:, :-1]], dim=1)[:, : text.shape[1]]
+
+
+def text_after(model: nn.Module, cache: DynamicCache, batch: dict[str, Tensor]) -> Tensor:
+    """Final hidden states (B, T) of the batch's rows run after the cache's entries (each
+    row's own, all visible to it)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    full_mask = torch.cat([mask.new_ones(ids.shape[0], cache.get_seq_length()), mask], dim=1)
+    return model.base_model(
         inputs_embeds=embed_tokens(model, ids),
         attention_mask=full_mask,
         past_key_values=cache,
         use_cache=True,
-    ).last_hidden_state  # (B, T, H)
-    last = head[which, -1:]  # (B, 1, H)
-    return torch.cat([last, text[:, :-1]], dim=1)[:, : ids.shape[1]]
+    ).last_hidden_state
 
 
 def with_head(model: nn.Module, virtual: Tensor, head: Sequence[int]) -> Tensor:
@@ -242,14 +247,5 @@ def hidden_after_deep(
     row reads its prompt's keys/values from the cache (built once per batch, selected per
     row without copying the parameter per row in the graph's leaves). Column 0 is zeros:
     nothing before the text predicts its first token (callers drop that position)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, n = ids.shape[0], flat.shape[1]
-    cache = deep_cache(model, flat, layout, which)
-    full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)
-    text = model.base_model(
-        inputs_embeds=embed_tokens(model, ids),
-        attention_mask=full_mask,
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state  # (B, T, H)
+    text = text_after(model, deep_cache(model, flat, layout, which), batch)  # (B, T, H)
     return torch.cat([torch.zeros_like(text[:, :1]), text[:, :-1]], dim=1)

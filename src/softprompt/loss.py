@@ -32,6 +32,7 @@ from softprompt.prefix import hidden_after_deep, hidden_after_prefix, with_head
 from softprompt.prompt import (
     PromptSet,
     SoftPrompt,
+    deep_layout,
     embed_tokens,
     is_deep,
     prepend,
@@ -100,7 +101,7 @@ def _loss(
             raise ConfigError("a deep prompt (--method prefix) sits before everything: leave "
                               "{soft_prompt} out of the template, or put it first")  # fmt: skip
         virtual, which = rows_prompts(prompt, batch)
-        hidden = hidden_after_deep(model, virtual, _layout(prompt), which, batch)
+        hidden = hidden_after_deep(model, virtual, deep_layout(prompt), which, batch)
         keep = _positions(labels, choice_ids)
         keep[:, 0] = False
         return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
@@ -125,11 +126,6 @@ def _loss(
     if choice_ids is not None:
         logits = pick_choices(logits, choice_ids)  # (K, C) or (K, C+1)
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
-
-
-def _layout(prompt) -> tuple[int, int, int]:
-    first = prompt.prompts[0] if isinstance(prompt, PromptSet) else prompt
-    return first.layout
 
 
 # Rows whose prompt sits behind heads of this many different lengths share prefixes per

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from softprompt import __version__
 from softprompt.config import (
     CompareConfig,
+    DistillConfig,
     EvalConfig,
     ExportConfig,
     GenerateRunConfig,
@@ -162,6 +163,21 @@ COMMANDS = {
         "--template 'Review: {input}\\nSentiment:' --output runs/sentiment",
         config=TrainConfig,
         module="train",
+    ),
+    "distill": Command(
+        help="compile a long prompt (context, system message, few-shot examples) into a few "
+        "virtual tokens",
+        description="Train a soft prompt to make the frozen model answer as it does with a long "
+        "context, without labels: the teacher (the model with the context) answers every "
+        "input once, and the prompt learns its next-token distributions (KL over its top-k "
+        "tokens and the rest). The answers are cached in OUTPUT/teacher/; the result is an "
+        "ordinary prompt folder, compared with the teacher at the end "
+        "(OUTPUT/teacher-agreement.json).\n\nExample:\n  softprompt distill --data "
+        "inputs.jsonl --shots shots.jsonl --template 'Review: {input}\\nSentiment:' "
+        "--output runs/distilled",
+        config=DistillConfig,
+        module="distill",
+        skip=("choices", "choice_loss", "task_field", "ensemble"),
     ),
     "generate": Command(
         help="continue texts with the base model and/or a trained prompt",

@@ -96,6 +96,7 @@ def _loss(
 ) -> tuple[Tensor, int]:
     """``lm_loss`` with the shortcuts given, not checked (``support`` compares the paths)."""
     labels, at = batch["labels"], batch.get("prompt_at")
+    soft = soft_targets(batch)  # distillation: labels index the teacher's distributions
     if is_deep(prompt):  # keys/values read from the cache; nothing predicts token 0
         if at is not None and bool(at.any()):
             raise ConfigError("a deep prompt (--method prefix) sits before everything: leave "
@@ -104,13 +105,13 @@ def _loss(
         hidden = hidden_after_deep(model, virtual, deep_layout(prompt), which, batch)
         keep = _positions(labels, choice_ids)
         keep[:, 0] = False
-        return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
+        return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft), int(keep.sum())
     if prompt is not None and shared and at is None:  # the prompt first in every row
         hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
-        return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
+        return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft), int(keep.sum())
     if prompt is not None and shared and len(lengths := at.unique()) <= MAX_HEAD_GROUPS:
-        parts = [_behind_heads(model, prompt, batch, int(a), choice_ids) for a in lengths]
+        parts = [_behind_heads(model, prompt, batch, int(a), choice_ids, soft) for a in lengths]
         return sum(loss for loss, _ in parts), sum(n for _, n in parts)
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
@@ -121,10 +122,13 @@ def _loss(
     keep = _positions(targets, choice_ids)  # (B, T'-1)
     if fast:
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return _head_loss(model, hidden[:, :-1][keep], targets[keep], choice_ids), int(keep.sum())
+        hidden = hidden[:, :-1][keep]
+        return _head_loss(model, hidden, targets[keep], choice_ids, soft), int(keep.sum())
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
     if choice_ids is not None:
         logits = pick_choices(logits, choice_ids)  # (K, C) or (K, C+1)
+    if soft is not None:
+        return _soft_kl(logits, *soft_rows(soft, targets[keep])), int(keep.sum())
     return _score(logits, targets[keep], choice_ids), int(keep.sum())
 
 
@@ -140,6 +144,7 @@ def _behind_heads(
     batch: dict[str, Tensor],
     a: int,
     choice_ids: Tensor | None,
+    soft: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """The loss of the rows whose prompt sits after a head of ``a`` tokens: each distinct
     (head, prompt) runs once as a prefix and its rows read it from the shared cache."""
@@ -154,7 +159,7 @@ def _behind_heads(
     labels = sub["labels"][:, a:width]  # the head carries no labels
     hidden = hidden_after_prefix(model, prefix, which, tail)
     keep = _positions(labels, choice_ids)
-    return _head_loss(model, hidden[keep], labels[keep], choice_ids), int(keep.sum())
+    return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft), int(keep.sum())
 
 
 def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
@@ -173,14 +178,97 @@ def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
     return F.cross_entropy(logits.float(), gold, reduction="sum")
 
 
-def _head_loss(model: nn.Module, hidden: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
+def _head_loss(
+    model: nn.Module,
+    hidden: Tensor,
+    gold: Tensor,
+    choice_ids: Tensor | None,
+    soft: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Summed cross-entropy of hidden states (K, H) against ``gold`` (K,): over the choices'
-    columns alone, or over the vocabulary in chunks (``ChunkedCrossEntropy``)."""
+    columns alone, or over the vocabulary in chunks (``ChunkedCrossEntropy``). With ``soft``
+    (distillation) ``gold`` indexes the teacher's distributions and the loss is the summed
+    KL divergence from them (``teacher_kl``)."""
     head = model.get_output_embeddings()
+    if soft is not None:
+        if choice_ids is not None:
+            raise ConfigError("distillation matches the teacher's distributions: no --choices")
+        ids, logp = soft_rows(soft, gold)
+        if isinstance(head, nn.Linear):
+            cap = getattr(model.config, "final_logit_softcapping", None) or None
+            return teacher_kl(hidden, head.weight, head.bias, ids, logp, cap)
+        return _soft_kl(head_logits(model, hidden), ids, logp)
     if choice_ids is None and isinstance(head, nn.Linear):
         cap = getattr(model.config, "final_logit_softcapping", None) or None
         return chunked_cross_entropy(hidden, head.weight, head.bias, gold, cap)
     return _score(choice_logits(model, hidden, choice_ids), gold, choice_ids)
+
+
+# --- distillation: the KL divergence from a teacher's top-k distribution ------------------
+
+
+def soft_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """A distillation batch's table of teacher distributions (``rows.collate``), or None."""
+    if "soft_ids" not in batch:
+        return None
+    return batch["soft_ids"], batch["soft_logp"]
+
+
+def soft_rows(soft: tuple[Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
+    """The table rows ``index`` (K,) of the teacher's (ids (M, k), log-probs (M, k+1))."""
+    return soft[0][index], soft[1][index]
+
+
+def _bucket_terms(logits: Tensor, ids: Tensor, logp: Tensor, want_grad: bool):
+    """For float32 logits (R, V) and a teacher's top-k ``ids`` (R, k) with log-probs ``logp``
+    (R, k+1, the last the mass of every other token): the summed KL(teacher || student) over
+    the k+1 buckets, and its gradient with respect to the logits (or None).
+
+    The student's bucket probabilities are its softmax at the top-k ids and the mass of the
+    rest. The gradient is softmax - q, where q is the teacher's probability at a top-k id and,
+    elsewhere, the teacher's rest mass shared as the student shares its own rest."""
+    lse = logits.logsumexp(dim=1)  # (R,)
+    rest_lse = logits.scatter(1, ids, -math.inf).logsumexp(dim=1)  # (R,)
+    student = torch.cat([logits.gather(1, ids), rest_lse[:, None]], dim=1) - lse[:, None]
+    teacher = logp.exp()
+    kl = torch.where(teacher > 0, teacher * (logp - student), 0.0).sum()
+    if not want_grad:
+        return kl, None
+    g = (logits - lse[:, None]).exp_()  # the student's softmax
+    g -= teacher[:, -1:] * (logits - rest_lse[:, None]).exp()
+    g.scatter_(1, ids, student[:, :-1].exp() - teacher[:, :-1])
+    return kl, g
+
+
+def _soft_kl(logits: Tensor, ids: Tensor, logp: Tensor) -> Tensor:
+    """``_bucket_terms``'s KL on full logits (K, V), through autograd (the reference path)."""
+    return _bucket_terms(logits.float(), ids, logp, want_grad=False)[0]
+
+
+def teacher_kl(hidden, weight, bias, ids, logp, cap=None) -> Tensor:
+    """Summed KL(teacher || head(hidden)) over the teacher's top-k buckets (``_bucket_terms``)
+    in chunks, as ``chunked_cross_entropy`` computes the cross-entropy: the (K, V) logits of
+    the student never exist at once."""
+    return ChunkedCrossEntropy.apply(hidden, weight, bias, ids, cap, torch.is_grad_enabled(), logp)
+
+
+@torch.no_grad()
+def teacher_topk(model: nn.Module, hidden: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """A teacher's distributions at hidden states (K, H), in chunks: its ``k`` most likely
+    token ids (K, k) and their log-probabilities with the rest's mass last (K, k+1)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    k = min(k, vocab - 1)  # the rest bucket is never empty
+    ids = torch.empty(hidden.shape[0], k, dtype=torch.long, device=hidden.device)
+    logp = torch.empty(hidden.shape[0], k + 1, dtype=torch.float32, device=hidden.device)
+    rows = _chunk_rows(vocab)
+    for s in range(0, hidden.shape[0], rows):
+        logits = head_logits(model, hidden[s : s + rows]).float()
+        lse = logits.logsumexp(dim=1, keepdim=True)
+        top, idx = logits.topk(k, dim=1)
+        rest = logits.scatter(1, idx, -math.inf).logsumexp(dim=1, keepdim=True)
+        ids[s : s + rows] = idx
+        logp[s : s + rows] = torch.cat([top, rest], dim=1) - lse
+    return ids, logp
 
 
 # Logits computed at once by the chunked loss: 32M floats (128 MB in fp32), i.e. 128 rows
@@ -217,8 +305,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     GPU only): this runs on every device torch does."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, gold, cap, grad_on=True):  # noqa: D102
-        # ``grad_on``: whether grad mode was on at the call (forward itself runs without it)
+    def forward(ctx, hidden, weight, bias, gold, cap, grad_on=True, teacher=None):  # noqa: D102
+        # ``grad_on``: whether grad mode was on at the call (forward itself runs without it);
+        # ``teacher`` (K, k+1): distillation, ``gold`` (K, k) the teacher's top-k ids
         want_h, want_w, want_b = (grad_on and n for n in ctx.needs_input_grad[:3])
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
@@ -229,12 +318,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             for s in range(0, hidden.shape[0], rows):
                 h, g_ids = hidden[s : s + rows], gold[s : s + rows]
                 logits, t = _capped_logits(h, weight, bias, cap)
-                lse = logits.logsumexp(dim=1)
-                total += (lse - logits.gather(1, g_ids[:, None]).squeeze(1)).sum()
-                if not (want_h or want_w or want_b):
+                want = want_h or want_w or want_b
+                if teacher is None:
+                    loss, g = _gold_terms(logits, g_ids, want)
+                else:
+                    loss, g = _bucket_terms(logits, g_ids, teacher[s : s + rows], want)
+                total += loss
+                if g is None:
                     continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(len(g), device=g.device), g_ids] -= 1
                 if t is not None:  # d(cap * tanh(x / cap)) / dx
                     g *= 1 - t * t
                 if want_h:
@@ -258,7 +349,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _gold_terms(logits: Tensor, gold: Tensor, want_grad: bool):
+    """Summed cross-entropy of float32 logits (R, V) against ``gold`` (R,), and its gradient
+    with respect to the logits, softmax - one-hot (or None); the logits are overwritten."""
+    lse = logits.logsumexp(dim=1)
+    loss = (lse - logits.gather(1, gold[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss, None
+    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    g[torch.arange(len(g), device=g.device), gold] -= 1
+    return loss, g
 
 
 def chunked_cross_entropy(hidden, weight, bias, gold, cap=None) -> Tensor:

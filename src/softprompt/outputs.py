@@ -39,8 +39,8 @@ PROMPT_NAMES = {"adapter_config.json", "adapter_model.safetensors", "softprompt.
 _TRACKING = {"metrics.csv", "tensorboard"}
 # kind -> (the phrase commands use, the top-level names its command writes)
 KINDS: dict[str, tuple[str, frozenset[str]]] = {
-    "run": ("a run", frozenset(PROMPT_NAMES | _TRACKING | {"checkpoints", "tasks.json",
-                                                           "ensemble.json"})),
+    "run": ("a run", frozenset(PROMPT_NAMES | _TRACKING | {
+        "checkpoints", "tasks.json", "ensemble.json", "teacher", "teacher-agreement.json"})),
     "comparison": ("a comparison", frozenset(_TRACKING | {
         "metrics.jsonl", "prompt-tuning", "prefix-tuning", "lora", "report.md", "report.html",
         "loss_curves.png", "quality_cost.png"})),

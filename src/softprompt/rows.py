@@ -29,6 +29,9 @@ class Row:
     labels: list[int]  # IGNORE_INDEX where no loss
     task: int = 0  # index of the row's task (its prompt) in a multi-task run
     prompt_at: int = 0  # where the virtual tokens go: before input_ids[prompt_at]
+    # distillation: the teacher's distribution at each labelled position, in order:
+    # (top-k token ids (n, k), their log-probabilities and the rest's (n, k+1)); see ``collate``
+    soft: tuple[Tensor, Tensor] | None = None
 
 
 def tokenize(
@@ -173,7 +176,27 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": task}
     if prompt_at.any():  # only batches whose prompt sits inside the rows carry it
         batch["prompt_at"] = prompt_at
+    if any(r.soft is not None for r in rows):
+        _soft_targets(rows, batch)
     return batch
+
+
+def _soft_targets(rows: list[Row], batch: dict[str, Tensor]) -> None:
+    """Distillation rows: the teacher's distributions of the batch in one table (``soft_ids``
+    (M, k), ``soft_logp`` (M, k+1)), and each labelled position's label replaced by its row
+    of the table, so every path that moves labels about (prompt placement, shared prefixes)
+    carries the teacher's targets with them; the loss reads them back (``loss.py``)."""
+    if any(r.soft is None for r in rows):
+        raise ValueError("a batch mixes rows with and without teacher targets")
+    labels, start = batch["labels"], 0
+    for i, r in enumerate(rows):
+        where = (labels[i] != IGNORE_INDEX).nonzero().squeeze(1)
+        if len(where) != len(r.soft[0]):
+            raise ValueError(f"a row has {len(where)} labels but {len(r.soft[0])} teacher targets")
+        labels[i, where] = torch.arange(start, start + len(where))
+        start += len(where)
+    batch["soft_ids"] = torch.cat([r.soft[0] for r in rows]).long()
+    batch["soft_logp"] = torch.cat([r.soft[1] for r in rows]).float()
 
 
 Encoded = tuple[list[int] | None, list[int]]  # (head ids or None, the ids after the prompt)

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from softprompt.artifacts import ensemble_members, load_prompt, read_meta
-from softprompt.config import EMBEDDED_MODEL, EvalConfig
+from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig
 from softprompt.console import say
 from softprompt.data import load_examples
 from softprompt.errors import ConfigError
@@ -28,6 +28,8 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     folders = prompt_folders(cfg.prompt)
     meta = read_meta(folders[0]) if folders else {}
     cfg = _with_prompt_defaults(cfg, meta)
+    if cfg.against_teacher:
+        return _against_teacher(cfg, folders, meta, loaded)
     examples = load_examples(cfg.data.data, cfg.data)[: cfg.limit]
     if loaded is None:
         loaded = load_model(cfg.model, labels=meta.get("labels"))
@@ -71,6 +73,43 @@ def run_eval(cfg: EvalConfig, loaded: LoadedModel | None = None) -> dict:
     }
     if cfg.output:
         write_results(Path(cfg.output), results, records)
+    return results
+
+
+def _against_teacher(cfg: EvalConfig, folders: list[Path], meta: dict,
+                     loaded: LoadedModel | None) -> dict:  # fmt: skip
+    """A distilled prompt against the teacher its folder records, on --data."""
+    from softprompt import distill
+
+    if len(folders) != 1:
+        raise ConfigError("--against-teacher compares one distilled prompt: give --prompt DIR")
+    teacher = distill.read_teacher(folders[0])
+    recorded = (meta.get("data") or {}).get("teacher") or {}
+    if recorded.get("sha256") != teacher.digest:
+        raise ConfigError(f"{folders[0]}: its teacher record does not match the context the "
+                          "prompt was distilled from (softprompt.json's sha256)")  # fmt: skip
+    inputs = distill.read_inputs(cfg.data.data, cfg.data, teacher)[: cfg.limit]
+    loaded = loaded or load_model(cfg.model)
+    device = loaded.model.get_input_embeddings().weight.device
+    prompt = load_prompt(folders[0], loaded.model)[0].to(device)
+    fmt = _format(cfg, meta, chat=inputs[0].messages is not None)
+    max_new = int(recorded.get("max_new_tokens") or cfg.max_new_tokens)
+    report = distill.agreement(loaded, prompt, fmt, teacher, inputs,
+                               GenerateConfig(max_new_tokens=max_new, seed=cfg.seed),
+                               cfg.batch_size, int(recorded.get("top_k") or 32))  # fmt: skip
+    say(distill.describe(report))
+    results = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": loaded.name,
+        "prompt": cfg.prompt,
+        "metrics": {"examples": len(inputs), **report},
+        "config": dataclasses.asdict(cfg),
+        **environment(),
+    }
+    if cfg.output:
+        write_results(Path(cfg.output), results, report.pop("answers"))
+    else:
+        report.pop("answers")
     return results
 
 
@@ -138,6 +177,15 @@ def format_table(results: dict) -> str:
 
 
 _ROWS = [
+    ("answer_match", "answers agreeing with the teacher", "{:.3f}"),
+    ("token_match", "teacher tokens reproduced", "{:.3f}"),
+    ("kl_per_token", "KL from the teacher (nats/token)", "{:.4f}"),
+    ("teacher_metric", "teacher: exact match", "{:.3f}"),
+    ("student_metric", "distilled: exact match", "{:.3f}"),
+    ("teacher_prefill_tokens", "teacher prefill tokens", "{:.1f}"),
+    ("student_prefill_tokens", "distilled prefill tokens", "{:.1f}"),
+    ("teacher_first_token_ms", "teacher first token (ms/input)", "{:.1f}"),
+    ("student_first_token_ms", "distilled first token (ms/input)", "{:.1f}"),
     ("loss", "loss (nats/target token)", "{:.4f}"),
     ("ppl", "perplexity", "{:.2f}"),
     ("accuracy", "accuracy", "{:.3f}"),

@@ -44,7 +44,7 @@ from softprompt.config.base import (  # noqa: F401
     prompt_model,
 )
 from softprompt.config.measure import COMPARE_METHODS, CompareConfig, EvalConfig, SweepConfig  # noqa: F401
-from softprompt.config.train import TrainConfig  # noqa: F401
+from softprompt.config.train import DistillConfig, TrainConfig  # noqa: F401
 from softprompt.config.use import (  # noqa: F401
     ExportConfig,
     ExportDtype,
@@ -71,6 +71,6 @@ def _switches(cls) -> set[str]:
 
 
 # How a ConfigError written with the CLI's flags names them from Python: `resume=True`
-SWITCHES.update(*(_switches(c) for c in (TrainConfig, GenerateRunConfig, InspectConfig,
-                                          ServeConfig, EvalConfig, CompareConfig, SweepConfig,
-                                          ExportConfig, PushConfig)))  # fmt: skip
+SWITCHES.update(*(_switches(c) for c in (TrainConfig, DistillConfig, GenerateRunConfig,
+                                          InspectConfig, ServeConfig, EvalConfig, CompareConfig,
+                                          SweepConfig, ExportConfig, PushConfig)))  # fmt: skip

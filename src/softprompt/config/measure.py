@@ -62,6 +62,13 @@ class EvalConfig:
     output: str | None = opt(
         None, "Folder for results.json (and generations.jsonl). Default: only print the table."
     )
+    against_teacher: bool = opt(
+        False,
+        "For a prompt made by `softprompt distill`: compare it with its teacher (the context "
+        "its folder records) on --data: how often their answers agree, the teacher's answer "
+        "tokens reproduced, KL per token, both task metrics where --data has targets, prefill "
+        "tokens and time to first token (answers up to the teacher's --max-new-tokens).",
+    )
 
     @property
     def choice_list(self) -> list[str] | None:

@@ -9,6 +9,7 @@ from softprompt.config.base import (
     CHOICE_LOSSES,
     CHOICES_AUTO,
     METHODS,
+    MIN_TEMPERATURE,
     REPARAMS,
     ChoiceLoss,
     DataConfig,
@@ -181,3 +182,61 @@ class TrainConfig:
     def restricted_choices(self) -> list[str] | None:
         """The label words of the restricted classification loss, or None (the full loss)."""
         return self.choice_list if self.choice_loss != "full" else None
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`softprompt distill`: train a prompt to stand in for a long context (no labels)."""
+
+    teacher_context: str | None = opt(
+        None,
+        "A text file: the long context (instructions, a style guide, a document) the teacher "
+        "reads where the soft prompt goes (before the input, or at {soft_prompt} in --template).",
+    )
+    teacher_template: str | None = opt(
+        None,
+        "A file holding the teacher's own raw template: its long context and {input}; the "
+        "student uses --template (the same template less the long context).",
+    )
+    teacher_system: str | None = opt(
+        None,
+        "A text file: the system message the teacher answers with (a chat model; plain inputs "
+        "become user turns). The student has the soft prompt at --prompt-position instead.",
+    )
+    shots: str | None = opt(
+        None,
+        "A .jsonl/.csv of worked examples (--input-field, --target-field) the teacher sees "
+        "before every input: in --template, or as earlier turns of a conversation.",
+    )
+    teacher_samples: int = opt(
+        1, "Teacher answers per input (more than 1 needs --teacher-temperature above 0)."
+    )
+    teacher_temperature: float = opt(0.0, "The teacher's sampling temperature (0: greedy).")
+    teacher_max_new_tokens: int = opt(64, "Longest teacher answer, in tokens.")
+    teacher_top_k: int = opt(
+        32,
+        "The teacher's most likely tokens kept at each answer position; the rest of its "
+        "probability is one more bucket. The loss is the KL divergence over these buckets.",
+    )
+    agreement_inputs: int = opt(
+        64,
+        "Validation inputs on which the result is compared with the teacher at the end "
+        "(answers, tokens, KL, prefill, time to first token); 0 skips it.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher_samples < 1 or self.teacher_max_new_tokens < 1 or self.teacher_top_k < 1:
+            raise ConfigError("--teacher-samples, --teacher-max-new-tokens and --teacher-top-k "
+                              "must be at least 1")  # fmt: skip
+        if self.teacher_temperature < 0 or 0 < self.teacher_temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"--teacher-temperature must be 0 (greedy) or at least "
+                              f"{MIN_TEMPERATURE}")  # fmt: skip
+        if self.teacher_samples > 1 and self.teacher_temperature == 0:
+            raise ConfigError(f"--teacher-samples {self.teacher_samples}: greedy answers are all "
+                              "the same; give --teacher-temperature (e.g. 0.7)")  # fmt: skip
+        if self.agreement_inputs < 0:
+            raise ConfigError("--agreement-inputs must be 0 or more")
+        if self.task_field or self.ensemble > 1 or self.choice_list is not None:
+            raise ConfigError("distill matches the teacher's answers: --task-field, --ensemble "
+                              "and --choices do not apply")  # fmt: skip

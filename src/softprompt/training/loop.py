@@ -10,14 +10,18 @@ from softprompt.config import TrainConfig
 from softprompt.loading import LoadedModel
 from softprompt.training.finish import already_finished, finish, stop_non_finite
 from softprompt.training.run import TrainResult
-from softprompt.training.setup import start_run
+from softprompt.training.setup import DataSource, start_run
 
 
 def train(
-    cfg: TrainConfig, loaded: LoadedModel | None = None, progress: bool = True
+    cfg: TrainConfig,
+    loaded: LoadedModel | None = None,
+    progress: bool = True,
+    source: DataSource | None = None,
 ) -> TrainResult:
-    """Train a soft prompt as ``cfg`` says and save it to ``cfg.output``."""
-    run = start_run(cfg, loaded)
+    """Train a soft prompt as ``cfg`` says and save it to ``cfg.output`` (``source``: where
+    the rows come from, a data file's examples by default)."""
+    run = start_run(cfg, loaded, source)
     if run.finished:  # --resume of a run that had already ended
         return already_finished(run)
     if run.state.step == 0:

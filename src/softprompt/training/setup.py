@@ -185,7 +185,23 @@ def _detect_choices(cfg: TrainConfig, examples: list[Example], tokenizer, delimi
     return labels
 
 
-def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
+class DataSource:
+    """Where a run's rows come from: a data file's examples and their targets (``train``).
+    ``distill.DistillSource`` gives rows whose targets are a teacher's distributions."""
+
+    def examples(self, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+        """(training, validation) examples, read before anything slow is done."""
+        return _load_examples(cfg)
+
+    def prepare(self, cfg: TrainConfig, train_ex: list[Example], val_ex: list[Example],
+                loaded: LoadedModel, output: Path, device) -> TrainData:  # fmt: skip
+        """The run's token rows, once the model is loaded and the output folder claimed."""
+        return _prepare_data(cfg, train_ex, val_ex, loaded.tokenizer, device, loaded)
+
+
+def start_run(
+    cfg: TrainConfig, loaded: LoadedModel | None = None, source: DataSource | None = None
+) -> Run:
     """Everything set up; a resumed run restored from its newest good checkpoint."""
     # One process, or one of many under `accelerate launch` / torchrun. Without a GPU,
     # accelerate uses gloo across CPU processes only when told cpu=True.
@@ -195,12 +211,13 @@ def start_run(cfg: TrainConfig, loaded: LoadedModel | None = None) -> Run:
             "--shard-model splits the model across processes: launch with torchrun or "
             "accelerate launch and 2 or more processes (README, 'Scaling out')"
         )
-    examples = _load_examples(cfg)  # bad data fails before anything slow or written
+    source = source or DataSource()
+    examples = source.examples(cfg)  # bad data fails before anything slow or written
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     loaded = _model_for(cfg, accelerator, examples[0] + examples[1], loaded)  # every label
     cfg = _kind_defaults(cfg, loaded, accelerator.is_main_process)
-    data = _prepare_data(cfg, *examples, loaded.tokenizer, accelerator.device, loaded)
+    data = source.prepare(cfg, *examples, loaded, output, accelerator.device)
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.method == "prefix":
         _check_deep(cfg, loaded, data)

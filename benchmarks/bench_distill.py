@@ -1,0 +1,239 @@
+"""A long prompt compiled into a few virtual tokens (``softprompt distill``), measured against
+the long prompt itself, a prompt tuned on the labels, and the bare model, in one run:
+
+    python benchmarks/bench_distill.py                       # both tasks, the bundled models
+    python benchmarks/bench_distill.py --tasks cr --seeds 0,1,2
+    python benchmarks/bench_distill.py --quick --model DIR   # a smoke run (tiny model)
+
+Tasks:
+- ``cr`` (../shared/data/cr, public; skipped, saying why, where absent): the teacher is the
+  embedded Gemma 3 270M with a 16-shot prompt (8 reviews per label from the training set,
+  in the template ``Review: {input}\\nSentiment:``); inputs are further training reviews, no
+  labels used; held out: the first test reviews;
+- ``support`` (examples/support, shipped): the teacher is the bundled SmolLM2-135M-Instruct
+  with the task's system message (its README); inputs are the training conversations'
+  user turns; held out: the test conversations.
+
+Rows per task and seed, all on the same held-out inputs: the bare model (the student's
+input, no prompt), the teacher (the long prompt), a prompt tuned on the inputs' labels
+(``softprompt train``, the same steps), and the distilled prompt (``softprompt distill``,
+no labels). Columns: the task metric (exact match of the answer's first line with the gold
+answer), agreement with the teacher (answers, tokens reproduced, KL per token), prefill
+tokens and time to first token (ms per input, batches of 8, compiled prefix). Targets (the
+issue): >= 90 % answer agreement, <= 1 point of the teacher's metric lost, >= 10x fewer
+prefill tokens, >= 3x faster first token. Rows are appended to ``--json``. Run it alone:
+time to first token is a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from softprompt import distill as d  # noqa: E402
+from softprompt.artifacts import load_prompt  # noqa: E402
+from softprompt.config import (  # noqa: E402
+    EMBEDDED_CHAT_MODEL,
+    EMBEDDED_MODEL,
+    DataConfig,
+    DistillConfig,
+    GenerateConfig,
+    ModelConfig,
+    PromptConfig,
+    TrainConfig,
+)
+from softprompt.loading import load_model  # noqa: E402
+from softprompt.measure.evaluate import environment  # noqa: E402
+from softprompt.training import train  # noqa: E402
+
+DATA_ROOT = ROOT.parent / "shared" / "data"
+SUPPORT = ROOT / "examples" / "support"
+SYSTEM = (
+    'Reply with one line of JSON and nothing else: {"topic": T, "sentiment": S} where T is one '
+    "of battery, screen, delivery, price, support and S is positive or negative."
+)
+TEMPLATE = "Review: {input}\nSentiment:"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def cr_files(args, seed: int, folder: Path) -> dict:
+    """16 shots (8 per label), the distillation inputs and the held-out reviews."""
+    train = read_jsonl(Path(args.data_root) / "cr" / "train.jsonl")
+    random.Random(seed).shuffle(train)
+    shots = [r for r in train if r["label"] == "positive"][:8]
+    shots += [r for r in train if r["label"] == "negative"][:8]
+    random.Random(seed + 1).shuffle(shots)
+    used = {id(r) for r in shots}
+    inputs = [r for r in train if id(r) not in used][: args.inputs]
+    held = read_jsonl(Path(args.data_root) / "cr" / "test.jsonl")[: args.held_out]
+    return {
+        "model": args.model or EMBEDDED_MODEL,
+        "data": DataConfig(data=str(write_jsonl(folder / "inputs.jsonl", inputs)),
+                           input_field="text", target_field="label", template=TEMPLATE),
+        "teacher": {"shots": str(write_jsonl(folder / "shots.jsonl", shots))},
+        "held_out": write_jsonl(folder / "held.jsonl", held),
+        "new_tokens": 3,
+    }  # fmt: skip
+
+
+def support_files(args, seed: int, folder: Path) -> dict:
+    (folder / "system.txt").write_text(SYSTEM, encoding="utf-8")
+    inputs = read_jsonl(SUPPORT / "train.jsonl")[: args.inputs]
+    held = read_jsonl(SUPPORT / "test.jsonl")[: args.held_out]
+    return {
+        "model": args.model or EMBEDDED_CHAT_MODEL,
+        "data": DataConfig(data=str(write_jsonl(folder / "inputs.jsonl", inputs)),
+                           prompt_position="before-user"),
+        "teacher": {"teacher_system": str(folder / "system.txt")},
+        "held_out": write_jsonl(folder / "held.jsonl", held),
+        "new_tokens": 24,
+    }  # fmt: skip
+
+
+TASKS = {"cr": cr_files, "support": support_files}
+
+
+def run_task(args, name: str, seed: int) -> list[dict]:
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-distill-{name}-"))
+    spec = TASKS[name](args, seed, folder)
+    loaded = load_model(ModelConfig(model=spec["model"]))
+    common = dict(model=ModelConfig(model=spec["model"]), seed=seed, batch_size=8,
+                  prompt=PromptConfig(num_virtual_tokens=args.tokens),
+                  max_steps=args.steps)  # fmt: skip
+    cfg = DistillConfig(data=spec["data"], output=str(folder / "distilled"),
+                        teacher_max_new_tokens=spec["new_tokens"], agreement_inputs=0,
+                        **spec["teacher"], **common)  # fmt: skip
+    started = time.perf_counter()
+    distilled = d.distill(cfg, loaded, progress=False)
+    distill_s = time.perf_counter() - started
+    started = time.perf_counter()
+    tuned = train(TrainConfig(data=spec["data"], output=str(folder / "tuned"), **common), loaded,
+                  progress=False)  # fmt: skip
+    tuned_s = time.perf_counter() - started
+    teacher = d.teacher_from_config(cfg)
+    held = d.read_inputs(str(spec["held_out"]), spec["data"], teacher)
+    fmt = d.student_format(cfg, held)
+    gen = GenerateConfig(max_new_tokens=spec["new_tokens"])
+    rows = []
+    variants = [
+        ("bare model", None, None),
+        ("tuned on labels", load_prompt(folder / "tuned", loaded.model)[0], tuned_s),
+        ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s),
+    ]
+    for label, prompt, seconds in variants:
+        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k)
+        report.pop("answers")
+        rows.append({"task": name, "seed": seed, "variant": label, "train_s": seconds,
+                     "steps": (distilled if label == "distilled" else tuned).summary["steps"]
+                     if prompt is not None else 0, **report})  # fmt: skip
+        print(f"bench_distill {name} seed {seed} {label}: {d.describe(report)}", flush=True)
+    return rows
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def col(rows: list[dict], key: str) -> str:
+    return mean_sd([r[key] for r in rows])
+
+
+def table(rows: list[dict]) -> str:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        seeds = sorted({r["seed"] for r in mine})
+        out += [f"\n{task} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+                f"{mine[0]['inputs']} held-out inputs)",
+                "| variant | task metric | answers = teacher | tokens = teacher | KL / token "
+                "| prefill tokens | first token ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        first = [r for r in mine if r["variant"] == "distilled"]
+        t_metric = [r.get("teacher_metric", float("nan")) for r in first]
+        t_pre = statistics.mean(r["teacher_prefill_tokens"] for r in first)
+        t_ms = statistics.mean(r["teacher_first_token_ms"] for r in first)
+        out.append(f"| teacher (long prompt) | {mean_sd(t_metric)} | 1 | 1 | 0 | {t_pre:.0f} | "
+                   f"{t_ms:.0f} |")  # fmt: skip
+        for variant in dict.fromkeys(r["variant"] for r in mine):
+            rs = [r for r in mine if r["variant"] == variant]
+            metric = col(rs, "student_metric") if "student_metric" in rs[0] else "-"
+            out.append(
+                f"| {variant} | {metric} | {col(rs, 'answer_match')} | "
+                f"{col(rs, 'token_match')} | {col(rs, 'kl_per_token')} | "
+                f"{statistics.mean(r['student_prefill_tokens'] for r in rs):.0f} | "
+                f"{statistics.mean(r['student_first_token_ms'] for r in rs):.0f} |"
+            )
+        dist = first
+        if dist:
+            pre = statistics.mean(r["prefill_ratio"] for r in dist)
+            ttft = statistics.mean(r["first_token_speedup"] for r in dist)
+            agree = statistics.mean(r["answer_match"] for r in dist)
+            lost = statistics.mean(r.get("teacher_metric", 0) - r.get("student_metric", 0)
+                                   for r in dist)  # fmt: skip
+            out.append(f"\ndistilled vs teacher: answers agree {agree:.1%} (target >= 90%), "
+                       f"metric {-lost * 100:+.1f} points (target >= -1), prefill {pre:.1f}x "
+                       f"fewer tokens (target >= 10x), first token {ttft:.1f}x faster "
+                       "(target >= 3x)")  # fmt: skip
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="base model (default: each task's)")
+    parser.add_argument("--data-root", default=str(DATA_ROOT), help="the public data sets")
+    parser.add_argument("--tasks", default="cr,support", help="comma-separated: cr, support")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--inputs", type=int, default=128, help="distillation inputs")
+    parser.add_argument("--held-out", type=int, default=100, help="held-out inputs")
+    parser.add_argument("--tokens", type=int, default=20, help="virtual tokens")
+    parser.add_argument("--steps", type=int, default=None, help="steps (default: 3 epochs)")
+    parser.add_argument("--json", default="docs/distill/bench-distill.jsonl", help="appended")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.inputs, args.held_out, args.steps, args.tokens = 16, 4, 2, 4
+    tasks = [t for t in args.tasks.split(",") if t]
+    if "cr" in tasks and not (Path(args.data_root) / "cr" / "train.jsonl").is_file():
+        print(f"bench_distill: skipping cr: no {Path(args.data_root) / 'cr'} (the public data "
+              "sets live in ../shared/data beside the repository)", flush=True)  # fmt: skip
+        tasks.remove("cr")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"kind": "run", "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_average": os.getloadavg()[0], "command": " ".join(sys.argv),
+              **environment()}  # fmt: skip
+    rows = []
+    with out.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(header) + "\n")
+    for name in tasks:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            new = run_task(args, name, seed)
+            rows += new
+            with out.open("a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in new)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ BART 1 (odd: saved as is)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -170,6 +171,12 @@ def test_batch_equals_alone(s2s, arch):
         both, _, _ = rows_loss(model, deep, _rows(tok, pairs), 0, "cpu")
         alone = sum(rows_loss(model, deep, _rows(tok, [p]), 0, "cpu")[0] for p in pairs)
     torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
+    tasks = PromptSet(["a", "b"], [deep, _deep(model, 5)])  # rows of two tasks' prompts
+    rows = [dataclasses.replace(r, task=i % 2) for i, r in enumerate(_rows(tok, pairs))]
+    with torch.no_grad():
+        both, _, _ = rows_loss(model, tasks, rows, 0, "cpu")
+        alone = sum(rows_loss(model, tasks.prompts[r.task], [r], 0, "cpu")[0] for r in rows)
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
     choices = ["positive", "negative", "the movie"]
     scores = score_choices(model, tok, deep, SOURCES, choices)
     for source, row in zip(SOURCES, scores):  # each choice's score is its loss
@@ -292,9 +299,11 @@ def test_cli_trains_evaluates_and_generates(kind_dirs, tmp_path, capsys):
     assert "tuned" in capsys.readouterr().out
 
 
-def test_served_with_other_prompts(kind_dirs, tmp_path):
-    """A T5 deep prompt folder served beside an input-layer prompt: concurrent requests over
-    both and the base model share batches and each gets what it gets alone."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_served_with_other_prompts(kind_dirs, tmp_path, arch):
+    """A deep prompt folder served beside an input-layer prompt: concurrent requests over
+    both and the base model share batches and each gets what it gets alone (BART's rows of
+    a batch that mixes them run again one by one)."""
     import threading
 
     import openai
@@ -303,7 +312,7 @@ def test_served_with_other_prompts(kind_dirs, tmp_path):
     from softprompt.serving.api import create_app
     from softprompt.serving.server import BackgroundServer
 
-    loaded = load_model(model=str(kind_dirs["t5"]))
+    loaded = load_model(model=str(kind_dirs[arch]))
     folder = tmp_path / "prompts"
     save_prompt(folder / "deep", _deep(loaded.model, 7, 5), loaded.model, loaded.name)
     save_prompt(folder / "flat", random_prompt(8, 3), loaded.model, loaded.name)

@@ -307,21 +307,6 @@ def test_prefix_projection_starts_at_init_and_resumes(model_dirs, pairs_file, tm
     torch.testing.assert_close(got, want)
 
 
-def test_encoder_decoder_refused_in_one_line(kind_dirs, tmp_path):
-    from conftest import train_config
-
-    from softprompt.errors import ConfigError
-    from softprompt.training import train
-
-    data = tmp_path / "train.jsonl"
-    pairs = [("good", "positive"), ("bad", "negative")] * 4
-    data.write_text("".join(json.dumps({"review": r, "label": y}) + "\n" for r, y in pairs))
-    with pytest.raises(ConfigError, match="seq2seq models take input-layer prompts only"):
-        train(train_config(kind_dirs["t5"], data, tmp_path / "t5", method="prefix",
-                           template=None))  # fmt: skip
-    assert not (tmp_path / "t5" / "adapter_model.safetensors").exists()
-
-
 def test_chat_and_ensemble_take_deep_prompts(chat_dir, tmp_path):
     """Conversations with the deep prefix first (the chat template's text after it): trained,
     and generate_chat answers with it as with the input-layer prompt it started from; a

@@ -30,7 +30,7 @@ from torch import nn
 from softprompt import __version__, kinds
 from softprompt.errors import ArtifactError, ConfigError, SoftpromptError
 from softprompt.outputs import atomic_write, write_json
-from softprompt.prefix import check_layout
+from softprompt.prefix import check_layout, kv_layout
 from softprompt.prompt import DeepPrompt, SoftPrompt
 from softprompt.templates import PromptFormat, template_fields
 
@@ -109,10 +109,11 @@ def save_prompt(
         for gone in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
                      "tokenizer_kwargs"):  # fmt: skip
             adapter.pop(gone)
+        rows, saved = kind.saved_deep(prompt.embedding.detach().float().cpu(), layers)
         adapter.update(peft_type="PREFIX_TUNING", token_dim=heads * dim, num_attention_heads=heads,
-                       num_layers=layers, encoder_hidden_size=heads * dim,
+                       num_layers=saved, encoder_hidden_size=heads * dim,
                        prefix_projection=False)  # fmt: skip
-        rows = prompt.embedding.detach().float().cpu()
+        meta = {**(meta or {}), "deep_layers": layers}  # PEFT's num_layers may differ (seq2seq)
     else:
         rows = kind.saved_rows(prompt.embedding.detach().float().cpu())
     weights = {PROMPT_KEY: rows.contiguous(), **kind.extra_tensors(model)}
@@ -308,7 +309,7 @@ def load_prompt(
     n = adapter.get("num_virtual_tokens") or meta.get("num_virtual_tokens")
     saved_kind = kinds.for_task_type(adapter.get("task_type"))
     if peft_type == "PREFIX_TUNING":
-        prompt = _deep_prompt(rows, adapter, folder)
+        prompt = _deep_prompt(rows, adapter, folder, saved_kind, _deep_layers(meta, adapter, model))
     else:  # PROMPT_TUNING, or P_TUNING: PEFT saves its encoder's output, a plain prompt
         if saved_kind is not None:
             rows = saved_kind.loaded_rows(rows, n)
@@ -325,18 +326,38 @@ def load_prompt(
     return prompt, meta
 
 
-def _deep_prompt(rows: torch.Tensor, adapter: dict, folder: Path) -> DeepPrompt:
+def _deep_prompt(rows: torch.Tensor, adapter: dict, folder: Path, kind,
+                 layers: int | None) -> DeepPrompt:  # fmt: skip
     """A PREFIX_TUNING tensor as a ``DeepPrompt``, its layout from adapter_config.json (PEFT
-    saves a projected prefix as the projection's output: the same tensor)."""
+    saves a projected prefix as the projection's output: the same tensor), read per layer
+    as the kind stores it (``Kind.loaded_deep``) for a model of ``layers`` layers."""
     heads, width = adapter.get("num_attention_heads"), adapter.get("token_dim")
-    layers = adapter.get("num_layers")
-    if not all(isinstance(v, int) and v > 0 for v in (heads, width, layers)) or width % heads:
+    saved = adapter.get("num_layers")
+    if not all(isinstance(v, int) and v > 0 for v in (heads, width, saved)) or width % heads:
         raise ArtifactError(f"{folder / ADAPTER_CONFIG}: a prefix-tuning adapter needs "
                             "num_layers, num_attention_heads and token_dim")  # fmt: skip
     try:
-        return DeepPrompt(rows, layers, heads, width // heads)
+        if kind is not None and rows.ndim == 2 and rows.shape[1] == saved * 2 * width:
+            rows, saved = kind.loaded_deep(rows, saved, layers)
+        return DeepPrompt(rows, saved, heads, width // heads)
     except SoftpromptError as err:
         raise ArtifactError(f"{folder / ADAPTER_WEIGHTS}: {err}") from None
+
+
+def _deep_layers(meta: dict, adapter: dict, model: nn.Module | None) -> int | None:
+    """The layer count a deep prompt was made for: softprompt.json's, else (a PEFT-saved
+    seq2seq prefix, whose num_layers may be one more) the model's, where it fits."""
+    layers = meta.get("deep_layers")
+    if isinstance(layers, int) and layers > 0:
+        return layers
+    saved = adapter.get("num_layers")
+    if model is None:
+        return None
+    try:
+        layers = kv_layout(model)[0]
+    except ConfigError:
+        return None
+    return layers if isinstance(saved, int) and layers in (saved, saved - 1) else None
 
 
 def _check_rows(rows: torch.Tensor, path: Path) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from softprompt.errors import ConfigError
 from softprompt.prompt import DeepPrompt, SoftPrompt, embed_tokens
@@ -61,9 +61,21 @@ PromptLike = SoftPrompt | Prefix | None
 
 def run_prefix(model: nn.Module, embeds: Tensor) -> tuple[DynamicCache, Tensor]:
     """Run prefixes ``embeds`` (K, P, H) alone through the model's body: the cache of every
-    layer's keys/values (K rows of P entries) and the last hidden states (K, P, H)."""
-    cache = DynamicCache()  # no config: plain full layers, nothing dropped
+    layer's keys/values (K rows of P entries) and the last hidden states (K, P, H).
+
+    An encoder-decoder keeps a deep prompt in its decoder's self-attention (as PEFT's
+    SEQ_2_SEQ_LM prefix tuning does): there the prefixes run through the decoder, which
+    reads the encoder's output of the same prefixes, and the cache is the decoder's."""
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    if getattr(model.config, "is_encoder_decoder", False):
+        encoded = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        both = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        out = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                  encoder_hidden_states=encoded.last_hidden_state,
+                                  encoder_attention_mask=mask, past_key_values=both,
+                                  use_cache=True)  # fmt: skip
+        return both.self_attention_cache, out.last_hidden_state
+    cache = DynamicCache()  # no config: plain full layers, nothing dropped
     out = model.base_model(
         inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True
     )

@@ -48,8 +48,8 @@ class TrainConfig:
         None,
         "Peak learning rate of AdamW. Soft prompts need much larger rates than weights. "
         "Default: the model kind's, chosen on the public suite (benchmarks/suite.py): 0.03 for "
-        "decoders and encoder-decoders, 0.1 for classifiers (prompt + head); 0.1 for deep "
-        "prompts (--method prefix).",
+        "decoders and encoder-decoders, 0.1 for classifiers (prompt + head); for deep "
+        "prompts (--method prefix) 0.1 on decoders, 0.03 on classifiers and encoder-decoders.",
     )
     weight_decay: float = opt(0.0, "AdamW weight decay on the prompt (0 keeps it free).")
     warmup_ratio: float = opt(0.06, "Fraction of the steps spent warming the rate up from 0.")
@@ -82,7 +82,8 @@ class TrainConfig:
         "Li & Liang 2021; P-tuning v2), saved in PEFT's PREFIX_TUNING format. A deep prefix "
         "starts from the keys/values of what --init gives, sits before everything (no "
         "{soft_prompt} inside the text, no chat placement) and is served from the cache like "
-        "a compiled prompt; decoders and encoder classifiers (not encoder-decoders yet). "
+        "a compiled prompt; decoders, encoder classifiers and encoder-decoders (in the "
+        "decoder's self-attention, as PEFT puts it). "
         "Default: the model kind's, chosen on the public suite: prefix for classifiers, "
         "prompt for the others (prompt with --reparam residual).",
     )

@@ -4,7 +4,8 @@ kind a model is.
 - ``causal`` (``CAUSAL``): a decoder LM; the prompt sits first or after a constant head,
   runs once per batch as a shared prefix, and is compiled once for generation;
 - ``seq2seq`` (``SEQ2SEQ``): an encoder-decoder (T5, BART); the prompt goes before the
-  encoder's input and the loss is on the decoder's target tokens;
+  encoder's input (a deep prompt: in the decoder's self-attention) and the loss is on the
+  decoder's target tokens;
 - ``classify`` (``CLASSIFY``): a BERT-style encoder whose classification head trains beside
   the prompt.
 
@@ -123,6 +124,14 @@ class Kind(Protocol):
 
     def loaded_rows(self, rows: Tensor, n: int | None) -> Tensor:
         """The prompt's rows from PEFT's stored tensor (``saved_rows`` undone)."""
+
+    def saved_deep(self, flat: Tensor, layers: int) -> tuple[Tensor, int]:
+        """A deep prompt held per layer (N, layers x 2 x KV width) as PEFT's PREFIX_TUNING
+        tensor for this kind, and the num_layers PEFT reads it with."""
+
+    def loaded_deep(self, rows: Tensor, saved: int, layers: int | None) -> tuple[Tensor, int]:
+        """``saved_deep`` undone for PEFT's tensor of ``saved`` layers, for a model of
+        ``layers`` (None: as saved): (the tensor per layer, its layer count)."""
 
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         """Tensors the artifact holds beside the prompt (a classifier's head)."""

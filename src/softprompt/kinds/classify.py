@@ -303,6 +303,12 @@ class Classify:
     def loaded_rows(self, rows: Tensor, n: int | None) -> Tensor:
         return rows
 
+    def saved_deep(self, flat: Tensor, layers: int) -> tuple[Tensor, int]:
+        return flat, layers  # PEFT's order is the layers' own
+
+    def loaded_deep(self, rows: Tensor, saved: int, layers: int | None) -> tuple[Tensor, int]:
+        return rows, saved
+
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return head_state(model)
 

@@ -5,6 +5,11 @@ embeddings (its attention mask extended with ones) and the decoder is untouched:
 target shifted right, as the model itself does from ``labels``. A row holds the encoder's
 input ids in ``input_ids`` and the decoder's target ids (with EOS) in ``labels``; they are not
 aligned, so this kind has its own collate, loss, scoring and generation.
+
+A deep prompt (--method prefix) sits where PEFT's SEQ_2_SEQ_LM prefix tuning puts it: keys
+and values before the decoder's own in every decoder self-attention layer; the encoder and
+the cross-attention are untouched. Held per decoder layer (layer i's keys/values in block
+i, as a decoder LM's), it is stored in PEFT's order (``seq2seq_deep``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,24 @@ from softprompt.errors import ConfigError
 from softprompt.generation import generation_config, prompt_batches
 from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, refuse_training
 from softprompt.kinds.refuse import check_inputs
-from softprompt.prefix import Prefix, PromptLike, embeds_only
-from softprompt.prompt import SoftPrompt, before_input, embed_tokens, input_scale
+from softprompt.kinds.seq2seq_deep import (
+    compiled_deep,
+    decoder_prefix,
+    deep_row,
+    from_peft,
+    packed_prefixes,
+    peft_layers,
+    to_peft,
+)
+from softprompt.prefix import Prefix, PromptLike, compile_prefix, embeds_only
+from softprompt.prompt import (
+    DeepPrompt,
+    SoftPrompt,
+    before_input,
+    embed_tokens,
+    input_scale,
+    is_deep,
+)
 from softprompt.rows import IGNORE_INDEX, Encoded, Row, warn_cut
 from softprompt.scoring import mean_row_loss
 from softprompt.templates import PromptFormat
@@ -76,12 +97,18 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
 
 
 def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) -> tuple:
-    """(summed cross-entropy over target tokens, their count, positions run)."""
+    """(summed cross-entropy over target tokens, their count, positions run); a deep prompt:
+    each row's keys/values in the decoder's cache, built once per batch."""
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-    embeds, mask = before_input(model, prompt, batch)
     labels = batch["labels"]
     decoder_ids = decoder_input_ids(model, labels, pad_id)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    extra = {}
+    if is_deep(prompt):
+        extra = {"past_key_values": decoder_prefix(model, prompt, batch), "use_cache": True}
+        prompt = None  # nothing goes before the encoder's input
+    embeds, mask = before_input(model, prompt, batch)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
+                   **extra).logits  # fmt: skip
     keep = labels != IGNORE_INDEX
     loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum()), int(mask.numel() + labels.numel())
@@ -97,7 +124,7 @@ def encoder_embeds(
     rows = []
     for row, prompt in zip(ids, prompts):
         text = embed_tokens(model, torch.tensor([row], device=weight.device))[0]  # (T, H)
-        if prompt is not None:
+        if prompt is not None and not deep_row(prompt):  # a deep prompt is the decoder's
             virtual = prompt.embeds if isinstance(prompt, Prefix) else prompt.embedding
             text = torch.cat([virtual.detach().to(device=text.device, dtype=text.dtype), text])
         rows.append(text)
@@ -154,16 +181,19 @@ def generate_ids(
     pad_id: int = 0,
     processors=None,
 ) -> Tensor:
-    """The decoder's tokens (B, steps) for each row of encoder ids with its own prompt;
-    ``gen_cfg``: a transformers GenerationConfig (``stopping``: criteria that may stream)."""
+    """The decoder's tokens (B, steps) for each row of encoder ids with its own prompt (a deep
+    one in the decoder's cache); ``gen_cfg``: a transformers GenerationConfig (``stopping``:
+    criteria that may stream)."""
     embeds, mask = encoder_embeds(model, ids, prompts, pad_id)
+    extra = packed_prefixes(model, compiled_deep(model, prompts))
     # the decoder starts from the token training put first, whatever the tokenizer's BOS
     gen_cfg.bos_token_id = None
     eos = gen_cfg.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     gen_cfg.decoder_start_token_id = decoder_start(model, eos, pad_id)
     return model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg,
-                          stopping_criteria=stopping, logits_processor=processors)  # fmt: skip
+                          stopping_criteria=stopping, logits_processor=processors,
+                          **extra)  # fmt: skip
 
 
 @torch.no_grad()
@@ -180,19 +210,25 @@ def score_choices(
     keep = labels != IGNORE_INDEX
     out = []
     encoder = model.get_encoder()
+    c = len(choices)
     for source in sources:
         rows = [Row(tokenizer(source)["input_ids"], [IGNORE_INDEX])]
         batch = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-        embeds, mask = before_input(model, prompt, batch)
+        extra = {}
+        if is_deep(prompt):  # every choice reads the prompt's keys/values in the decoder
+            choice_batch = {"input_ids": labels, "task": labels.new_zeros(c)}
+            extra = {"past_key_values": decoder_prefix(model, prompt, choice_batch),
+                     "use_cache": True}  # fmt: skip
+        embeds, mask = before_input(model, None if extra else prompt, batch)
         # the encoder's own output object, every choice reading its states: ProphetNet and
         # SwitchTransformers read it by field name (router_logits), not as a tuple
         encoded = encoder(inputs_embeds=embeds, attention_mask=mask)
-        c = len(choices)
         encoded["last_hidden_state"] = encoded.last_hidden_state.expand(c, -1, -1)  # (C,S,H)
         logits = model(
             encoder_outputs=encoded,
             attention_mask=mask.expand(c, -1),
             decoder_input_ids=decoder_ids,
+            **extra,
         ).logits.float()  # (C, T, V)
         logp = F.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0).unsqueeze(2))
         out.append((logp.squeeze(2) * keep).sum(dim=1).tolist())
@@ -211,10 +247,10 @@ class Seq2Seq:
     prompt_inside = False
     restricted_choices = False
     default_lr = 3e-2  # Lester et al. trained T5 prompts at 0.3 with Adafactor; not measured
-    default_prefix_lr = 3e-2  # --method prefix: not trained for this kind yet
+    default_prefix_lr = 3e-2  # --method prefix: as classifiers' (not measured on T5 yet)
     default_epochs = 3
     default_method = "prompt"
-    deep_prompts = False  # --method prefix (keys/values per layer) can train
+    deep_prompts = True  # --method prefix: keys/values in the decoder's self-attention
 
     def prepare(self, model: nn.Module) -> None:
         check_inputs(model, model.get_encoder())  # the prompt goes before the encoder's input
@@ -279,6 +315,8 @@ class Seq2Seq:
                             processors)  # fmt: skip
 
     def compile(self, model: nn.Module, prompt: SoftPrompt) -> Prefix:
+        if isinstance(prompt, DeepPrompt):  # the decoder's keys/values, as they are
+            return compile_prefix(model, prompt)
         return embeds_only(model, prompt)  # nothing runs ahead of an encoder's input
 
     def adapter_fields(self, model: nn.Module) -> dict:
@@ -290,6 +328,13 @@ class Seq2Seq:
     def loaded_rows(self, rows: Tensor, n: int | None) -> Tensor:
         # PEFT's (2N, H): prompt tuning puts the first N before the encoder
         return rows[:n] if n and rows.shape[0] == 2 * n else rows
+
+    def saved_deep(self, flat: Tensor, layers: int) -> tuple[Tensor, int]:
+        return to_peft(flat, layers), peft_layers(layers)
+
+    def loaded_deep(self, rows: Tensor, saved: int, layers: int | None) -> tuple[Tensor, int]:
+        layers = layers or saved
+        return from_peft(rows, saved, layers), layers
 
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return {}

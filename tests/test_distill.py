@@ -85,6 +85,7 @@ def _cfg(model_dir, tmp_path, **kw):
     (tmp_path / "ctx.txt").write_text(CONTEXT)
     kw.setdefault("teacher_context", str(tmp_path / "ctx.txt"))
     template = kw.pop("template", TEMPLATE)
+    position = kw.pop("prompt_position", "start")
     return DistillConfig(
         model=ModelConfig(model=str(model_dir)),
         data=DataConfig(
@@ -93,7 +94,8 @@ def _cfg(model_dir, tmp_path, **kw):
             target_field="label",
             template=template,
             val_fraction=0.25,
-        ),  # fmt: skip
+            prompt_position=position,
+        ),
         prompt=PromptConfig(num_virtual_tokens=kw.pop("n", 4), init=kw.pop("init", "auto")),
         output=str(tmp_path / "out"),
         batch_size=3,
@@ -274,3 +276,72 @@ def test_cli_distill_and_eval_against_teacher(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--prompt", str(out), "--data", str(data), "--input-field", "review",
                  "--against-teacher"]) == 2  # fmt: skip
     assert "does not match" in capsys.readouterr().err
+
+
+def test_distill_a_deep_prompt_and_sampled_answers(tiny_dir, tmp_path):
+    """--method prefix distils into keys/values per layer; --teacher-samples K gives K
+    answers per input (sampled), each a row of its own."""
+    from softprompt import distill as d
+    from softprompt.prompt import DeepPrompt
+
+    cfg = _cfg(tiny_dir, tmp_path, method="prefix", teacher_samples=2, teacher_temperature=1.0)
+    result = d.distill(cfg, progress=False)
+    assert isinstance(result.prompt, DeepPrompt)
+    meta = json.loads((tmp_path / "out" / "softprompt.json").read_text())
+    assert meta["data"]["teacher"]["answers"] == 2 * len(REVIEWS)
+    assert meta["data"]["train_examples"] + meta["data"]["val_examples"] == 2 * len(REVIEWS)
+    assert json.loads((tmp_path / "out" / "teacher-agreement.json").read_text())["inputs"] == 3
+
+
+def test_distill_a_system_message_on_a_chat_model(chat_dir, tmp_path):
+    """A system-message teacher on a chat model: plain inputs become user turns, the teacher's
+    answers end at the end-of-turn token, the prompt sits before the user turn."""
+    from softprompt import distill as d
+    from softprompt.artifacts import read_meta
+
+    (tmp_path / "sys.txt").write_text("answer positive and negative")
+    cfg = _cfg(chat_dir, tmp_path, teacher_context=None, teacher_system=str(tmp_path / "sys.txt"),
+               template=None, prompt_position="before-user", new=6)  # fmt: skip
+    d.distill(cfg, progress=False)
+    meta = read_meta(tmp_path / "out")
+    assert meta["prompt_format"]["chat"] and meta["prompt_format"]["position"] == "before-user"
+    targets = d._read_targets(tmp_path / "out" / "teacher" / "targets.safetensors", None)
+    assert targets is None  # another key: refused, not trusted
+    source = d.DistillSource(cfg)
+    source.examples(cfg)
+    from softprompt.loading import load_model
+
+    loaded = load_model(cfg.model)
+    got = d.teacher_targets(cfg, source.teacher, loaded, source.fmt, source.inputs[0],
+                            tmp_path / "out" / "teacher")  # fmt: skip
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(a[-1] == end or len(a) == 6 for a in got.answers)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_the_shared_context_runs_once_with_the_same_targets(model_dirs, tmp_path, monkeypatch,
+                                                            name):  # fmt: skip
+    """The context every teacher input starts with runs once (a compiled prefix, a shared
+    cache): the same answers and distributions as every row run whole."""
+    from softprompt import distill as d
+    from softprompt.loading import load_model
+
+    cfg = _cfg(model_dirs[name], tmp_path, new=5)
+    loaded = load_model(cfg.model)
+    with torch.no_grad():  # sharper distributions, so an answer depends on its input
+        loaded.model.lm_head.weight.mul_(30)
+    source = d.DistillSource(cfg)
+    source.examples(cfg)
+    args = (cfg, source.teacher, loaded, source.fmt, source.inputs[0], None)
+    monkeypatch.setattr(d, "MIN_SHARED", 10**6)
+    whole = d.teacher_targets(*args)
+    monkeypatch.setattr(d, "MIN_SHARED", 4)
+    rows = [
+        d.teacher_ids(source.teacher, loaded.tokenizer, source.fmt, x) for x in source.inputs[0]
+    ]
+    assert d.shared_length(loaded.model, rows) >= 15  # <bos> and the context's 14 tokens
+    shared = d.teacher_targets(*args)
+    assert shared.answers == whole.answers
+    for a, b in zip(shared.ids, whole.ids):
+        assert torch.equal(a[:, :3], b[:, :3])  # the three most likely tokens (ties aside)
+    torch.testing.assert_close(torch.cat(shared.logp), torch.cat(whole.logp), atol=1e-4, rtol=1e-4)

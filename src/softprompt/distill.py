@@ -22,18 +22,21 @@ tokens, KL, prefill and time to first token); ``softprompt eval --against-teache
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from softprompt.config import DataConfig, DistillConfig, GenerateConfig
 from softprompt.console import say, warn
@@ -44,7 +47,8 @@ from softprompt.kinds import CAUSAL
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import support, teacher_topk
 from softprompt.outputs import atomic_write, write_json
-from softprompt.prefix import compile_all
+from softprompt.prefix import compile_all, compile_prefix, run_prefix, text_after
+from softprompt.prompt import SoftPrompt, embed_tokens
 from softprompt.rows import IGNORE_INDEX, Row, encode_example
 from softprompt.scoring import evaluate_loss
 from softprompt.templates import (
@@ -323,9 +327,10 @@ def teacher_targets(
                           f"{loaded.name} holds {limit}: shorten the context or "
                           "--teacher-max-new-tokens")  # fmt: skip
     source = [i for i in range(len(inputs)) for _ in range(cfg.teacher_samples)]
-    said = _teacher_answers(cfg, loaded, fmt, [prompts[i] for i in source])
-    ids, logp = _distributions(loaded.model, [prompts[i] for i in source], said,
-                               cfg.teacher_top_k, cfg.batch_size)  # fmt: skip
+    rows = [prompts[i] for i in source]
+    said = _teacher_answers(cfg, loaded, fmt, rows)
+    ids, logp = _distributions(loaded.model, rows, said, cfg.teacher_top_k, cfg.batch_size,
+                               "teacher distributions")  # fmt: skip
     targets = Targets(source, said, ids, logp, [len(p) for p in prompts])
     took = time.perf_counter() - started
     say(f"teacher: {len(said)} answers ({statistics.mean(map(len, said)):.1f} tokens on "
@@ -340,23 +345,33 @@ def _teacher_answers(cfg: DistillConfig, loaded, fmt: PromptFormat, prompts) -> 
     """The teacher's continuation of each prompt, up to and with its stop token."""
     gen = GenerateConfig(max_new_tokens=cfg.teacher_max_new_tokens,
                          temperature=cfg.teacher_temperature, seed=cfg.seed)  # fmt: skip
-    return answers(loaded, fmt, prompts, None, None, gen, cfg.batch_size)
+    return answers(loaded, fmt, prompts, None, None, gen, cfg.batch_size, "teacher answers",
+                   share=True)  # fmt: skip
 
 
 @torch.no_grad()
 def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen: GenerateConfig,
-            batch_size: int) -> list[list[int]]:  # fmt: skip
+            batch_size: int, progress: str | None = None, share: bool = False,
+            ) -> list[list[int]]:  # fmt: skip
     """Each row's continuation (the base model's, or with ``prompt`` after its ``heads``, from
-    the compiled prefix), up to and with its stop token."""
+    the compiled prefix), up to and with its stop token; a progress bar named ``progress``.
+    ``share``: the tokens every row starts with (the teacher's long context) run once, as a
+    compiled prefix every row continues from."""
     tok, model = loaded.tokenizer, loaded.model
     stops = fmt.stop_ids(tok)
     gen_cfg = generation_config(tok, gen, stops)
     torch.manual_seed(gen.seed)
     heads = heads or [None] * len(ids)
     prompts = compile_all(model, [prompt] * len(ids), heads) if prompt is not None else None
+    n = shared_length(model, ids) if share and prompt is None else 0
+    if n:
+        device = model.get_input_embeddings().weight.device
+        context = embed_tokens(model, torch.tensor([ids[0][:n]], device=device))[0]
+        prompts = [compile_prefix(model, SoftPrompt(context))] * len(ids)
+        ids = [row[n:] for row in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
     out: list[list[int]] = [[] for _ in ids]
-    for s in range(0, len(order), batch_size):
+    for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(ids)):
         batch = order[s : s + batch_size]
         rows = [prompts[i] for i in batch] if prompts else [None] * len(batch)
         new = generate_ids(model, [ids[i] for i in batch], rows, gen_cfg,
@@ -367,15 +382,35 @@ def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen:
     return [a if a else [stops[0]] for a in out]
 
 
+# Teacher inputs that share at least this many leading tokens (the long context) run them
+# once, as a compiled prefix; shorter shared starts are not worth a cache.
+MIN_SHARED = 16
+
+
+def shared_length(model, rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares (each keeping at least one of its own), where
+    the model reads a shared prefix exactly (``loss.support``); 0 when under MIN_SHARED."""
+    n, first = min(len(r) for r in rows) - 1, rows[0]
+    for row in rows[1:]:
+        n = next((j for j in range(n) if row[j] != first[j]), n)
+    return n if n >= MIN_SHARED and support(model).shared_prefix else 0
+
+
 @torch.no_grad()
-def _distributions(model, prompts, answers, k: int, batch_size: int):
+def _distributions(model, prompts, answers, k: int, batch_size: int, progress: str | None = None):
     """The teacher's top-k distribution before each answer token: (n, k) ids and (n, k+1)
-    log-probabilities per answer, read off its hidden states in chunks."""
+    log-probabilities per answer, read off its hidden states in chunks. The tokens every
+    prompt shares (``shared_length``) run once; each batch continues from their cache."""
     device = model.get_input_embeddings().weight.device
     fast = support(model).fast_head
     ids, logp = [None] * len(prompts), [None] * len(prompts)
+    shared = shared_length(model, prompts) if fast else 0
+    if shared:
+        context = embed_tokens(model, torch.tensor([prompts[0][:shared]], device=device))
+        cache, _ = run_prefix(model, context)  # one row of the shared tokens
+        prompts = [p[shared:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
-    for s in range(0, len(order), batch_size):
+    for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(prompts)):
         batch = order[s : s + batch_size]
         seqs = [prompts[i] + answers[i] for i in batch]
         width = max(map(len, seqs))
@@ -387,7 +422,12 @@ def _distributions(model, prompts, answers, k: int, batch_size: int):
         at = torch.zeros_like(tokens, dtype=torch.bool)
         for r, i in enumerate(batch):  # position t predicts token t+1
             at[r, len(prompts[i]) - 1 : len(prompts[i]) - 1 + len(answers[i])] = True
-        if fast:
+        if shared:  # the rows after the shared context, each reading its cache
+            rows = copy.deepcopy(cache)
+            rows.batch_select_indices(torch.zeros(len(batch), dtype=torch.long, device=device))
+            text = text_after(model, rows, {"input_ids": tokens, "attention_mask": mask})
+            top, lp = teacher_topk(model, text[at], k)
+        elif fast:
             hidden = model.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
             top, lp = teacher_topk(model, hidden[at], k)
         else:  # a model whose head cannot run apart: its own logits, as a hidden state
@@ -399,6 +439,17 @@ def _distributions(model, prompts, answers, k: int, batch_size: int):
             ids[i], logp[i] = top[start : start + n].cpu(), lp[start : start + n].cpu()
             start += n
     return ids, logp
+
+
+def _bar(starts: range, name: str | None, batch_size: int, total: int):
+    """Batch starts, with a progress bar (rows, elapsed, estimate) when ``name`` is given."""
+    if name is None:
+        yield from starts
+        return
+    with tqdm(total=total, desc=name, unit="row", dynamic_ncols=True, file=sys.stderr) as bar:
+        for s in starts:
+            yield s
+            bar.update(min(batch_size, total - s))
 
 
 def _topk_of_logits(logits: torch.Tensor, k: int):

@@ -28,7 +28,7 @@ from softprompt.config import (
     ModelConfig,
 )
 from softprompt.console import say, ticking
-from softprompt.errors import ModelLoadError
+from softprompt.errors import ConfigError, ModelLoadError
 from softprompt.kinds import CAUSAL, Kind, detect
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
@@ -261,6 +261,14 @@ def _converted_gguf(gguf: Path, key: str) -> Path:
     os.replace(tmp, folder)  # atomic: a half-converted folder is never used
     say(f"converted in {time.perf_counter() - start:.0f}s; later loads use the cache")
     return folder
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of layers: the ModuleList holding most of its weights."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"no layer list found in {type(model).__name__}")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def _count(model: torch.nn.Module) -> int:

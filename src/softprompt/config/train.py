@@ -119,6 +119,13 @@ class TrainConfig:
         "decoder layers across them with PyTorch FSDP2, for base models too large for one "
         "device. Embeddings and LM head stay whole on each process. Same results as without.",
     )
+    gradient_checkpointing: bool = opt(
+        False,
+        "Activation checkpointing: the frozen decoder layers keep none of their activations "
+        "and run again in backward (about one more forward's compute per step, much less "
+        "memory for long rows). The shared prefix and the fast head work as without; decoder "
+        "(causal) models only.",
+    )
     report_to: str = opt(
         "none",
         "Also send the config, every logged value and the loss plot to trackers, "

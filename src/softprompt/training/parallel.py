@@ -11,10 +11,11 @@ import torch
 from accelerate import Accelerator
 
 from softprompt.console import say
-from softprompt.errors import ConfigError
 from softprompt.kinds import Kind
+from softprompt.loading import decoder_layers
 from softprompt.prompt import PromptSet
 from softprompt.rows import IGNORE_INDEX, Row
+from softprompt.training.recompute import recomputing
 
 
 def label_count(rows: list[Row], first_only: bool = False) -> int:
@@ -35,6 +36,7 @@ def forward_backward(
     pad_id: int,
     choice_ids: torch.Tensor | None = None,
     sharded: bool = False,
+    recompute: bool = False,
 ) -> tuple[float, int, int]:
     """Forward and backward for one optimizer step over ``group`` (its micro-batches).
 
@@ -44,6 +46,8 @@ def forward_backward(
     every process must run every forward. Returns (summed loss, label
     tokens, positions the body ran), each over all processes. A task with no row in the
     whole step keeps no gradient, so the optimizer leaves its prompt (and moments) alone.
+    ``recompute``: the decoder layers keep no activations and run again in backward
+    (``--gradient-checkpointing``, ``recompute.recomputing``).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     # the whole step's denominator (classification mode: one position per row)
@@ -58,11 +62,12 @@ def forward_backward(
             # Sharded layers gather their weights collectively: every process must run
             # every forward, so this one runs a row and throws its loss away.
             mine, weight = rows[:1], 0.0
-        loss, _, positions = kind.rows_loss(
-            model, prompts, mine, pad_id, accelerator.device, choice_ids
-        )
-        loss = loss * weight
-        accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
+        with recomputing(model, recompute):
+            loss, _, positions = kind.rows_loss(
+                model, prompts, mine, pad_id, accelerator.device, choice_ids
+            )
+            loss = loss * weight
+            accelerator.backward(loss / n_tok)  # mean over the whole step's label tokens
         loss_sum += loss.detach()
         if weight:
             processed += positions
@@ -91,7 +96,7 @@ def shard_layers(model, accelerator: Accelerator) -> None:
     from torch.distributed.fsdp import fully_shard
 
     world = accelerator.num_processes
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     mesh = init_device_mesh(accelerator.device.type, (world,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
@@ -102,11 +107,3 @@ def shard_layers(model, accelerator: Accelerator) -> None:
         f"sharded {len(layers)} decoder layers across {world} processes (FSDP2); "
         f"{whole / 1e6:.0f}M parameters (embeddings, norm, head) stay whole on each"
     )
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: the ModuleList holding most of its weights."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not lists:
-        raise ConfigError(f"--shard-model: no layer list found in {type(model).__name__}")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))

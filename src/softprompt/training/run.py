@@ -153,6 +153,7 @@ class Run:
         loss_sum, n_tok, processed = forward_backward(
             self.accelerator, self.loaded.kind, self.loaded.model, self.prompts, group,
             self.loaded.tokenizer.pad_token_id, self.data.choice_ids, self.cfg.shard_model,
+            self.cfg.gradient_checkpointing,
         )  # fmt: skip
         self.tokens_seen += processed
         if not math.isfinite(loss_sum):

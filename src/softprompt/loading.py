@@ -30,6 +30,7 @@ from softprompt.config import (
 from softprompt.console import say, ticking
 from softprompt.errors import ConfigError, ModelLoadError
 from softprompt.kinds import CAUSAL, Kind, detect
+from softprompt.quantize import quantize_base
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
 # The bundled instruct model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF file, shipped
@@ -104,6 +105,10 @@ def load_model(
         f"in {time.perf_counter() - start:.1f}s"
     )
     labels = kind.labels(model) or labels
+    if cfg.quantize != "none":  # before prepare: its checks run on the quantized layers
+        count = quantize_base(model, cfg.quantize, decoder_layers(model))
+        say(f"--quantize {cfg.quantize}: {count} linear layers of the decoder stack quantized "
+            "(torchao); embeddings, head and prompt keep their dtype")  # fmt: skip
     kind.prepare(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels)
 

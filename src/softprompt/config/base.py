@@ -34,7 +34,9 @@ Method = Literal["prompt", "prefix"]
 PromptPosition = Literal["start", "after-system", "before-user"]
 LossOn = Literal["all-assistant", "last-assistant"]
 ModelTask = Literal["auto", "causal", "seq2seq", "classify"]
+Quantize = Literal["none", "int8", "nf4"]
 DTYPE_CHOICES = typing.get_args(Dtype)
+QUANTIZE_CHOICES = typing.get_args(Quantize)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
 REPARAMS = typing.get_args(Reparam)
 METHODS = typing.get_args(Method)
@@ -127,6 +129,14 @@ class ModelConfig:
         "with AVX-512 BF16 or AMX), float32 elsewhere; bfloat16 matched float32's accuracy "
         "on the shipped tasks (docs/measurements.md) at 2-4x the speed.",
     )
+    quantize: Quantize = opt(
+        "none",
+        "Quantize the frozen base's decoder layers (their linear weights) to save memory: "
+        "'int8' (weight-only, per channel) or 'nf4' (QLoRA's 4-bit NormalFloat), through "
+        "torchao (the 'quantize' extra), on CPU or GPU. Embeddings, LM head, the prompt and "
+        "the loss keep --dtype; the saved prompt records the quantization and loads on the "
+        "unquantized base too.",
+    )
     trust_remote_code: bool = opt(
         False, "Allow a hub model to run its own Python code. Only for models you trust."
     )
@@ -134,6 +144,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_choice(self.dtype, DTYPE_CHOICES, "--dtype")
+        check_choice(self.quantize, QUANTIZE_CHOICES, "--quantize")
         check_choice(self.task, typing.get_args(ModelTask), "--task")
 
 

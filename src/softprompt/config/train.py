@@ -173,6 +173,9 @@ class TrainConfig:
             raise ConfigError("--reparam-hidden must be at least 1")
         if self.ensemble < 1:
             raise ConfigError("--ensemble must be at least 1")
+        if self.shard_model and self.model.quantize != "none":
+            raise ConfigError("--shard-model cannot split quantized layers (FSDP2 shards plain "
+                              "tensors): use --quantize or --shard-model, not both")  # fmt: skip
         if self.ensemble > 1 and self.task_field:
             raise ConfigError("--ensemble and --task-field cannot be combined yet; pick one")
 

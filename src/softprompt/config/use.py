@@ -97,7 +97,7 @@ class GenerateRunConfig:
     )
     model: ModelConfig = nested(
         prompt_model,
-        only=("dtype", "trust_remote_code", "model", "task"),
+        only=("dtype", "quantize", "trust_remote_code", "model", "task"),
         help={
             "model": ModelConfig.__dataclass_fields__["model"].metadata["help"]
             + " Default: the model --prompt was trained on, else 'embedded'."
@@ -153,7 +153,7 @@ class ServeConfig:
     )
     model: ModelConfig = nested(
         prompt_model,
-        only=("model", "dtype"),
+        only=("model", "dtype", "quantize"),
         help={
             "model": "Base model (a hub id, folder, .gguf or 'embedded'). Default: the model "
             "the prompts were trained on, else 'embedded'.",

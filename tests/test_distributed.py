@@ -1,5 +1,6 @@
 """Data-parallel training: 2 processes (gloo on CPU) make the same steps as one process
-with the same global batch."""
+with the same global batch (the same losses and prompt); with --shard-model each process
+builds the model empty and reads only its rows of each layer (softprompt.shards)."""
 
 from __future__ import annotations
 
@@ -134,8 +135,14 @@ def test_two_processes_equal_one(tiny_dir, pairs_file, tmp_path, case):
     assert steps == {"data-parallel": 6, "sharded": 9}.get(case, 9)
     assert sum('"kind": "train"' in x for x in lines) == steps
     assert two.stderr.count("[softprompt] done:") == 1
+    losses = [
+        [json.loads(x)["loss"] for x in run if '"kind": "train"' in x] for run in (ref, lines)
+    ]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     if "--shard-model" in extra:
         assert "sharded 2 decoder layers across 2 processes (FSDP2)" in two.stderr
+        # the first process read its half of every layer from the file, never the whole model
+        assert "--shard-model: this process read 50% of the decoder layers'" in two.stderr
 
 
 def _initial(out: Path, tasks: bool) -> dict[str, torch.Tensor]:

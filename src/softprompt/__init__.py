@@ -14,10 +14,17 @@ Names are imported on first use, so ``softprompt --help`` starts without loading
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 
 __version__ = "0.1.0"
 STARTED = time.time()  # when the package was first imported: the start of a CLI command
+
+# transformers imports torchao (installed for --quantize) whatever the command; at import it
+# says that its CUDA-only extensions are absent, and torch warns about two of its enums: true
+# on a CPU machine, and noise to a user.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 _EXPORTS = {  # name -> its module, relative to softprompt ("commands.eval")
     "DataConfig": "config",

@@ -68,12 +68,14 @@ def cache_root() -> Path:
 
 
 def load_model(
-    cfg: ModelConfig | None = None, labels: list[str] | None = None, **kwargs
+    cfg: ModelConfig | None = None, labels: list[str] | None = None, shard=None, **kwargs
 ) -> LoadedModel:
     """Load a base model by name (see ModelConfig.model) with frozen weights, in eval mode.
 
     ``labels``: a classification model's labels (its head gets one output each; the head is
-    new, seeded, and trainable by softprompt's training only)."""
+    new, seeded, and trainable by softprompt's training only). ``shard``: (``--shard-model``)
+    a function that splits the decoder layers of a model whose weights are not yet loaded,
+    and the device; each process then reads only its part (``shards.sharded_model``)."""
     cfg = cfg or ModelConfig(**kwargs)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own messages say what is happening
@@ -98,7 +100,10 @@ def load_model(
     start = time.perf_counter()
     dtype = resolve_dtype(cfg.dtype)
     kind = _kind(str(folder), resolved, cfg)
-    model, tokenizer = _from_pretrained(str(folder), resolved, cfg, kind, labels, dtype)
+    if shard is not None:
+        model, tokenizer = _sharded(str(folder), resolved, cfg, kind, dtype, shard)
+    else:
+        model, tokenizer = _from_pretrained(str(folder), resolved, cfg, kind, labels, dtype)
     shown = f"{dtype}, chosen by --dtype auto" if cfg.dtype == "auto" else dtype
     say(
         f"loaded {resolved} ({_count(model) / 1e6:.0f}M parameters, {shown}, {kind.name}) "
@@ -167,6 +172,27 @@ def _from_pretrained(
         ) from err
     model.requires_grad_(False)  # frozen: only the soft prompt learns
     model.eval()  # no dropout: training and inference see the same function
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever used under a zero attention mask
+    return model, tokenizer
+
+
+def _sharded(folder: str, shown: str, cfg: ModelConfig, kind: Kind, dtype: str, shard):
+    """``_from_pretrained`` for --shard-model: this process's rows of each layer only."""
+    from softprompt.shards import sharded_model
+
+    if kind is not CAUSAL:
+        raise ConfigError(f"--shard-model shards decoder layers of causal LMs, not {kind.name}")
+    split, device = shard
+    if not Path(folder).is_dir():  # a hub id: its files, fetched or from the hub's cache
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(folder, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                           "*.txt", "*.jinja"])  # fmt: skip
+    trust = cfg.trust_remote_code
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    model = sharded_model(Path(folder), config, kind.auto_class, _DTYPES[dtype], split, device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only ever used under a zero attention mask
     return model, tokenizer

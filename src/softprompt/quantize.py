@@ -14,7 +14,6 @@ train on CPU too; torchao's tensors do both.
 
 from __future__ import annotations
 
-import logging
 import math
 
 from torch import nn
@@ -68,10 +67,8 @@ def _nf4(weight, to_nf4):
 
 
 def _quiet_import() -> None:
-    """torchao announces at import that its CUDA-only extensions are absent on a CPU machine
-    (and torch warns about one of its enums): true, expected, and noise to a user."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """torchao, or a message saying how to install it (its import-time notes are silenced
+    in ``softprompt/__init__.py``)."""
     try:
         import torchao.quantization  # noqa: F401
     except ImportError:

@@ -4,6 +4,7 @@ folder, and the `Run` itself (model, prompts, optimizer, or a resumed run's stat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -320,13 +321,18 @@ def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Exampl
     """The base model (given, or loaded with the labels of the training and validation
     data: a rare class may be in one only), checked for what this run
     asks of its kind, on this process's device (its layers sharded with --shard-model)."""
+    sharded = cfg.shard_model and loaded is None  # else a whole model given: sharded below
+    if sharded:  # each process reads only its rows of each layer (softprompt.shards)
+        split = functools.partial(shard_layers, accelerator=accelerator)
+        loaded = load_model(cfg.model, labels=_data_labels(examples),
+                            shard=(split, accelerator.device))  # fmt: skip
     loaded = loaded or load_model(cfg.model, labels=_data_labels(examples))
     loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples)
     if cfg.gradient_checkpointing and loaded.kind.name != "causal":
         raise ConfigError(f"--gradient-checkpointing: decoder (causal) models only for now, not "
                           f"{loaded.kind.name} models; leave it out")  # fmt: skip
     loaded.model.to(accelerator.device)
-    if cfg.shard_model:
+    if cfg.shard_model and not sharded:
         shard_layers(loaded.model, accelerator)
     limit = max_positions(loaded.model)
     if limit is not None and cfg.data.max_length > limit:

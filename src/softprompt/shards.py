@@ -1,0 +1,105 @@
+"""Sharded loading (``--shard-model``): no process ever holds the whole model.
+
+The model is built with its parameters on the meta device (no memory; buffers such as
+rotary frequencies are computed as usual: accelerate's ``init_empty_weights`` with
+``include_buffers=False``), its decoder layers are split across the processes by the
+caller's ``shard`` (FSDP2's ``fully_shard``, which accepts meta parameters), and then each
+process reads from the safetensors files only the rows of each layer weight it holds
+(``safe_open(...).get_slice``: the file is memory-mapped, nothing else is read). The
+embeddings, final norm and LM head are read whole on every process, as ``shard_layers``
+keeps them whole.
+
+Written by hand rather than through transformers' ``from_pretrained``: its low-memory
+FSDP path (``FSDP_CPU_RAM_EFFICIENT_LOADING``, accelerate's) loads the whole model on rank 0
+and broadcasts it, so one process still holds all of it; and its ``device_mesh`` loading is
+for tensor parallelism, not FSDP's row shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+
+from softprompt.console import say
+from softprompt.errors import ConfigError, ModelLoadError
+
+
+def sharded_model(folder: Path, config, auto_class, dtype: torch.dtype,
+                  shard: Callable[[nn.Module], None], device="cpu") -> nn.Module:  # fmt: skip
+    """The model in ``folder`` with ``shard`` applied before any weight exists, each process
+    holding only its rows of the sharded parameters (on ``device``); frozen, in eval mode."""
+    if getattr(config, "quantization_config", None):
+        raise ConfigError("--shard-model reads plain safetensors weights; this model's are "
+                          "pre-quantized: load it without --shard-model")  # fmt: skip
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, dtype=dtype)
+    shard(model)
+    for module in model.modules():  # FSDP's shards first (their rows only), then the rest
+        if any(isinstance(p, torch.distributed.tensor.DTensor) for p in module.parameters(False)):
+            module.to_empty(device=device, recurse=False)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    read = total = 0  # values of the sharded parameters: read here, in the files
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as f, torch.no_grad():
+            for key in f.keys():
+                n = _load_one(model, params, buffers, f, key, dtype, file, device)
+                if isinstance(params.get(key), torch.distributed.tensor.DTensor):
+                    read, total = read + n, total + params[key].numel()
+    say(
+        f"--shard-model: this process read {read / max(total, 1):.0%} of the decoder layers' "
+        f"{total / 1e6:.1f}M weights from {folder.name} (its rows only)"
+    )
+    model.tie_weights()  # a tied head is not in the file: it is the embedding matrix
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelLoadError(
+            f"--shard-model: {folder} has no weights for {missing[0]} (and {len(missing) - 1} "
+            "more); load it without --shard-model"
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise ModelLoadError(f"--shard-model reads safetensors weights; {folder} has no "
+                         "model.safetensors (or its index)")  # fmt: skip
+
+
+def _load_one(model, params: dict, buffers: dict, f, key: str, dtype, file: Path,
+              device) -> int:  # fmt: skip
+    """Copy weight ``key`` of an open file into the model: a sharded parameter gets only
+    this process's rows of it. Returns how many values were read."""
+    if key in buffers:
+        buffers[key].copy_(f.get_tensor(key))
+        return buffers[key].numel()
+    if key not in params:
+        raise ModelLoadError(
+            f"--shard-model: {file.name} holds {key!r}, which this version of transformers "
+            "does not name; load it without --shard-model"
+        )
+    param = params[key]
+    if isinstance(param, torch.distributed.tensor.DTensor):
+        local = param.to_local()  # FSDP2 shards dim 0 as torch.chunk does: ceil(n / P) rows each
+        rows = f.get_slice(key).get_shape()[0]
+        start = param.device_mesh.get_local_rank() * math.ceil(rows / param.device_mesh.size())
+        if local.shape[0]:
+            local.copy_(f.get_slice(key)[start : start + local.shape[0]].to(dtype))
+        return local.numel()
+    owner, _, leaf = key.rpartition(".")
+    value = f.get_tensor(key).to(device, dtype if param.is_floating_point() else param.dtype)
+    model.get_submodule(owner)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    return value.numel()

@@ -74,29 +74,12 @@ def load_model(
 
     ``labels``: a classification model's labels (its head gets one output each; the head is
     new, seeded, and trainable by softprompt's training only). ``shard``: (``--shard-model``)
-    a function that splits the decoder layers of a model whose weights are not yet loaded,
-    and the device; each process then reads only its part (``shards.sharded_model``)."""
+    (split, device): ``split`` shards the decoder layers of a model whose weights are not yet
+    loaded; each process then reads only its part onto ``device`` (``shards.sharded_model``)."""
     cfg = cfg or ModelConfig(**kwargs)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own messages say what is happening
-    name = cfg.model or EMBEDDED_MODEL  # None: no saved prompt named a model
-    if name == EMBEDDED_MODEL:
-        folder, resolved = _embedded_folder(), EMBEDDED_MODEL
-    elif name == EMBEDDED_CHAT_MODEL:
-        folder, resolved = _embedded_chat_folder(), EMBEDDED_CHAT_MODEL
-    elif name == EMBEDDED_ENCODER_MODEL:
-        folder, resolved = _embedded_encoder_folder(), EMBEDDED_ENCODER_MODEL
-    elif name.endswith(".gguf"):
-        path = Path(name).expanduser().resolve()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {name} not found; give the path to an existing .gguf")
-        folder, resolved = _converted_gguf(path, _gguf_key(path)), str(path)
-    elif Path(name).expanduser().is_dir():
-        folder = resolved = str(Path(name).expanduser().resolve())
-    elif name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model folder {name} not found; check the path or omit --model")
-    else:
-        folder = resolved = name  # a hub id: transformers downloads or reads its own cache
+    folder, resolved = model_source(cfg)
     start = time.perf_counter()
     dtype = resolve_dtype(cfg.dtype)
     kind = _kind(str(folder), resolved, cfg)
@@ -116,6 +99,30 @@ def load_model(
             "(torchao); embeddings, head and prompt keep their dtype")  # fmt: skip
     kind.prepare(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels)
+
+
+def model_source(cfg: ModelConfig) -> tuple[str, str]:
+    """(the folder or hub id to load from, the name the model is known by) for ``cfg.model``;
+    the embedded models and a GGUF file are converted into the cache once, first."""
+    name = cfg.model or EMBEDDED_MODEL  # None: no saved prompt named a model
+    if name == EMBEDDED_MODEL:
+        folder, resolved = _embedded_folder(), EMBEDDED_MODEL
+    elif name == EMBEDDED_CHAT_MODEL:
+        folder, resolved = _embedded_chat_folder(), EMBEDDED_CHAT_MODEL
+    elif name == EMBEDDED_ENCODER_MODEL:
+        folder, resolved = _embedded_encoder_folder(), EMBEDDED_ENCODER_MODEL
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} not found; give the path to an existing .gguf")
+        folder, resolved = _converted_gguf(path, _gguf_key(path)), str(path)
+    elif Path(name).expanduser().is_dir():
+        folder = resolved = str(Path(name).expanduser().resolve())
+    elif name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {name} not found; check the path or omit --model")
+    else:
+        folder = resolved = name  # a hub id: transformers downloads or reads its own cache
+    return str(folder), resolved
 
 
 def resolve_dtype(name: str) -> str:

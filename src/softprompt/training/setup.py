@@ -328,7 +328,7 @@ def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Exampl
                             shard=(split, accelerator.device))  # fmt: skip
     loaded = loaded or load_model(cfg.model, labels=_data_labels(examples))
     loaded.kind.check_training(cfg, loaded, accelerator.num_processes, examples)
-    if cfg.gradient_checkpointing and loaded.kind.name != "causal":
+    if cfg.gradient_checkpointing and loaded.kind is not CAUSAL:
         raise ConfigError(f"--gradient-checkpointing: decoder (causal) models only for now, not "
                           f"{loaded.kind.name} models; leave it out")  # fmt: skip
     loaded.model.to(accelerator.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -80,3 +82,30 @@ def test_dtype_auto_loads_and_says_what_it_chose(tiny_dir, capsys, monkeypatch):
     assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
     out = capsys.readouterr()
     assert "bfloat16, chosen by --dtype auto" in out.out + out.err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_sharded_loading_builds_empty_then_reads_the_files(model_dirs, loaded_all, arch):
+    """--shard-model's loader without processes to shard across (``shard`` does nothing):
+    an empty model filled from the safetensors file gives the model from_pretrained gives
+    (buffers such as rotary frequencies, a tied head); a file naming a weight the model does
+    not have is refused in one line."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from softprompt.shards import sharded_model
+
+    folder = model_dirs[arch]
+    config = AutoConfig.from_pretrained(folder)
+    model = sharded_model(folder, config, AutoModelForCausalLM, torch.float32, lambda m: None)
+    ids = torch.arange(1, 9)[None]
+    want = loaded_all[arch].model(input_ids=ids).logits
+    assert torch.equal(model(input_ids=ids).logits, want)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    odd = folder.parent / f"{arch}-odd"
+    shutil.copytree(folder, odd)
+    weights = load_file(str(odd / "model.safetensors"))
+    weights["model.extra.weight"] = torch.zeros(2)
+    save_file(weights, str(odd / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="which this version of transformers does not name"):
+        sharded_model(odd, config, AutoModelForCausalLM, torch.float32, lambda m: None)

@@ -103,7 +103,7 @@ def test_int8_prompt_records_it_and_loads_on_the_plain_base(tiny_dir, pairs_file
     plain = load_model(model=str(tiny_dir))
     prompt, _ = load_prompt(out, plain.model)  # the same embeddings: it fits
     err = capsys.readouterr().err
-    assert "trained on the base quantized as int8; this base is not quantized" in err
+    assert "was trained on the int8-quantized base; this one is unquantized" in err
     assert prompt.embedding.shape == (4, 16)
 
 

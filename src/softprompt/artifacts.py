@@ -399,10 +399,10 @@ def check_fits(
             "model; load that model with --model, or pass --allow-mismatch to use it anyway"
         )
     trained_q, now_q = trained_on.get("quantization"), quantization(model)
-    if trained_q != now_q:  # the same weights, stored otherwise: allowed, said once
-        say(f"note: prompt {folder.name} was trained on the base quantized as "
-            f"{trained_q or 'none'}; this base is {now_q or 'not quantized'} (outputs may differ "
-            "slightly)")  # fmt: skip
+    if trained_q != now_q:  # the same weights, stored otherwise: allowed, in one line
+        was_q, is_q = (f"{q}-quantized" if q else "unquantized" for q in (trained_q, now_q))
+        say(f"note: prompt {folder.name} was trained on the {was_q} base; this one is {is_q} "
+            "(outputs may differ slightly)")  # fmt: skip
 
 
 def trained_base_model(folder: str | Path) -> str | None:

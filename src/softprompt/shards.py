@@ -53,10 +53,9 @@ def sharded_model(folder: Path, config, auto_class, dtype: torch.dtype,
                 n = _load_one(model, params, buffers, f, key, dtype, file, device)
                 if isinstance(params.get(key), torch.distributed.tensor.DTensor):
                     read, total = read + n, total + params[key].numel()
-    say(
-        f"--shard-model: this process read {read / max(total, 1):.0%} of the decoder layers' "
-        f"{total / 1e6:.1f}M weights from {folder.name} (its rows only)"
-    )
+    if total:  # (a shard that split nothing: a test of the loading alone)
+        say(f"--shard-model: this process read {read / total:.0%} of the decoder layers' "
+            f"{total / 1e6:.1f}M weights from {folder.name} (its rows only)")  # fmt: skip
     model.tie_weights()  # a tied head is not in the file: it is the embedding matrix
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

@@ -10,12 +10,20 @@ Through torchao (PyTorch's own quantization library), which runs on CPU and CUDA
   weights; the scales' blocks shrink to fit a small layer).
 bitsandbytes (PEFT's usual route) is not used: its kernels want CUDA and this package must
 train on CPU too; torchao's tensors do both.
+
+Memory, measured on an 8-layer Llama of 465 MB in float32 (one process, 2 CPUs): resident
+after loading, float32 901 MB, int8 578 MB (1,533 MB before ``_off_the_file`` and
+``_give_back``), nf4 653 MB. The peak while loading is above float32's (int8 1,030 MB): the
+float weights are read first, then quantized layer by layer; quantizing while reading
+(transformers' ``TorchAoConfig``) would avoid that and is not done yet.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 
+import torch
 from torch import nn
 
 from softprompt.config import QUANTIZE_CHOICES
@@ -45,15 +53,37 @@ def quantize_base(model: nn.Module, how: str, layers: nn.Module) -> int:
 
         for m in linears:
             quantize_(m, Int8WeightOnlyConfig())
+            _give_back()
     elif how == "nf4":
         from torchao.quantization import to_nf4
 
         for m in linears:
             m.weight = nn.Parameter(_nf4(m.weight.detach(), to_nf4), requires_grad=False)
+            _give_back()
     else:
         raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {how!r}")
+    _off_the_file(model)
+    _give_back()
     setattr(model, _ATTR, how)
     return len(linears)
+
+
+def _give_back() -> None:
+    """Return freed memory to the system (glibc's ``malloc_trim``; elsewhere nothing): the
+    float weights replaced layer by layer are freed in pieces that glibc would keep."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _off_the_file(model: nn.Module) -> None:
+    """Copy the weights left as they were into memory of their own. transformers maps the
+    safetensors file and its tensors are views of that mapping, which stays resident while
+    any of them lives: the embeddings would keep every layer's replaced float weights."""
+    for p in [*model.parameters(), *model.buffers()]:
+        if type(p) in (nn.Parameter, torch.Tensor) and not p.is_meta:
+            p.data = p.data.clone()
 
 
 def _nf4(weight, to_nf4):

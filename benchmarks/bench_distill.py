@@ -133,6 +133,7 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     held = d.read_inputs(str(spec["held_out"]), spec["data"], teacher)
     fmt = d.student_format(cfg, held)
     gen = GenerateConfig(max_new_tokens=spec["new_tokens"])
+    side = d.teacher_side(loaded, fmt, teacher, held, gen, 8, cfg.teacher_top_k)
     rows = []
     variants = [
         ("bare model", None, None),
@@ -140,7 +141,7 @@ def run_task(args, name: str, seed: int) -> list[dict]:
         ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s),
     ]
     for label, prompt, seconds in variants:
-        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k)
+        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k, side)
         report.pop("answers")
         rows.append({"task": name, "seed": seed, "variant": label, "train_s": seconds,
                      "steps": (distilled if label == "distilled" else tuned).summary["steps"]

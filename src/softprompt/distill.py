@@ -47,7 +47,7 @@ from softprompt.kinds import CAUSAL
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import support, teacher_topk
 from softprompt.outputs import atomic_write, write_json
-from softprompt.prefix import compile_all, compile_prefix, run_prefix, text_after
+from softprompt.prefix import Prefix, compile_all, compile_prefix, run_prefix, text_after
 from softprompt.prompt import SoftPrompt, embed_tokens
 from softprompt.rows import IGNORE_INDEX, Row, encode_example
 from softprompt.scoring import evaluate_loss
@@ -345,30 +345,28 @@ def _teacher_answers(cfg: DistillConfig, loaded, fmt: PromptFormat, prompts) -> 
     """The teacher's continuation of each prompt, up to and with its stop token."""
     gen = GenerateConfig(max_new_tokens=cfg.teacher_max_new_tokens,
                          temperature=cfg.teacher_temperature, seed=cfg.seed)  # fmt: skip
+    context = shared_context(loaded.model, prompts)
     return answers(loaded, fmt, prompts, None, None, gen, cfg.batch_size, "teacher answers",
-                   share=True)  # fmt: skip
+                   context)  # fmt: skip
 
 
 @torch.no_grad()
 def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen: GenerateConfig,
-            batch_size: int, progress: str | None = None, share: bool = False,
+            batch_size: int, progress: str | None = None, context: tuple | None = None,
             ) -> list[list[int]]:  # fmt: skip
     """Each row's continuation (the base model's, or with ``prompt`` after its ``heads``, from
     the compiled prefix), up to and with its stop token; a progress bar named ``progress``.
-    ``share``: the tokens every row starts with (the teacher's long context) run once, as a
-    compiled prefix every row continues from."""
+    ``context`` (``shared_context``, base model only): the tokens every row starts with,
+    compiled once; each row continues from it."""
     tok, model = loaded.tokenizer, loaded.model
     stops = fmt.stop_ids(tok)
     gen_cfg = generation_config(tok, gen, stops)
     torch.manual_seed(gen.seed)
     heads = heads or [None] * len(ids)
     prompts = compile_all(model, [prompt] * len(ids), heads) if prompt is not None else None
-    n = shared_length(model, ids) if share and prompt is None else 0
-    if n:
-        device = model.get_input_embeddings().weight.device
-        context = embed_tokens(model, torch.tensor([ids[0][:n]], device=device))[0]
-        prompts = [compile_prefix(model, SoftPrompt(context))] * len(ids)
-        ids = [row[n:] for row in ids]
+    if context is not None and context[1] is not None and prompt is None:
+        n, compiled = context
+        prompts, ids = [compiled] * len(ids), [row[n:] for row in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
     out: list[list[int]] = [[] for _ in ids]
     for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(ids)):
@@ -394,6 +392,17 @@ def shared_length(model, rows: list[list[int]]) -> int:
     for row in rows[1:]:
         n = next((j for j in range(n) if row[j] != first[j]), n)
     return n if n >= MIN_SHARED and support(model).shared_prefix else 0
+
+
+@torch.no_grad()
+def shared_context(model, rows: list[list[int]]) -> tuple[int, Prefix | None]:
+    """(how many leading tokens ``rows`` share, their compiled prefix), or (0, None)."""
+    n = shared_length(model, rows)
+    if not n:
+        return 0, None
+    device = model.get_input_embeddings().weight.device
+    context = embed_tokens(model, torch.tensor([rows[0][:n]], device=device))[0]
+    return n, compile_prefix(model, SoftPrompt(context))
 
 
 @torch.no_grad()
@@ -633,44 +642,76 @@ def _normal(text: str) -> str:
 
 
 @torch.no_grad()
-def _first_token_s(loaded, ids, prompt, heads, fmt, batch_size: int) -> float:
-    """Seconds per input to the first new token, in batches (the prompt from its compiled
-    prefix, compiled before the clock starts, as a server holds it)."""
+def _first_token_s(loaded, ids, prompt, heads, fmt, batch_size: int, context=None) -> float:
+    """Seconds per input to the first new token, in batches (a prompt or shared context from
+    its compiled prefix, compiled before the clock starts, as a server holds it)."""
     gen = GenerateConfig(max_new_tokens=1)
-    answers(loaded, fmt, ids[:1], prompt, heads[:1] if heads else None, gen, 1)  # warm up
+    warm = ids[:1], prompt, heads[:1] if heads else None
+    answers(loaded, fmt, *warm, gen, 1, context=context)
     started = time.perf_counter()
-    answers(loaded, fmt, ids, prompt, heads, gen, batch_size)
+    answers(loaded, fmt, ids, prompt, heads, gen, batch_size, context=context)
     return (time.perf_counter() - started) / len(ids)
+
+
+@dataclass
+class TeacherSide:
+    """What the teacher says and costs on some inputs, computed once for many students."""
+
+    ids: list[list[int]]  # its input tokens
+    answers: list[list[int]]  # its greedy answers
+    texts: list[str]
+    targets: Targets  # its distributions over its answers
+    first_token_s: float  # per input, every token run (no prefix cache)
+    cached_first_token_s: float | None  # per input, its shared context compiled once
+
+
+@torch.no_grad()
+def teacher_side(loaded: LoadedModel, fmt: PromptFormat, teacher: Teacher, inputs: list[Input],
+                 gen: GenerateConfig, batch_size: int = 8,
+                 top_k: int = 32) -> TeacherSide:  # fmt: skip
+    """The teacher's greedy answers, distributions and time to first token on ``inputs``."""
+    tok, model = loaded.tokenizer, loaded.model
+    t_ids = [teacher_ids(teacher, tok, fmt, x) for x in inputs]
+    context = shared_context(model, t_ids)
+    greedy = dataclasses.replace(gen, temperature=0.0)
+    t_ans = answers(loaded, fmt, t_ids, None, None, greedy, batch_size, context=context)
+    ids, logp = _distributions(model, t_ids, t_ans, top_k, batch_size)
+    targets = Targets(list(range(len(inputs))), t_ans, ids, logp, [len(t) for t in t_ids])
+    plain = _first_token_s(loaded, t_ids, None, None, fmt, batch_size)
+    cached = None
+    if context[1] is not None:
+        cached = _first_token_s(loaded, t_ids, None, None, fmt, batch_size, context)
+    texts = [tok.decode(a, skip_special_tokens=True) for a in t_ans]
+    return TeacherSide(t_ids, t_ans, texts, targets, plain, cached)
 
 
 @torch.no_grad()
 def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
               inputs: list[Input], gen: GenerateConfig, batch_size: int = 8,
-              top_k: int = 32) -> dict:  # fmt: skip
+              top_k: int = 32, side: TeacherSide | None = None) -> dict:  # fmt: skip
     """A prompt (None: the bare model) against its teacher on ``inputs``: how often their
     greedy answers agree (``answer_match``: the first line, case and final full stop aside),
     the share of the teacher's answer tokens the student's greedy answer reproduces before
     it first differs (``token_match``), the mean KL divergence per teacher answer token
     (teacher-forced), the task metric of both where the inputs have gold answers, and the
-    prefill tokens and time to first token of both."""
+    prefill tokens and time to first token of both (the teacher's also with its shared
+    context compiled once, as a server with a prefix cache holds it). ``side``: the teacher's
+    part, computed once (``teacher_side``) for several prompts on the same inputs."""
     tok, model = loaded.tokenizer, loaded.model
-    t_ids = [teacher_ids(teacher, tok, fmt, x) for x in inputs]
+    side = side or teacher_side(loaded, fmt, teacher, inputs, gen, batch_size, top_k)
+    t_ids, t_ans, t_txt = side.ids, side.answers, side.texts
     encoded = [encode_example(tok, fmt, student_example(fmt, x)) for x in inputs]
     if prompt is None:  # the bare model with the student's input (a baseline)
         s_ids, heads = [(h or []) + b for h, b in encoded], None
     else:
         s_ids, heads = [b for _, b in encoded], [h for h, _ in encoded]
     greedy = dataclasses.replace(gen, temperature=0.0)
-    t_ans = answers(loaded, fmt, t_ids, None, None, greedy, batch_size)
     s_ans = answers(loaded, fmt, s_ids, prompt, heads, greedy, batch_size)
-    decode = lambda a: tok.decode(a, skip_special_tokens=True)  # noqa: E731
-    t_txt, s_txt = [decode(a) for a in t_ans], [decode(a) for a in s_ans]
+    s_txt = [tok.decode(a, skip_special_tokens=True) for a in s_ans]
     match = [_normal(a) == _normal(b) for a, b in zip(t_txt, s_txt)]
     common = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
               for a, b in zip(t_ans, s_ans)]  # fmt: skip
-    ids, logp = _distributions(model, t_ids, t_ans, top_k, batch_size)
-    targets = Targets(list(range(len(inputs))), t_ans, ids, logp, [len(t) for t in t_ids])
-    rows = student_rows(tok, fmt, inputs, targets, 1 << 30)
+    rows = student_rows(tok, fmt, inputs, side.targets, 1 << 30)
     kl = evaluate_loss(model, prompt, rows, batch_size, tok.pad_token_id)
     n = 0 if prompt is None else prompt.num_virtual_tokens
     report = {
@@ -694,13 +735,15 @@ def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
                 _normal(a) == _normal(g) for a, g in zip(said, gold)
             )
         report["metric"] = "exact match of the first line"
-    t_s = _first_token_s(loaded, t_ids, None, None, fmt, batch_size)
-    s_s = _first_token_s(loaded, s_ids, prompt, heads, fmt, batch_size)
+    t_s, s_s = side.first_token_s, _first_token_s(loaded, s_ids, prompt, heads, fmt, batch_size)
     report.update(
         teacher_first_token_ms=1000 * t_s,
         student_first_token_ms=1000 * s_s,
         first_token_speedup=t_s / s_s if s_s > 0 else None,
     )
+    if side.cached_first_token_s is not None:
+        report["teacher_cached_first_token_ms"] = 1000 * side.cached_first_token_s
+        report["cached_first_token_speedup"] = side.cached_first_token_s / s_s if s_s > 0 else None
     return report
 
 

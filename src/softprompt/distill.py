@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from softprompt.config import DataConfig, DistillConfig, GenerateConfig
@@ -588,7 +589,50 @@ class DistillSource(DataSource):
             f"teacher's answers; {info['teacher']['input_tokens']:.0f} teacher input tokens "
             f"against {info['teacher']['student_input_tokens']:.0f} + "
             f"{cfg.prompt.num_virtual_tokens} virtual for the student)")  # fmt: skip
+        if cfg.mix_labels:
+            k = targets.ids[0].shape[1]
+            labelled = gold_rows(cfg, loaded, self.fmt, train_in, max_text, k)
+            train_rows += labelled
+            info["labelled_rows"] = len(labelled)
+            say(f"--mix-labels: {len(labelled)} training rows of gold answers beside the "
+                "teacher's (their loss: the cross-entropy)")  # fmt: skip
         return TrainData(train_rows, [val_rows], [""], info, None, self.fmt)
+
+
+def gold_rows(cfg: DistillConfig, loaded: LoadedModel, fmt: PromptFormat, inputs: list[Input],
+              max_text: int, k: int) -> list[Row]:  # fmt: skip
+    """Rows of the inputs' gold answers, tokenized as ``train`` tokenizes them, each answer
+    token's target a one-hot distribution in the teacher's table shape (the KL divergence
+    from a one-hot distribution is the cross-entropy)."""
+    examples = []
+    for x in inputs:
+        if x.target is None:
+            continue
+        ex = student_example(fmt, x)
+        if x.messages is not None:
+            ex.messages = [*x.messages, {"role": "assistant", "content": x.target}]
+        examples.append(ex)
+    if not examples:
+        raise ConfigError("--mix-labels: no training input has a gold answer (--target-field, "
+                          "or a conversation ending with the assistant's answer)")  # fmt: skip
+    delimiter = "" if fmt.chat else fmt.target_delimiter
+    rows = loaded.kind.tokenize(examples, loaded.tokenizer, max_text, None, fmt, delimiter,
+                                cfg.data.loss_on)  # fmt: skip
+    for row in rows:
+        gold = torch.tensor([t for t in row.labels if t != IGNORE_INDEX])
+        row.soft = one_hot_targets(gold, k)
+    return rows
+
+
+def one_hot_targets(gold: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Teacher-table rows putting all the probability on ``gold`` (n,): ids (n, k), the gold
+    id first and k-1 other ids after it, and log-probabilities (n, k+1): 0, then -inf."""
+    others = torch.arange(k).expand(len(gold), k)
+    others = others + (others >= gold[:, None]).long()  # k ids that skip the gold one
+    ids = torch.cat([gold[:, None], others[:, : k - 1]], dim=1)
+    logp = torch.full((len(gold), k + 1), -math.inf)
+    logp[:, 0] = 0.0
+    return ids, logp
 
 
 def distill(cfg: DistillConfig, loaded: LoadedModel | None = None,

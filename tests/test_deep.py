@@ -114,13 +114,10 @@ def test_peft_loads_ours_and_we_load_peft(loaded_all, arch, tmp_path):
 
 
 def _cache(model, deep):
-    from transformers import DynamicCache
+    from softprompt.prefix import cache_of
 
     p = compile_prefix(model, deep)
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(zip(p.keys, p.values)):
-        cache.update(k, v, i)
-    return cache
+    return cache_of(p.keys, p.values)
 
 
 def test_deep_prompt_refused_on_another_model(loaded_all, tmp_path):

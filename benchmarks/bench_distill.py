@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from softprompt import distill as d  # noqa: E402
-from softprompt.artifacts import load_prompt  # noqa: E402
+from softprompt.artifacts import load_prompt, trained_choices  # noqa: E402
 from softprompt.config import (  # noqa: E402
     EMBEDDED_CHAT_MODEL,
     EMBEDDED_MODEL,
@@ -135,13 +135,15 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     gen = GenerateConfig(max_new_tokens=spec["new_tokens"])
     side = d.teacher_side(loaded, fmt, teacher, held, gen, 8, cfg.teacher_top_k)
     rows = []
-    variants = [
-        ("bare model", None, None),
-        ("tuned on labels", load_prompt(folder / "tuned", loaded.model)[0], tuned_s),
-        ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s),
+    tuned_prompt, tuned_meta = load_prompt(folder / "tuned", loaded.model)
+    variants = [  # the tuned prompt answers as `generate` answers for it (with its labels)
+        ("bare model", None, None, None),
+        ("tuned on labels", tuned_prompt, tuned_s, trained_choices(tuned_meta)),
+        ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s, None),
     ]
-    for label, prompt, seconds in variants:
-        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k, side)
+    for label, prompt, seconds, labels in variants:
+        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k, side,
+                             labels)  # fmt: skip
         report.pop("answers")
         rows.append({"task": name, "seed": seed, "variant": label, "train_s": seconds,
                      "steps": (distilled if label == "distilled" else tuned).summary["steps"]

@@ -38,12 +38,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from softprompt.config import DataConfig, DistillConfig, GenerateConfig
 from softprompt.console import say, warn
 from softprompt.data import Example, read_records, split_validation
 from softprompt.errors import ArtifactError, ConfigError, DataError
-from softprompt.generation import generate_ids, generation_config
+from softprompt.generation import LabelsOnly, generate_ids, generation_config, label_sequences
 from softprompt.kinds import CAUSAL
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import support, teacher_topk
@@ -354,11 +355,12 @@ def _teacher_answers(cfg: DistillConfig, loaded, fmt: PromptFormat, prompts) -> 
 @torch.no_grad()
 def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen: GenerateConfig,
             batch_size: int, progress: str | None = None, context: tuple | None = None,
-            ) -> list[list[int]]:  # fmt: skip
+            labels: list[str] | None = None) -> list[list[int]]:  # fmt: skip
     """Each row's continuation (the base model's, or with ``prompt`` after its ``heads``, from
     the compiled prefix), up to and with its stop token; a progress bar named ``progress``.
     ``context`` (``shared_context``, base model only): the tokens every row starts with,
-    compiled once; each row continues from it."""
+    compiled once; each row continues from it. ``labels`` (a prompt trained in classification
+    mode): the prompt's rows answer with one of them, as ``generate`` answers for it."""
     tok, model = loaded.tokenizer, loaded.model
     stops = fmt.stop_ids(tok)
     gen_cfg = generation_config(tok, gen, stops)
@@ -373,8 +375,12 @@ def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen:
     for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(ids)):
         batch = order[s : s + batch_size]
         rows = [prompts[i] for i in batch] if prompts else [None] * len(batch)
+        only = None
+        if labels and prompt is not None:
+            sequences = label_sequences(tok, labels, fmt)
+            only = LogitsProcessorList([LabelsOnly([sequences] * len(batch), gen_cfg.eos_token_id)])
         new = generate_ids(model, [ids[i] for i in batch], rows, gen_cfg,
-                           heads=[heads[i] for i in batch])  # fmt: skip
+                           heads=[heads[i] for i in batch], processors=only)  # fmt: skip
         for i, row in zip(batch, new.tolist()):
             end = next((j for j, t in enumerate(row) if t in stops), None)
             out[i] = row[: end + 1] if end is not None else row
@@ -732,7 +738,8 @@ def teacher_side(loaded: LoadedModel, fmt: PromptFormat, teacher: Teacher, input
 @torch.no_grad()
 def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
               inputs: list[Input], gen: GenerateConfig, batch_size: int = 8,
-              top_k: int = 32, side: TeacherSide | None = None) -> dict:  # fmt: skip
+              top_k: int = 32, side: TeacherSide | None = None,
+              labels: list[str] | None = None) -> dict:  # fmt: skip
     """A prompt (None: the bare model) against its teacher on ``inputs``: how often their
     greedy answers agree (``answer_match``: the first line, case and final full stop aside),
     the share of the teacher's answer tokens the student's greedy answer reproduces before
@@ -740,7 +747,8 @@ def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
     (teacher-forced), the task metric of both where the inputs have gold answers, and the
     prefill tokens and time to first token of both (the teacher's also with its shared
     context compiled once, as a server with a prefix cache holds it). ``side``: the teacher's
-    part, computed once (``teacher_side``) for several prompts on the same inputs."""
+    part, computed once (``teacher_side``) for several prompts on the same inputs. ``labels``:
+    the labels a prompt trained in classification mode answers with (``trained_choices``)."""
     tok, model = loaded.tokenizer, loaded.model
     side = side or teacher_side(loaded, fmt, teacher, inputs, gen, batch_size, top_k)
     t_ids, t_ans, t_txt = side.ids, side.answers, side.texts
@@ -750,7 +758,7 @@ def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
     else:
         s_ids, heads = [b for _, b in encoded], [h for h, _ in encoded]
     greedy = dataclasses.replace(gen, temperature=0.0)
-    s_ans = answers(loaded, fmt, s_ids, prompt, heads, greedy, batch_size)
+    s_ans = answers(loaded, fmt, s_ids, prompt, heads, greedy, batch_size, labels=labels)
     s_txt = [tok.decode(a, skip_special_tokens=True) for a in s_ans]
     match = [_normal(a) == _normal(b) for a, b in zip(t_txt, s_txt)]
     common = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -793,7 +801,7 @@ def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
 
 def describe(r: dict) -> str:
     """One line for a person: the agreement report's main numbers."""
-    metric = (f"; task metric teacher {r['teacher_metric']:.3f}, distilled "
+    metric = (f"; task metric teacher {r['teacher_metric']:.3f}, this prompt "
               f"{r['student_metric']:.3f}" if "teacher_metric" in r else "")  # fmt: skip
     inputs = f"{r['inputs']} held-out input" + ("s" if r["inputs"] != 1 else "")
     return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from pathlib import Path
 
 from softprompt.config import CompareConfig
@@ -34,8 +35,13 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
     log.write(kind="config", config=dataclasses.asdict(cfg), model=loaded.name, **environment())
     ctx = Context(cfg, loaded, examples, test, output, log, cfg.choice_list)
     device = loaded.model.get_input_embeddings().weight.device
-    for method in cfg.method_list:
-        say(f"compare: {method}")
+    start, took = time.perf_counter(), {}
+    methods = cfg.method_list
+    for i, method in enumerate(methods, 1):
+        elapsed = _clock(time.perf_counter() - start)
+        eta = _estimate(took, methods[i - 1 :])
+        say(f"compare: {i}/{len(methods)} {method}, {elapsed} elapsed{eta}")
+        began = time.perf_counter()
         gc.collect()
         with PeakMemory(device) as mem:
             row = RUNNERS[method](ctx)
@@ -43,13 +49,35 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
         if method == "prompt-tuning":  # outside the memory window: it copies the vocabulary
             info = inspect_prompt(loaded, output / "prompt-tuning")
             log.write(kind="inspect", method=method, **info)
-        say(f"compare: {method}: {_headline(row)}")
+        took[method] = time.perf_counter() - began
+        say(f"compare: {method}: {_headline(row)} ({_clock(took[method])})")
     write_compare_report(output)
     return output
 
 
 def _prepare_output(cfg: CompareConfig) -> Path:
     return claim_output(Path(cfg.output), "a comparison", overwrite=cfg.overwrite)
+
+
+TRAINED = ("prompt-tuning", "prefix-tuning", "lora", "full-ft")
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def _estimate(took: dict[str, float], left: list[str]) -> str:
+    """', about T left', from the methods done so far: each method left is assumed to take
+    the mean of those of its sort (trained or not) already run; nothing before one has run.
+    Full fine-tuning is slower than the others, so the estimate can be low before it."""
+    total = 0.0
+    for method in left:
+        same = [t for m, t in took.items() if (m in TRAINED) == (method in TRAINED)]
+        if not same:
+            return ""
+        total += sum(same) / len(same)
+    return f", about {_clock(total)} left (from the methods run so far)"
 
 
 def _headline(row: dict) -> str:

@@ -193,7 +193,10 @@ def render_cli(_: str | None = None) -> str:
     for name, cmd in COMMANDS.items():
         p = sub.choices[name]
         out += [f"## `softprompt {name}`", "", cmd.help[0].upper() + cmd.help[1:] + ".", ""]
-        out += ["```text", p.format_usage().strip(), "```", "", cmd.description, ""]
+        text, _, example = cmd.description.partition("\n\nExample:\n")
+        out += ["```text", p.format_usage().strip(), "```", "", text, ""]
+        if example:
+            out += ["Example:", "", "```bash", example.strip(), "```", ""]
         out += ["| flag | value | default | what it does |", "| --- | --- | --- | --- |"]
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):

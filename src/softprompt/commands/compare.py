@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from softprompt.config import CompareConfig
-from softprompt.console import say
+from softprompt.console import clock, say
 from softprompt.data import load_examples, split_validation
 from softprompt.loading import LoadedModel, load_model
 from softprompt.measure.compare import (
@@ -38,7 +38,7 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
     start, took = time.perf_counter(), {}
     methods = cfg.method_list
     for i, method in enumerate(methods, 1):
-        elapsed = _clock(time.perf_counter() - start)
+        elapsed = clock(time.perf_counter() - start)
         eta = _estimate(took, methods[i - 1 :])
         say(f"compare: {i}/{len(methods)} {method}, {elapsed} elapsed{eta}")
         began = time.perf_counter()
@@ -50,7 +50,7 @@ def run_compare(cfg: CompareConfig, loaded: LoadedModel | None = None) -> Path:
             info = inspect_prompt(loaded, output / "prompt-tuning")
             log.write(kind="inspect", method=method, **info)
         took[method] = time.perf_counter() - began
-        say(f"compare: {method}: {_headline(row)} ({_clock(took[method])})")
+        say(f"compare: {method}: {_headline(row)} ({clock(took[method])})")
     write_compare_report(output)
     return output
 
@@ -60,11 +60,6 @@ def _prepare_output(cfg: CompareConfig) -> Path:
 
 
 TRAINED = ("prompt-tuning", "prefix-tuning", "lora", "full-ft")
-
-
-def _clock(seconds: float) -> str:
-    minutes, sec = divmod(round(seconds), 60)
-    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
 def _estimate(took: dict[str, float], left: list[str]) -> str:
@@ -77,7 +72,7 @@ def _estimate(took: dict[str, float], left: list[str]) -> str:
         if not same:
             return ""
         total += sum(same) / len(same)
-    return f", about {_clock(total)} left (from the methods run so far)"
+    return f", about {clock(total)} left (from the methods run so far)"
 
 
 def _headline(row: dict) -> str:

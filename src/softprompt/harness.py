@@ -59,7 +59,8 @@ class SoftPromptLM(LM):
 
     ``--model_args``: ``prompt=DIR`` (none: the base model), ``model=`` (default: the one
     the prompt was trained on), ``dtype=float32|bfloat16``, ``template=task|prompt``,
-    ``max_gen_toks=256``, ``allow_mismatch=false``; lm_eval's ``--batch_size`` is used."""
+    ``max_gen_toks=256``, ``allow_mismatch=false``, ``batch_size=`` (else lm_eval's
+    ``--batch_size``)."""
 
     def __init__(
         self,

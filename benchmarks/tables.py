@@ -91,3 +91,53 @@ def prompts_table(
                 f"{cell([r['train_seconds'] for r in got], '.0f')} |"
             )
     return "\n".join(lines)
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def col(rows: list[dict], key: str) -> str:
+    return mean_sd([r[key] for r in rows])
+
+
+def distill_table(rows: list[dict]) -> str:
+    """bench_distill's rows: per task, the teacher, the bare model, the prompt tuned on labels
+    and the distilled prompt (mean ± sd over seeds), and the distilled prompt's targets."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        seeds = sorted({r["seed"] for r in mine})
+        out += [f"\n{task} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+                f"{mine[0]['inputs']} held-out inputs)",
+                "| variant | task metric | answers = teacher | tokens = teacher | KL / token "
+                "| prefill tokens | first token ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        first = [r for r in mine if r["variant"] == "distilled"]
+        t_metric = [r.get("teacher_metric", float("nan")) for r in first]
+        t_pre = statistics.mean(r["teacher_prefill_tokens"] for r in first)
+        t_ms = statistics.mean(r["teacher_first_token_ms"] for r in first)
+        out.append(f"| teacher (long prompt) | {mean_sd(t_metric)} | 1 | 1 | 0 | {t_pre:.0f} | "
+                   f"{t_ms:.0f} |")  # fmt: skip
+        for variant in dict.fromkeys(r["variant"] for r in mine):
+            rs = [r for r in mine if r["variant"] == variant]
+            metric = col(rs, "student_metric") if "student_metric" in rs[0] else "-"
+            out.append(
+                f"| {variant} | {metric} | {col(rs, 'answer_match')} | "
+                f"{col(rs, 'token_match')} | {col(rs, 'kl_per_token')} | "
+                f"{statistics.mean(r['student_prefill_tokens'] for r in rs):.0f} | "
+                f"{statistics.mean(r['student_first_token_ms'] for r in rs):.0f} |"
+            )
+        dist = first
+        if dist:
+            pre = statistics.mean(r["prefill_ratio"] for r in dist)
+            ttft = statistics.mean(r["first_token_speedup"] for r in dist)
+            agree = statistics.mean(r["answer_match"] for r in dist)
+            lost = statistics.mean(r.get("teacher_metric", 0) - r.get("student_metric", 0)
+                                   for r in dist)  # fmt: skip
+            out.append(f"\ndistilled vs teacher: answers agree {agree:.1%} (target >= 90%), "
+                       f"metric {-lost * 100:+.1f} points (target >= -1), prefill {pre:.1f}x "
+                       f"fewer tokens (target >= 10x), first token {ttft:.1f}x faster "
+                       "(target >= 3x)")  # fmt: skip
+    return "\n".join(out)

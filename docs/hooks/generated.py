@@ -164,19 +164,8 @@ def render_distill(name: str) -> str:
             "    quoted until then."
         )
     rows = read_rows(path)
-    data = [r for r in rows if r.get("kind") != "run"]
-    columns = list(dict.fromkeys(k for r in data for k in r))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in data:
-        cells = [_cell(r.get(c, "-")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + _source(name, [r for r in rows if r.get("kind") == "run"])
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value) if not isinstance(value, dict | list) else json.dumps(value)
+    table = _tables().distill_table([r for r in rows if r.get("kind") != "run"])
+    return table + "\n\n" + _source(name, [r for r in rows if r.get("kind") == "run"])
 
 
 # --- the CLI reference --------------------------------------------------------------------

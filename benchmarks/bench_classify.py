@@ -39,11 +39,16 @@ def main() -> None:
     p.add_argument("--test", default=str(DATA / "test.jsonl"))
     p.add_argument("--input-field", default="review")
     p.add_argument("--target-field", default="label")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=10, help="every method (classify's default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--virtual-tokens", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.1, help="prompt + head, and head alone")
-    p.add_argument("--prefix-lr", type=float, default=0.1, help="deep prompt + head")
+    p.add_argument(
+        "--prefix-lr",
+        type=float,
+        default=0.03,
+        help="deep prompt + head (classify's default: docs/measurements.md, 7)",
+    )
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning")
     p.add_argument("--limit", type=int, default=None, help="use only this many examples")
     p.add_argument("--quick", action="store_true", help="1 epoch, 4 tokens: a smoke test")

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -40,9 +39,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tables import distill_table  # noqa: E402
 
 from softprompt import distill as d  # noqa: E402
-from softprompt.artifacts import load_prompt  # noqa: E402
+from softprompt.artifacts import load_prompt, trained_choices  # noqa: E402
 from softprompt.config import (  # noqa: E402
     EMBEDDED_CHAT_MODEL,
     EMBEDDED_MODEL,
@@ -133,68 +135,23 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     held = d.read_inputs(str(spec["held_out"]), spec["data"], teacher)
     fmt = d.student_format(cfg, held)
     gen = GenerateConfig(max_new_tokens=spec["new_tokens"])
+    side = d.teacher_side(loaded, fmt, teacher, held, gen, 8, cfg.teacher_top_k)
     rows = []
-    variants = [
-        ("bare model", None, None),
-        ("tuned on labels", load_prompt(folder / "tuned", loaded.model)[0], tuned_s),
-        ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s),
+    tuned_prompt, tuned_meta = load_prompt(folder / "tuned", loaded.model)
+    variants = [  # the tuned prompt answers as `generate` answers for it (with its labels)
+        ("bare model", None, None, None),
+        ("tuned on labels", tuned_prompt, tuned_s, trained_choices(tuned_meta)),
+        ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s, None),
     ]
-    for label, prompt, seconds in variants:
-        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k)
+    for label, prompt, seconds, labels in variants:
+        report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k, side,
+                             labels)  # fmt: skip
         report.pop("answers")
         rows.append({"task": name, "seed": seed, "variant": label, "train_s": seconds,
                      "steps": (distilled if label == "distilled" else tuned).summary["steps"]
                      if prompt is not None else 0, **report})  # fmt: skip
         print(f"bench_distill {name} seed {seed} {label}: {d.describe(report)}", flush=True)
     return rows
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def col(rows: list[dict], key: str) -> str:
-    return mean_sd([r[key] for r in rows])
-
-
-def table(rows: list[dict]) -> str:
-    out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        mine = [r for r in rows if r["task"] == task]
-        seeds = sorted({r["seed"] for r in mine})
-        out += [f"\n{task} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
-                f"{mine[0]['inputs']} held-out inputs)",
-                "| variant | task metric | answers = teacher | tokens = teacher | KL / token "
-                "| prefill tokens | first token ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        first = [r for r in mine if r["variant"] == "distilled"]
-        t_metric = [r.get("teacher_metric", float("nan")) for r in first]
-        t_pre = statistics.mean(r["teacher_prefill_tokens"] for r in first)
-        t_ms = statistics.mean(r["teacher_first_token_ms"] for r in first)
-        out.append(f"| teacher (long prompt) | {mean_sd(t_metric)} | 1 | 1 | 0 | {t_pre:.0f} | "
-                   f"{t_ms:.0f} |")  # fmt: skip
-        for variant in dict.fromkeys(r["variant"] for r in mine):
-            rs = [r for r in mine if r["variant"] == variant]
-            metric = col(rs, "student_metric") if "student_metric" in rs[0] else "-"
-            out.append(
-                f"| {variant} | {metric} | {col(rs, 'answer_match')} | "
-                f"{col(rs, 'token_match')} | {col(rs, 'kl_per_token')} | "
-                f"{statistics.mean(r['student_prefill_tokens'] for r in rs):.0f} | "
-                f"{statistics.mean(r['student_first_token_ms'] for r in rs):.0f} |"
-            )
-        dist = first
-        if dist:
-            pre = statistics.mean(r["prefill_ratio"] for r in dist)
-            ttft = statistics.mean(r["first_token_speedup"] for r in dist)
-            agree = statistics.mean(r["answer_match"] for r in dist)
-            lost = statistics.mean(r.get("teacher_metric", 0) - r.get("student_metric", 0)
-                                   for r in dist)  # fmt: skip
-            out.append(f"\ndistilled vs teacher: answers agree {agree:.1%} (target >= 90%), "
-                       f"metric {-lost * 100:+.1f} points (target >= -1), prefill {pre:.1f}x "
-                       f"fewer tokens (target >= 10x), first token {ttft:.1f}x faster "
-                       "(target >= 3x)")  # fmt: skip
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps (default: 3 epochs)")
     parser.add_argument("--json", default="docs/distill/bench-distill.jsonl", help="appended")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
+    parser.add_argument("--table", default=None, help="only print the table of this JSONL")
     args = parser.parse_args(argv)
+    if args.table:
+        rows = [json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]
+        print(distill_table([r for r in rows if r.get("kind") != "run"]))
+        return
     if args.quick:
         args.inputs, args.held_out, args.steps, args.tokens = 16, 4, 2, 4
     tasks = [t for t in args.tasks.split(",") if t]
@@ -232,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += new
             with out.open("a", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in new)
-    print(table(rows))
+    print(distill_table(rows))
 
 
 if __name__ == "__main__":

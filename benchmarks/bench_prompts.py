@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+import tables  # noqa: E402  (benchmarks/tables.py)
 
 from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data import load_examples  # noqa: E402
@@ -93,30 +94,8 @@ def run_one(loaded, task: str, variant: str, seed: int, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Mean (min-max) over seeds per task and variant."""
-
-    def cell(values: list[float], fmt: str) -> str:
-        if not values:
-            return "-"
-        mean = statistics.mean(values)
-        return f"{mean:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-    lines = [
-        "| task | variant | seeds | test accuracy | mean member accuracy | train s |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for task in TASKS:
-        for variant in VARIANTS:
-            got = [r for r in rows if r["task"] == task and r["variant"] == variant]
-            if not got:
-                continue
-            members = [statistics.mean(r["member_accuracy"]) for r in got if "member_accuracy" in r]
-            lines.append(
-                f"| {task} | {variant} | {len(got)} | "
-                f"{cell([r['test_accuracy'] for r in got], '.3f')} | {cell(members, '.3f')} | "
-                f"{cell([r['train_seconds'] for r in got], '.0f')} |"
-            )
-    return "\n".join(lines)
+    """Mean (min-max) over seeds per task and variant (benchmarks/tables.py)."""
+    return tables.prompts_table(rows, list(TASKS), list(VARIANTS))
 
 
 def main() -> None:

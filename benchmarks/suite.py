@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+from tables import suite_table as table  # noqa: E402  (benchmarks/tables.py)
 
 from softprompt.config import (  # noqa: E402
     CompareConfig,
@@ -364,67 +364,6 @@ def run_one(s: Setting, method: str, variants: dict[str, dict]) -> dict:
 
 
 # --- the table ---------------------------------------------------------------------------
-
-
-def cell(values: list[float], fmt: str) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-
-def table(rows: list[dict]) -> str:
-    """Mean (min-max) over seeds per task and method, then the suite's mean per method."""
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [
-        "| task | method | seeds | accuracy | macro-F1 | chrF / BLEU | steps | train s | peak MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for task in tasks:
-        for method in methods:
-            got = [r for r in rows if r["task"] == task and r["method"] == method]
-            failed = [r for r in got if "error" in r]
-            got = [r for r in got if "error" not in r]
-            if failed:
-                lines.append(f"| {task} | {method} | {len(failed)} failed: "
-                             f"{failed[0]['error'][:80]} | | | | | | |")  # fmt: skip
-            if not got:
-                continue
-            gen = "chrf" in got[0]
-            texts = [cell([r[k] for r in got], ".1f") for k in ("chrf", "bleu")] if gen else []
-            lines.append(
-                f"| {task} | {method} | {len(got)} | "
-                f"{'-' if gen else cell([r['accuracy'] for r in got], '.3f')} | "
-                f"{'-' if gen else cell([r['macro_f1'] for r in got], '.3f')} | "
-                + (" / ".join(texts) if gen else "-")
-                + f" | {statistics.mean(r['steps'] for r in got):.0f} | "
-                f"{cell([r['train_seconds'] for r in got], '.0f')} | "
-                f"{cell([r['peak_memory_mb'] for r in got], '.0f')} |"
-            )  # fmt: skip
-    lines += ["", "Suite mean over the classification tasks every method ran (accuracy, "
-              "macro-F1; per task the mean over seeds):", "",
-              "| method | tasks | accuracy | macro-F1 | vs defaults (accuracy) |",
-              "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    classify = [t for t in tasks if not any("chrf" in r for r in rows if r["task"] == t)]
-
-    def task_mean(method, task, key):
-        got = [r[key] for r in rows if r["task"] == task and r["method"] == method and key in r]
-        return statistics.mean(got) if got else None
-
-    common = [t for t in classify if all(task_mean(m, t, "accuracy") is not None for m in methods)]
-    base = [task_mean("defaults", t, "accuracy") for t in common] if "defaults" in methods else None
-    for method in methods:
-        acc = [task_mean(method, t, "accuracy") for t in common]
-        f1 = [task_mean(method, t, "macro_f1") for t in common]
-        if not acc:
-            continue
-        diff = "-"
-        if base and method != "defaults":
-            per = [a - b for a, b in zip(acc, base)]
-            diff = f"{statistics.mean(per):+.3f} (worst task {min(per):+.3f})"
-        lines.append(f"| {method} | {len(common)} | {statistics.mean(acc):.3f} | "
-                     f"{statistics.mean(f1):.3f} | {diff} |")  # fmt: skip
-    return "\n".join(lines)
 
 
 # --- the command -------------------------------------------------------------------------

@@ -309,3 +309,50 @@ def kind_dirs(tmp_path_factory) -> dict[str, Path]:
         tok.save_pretrained(folder)
         out[kind] = folder
     return out
+
+
+@contextmanager
+def served_side_by_side(loaded, prompts: dict, folder: Path, texts: list[str], max_tokens: int):
+    """Serve ``prompts`` (name -> prompt, saved in ``folder``) beside the base model; every
+    (prompt or base, text) completion sent at once from threads must equal the one sent
+    alone, with rows sharing batches. Yields (the app's state, the server's URL) while it
+    serves; stops it after."""
+    import threading
+
+    import openai
+
+    from softprompt.artifacts import save_prompt
+    from softprompt.config import ServeConfig
+    from softprompt.serving.api import create_app
+    from softprompt.serving.server import BackgroundServer
+
+    for name, prompt in prompts.items():
+        save_prompt(folder / name, prompt, loaded.model, loaded.name)
+    app = create_app(loaded, ServeConfig(prompts=str(folder), max_batch_size=8, batch_wait_ms=50))
+    state = app.state.softprompt
+    assert state.store.rescan()["added"] == sorted(prompts)
+    background = BackgroundServer(app)
+    client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="x", max_retries=0, timeout=30)
+
+    def complete(model, text):
+        out = client.completions.create(model=model, prompt=text, max_tokens=max_tokens,
+                                        temperature=0)  # fmt: skip
+        return out.choices[0].text
+
+    try:
+        jobs = [(m, t) for m in (*prompts, "base") for t in texts]
+        alone = {job: complete(*job) for job in jobs}
+        results = {}
+        before = state.batcher.metrics.batches
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, complete(*jobs[i])))
+                   for i in range(len(jobs))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [results[i] for i in range(len(jobs))] == [alone[j] for j in jobs]
+        assert state.batcher.metrics.batches - before < len(jobs)  # rows shared batches
+        yield state, background.url
+    finally:
+        background.stop()
+        state.batcher.close()

@@ -3,7 +3,10 @@ rendered in headless Chromium, and `softprompt inspect`."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 from conftest import write_reviews
 
 from softprompt.cli import main
-from softprompt.commands.compare import run_compare
+from softprompt.commands.compare import _estimate, run_compare
 from softprompt.config import COMPARE_METHODS, CompareConfig, DataConfig, ModelConfig
 from softprompt.loading import load_model
 from softprompt.measure.inspection import CAVEAT
@@ -47,13 +50,36 @@ def compared(model_dirs, tmp_path_factory) -> Path:
     )
     loaded = load_model(cfg.model)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    folder = run_compare(cfg, loaded)
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console):
+        folder = run_compare(cfg, loaded)
+    (root / "console.txt").write_text(console.getvalue())  # what the user saw, for a test
     after = loaded.model.state_dict()
     # LoRA is injected in place and removed again; full FT trains a copy: the base is intact.
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in loaded.model.parameters())
     return folder
+
+
+def test_every_method_says_when_it_starts_with_elapsed_time_and_an_estimate(compared):
+    """compare is never silent: a line per method (its place, the time so far, and once a
+    method of its sort has run an estimate of what is left), and a bar for each training."""
+    text = (compared.parent / "console.txt").read_text()
+    n = len(COMPARE_METHODS)
+    starts = re.findall(rf"compare: (\d)/{n} ([a-z-]+), (\S+) elapsed(.*)", text)
+    assert [m for _, m, _, _ in starts] == list(COMPARE_METHODS)
+    assert "left" not in starts[0][3] and "left" in starts[-1][3]  # full-ft: after prompt/lora
+    for method in ("lora", "full-ft"):  # the references' own step bars
+        assert re.search(rf"{method}: 100%.*3/3", text)
+
+
+def test_the_estimate_assumes_each_method_left_takes_its_sorts_mean():
+    took = {"zero-shot": 2.0, "prompt-tuning": 30.0, "lora": 50.0}
+    assert (
+        _estimate(took, ["few-shot", "full-ft"]) == ", about 42s left (from the methods run so far)"
+    )
+    assert _estimate({"zero-shot": 2.0}, ["prompt-tuning"]) == ""  # nothing trained yet
 
 
 def _results(folder: Path) -> dict[str, dict]:

@@ -114,13 +114,10 @@ def test_peft_loads_ours_and_we_load_peft(loaded_all, arch, tmp_path):
 
 
 def _cache(model, deep):
-    from transformers import DynamicCache
+    from softprompt.prefix import cache_of
 
     p = compile_prefix(model, deep)
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(zip(p.keys, p.values)):
-        cache.update(k, v, i)
-    return cache
+    return cache_of(p.keys, p.values)
 
 
 def test_deep_prompt_refused_on_another_model(loaded_all, tmp_path):
@@ -134,49 +131,18 @@ def test_served_beside_shallow_prompts(model_dirs, tmp_path):
     """A deep prompt folder served with a shallow one: concurrent requests over both (and the
     base model) share batches and each gets what it gets alone, on Gemma 3's sliding-window
     layers; /health reports each prompt's memory."""
-    import threading
     import urllib.request
 
-    import openai
+    from conftest import served_side_by_side
 
-    from softprompt.config import ServeConfig
     from softprompt.loading import load_model
-    from softprompt.serving.api import create_app
-    from softprompt.serving.server import BackgroundServer
 
     loaded = load_model(model=str(model_dirs["gemma3"]))
-    folder = tmp_path / "prompts"
-    save_prompt(folder / "deep", _deep(loaded.model, 7, 6), loaded.model, loaded.name)
-    save_prompt(folder / "flat", random_prompt(8, 3), loaded.model, loaded.name)
-    app = create_app(loaded, ServeConfig(prompts=str(folder), max_batch_size=8, batch_wait_ms=50))
-    state = app.state.softprompt
-    assert state.store.rescan()["added"] == ["deep", "flat"]
-    background = BackgroundServer(app)
-    client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="x", max_retries=0, timeout=30)
-    try:
-
-        def complete(model, text):
-            out = client.completions.create(model=model, prompt=text, max_tokens=5, temperature=0)
-            return out.choices[0].text
-
-        jobs = [(m, t) for m in ("deep", "flat", "base") for t in TEXTS]
-        alone = {job: complete(*job) for job in jobs}
-        results = {}
-        before = state.batcher.metrics.batches
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, complete(*jobs[i])))
-                   for i in range(len(jobs))]  # fmt: skip
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert [results[i] for i in range(len(jobs))] == [alone[j] for j in jobs]
-        assert state.batcher.metrics.batches - before < len(jobs)  # rows shared batches
-        with urllib.request.urlopen(background.url + "/health", timeout=10) as resp:
+    prompts = {"deep": _deep(loaded.model, 7, 6), "flat": random_prompt(8, 3)}
+    with served_side_by_side(loaded, prompts, tmp_path / "prompts", TEXTS, 5) as (state, url):
+        with urllib.request.urlopen(url + "/health", timeout=10) as resp:
             health = json.loads(resp.read())
         assert health["prompts"] == 2
-    finally:
-        background.stop()
-        state.batcher.close()
     entries = {e.name: e for e in state.store.entries()}
     assert entries["deep"].prefix.deep and not entries["flat"].prefix.deep
     # 6 tokens x 3 layers x keys and values x 8 values x 4 bytes

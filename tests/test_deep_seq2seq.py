@@ -304,43 +304,11 @@ def test_served_with_other_prompts(kind_dirs, tmp_path, arch):
     """A deep prompt folder served beside an input-layer prompt: concurrent requests over
     both and the base model share batches and each gets what it gets alone (BART's rows of
     a batch that mixes them run again one by one)."""
-    import threading
-
-    import openai
-
-    from softprompt.config import ServeConfig
-    from softprompt.serving.api import create_app
-    from softprompt.serving.server import BackgroundServer
+    from conftest import served_side_by_side
 
     loaded = load_model(model=str(kind_dirs[arch]))
-    folder = tmp_path / "prompts"
-    save_prompt(folder / "deep", _deep(loaded.model, 7, 5), loaded.model, loaded.name)
-    save_prompt(folder / "flat", random_prompt(8, 3), loaded.model, loaded.name)
-    app = create_app(loaded, ServeConfig(prompts=str(folder), max_batch_size=8, batch_wait_ms=50))
-    state = app.state.softprompt
-    assert state.store.rescan()["added"] == ["deep", "flat"]
-    background = BackgroundServer(app)
-    client = openai.OpenAI(base_url=f"{background.url}/v1", api_key="x", max_retries=0, timeout=30)
-    try:
-
-        def complete(model, text):
-            out = client.completions.create(model=model, prompt=text, max_tokens=4, temperature=0)
-            return out.choices[0].text
-
-        jobs = [(m, t) for m in ("deep", "flat", "base") for t in SOURCES]
-        alone = {job: complete(*job) for job in jobs}
-        results = {}
-        before = state.batcher.metrics.batches
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, complete(*jobs[i])))
-                   for i in range(len(jobs))]  # fmt: skip
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert [results[i] for i in range(len(jobs))] == [alone[j] for j in jobs]
-        assert state.batcher.metrics.batches - before < len(jobs)  # rows shared batches
-    finally:
-        background.stop()
-        state.batcher.close()
+    prompts = {"deep": _deep(loaded.model, 7, 5), "flat": random_prompt(8, 3)}
+    with served_side_by_side(loaded, prompts, tmp_path / "prompts", SOURCES, 4) as (state, _):
+        pass
     entries = {e.name: e for e in state.store.entries()}
     assert entries["deep"].prefix.deep and not entries["flat"].prefix.deep

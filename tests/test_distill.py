@@ -345,3 +345,30 @@ def test_the_shared_context_runs_once_with_the_same_targets(model_dirs, tmp_path
     for a, b in zip(shared.ids, whole.ids):
         assert torch.equal(a[:, :3], b[:, :3])  # the three most likely tokens (ties aside)
     torch.testing.assert_close(torch.cat(shared.logp), torch.cat(whole.logp), atol=1e-4, rtol=1e-4)
+
+
+def test_gold_answers_mixed_in_learn_with_the_cross_entropy(tiny_dir, tmp_path):
+    """--mix-labels: a gold answer's row has a one-hot teacher distribution, whose KL
+    divergence is the cross-entropy of the plain labelled row."""
+    import dataclasses
+
+    from softprompt import distill as d
+    from softprompt.loading import load_model
+    from softprompt.loss import lm_loss
+    from softprompt.rows import collate
+
+    cfg = _cfg(tiny_dir, tmp_path, mix_labels=True)
+    loaded = load_model(cfg.model)
+    source = d.DistillSource(cfg)
+    source.examples(cfg)
+    rows = d.gold_rows(cfg, loaded, source.fmt, source.inputs[0], 200, 7)
+    assert len(rows) == len(source.inputs[0]) and all(r.soft[0].shape[1] == 7 for r in rows)
+    prompt = __import__("conftest").random_prompt(n=4)
+    pad = loaded.tokenizer.pad_token_id
+    soft, n = lm_loss(loaded.model, prompt, collate(rows, pad))
+    plain_rows = [dataclasses.replace(r, soft=None) for r in rows]
+    plain, m = lm_loss(loaded.model, prompt, collate(plain_rows, pad))
+    assert n == m and soft.item() == pytest.approx(plain.item(), rel=1e-5)
+    data = source.prepare(cfg, *source.examples(cfg), loaded, tmp_path / "out", "cpu")
+    assert data.info["labelled_rows"] == len(source.inputs[0])
+    assert len(data.train_rows) == 2 * len(source.inputs[0])

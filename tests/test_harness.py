@@ -184,3 +184,13 @@ def test_command_line_finds_the_model(tmp_path, loaded_all, offline):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sp_reviews" in proc.stdout and "acc" in proc.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_batch_size_in_model_args_and_from_lm_eval_together(tmp_path, loaded_all):
+    """The README's command, `--model_args prompt=DIR,batch_size=8`: lm_eval passes its own
+    --batch_size too; the model arguments' value wins, with no TypeError."""
+    folder = _prompt_dir(tmp_path, loaded_all["llama"])
+    extra = {"batch_size": 1, "max_batch_size": None, "device": "cpu"}  # as lm_eval's CLI does
+    lm = SoftPromptLM.create_from_arg_string(f"prompt={folder},batch_size=8", extra)
+    assert lm.batch_size == 8 and lm.prompt is not None
+    assert SoftPromptLM.create_from_arg_string(f"prompt={folder}", extra).batch_size == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -68,8 +69,13 @@ def test_sweep_cli_runs_each_recipe_and_writes_the_table(tiny_dir, pairs_file, t
             str(out),
         ]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0
+    # a progress line per recipe: its place, the time so far, then an estimate of the rest
+    lines = re.findall(r"sweep (\d)/4: .*, seed 0, \S+ elapsed(.*)", captured.err)
+    assert [n for n, _ in lines] == ["1", "2", "3", "4"]
+    assert lines[0][1] == "" and all(re.match(r", about \S+ left$", e) for _, e in lines[1:])
     rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
     recipes_run = [r for r in rows if r["kind"] == "recipe"]
     assert [(r["method"], r["lr"]) for r in recipes_run] == [

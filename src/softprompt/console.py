@@ -19,6 +19,12 @@ def is_first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def clock(seconds: float) -> str:
+    """'42s', '3m05s': a duration as a progress line shows it."""
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
 def say(msg: str) -> None:
     """A progress message on stderr."""
     if is_first_process():

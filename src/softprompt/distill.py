@@ -36,18 +36,20 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from softprompt.config import DataConfig, DistillConfig, GenerateConfig
 from softprompt.console import say, warn
 from softprompt.data import Example, read_records, split_validation
 from softprompt.errors import ArtifactError, ConfigError, DataError
-from softprompt.generation import generate_ids, generation_config
+from softprompt.generation import LabelsOnly, generate_ids, generation_config, label_sequences
 from softprompt.kinds import CAUSAL
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import support, teacher_topk
 from softprompt.outputs import atomic_write, write_json
-from softprompt.prefix import compile_all, compile_prefix, run_prefix, text_after
+from softprompt.prefix import Prefix, compile_all, compile_prefix, run_prefix, text_after
 from softprompt.prompt import SoftPrompt, embed_tokens
 from softprompt.rows import IGNORE_INDEX, Row, encode_example
 from softprompt.scoring import evaluate_loss
@@ -345,37 +347,40 @@ def _teacher_answers(cfg: DistillConfig, loaded, fmt: PromptFormat, prompts) -> 
     """The teacher's continuation of each prompt, up to and with its stop token."""
     gen = GenerateConfig(max_new_tokens=cfg.teacher_max_new_tokens,
                          temperature=cfg.teacher_temperature, seed=cfg.seed)  # fmt: skip
+    context = shared_context(loaded.model, prompts)
     return answers(loaded, fmt, prompts, None, None, gen, cfg.batch_size, "teacher answers",
-                   share=True)  # fmt: skip
+                   context)  # fmt: skip
 
 
 @torch.no_grad()
 def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen: GenerateConfig,
-            batch_size: int, progress: str | None = None, share: bool = False,
-            ) -> list[list[int]]:  # fmt: skip
+            batch_size: int, progress: str | None = None, context: tuple | None = None,
+            labels: list[str] | None = None) -> list[list[int]]:  # fmt: skip
     """Each row's continuation (the base model's, or with ``prompt`` after its ``heads``, from
     the compiled prefix), up to and with its stop token; a progress bar named ``progress``.
-    ``share``: the tokens every row starts with (the teacher's long context) run once, as a
-    compiled prefix every row continues from."""
+    ``context`` (``shared_context``, base model only): the tokens every row starts with,
+    compiled once; each row continues from it. ``labels`` (a prompt trained in classification
+    mode): the prompt's rows answer with one of them, as ``generate`` answers for it."""
     tok, model = loaded.tokenizer, loaded.model
     stops = fmt.stop_ids(tok)
     gen_cfg = generation_config(tok, gen, stops)
     torch.manual_seed(gen.seed)
     heads = heads or [None] * len(ids)
     prompts = compile_all(model, [prompt] * len(ids), heads) if prompt is not None else None
-    n = shared_length(model, ids) if share and prompt is None else 0
-    if n:
-        device = model.get_input_embeddings().weight.device
-        context = embed_tokens(model, torch.tensor([ids[0][:n]], device=device))[0]
-        prompts = [compile_prefix(model, SoftPrompt(context))] * len(ids)
-        ids = [row[n:] for row in ids]
+    if context is not None and context[1] is not None and prompt is None:
+        n, compiled = context
+        prompts, ids = [compiled] * len(ids), [row[n:] for row in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
     out: list[list[int]] = [[] for _ in ids]
     for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(ids)):
         batch = order[s : s + batch_size]
         rows = [prompts[i] for i in batch] if prompts else [None] * len(batch)
+        only = None
+        if labels and prompt is not None:
+            sequences = label_sequences(tok, labels, fmt)
+            only = LogitsProcessorList([LabelsOnly([sequences] * len(batch), gen_cfg.eos_token_id)])
         new = generate_ids(model, [ids[i] for i in batch], rows, gen_cfg,
-                           heads=[heads[i] for i in batch])  # fmt: skip
+                           heads=[heads[i] for i in batch], processors=only)  # fmt: skip
         for i, row in zip(batch, new.tolist()):
             end = next((j for j, t in enumerate(row) if t in stops), None)
             out[i] = row[: end + 1] if end is not None else row
@@ -394,6 +399,17 @@ def shared_length(model, rows: list[list[int]]) -> int:
     for row in rows[1:]:
         n = next((j for j in range(n) if row[j] != first[j]), n)
     return n if n >= MIN_SHARED and support(model).shared_prefix else 0
+
+
+@torch.no_grad()
+def shared_context(model, rows: list[list[int]]) -> tuple[int, Prefix | None]:
+    """(how many leading tokens ``rows`` share, their compiled prefix), or (0, None)."""
+    n = shared_length(model, rows)
+    if not n:
+        return 0, None
+    device = model.get_input_embeddings().weight.device
+    context = embed_tokens(model, torch.tensor([rows[0][:n]], device=device))[0]
+    return n, compile_prefix(model, SoftPrompt(context))
 
 
 @torch.no_grad()
@@ -579,7 +595,50 @@ class DistillSource(DataSource):
             f"teacher's answers; {info['teacher']['input_tokens']:.0f} teacher input tokens "
             f"against {info['teacher']['student_input_tokens']:.0f} + "
             f"{cfg.prompt.num_virtual_tokens} virtual for the student)")  # fmt: skip
+        if cfg.mix_labels:
+            k = targets.ids[0].shape[1]
+            labelled = gold_rows(cfg, loaded, self.fmt, train_in, max_text, k)
+            train_rows += labelled
+            info["labelled_rows"] = len(labelled)
+            say(f"--mix-labels: {len(labelled)} training rows of gold answers beside the "
+                "teacher's (their loss: the cross-entropy)")  # fmt: skip
         return TrainData(train_rows, [val_rows], [""], info, None, self.fmt)
+
+
+def gold_rows(cfg: DistillConfig, loaded: LoadedModel, fmt: PromptFormat, inputs: list[Input],
+              max_text: int, k: int) -> list[Row]:  # fmt: skip
+    """Rows of the inputs' gold answers, tokenized as ``train`` tokenizes them, each answer
+    token's target a one-hot distribution in the teacher's table shape (the KL divergence
+    from a one-hot distribution is the cross-entropy)."""
+    examples = []
+    for x in inputs:
+        if x.target is None:
+            continue
+        ex = student_example(fmt, x)
+        if x.messages is not None:
+            ex.messages = [*x.messages, {"role": "assistant", "content": x.target}]
+        examples.append(ex)
+    if not examples:
+        raise ConfigError("--mix-labels: no training input has a gold answer (--target-field, "
+                          "or a conversation ending with the assistant's answer)")  # fmt: skip
+    delimiter = "" if fmt.chat else fmt.target_delimiter
+    rows = loaded.kind.tokenize(examples, loaded.tokenizer, max_text, None, fmt, delimiter,
+                                cfg.data.loss_on)  # fmt: skip
+    for row in rows:
+        gold = torch.tensor([t for t in row.labels if t != IGNORE_INDEX])
+        row.soft = one_hot_targets(gold, k)
+    return rows
+
+
+def one_hot_targets(gold: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Teacher-table rows putting all the probability on ``gold`` (n,): ids (n, k), the gold
+    id first and k-1 other ids after it, and log-probabilities (n, k+1): 0, then -inf."""
+    others = torch.arange(k).expand(len(gold), k)
+    others = others + (others >= gold[:, None]).long()  # k ids that skip the gold one
+    ids = torch.cat([gold[:, None], others[:, : k - 1]], dim=1)
+    logp = torch.full((len(gold), k + 1), -math.inf)
+    logp[:, 0] = 0.0
+    return ids, logp
 
 
 def distill(cfg: DistillConfig, loaded: LoadedModel | None = None,
@@ -633,44 +692,78 @@ def _normal(text: str) -> str:
 
 
 @torch.no_grad()
-def _first_token_s(loaded, ids, prompt, heads, fmt, batch_size: int) -> float:
-    """Seconds per input to the first new token, in batches (the prompt from its compiled
-    prefix, compiled before the clock starts, as a server holds it)."""
+def _first_token_s(loaded, ids, prompt, heads, fmt, batch_size: int, context=None) -> float:
+    """Seconds per input to the first new token, in batches (a prompt or shared context from
+    its compiled prefix, compiled before the clock starts, as a server holds it)."""
     gen = GenerateConfig(max_new_tokens=1)
-    answers(loaded, fmt, ids[:1], prompt, heads[:1] if heads else None, gen, 1)  # warm up
+    warm = ids[:1], prompt, heads[:1] if heads else None
+    answers(loaded, fmt, *warm, gen, 1, context=context)
     started = time.perf_counter()
-    answers(loaded, fmt, ids, prompt, heads, gen, batch_size)
+    answers(loaded, fmt, ids, prompt, heads, gen, batch_size, context=context)
     return (time.perf_counter() - started) / len(ids)
+
+
+@dataclass
+class TeacherSide:
+    """What the teacher says and costs on some inputs, computed once for many students."""
+
+    ids: list[list[int]]  # its input tokens
+    answers: list[list[int]]  # its greedy answers
+    texts: list[str]
+    targets: Targets  # its distributions over its answers
+    first_token_s: float  # per input, every token run (no prefix cache)
+    cached_first_token_s: float | None  # per input, its shared context compiled once
+
+
+@torch.no_grad()
+def teacher_side(loaded: LoadedModel, fmt: PromptFormat, teacher: Teacher, inputs: list[Input],
+                 gen: GenerateConfig, batch_size: int = 8,
+                 top_k: int = 32) -> TeacherSide:  # fmt: skip
+    """The teacher's greedy answers, distributions and time to first token on ``inputs``."""
+    tok, model = loaded.tokenizer, loaded.model
+    t_ids = [teacher_ids(teacher, tok, fmt, x) for x in inputs]
+    context = shared_context(model, t_ids)
+    greedy = dataclasses.replace(gen, temperature=0.0)
+    t_ans = answers(loaded, fmt, t_ids, None, None, greedy, batch_size, context=context)
+    ids, logp = _distributions(model, t_ids, t_ans, top_k, batch_size)
+    targets = Targets(list(range(len(inputs))), t_ans, ids, logp, [len(t) for t in t_ids])
+    plain = _first_token_s(loaded, t_ids, None, None, fmt, batch_size)
+    cached = None
+    if context[1] is not None:
+        cached = _first_token_s(loaded, t_ids, None, None, fmt, batch_size, context)
+    texts = [tok.decode(a, skip_special_tokens=True) for a in t_ans]
+    return TeacherSide(t_ids, t_ans, texts, targets, plain, cached)
 
 
 @torch.no_grad()
 def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
               inputs: list[Input], gen: GenerateConfig, batch_size: int = 8,
-              top_k: int = 32) -> dict:  # fmt: skip
+              top_k: int = 32, side: TeacherSide | None = None,
+              labels: list[str] | None = None) -> dict:  # fmt: skip
     """A prompt (None: the bare model) against its teacher on ``inputs``: how often their
     greedy answers agree (``answer_match``: the first line, case and final full stop aside),
     the share of the teacher's answer tokens the student's greedy answer reproduces before
     it first differs (``token_match``), the mean KL divergence per teacher answer token
     (teacher-forced), the task metric of both where the inputs have gold answers, and the
-    prefill tokens and time to first token of both."""
+    prefill tokens and time to first token of both (the teacher's also with its shared
+    context compiled once, as a server with a prefix cache holds it). ``side``: the teacher's
+    part, computed once (``teacher_side``) for several prompts on the same inputs. ``labels``:
+    the labels a prompt trained in classification mode answers with (``trained_choices``)."""
     tok, model = loaded.tokenizer, loaded.model
-    t_ids = [teacher_ids(teacher, tok, fmt, x) for x in inputs]
+    side = side or teacher_side(loaded, fmt, teacher, inputs, gen, batch_size, top_k)
+    t_ids, t_ans, t_txt = side.ids, side.answers, side.texts
     encoded = [encode_example(tok, fmt, student_example(fmt, x)) for x in inputs]
     if prompt is None:  # the bare model with the student's input (a baseline)
         s_ids, heads = [(h or []) + b for h, b in encoded], None
     else:
         s_ids, heads = [b for _, b in encoded], [h for h, _ in encoded]
     greedy = dataclasses.replace(gen, temperature=0.0)
-    t_ans = answers(loaded, fmt, t_ids, None, None, greedy, batch_size)
-    s_ans = answers(loaded, fmt, s_ids, prompt, heads, greedy, batch_size)
-    decode = lambda a: tok.decode(a, skip_special_tokens=True)  # noqa: E731
-    t_txt, s_txt = [decode(a) for a in t_ans], [decode(a) for a in s_ans]
+    s_ans = answers(loaded, fmt, s_ids, prompt, heads, greedy, batch_size, labels=labels)
+    s_txt = [tok.decode(a, skip_special_tokens=True) for a in s_ans]
     match = [_normal(a) == _normal(b) for a, b in zip(t_txt, s_txt)]
     common = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
               for a, b in zip(t_ans, s_ans)]  # fmt: skip
-    ids, logp = _distributions(model, t_ids, t_ans, top_k, batch_size)
-    targets = Targets(list(range(len(inputs))), t_ans, ids, logp, [len(t) for t in t_ids])
-    rows = student_rows(tok, fmt, inputs, targets, 1 << 30)
+    rows = student_rows(tok, fmt, inputs, side.targets, 1 << 30)
     kl = evaluate_loss(model, prompt, rows, batch_size, tok.pad_token_id)
     n = 0 if prompt is None else prompt.num_virtual_tokens
     report = {
@@ -694,19 +787,21 @@ def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
                 _normal(a) == _normal(g) for a, g in zip(said, gold)
             )
         report["metric"] = "exact match of the first line"
-    t_s = _first_token_s(loaded, t_ids, None, None, fmt, batch_size)
-    s_s = _first_token_s(loaded, s_ids, prompt, heads, fmt, batch_size)
+    t_s, s_s = side.first_token_s, _first_token_s(loaded, s_ids, prompt, heads, fmt, batch_size)
     report.update(
         teacher_first_token_ms=1000 * t_s,
         student_first_token_ms=1000 * s_s,
         first_token_speedup=t_s / s_s if s_s > 0 else None,
     )
+    if side.cached_first_token_s is not None:
+        report["teacher_cached_first_token_ms"] = 1000 * side.cached_first_token_s
+        report["cached_first_token_speedup"] = side.cached_first_token_s / s_s if s_s > 0 else None
     return report
 
 
 def describe(r: dict) -> str:
     """One line for a person: the agreement report's main numbers."""
-    metric = (f"; task metric teacher {r['teacher_metric']:.3f}, distilled "
+    metric = (f"; task metric teacher {r['teacher_metric']:.3f}, this prompt "
               f"{r['student_metric']:.3f}" if "teacher_metric" in r else "")  # fmt: skip
     inputs = f"{r['inputs']} held-out input" + ("s" if r["inputs"] != 1 else "")
     return (

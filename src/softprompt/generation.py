@@ -35,7 +35,7 @@ from softprompt.config import GenerateConfig
 from softprompt.console import warn
 from softprompt.errors import SoftpromptError
 from softprompt.loss import support
-from softprompt.prefix import Prefix, PromptLike, compile_all, with_head
+from softprompt.prefix import Prefix, PromptLike, cache_of, compile_all, with_head
 from softprompt.prompt import DeepPrompt, SoftPrompt, embed_tokens, max_positions
 from softprompt.rows import Encoded, encode_chat
 from softprompt.templates import PromptFormat
@@ -112,10 +112,7 @@ def prefilled(model: torch.nn.Module, row: GenerationRow) -> GenerationRow:
     token then follows them in the next slot whatever the batch's padding (``_gapped``)."""
     if len(row.ids) < 2 and (row.prefix is None or row.prefix.deep):
         return row
-    cache = DynamicCache()
-    if row.prefix is not None:
-        for i, (k, v) in enumerate(zip(row.prefix.keys, row.prefix.values)):
-            cache.update(k, v, i)
+    cache = DynamicCache() if row.prefix is None else cache_of(row.prefix.keys, row.prefix.values)
     weight = model.get_input_embeddings().weight
     text = embed_tokens(model, torch.tensor([row.ids[:-1]], device=weight.device))
     done = cache.get_seq_length()

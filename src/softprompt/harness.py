@@ -28,7 +28,11 @@ from collections.abc import Iterable
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import (
+    get_rolling_token_windows,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from softprompt.artifacts import load_prompt, read_meta, trained_base_model
@@ -55,7 +59,8 @@ class SoftPromptLM(LM):
 
     ``--model_args``: ``prompt=DIR`` (none: the base model), ``model=`` (default: the one
     the prompt was trained on), ``dtype=float32|bfloat16``, ``template=task|prompt``,
-    ``max_gen_toks=256``, ``allow_mismatch=false``; lm_eval's ``--batch_size`` is used."""
+    ``max_gen_toks=256``, ``allow_mismatch=false``, ``batch_size=`` (else lm_eval's
+    ``--batch_size``)."""
 
     def __init__(
         self,
@@ -81,6 +86,15 @@ class SoftPromptLM(LM):
         self.use_template = template == "prompt"
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": 8
         self.max_gen_toks = int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm_eval's constructor from ``--model_args``, where ``batch_size=`` in the model
+        arguments wins over ``--batch_size`` (lm_eval passes both: the default one would
+        raise "got multiple values for keyword argument")."""
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **args})
 
     # --- tokens --------------------------------------------------------------------------
 

@@ -239,14 +239,20 @@ def deepen(model: nn.Module, prompt: SoftPrompt) -> DeepPrompt:
     return DeepPrompt(deep_flat(keys, values).cpu(), *layout)
 
 
+def cache_of(keys: Sequence[Tensor], values: Sequence[Tensor]) -> DynamicCache:
+    """A cache holding these keys and values per layer (B, KV heads, N, D), as plain full
+    layers: the attention masks apply any sliding window."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, i)
+    return cache
+
+
 def deep_cache(model: nn.Module, flat: Tensor, layout: tuple[int, int, int],
                which: Tensor) -> DynamicCache:  # fmt: skip
     """A cache holding deep prompt ``which[i]`` of ``flat`` (K, N, ...) for row i: built once
     per batch from the K prompts, rows selected (differentiable)."""
-    keys, values = deep_layers(flat, layout, model.get_input_embeddings().weight.dtype)
-    cache = DynamicCache()  # plain full layers: the masks apply any window
-    for i, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k, v, i)
+    cache = cache_of(*deep_layers(flat, layout, model.get_input_embeddings().weight.dtype))
     cache.batch_select_indices(which)
     return cache
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from softprompt.artifacts import ensemble_members, load_prompt, read_meta
+from softprompt.artifacts import ensemble_members, load_prompt, read_meta, trained_choices
 from softprompt.config import EMBEDDED_MODEL, EvalConfig, GenerateConfig
 from softprompt.console import say
 from softprompt.data import load_examples
@@ -96,7 +96,8 @@ def _against_teacher(cfg: EvalConfig, folders: list[Path], meta: dict,
     max_new = int(recorded.get("max_new_tokens") or cfg.max_new_tokens)
     report = distill.agreement(loaded, prompt, fmt, teacher, inputs,
                                GenerateConfig(max_new_tokens=max_new, seed=cfg.seed),
-                               cfg.batch_size, int(recorded.get("top_k") or 32))  # fmt: skip
+                               cfg.batch_size, int(recorded.get("top_k") or 32),
+                               labels=trained_choices(meta))  # fmt: skip
     say(distill.describe(report))
     results = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

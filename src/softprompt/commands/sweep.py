@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 from softprompt.config import SweepConfig
-from softprompt.console import say
+from softprompt.console import clock, say
 from softprompt.data import load_examples
 from softprompt.loading import LoadedModel, load_model
 from softprompt.measure.sweep import recipes, run_recipe, validation_examples
@@ -102,8 +103,11 @@ def run_sweep(cfg: SweepConfig, loaded: LoadedModel | None = None) -> list[dict]
     test = load_examples(cfg.test, cfg.data) if cfg.test else None
     rows = []
     grid = [(recipe, seed) for recipe in recipes(cfg) for seed in cfg.seed_list]
+    start = time.perf_counter()
     for i, (recipe, seed) in enumerate(grid, 1):
-        say(f"sweep {i}/{len(grid)}: {recipe['name']}, seed {seed}")
+        elapsed = time.perf_counter() - start
+        eta = f", about {clock(elapsed / (i - 1) * (len(grid) - i + 1))} left" if i > 1 else ""
+        say(f"sweep {i}/{len(grid)}: {recipe['name']}, seed {seed}, {clock(elapsed)} elapsed{eta}")
         rows.append(run_recipe(cfg, recipe, loaded, val, seed, test))
         log.write(kind="recipe", **rows[-1])
     table = format_sweep(rows)

@@ -229,6 +229,11 @@ class DistillConfig(TrainConfig):
         "The teacher's most likely tokens kept at each answer position; the rest of its "
         "probability is one more bucket. The loss is the KL divergence over these buckets.",
     )
+    mix_labels: bool = opt(
+        False,
+        "Also learn the gold answers of the training inputs that have one (--target-field, or a "
+        "conversation's last answer), beside the teacher's answers.",
+    )
     agreement_inputs: int = opt(
         64,
         "Validation inputs on which the result is compared with the teacher at the end "

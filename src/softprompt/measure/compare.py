@@ -164,7 +164,7 @@ def run_prompt_tuning(ctx: Context, method: str = "prompt") -> dict:
         seed=cfg.seed,
         overwrite=True,
     )
-    result = train(tcfg, loaded=ctx.loaded, progress=False)
+    result = train(tcfg, loaded=ctx.loaded)  # its bar: steps, elapsed, estimate
     for rec in MetricsLog(folder / "metrics.jsonl").records:
         if rec.get("kind") in ("train", "val"):
             ctx.log.write(kind=rec["kind"], method=name, step=rec["step"], loss=rec["loss"])
@@ -208,6 +208,7 @@ def train_reference(ctx: Context, model: nn.Module, lr: float, method: str) -> f
         seed=cfg.seed,
         choice_ids=choice_ids,
         log=lambda s, loss: ctx.log.write(kind="train", method=method, step=s, loss=loss),
+        desc=method,
     )
 
 

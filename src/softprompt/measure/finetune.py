@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from softprompt.console import is_first_process
 from softprompt.loss import lm_loss
 from softprompt.rows import Row, batch_order, collate
 
@@ -30,10 +32,12 @@ def train_weights(
     seed: int = 0,
     choice_ids: Tensor | None = None,
     log: Callable[[int, float], None] | None = None,
+    desc: str = "training",
 ) -> float:
     """``steps`` AdamW steps on the parameters of ``model`` that require grad; returns seconds.
 
-    The model stays in eval mode (no dropout), as the frozen base does in prompt tuning.
+    The model stays in eval mode (no dropout), as the frozen base does in prompt tuning. A
+    progress bar named ``desc`` (steps, elapsed, estimate) shows on the first process.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -42,6 +46,7 @@ def train_weights(
     lengths = [len(r.input_ids) for r in rows]
     torch.manual_seed(seed)
     step, epoch, start = 0, 0, time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not is_first_process())
     while step < steps:
         for batch_idx in batch_order(lengths, batch_size, seed, epoch):
             batch = {
@@ -54,11 +59,13 @@ def train_weights(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            bar.update(1)
             if log is not None:
                 log(step, float(loss.detach()) / max(n, 1))
             if step >= steps:
                 break
         epoch += 1
+    bar.close()
     return time.perf_counter() - start
 
 

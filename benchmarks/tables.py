@@ -1,0 +1,143 @@
+"""Markdown tables from saved benchmark rows, with nothing heavier than the standard library
+imported: `suite.py --table`, `bench_prompts.py --table` and the documentation's build hook
+(docs/hooks/generated.py) print the same tables from the same JSONL files."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def suite_table(rows: list[dict]) -> str:
+    """Mean (min-max) over seeds per task and method, then the suite's mean per method."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "| task | method | seeds | accuracy | macro-F1 | chrF / BLEU | steps | train s | peak MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in tasks:
+        for method in methods:
+            got = [r for r in rows if r["task"] == task and r["method"] == method]
+            failed = [r for r in got if "error" in r]
+            got = [r for r in got if "error" not in r]
+            if failed:
+                lines.append(f"| {task} | {method} | {len(failed)} failed: "
+                             f"{failed[0]['error'][:80]} | | | | | | |")  # fmt: skip
+            if not got:
+                continue
+            gen = "chrf" in got[0]
+            texts = [cell([r[k] for r in got], ".1f") for k in ("chrf", "bleu")] if gen else []
+            lines.append(
+                f"| {task} | {method} | {len(got)} | "
+                f"{'-' if gen else cell([r['accuracy'] for r in got], '.3f')} | "
+                f"{'-' if gen else cell([r['macro_f1'] for r in got], '.3f')} | "
+                + (" / ".join(texts) if gen else "-")
+                + f" | {statistics.mean(r['steps'] for r in got):.0f} | "
+                f"{cell([r['train_seconds'] for r in got], '.0f')} | "
+                f"{cell([r['peak_memory_mb'] for r in got], '.0f')} |"
+            )  # fmt: skip
+    lines += ["", "Suite mean over the classification tasks every method ran (accuracy, "
+              "macro-F1; per task the mean over seeds):", "",
+              "| method | tasks | accuracy | macro-F1 | vs defaults (accuracy) |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    classify = [t for t in tasks if not any("chrf" in r for r in rows if r["task"] == t)]
+
+    def task_mean(method, task, key):
+        got = [r[key] for r in rows if r["task"] == task and r["method"] == method and key in r]
+        return statistics.mean(got) if got else None
+
+    common = [t for t in classify if all(task_mean(m, t, "accuracy") is not None for m in methods)]
+    base = [task_mean("defaults", t, "accuracy") for t in common] if "defaults" in methods else None
+    for method in methods:
+        acc = [task_mean(method, t, "accuracy") for t in common]
+        f1 = [task_mean(method, t, "macro_f1") for t in common]
+        if not acc:
+            continue
+        diff = "-"
+        if base and method != "defaults":
+            per = [a - b for a, b in zip(acc, base)]
+            diff = f"{statistics.mean(per):+.3f} (worst task {min(per):+.3f})"
+        lines.append(f"| {method} | {len(common)} | {statistics.mean(acc):.3f} | "
+                     f"{statistics.mean(f1):.3f} | {diff} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def prompts_table(
+    rows: list[dict], tasks: list[str] | None = None, variants: list[str] | None = None
+) -> str:
+    """bench_prompts.py's rows: mean (min-max) over seeds per task and variant, in the order
+    given (by default, the order the rows first name them)."""
+    tasks = tasks or list(dict.fromkeys(r["task"] for r in rows))
+    variants = variants or list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        "| task | variant | seeds | test accuracy | mean member accuracy | train s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in tasks:
+        for variant in variants:
+            got = [r for r in rows if r["task"] == task and r["variant"] == variant]
+            if not got:
+                continue
+            members = [statistics.mean(r["member_accuracy"]) for r in got if "member_accuracy" in r]
+            lines.append(
+                f"| {task} | {variant} | {len(got)} | "
+                f"{cell([r['test_accuracy'] for r in got], '.3f')} | {cell(members, '.3f')} | "
+                f"{cell([r['train_seconds'] for r in got], '.0f')} |"
+            )
+    return "\n".join(lines)
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def col(rows: list[dict], key: str) -> str:
+    return mean_sd([r[key] for r in rows])
+
+
+def distill_table(rows: list[dict]) -> str:
+    """bench_distill's rows: per task, the teacher, the bare model, the prompt tuned on labels
+    and the distilled prompt (mean ± sd over seeds), and the distilled prompt's targets."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        seeds = sorted({r["seed"] for r in mine})
+        out += [f"\n{task} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}, "
+                f"{mine[0]['inputs']} held-out inputs)",
+                "| variant | task metric | answers = teacher | tokens = teacher | KL / token "
+                "| prefill tokens | first token ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        first = [r for r in mine if r["variant"] == "distilled"]
+        t_metric = [r.get("teacher_metric", float("nan")) for r in first]
+        t_pre = statistics.mean(r["teacher_prefill_tokens"] for r in first)
+        t_ms = statistics.mean(r["teacher_first_token_ms"] for r in first)
+        out.append(f"| teacher (long prompt) | {mean_sd(t_metric)} | 1 | 1 | 0 | {t_pre:.0f} | "
+                   f"{t_ms:.0f} |")  # fmt: skip
+        for variant in dict.fromkeys(r["variant"] for r in mine):
+            rs = [r for r in mine if r["variant"] == variant]
+            metric = col(rs, "student_metric") if "student_metric" in rs[0] else "-"
+            out.append(
+                f"| {variant} | {metric} | {col(rs, 'answer_match')} | "
+                f"{col(rs, 'token_match')} | {col(rs, 'kl_per_token')} | "
+                f"{statistics.mean(r['student_prefill_tokens'] for r in rs):.0f} | "
+                f"{statistics.mean(r['student_first_token_ms'] for r in rs):.0f} |"
+            )
+        dist = first
+        if dist:
+            pre = statistics.mean(r["prefill_ratio"] for r in dist)
+            ttft = statistics.mean(r["first_token_speedup"] for r in dist)
+            agree = statistics.mean(r["answer_match"] for r in dist)
+            lost = statistics.mean(r.get("teacher_metric", 0) - r.get("student_metric", 0)
+                                   for r in dist)  # fmt: skip
+            out.append(f"\ndistilled vs teacher: answers agree {agree:.1%} (target >= 90%), "
+                       f"metric {-lost * 100:+.1f} points (target >= -1), prefill {pre:.1f}x "
+                       f"fewer tokens (target >= 10x), first token {ttft:.1f}x faster "
+                       "(target >= 3x)")  # fmt: skip
+    return "\n".join(out)

@@ -1,0 +1,248 @@
+"""The documentation site: it builds with --strict, its generated pages hold every command
+and flag and the measured tables with their sources, every `softprompt` line of every page
+parses with the real CLI, and the guides' commands run in order on tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from doc_commands import (
+    NETWORK,
+    ROOT,
+    blocks,
+    commands,
+    lines,
+    pages,
+    reaches_network,
+)
+
+from softprompt.cli import COMMANDS, main, make_parser
+
+DOCS = ROOT / "docs"
+SITE_PAGES = [p for p in pages() if p.parent.name != "hooks"]
+# The guides whose commands the walk runs, in the order a reader meets them (the order of
+# the README these pages came from). distill.md is parsed only: its teacher generates, which
+# tests/test_distill.py covers on tiny models.
+WALK = [
+    "quickstart",
+    "chat",
+    "model-kinds",
+    "deep-prompts",
+    "data",
+    "scaling",
+    "tracking-sharing",
+    "serving",
+    "deploy",
+    "evaluation",
+]
+
+
+def _all_commands() -> list[tuple[str, str, bool]]:
+    return [
+        (str(page.relative_to(ROOT)), command, marked)
+        for page in SITE_PAGES
+        for command, marked in commands(page)
+    ]
+
+
+@pytest.mark.parametrize(("page", "command", "marked"), _all_commands())
+def test_every_command_of_every_page_parses(page, command, marked):
+    ns = make_parser().parse_args(shlex.split(command)[1:])
+    assert callable(ns.func)
+    if reaches_network(command):  # such a block is never run, so it must say why
+        assert marked, f"{page}: {command!r} needs the network: mark its block '{NETWORK}'"
+
+
+def test_the_pages_have_commands_of_every_kind():
+    used = {shlex.split(c)[1] for _, c, _ in _all_commands()}
+    assert used >= set(COMMANDS)
+
+
+def _harness_lines() -> list[str]:
+    return [
+        line
+        for page in SITE_PAGES
+        for block in blocks(page, "bash")
+        for line in lines(block)
+        if line.startswith("python -m softprompt.harness ")
+    ]
+
+
+@pytest.mark.parametrize("line", _harness_lines())
+def test_harness_commands_parse_with_lm_evals_parser(line):
+    pytest.importorskip("lm_eval", reason="the 'eval' extra (lm-evaluation-harness) is absent")
+    from lm_eval._cli import HarnessCLI
+
+    args = HarnessCLI()._parser.parse_args(shlex.split(line)[3:])
+    assert args.model == "softprompt" and args.tasks
+
+
+def test_the_development_tree_lists_every_module():
+    """docs/guides/development.md names every module and package of src/softprompt."""
+    tree = (DOCS / "guides" / "development.md").read_text(encoding="utf-8")
+    src = ROOT / "src" / "softprompt"
+    names = {p.name for p in src.glob("*.py")} | {
+        p.name + "/" for p in src.iterdir() if (p / "__init__.py").is_file()
+    }
+    for package in [p for p in src.iterdir() if (p / "__init__.py").is_file()]:
+        names |= {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    missing = sorted(n for n in names if not re.search(rf"(?<![\w/]){re.escape(n)}", tree))
+    assert not missing, f"not in docs/guides/development.md: {missing}"
+
+
+# --- the walk ------------------------------------------------------------------------------
+
+
+def _walk() -> list[tuple[str, str, bool]]:
+    """The guides' runnable pieces in order: ("bash", one line, marked) and ("python", a
+    block, False)."""
+    steps = []
+    for name in WALK:
+        text = (DOCS / "guides" / f"{name}.md").read_text(encoding="utf-8")
+        for lang, block in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+            if lang == "python":
+                steps.append(("python", block, False))
+                continue
+            steps += [("bash", line, NETWORK in block) for line in lines(block)]
+    return steps
+
+
+def _runnable(line: str, models: dict[str, str], skipped: set) -> list[str] | None:
+    """A guide's command as argv for the tiny models, or None where it cannot run here: not
+    a softprompt command, a launcher (several processes), `serve` (runs until stopped), one
+    that needs the network, or one reading the output of one that could not run
+    (``skipped`` collects those outputs)."""
+    if not line.startswith("softprompt "):
+        return None
+    argv = shlex.split(os.path.expandvars(line))[1:]
+    value = {f: argv[argv.index(f) + 1] for f in ("--model", "--output", "--prompt") if f in argv}
+    if argv[0] == "serve" or reaches_network(line) or value.get("--prompt") in skipped:
+        if "--output" in value:
+            skipped.add(value["--output"])
+        return None
+    if "--model" in argv:
+        i = argv.index("--model") + 1
+        argv[i] = models.get(argv[i]) or models["embedded"]
+    elif argv[0] in ("train", "eval", "compare", "sweep") and "--prompt" not in argv:
+        argv += ["--model", models["embedded"]]
+    return argv
+
+
+def test_guides_walk_in_order(model_dirs, chat_dir, kind_dirs, tmp_path, monkeypatch, capsys):
+    """Every softprompt command of the walked guides and their Python quickstart, in the
+    order shown, on tiny models (what the bundled models would do, in seconds): each one
+    succeeds. Blocks marked as needing the network are parsed above, not run."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    tiny = str(model_dirs["llama"])
+    models = {"embedded": tiny, "embedded-chat": str(chat_dir)}
+    models["embedded-encoder"] = str(kind_dirs["bert"])
+    ran, skipped = [], set()
+    for kind, text, marked in _walk():
+        if kind == "bash":
+            if m := re.match(r"([A-Z_]+)='(.*)'$", text):
+                monkeypatch.setenv(m.group(1), m.group(2))
+            argv = None if marked else _runnable(text, models, skipped)
+            if argv is None:
+                if marked and "--output" in text:
+                    skipped.add(shlex.split(text)[shlex.split(text).index("--output") + 1])
+                continue
+            assert main(argv) == 0, (text, capsys.readouterr().err[-800:])
+            ran.append(argv[0])
+        elif "from softprompt import" in text:
+            code = text.replace("load_model()", f"load_model(model={tiny!r})")
+            code = code.replace(
+                "TrainConfig(", f"TrainConfig(model=ModelConfig(model={tiny!r}), ", 1
+            )
+            exec(compile("from softprompt import ModelConfig\n" + code, "guide", "exec"), {})
+            ran.append("python quickstart")
+    assert ran[:5] == ["train", "generate", "generate", "train", "python quickstart"]
+    assert "holds a finished run" in capsys.readouterr().err  # the quickstart's --resume
+    assert {"eval", "compare", "inspect", "sweep", "export"} <= set(ran)
+
+
+# --- the site --------------------------------------------------------------------------------
+
+
+def _missing_docs_packages() -> list[str]:
+    wanted = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+    return [name for name in wanted if importlib.util.find_spec(name.split(".")[0]) is None]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    missing = _missing_docs_packages()
+    if missing:
+        pytest.skip(f"the 'docs' extra is not installed ({', '.join(missing)} missing): "
+                    "pip install -e '.[docs]' -c constraints.txt")  # fmt: skip
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _text(html_file: Path) -> str:
+    return re.sub(r"<[^>]+>", "", html_file.read_text(encoding="utf-8"))
+
+
+def test_site_builds_strictly_offline(site):
+    assert (site / "index.html").is_file() and (site / "guides" / "quickstart.html").is_file()
+    for page in site.rglob("*.html"):  # every generated block was replaced
+        assert "<!-- generated:" not in page.read_text(encoding="utf-8"), page
+
+
+def test_cli_reference_has_every_command_and_flag(site):
+    text = _text(site / "reference" / "cli.html")
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert f"softprompt {name}" in text
+        section = text.split(f"softprompt {name}", 1)[1]
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option in section, (name, option)
+    assert "default: 'embedded'" not in text  # defaults have their own column
+    assert "'embedded'" in text and "2.4x" in text  # a default and a help text, as --help says
+
+
+def test_measured_tables_are_rendered_with_their_sources(site):
+    text = _text(site / "measurements.html")
+    for source in ("suite/choice-loss.jsonl", "suite/reference.jsonl", "bench-prompts.jsonl",
+                   "compare-sentiment/metrics.jsonl", "suite/bench-prefix.jsonl"):  # fmt: skip
+        assert f"Rendered at build time from {source}" in text, source
+    assert "| cr | restricted | 3 | 0.898 (0.890-0.905)" not in text  # a table, not text
+    assert "0.898 (0.890-0.905)" in text and "benchmarks/suite.py --tasks" in text
+    speed = _text(site / "guides" / "speed.html")
+    assert "Rendered at build time from bench-train-2026-11-25.json" in speed
+    assert "5.76x" in speed  # PEFT's wall time over softprompt's, computed from the JSON
+
+
+def test_distill_guide_renders_its_numbers_or_says_they_are_pending(site):
+    text = _text(site / "guides" / "distill.html")
+    if (DOCS / "distill" / "bench-distill.jsonl").is_file():
+        assert "Rendered at build time from distill/bench-distill.jsonl" in text
+    else:
+        assert "Numbers pending" in text
+
+
+def test_python_reference_documents_every_export(site):
+    import softprompt
+
+    html = (site / "reference" / "python.html").read_text(encoding="utf-8")
+    for name in softprompt.__all__:
+        assert re.search(rf'id="softprompt\.[\w.]*\b{name}"', html), name

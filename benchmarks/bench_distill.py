@@ -1,15 +1,15 @@
 """A long prompt compiled into a few virtual tokens (``softprompt distill``), measured against
 the long prompt itself, a prompt tuned on the labels, and the bare model, in one run:
 
-    python benchmarks/bench_distill.py                       # both tasks, the bundled models
+    python benchmarks/bench_distill.py                       # cr and support, the bundled models
     python benchmarks/bench_distill.py --tasks cr --seeds 0,1,2
     python benchmarks/bench_distill.py --quick --model DIR   # a smoke run (tiny model)
 
 Tasks:
-- ``cr`` (../shared/data/cr, public; skipped, saying why, where absent): the teacher is the
-  embedded Gemma 3 270M with a 16-shot prompt (8 reviews per label from the training set,
-  in the template ``Review: {input}\\nSentiment:``); inputs are further training reviews, no
-  labels used; held out: the first test reviews;
+- ``cr``, ``trec``, ``mpqa`` (../shared/data, public; skipped, saying why, where absent): the
+  teacher is the embedded Gemma 3 270M with a 16-shot prompt (as many per label as fit, from
+  the training set, in the task's template, e.g. ``Review: {input}\\nSentiment:``); inputs
+  are further training rows, no labels used; held out: the first test rows;
 - ``support`` (examples/support, shipped): the teacher is the bundled SmolLM2-135M-Instruct
   with the task's system message (its README); inputs are the training conversations'
   user turns; held out: the test conversations.
@@ -77,20 +77,32 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def cr_files(args, seed: int, folder: Path) -> dict:
-    """16 shots (8 per label), the distillation inputs and the held-out reviews."""
-    train = read_jsonl(Path(args.data_root) / "cr" / "train.jsonl")
+# classification sets of ../shared/data: the teacher's 16 shots and the template
+SHOT_TASKS = {"cr": "Review: {input}\nSentiment:", "trec": "Question: {input}\nType:",
+              "mpqa": "Phrase: {input}\nSentiment:"}  # fmt: skip
+
+
+def shot_files(args, seed: int, folder: Path, name: str) -> dict:
+    """16 shots (as many per label as fit, the rest drawn at random), the distillation
+    inputs (further training rows, their labels unused) and the held-out test rows."""
+    train = read_jsonl(Path(args.data_root) / name / "train.jsonl")
     random.Random(seed).shuffle(train)
-    shots = [r for r in train if r["label"] == "positive"][:8]
-    shots += [r for r in train if r["label"] == "negative"][:8]
+    labels = sorted({r["label"] for r in train})
+    shots = [
+        r
+        for label in labels
+        for r in [x for x in train if x["label"] == label][: 16 // len(labels)]
+    ]
+    used = {id(r) for r in shots}
+    shots += [r for r in train if id(r) not in used][: 16 - len(shots)]
     random.Random(seed + 1).shuffle(shots)
     used = {id(r) for r in shots}
     inputs = [r for r in train if id(r) not in used][: args.inputs]
-    held = read_jsonl(Path(args.data_root) / "cr" / "test.jsonl")[: args.held_out]
+    held = read_jsonl(Path(args.data_root) / name / "test.jsonl")[: args.held_out]
     return {
         "model": args.model or EMBEDDED_MODEL,
         "data": DataConfig(data=str(write_jsonl(folder / "inputs.jsonl", inputs)),
-                           input_field="text", target_field="label", template=TEMPLATE),
+                           input_field="text", target_field="label", template=SHOT_TASKS[name]),
         "teacher": {"shots": str(write_jsonl(folder / "shots.jsonl", shots))},
         "held_out": write_jsonl(folder / "held.jsonl", held),
         "new_tokens": 3,
@@ -111,7 +123,8 @@ def support_files(args, seed: int, folder: Path) -> dict:
     }  # fmt: skip
 
 
-TASKS = {"cr": cr_files, "support": support_files}
+TASKS = {**{name: lambda a, s, f, n=name: shot_files(a, s, f, n) for name in SHOT_TASKS},
+         "support": support_files}  # fmt: skip
 
 
 def run_task(args, name: str, seed: int) -> list[dict]:
@@ -120,7 +133,7 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     loaded = load_model(ModelConfig(model=spec["model"]))
     common = dict(model=ModelConfig(model=spec["model"]), seed=seed, batch_size=8,
                   prompt=PromptConfig(num_virtual_tokens=args.tokens),
-                  max_steps=args.steps)  # fmt: skip
+                  max_steps=args.steps, lr=args.lr)  # fmt: skip
     cfg = DistillConfig(data=spec["data"], output=str(folder / "distilled"),
                         teacher_max_new_tokens=spec["new_tokens"], agreement_inputs=0,
                         **spec["teacher"], **common)  # fmt: skip
@@ -164,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out", type=int, default=100, help="held-out inputs")
     parser.add_argument("--tokens", type=int, default=20, help="virtual tokens")
     parser.add_argument("--steps", type=int, default=None, help="steps (default: 3 epochs)")
+    parser.add_argument("--lr", type=float, default=None, help="both prompts' (default: distill's)")
     parser.add_argument("--json", default="docs/distill/bench-distill.jsonl", help="appended")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
     parser.add_argument("--table", default=None, help="only print the table of this JSONL")
@@ -175,10 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.inputs, args.held_out, args.steps, args.tokens = 16, 4, 2, 4
     tasks = [t for t in args.tasks.split(",") if t]
-    if "cr" in tasks and not (Path(args.data_root) / "cr" / "train.jsonl").is_file():
-        print(f"bench_distill: skipping cr: no {Path(args.data_root) / 'cr'} (the public data "
-              "sets live in ../shared/data beside the repository)", flush=True)  # fmt: skip
-        tasks.remove("cr")
+    for name in [t for t in tasks if t in SHOT_TASKS]:
+        if not (Path(args.data_root) / name / "train.jsonl").is_file():
+            where = Path(args.data_root) / name
+            print(f"bench_distill: skipping {name}: no {where} (the public data sets live in "
+                  "../shared/data beside the repository)", flush=True)  # fmt: skip
+            tasks.remove(name)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = {"kind": "run", "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -356,3 +356,15 @@ def served_side_by_side(loaded, prompts: dict, folder: Path, texts: list[str], m
     finally:
         background.stop()
         state.batcher.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers with --dist loadgroup): the tests of
+    the bundled models share the user's converted-model cache, so they run in one worker,
+    one after another (a first conversion is never raced); the tests that start processes
+    of their own (torchrun) run one after another too."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("bundled-models"))
+        elif item.path.name == "test_distributed.py":
+            item.add_marker(pytest.mark.xdist_group("processes"))

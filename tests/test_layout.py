@@ -1,5 +1,5 @@
-"""The README's Development tree names every module and package of src/softprompt, and
-nothing that is gone; no kind name is compared outside kinds/."""
+"""The development guide's tree (docs/guides/development.md) names every module and package
+of src/softprompt, and nothing that is gone; no kind name is compared outside kinds/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ PACKAGE = ROOT / "src" / "softprompt"
 
 
 def _tree() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "guides" / "development.md").read_text()
     start = text.index("```\nsrc/softprompt/")
     return text[start : text.index("\ntests/", start)]  # the package's part of the tree
 
@@ -21,14 +21,14 @@ def _named(tree: str) -> set[str]:
     return set(re.findall(r"(?<![\w`])([a-z_0-9]+(?:\.py|/))(?=[\s,])", tree + "\n"))
 
 
-def test_readme_tree_matches_the_package():
+def test_development_tree_matches_the_package():
     named = _named(_tree())
     present = {p.name + ("/" if p.is_dir() else "") for p in PACKAGE.rglob("*")
                if p.name != "__pycache__" and "__pycache__" not in p.parts
                and (p.is_dir() or p.suffix == ".py")}  # fmt: skip
-    assert present - named == set(), "modules missing from README's Development tree"
+    assert present - named == set(), "modules missing from the development guide's tree"
     stale = {n for n in named - present if not n.endswith("/") or n == "src/"} - {"src/"}
-    assert stale == set(), "README's Development tree names modules that do not exist"
+    assert stale == set(), "the development guide's tree names modules that do not exist"
 
 
 def test_no_kind_name_is_compared_outside_kinds():

@@ -21,9 +21,11 @@ demo: $(VENV)/.installed
 demo-chat: $(VENV)/.installed
 	PATH="$(VENV)/bin:$$PATH" bash examples/demo-chat.sh
 
+# two test workers, one thread each (two torch processes of two threads on two cores fight);
+# the bundled-model tests run in one worker, one after another (tests/conftest.py)
 test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q -rs
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n 2 --dist loadgroup --durations=15
 
 # the documentation site, into site/ (open site/index.html); `make test` builds it with --strict
 docs: $(VENV)/.installed

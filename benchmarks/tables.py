@@ -141,3 +141,17 @@ def distill_table(rows: list[dict]) -> str:
                        f"fewer tokens (target >= 10x), first token {ttft:.1f}x faster "
                        "(target >= 3x)")  # fmt: skip
     return "\n".join(out)
+
+
+def distill_sweep_table(rows: list[dict]) -> str:
+    """distill's variants on one cached teacher: learning rate, epochs, validation KL, and
+    the prompt against the teacher on the held-out inputs."""
+    out = ["| task | lr | epochs | validation KL | answers = teacher | task metric | teacher's |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(
+            f"| {r['task']} | {r.get('lr', 0.03):g} | {r.get('epochs', 3)} | "
+            f"{r['best_val']:.3f} | {r['answer_match']:.2f} | {r['student_metric']:.3f} | "
+            f"{r['teacher_metric']:.3f} |"
+        )
+    return "\n".join(out)

@@ -239,7 +239,15 @@ RENDER = {
     "compare": render_compare,
     "sweep": render_sweep,
     "distill": render_distill,
+    "distill_sweep": lambda name: render_rows(name, "distill_sweep_table"),
 }
+
+
+def render_rows(name: str, table: str) -> str:
+    """A saved JSONL's rows through one of benchmarks/tables.py's functions, with its source."""
+    rows = read_rows(DOCS / name)
+    body = getattr(_tables(), table)([r for r in rows if r.get("kind") != "run"])
+    return body + "\n\n" + _source(name, [r for r in rows if r.get("kind") == "run"])
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

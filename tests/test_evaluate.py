@@ -186,10 +186,13 @@ def test_eval_cli_prints_a_table(tiny_dir, pairs_file, capsys):
             "4",
         ]
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
     assert "accuracy" in out and "macro-F1" in out and "gold \\ pred" in out
     assert "few-shot examples 2" in " ".join(out.split())
+    # the long parts say when they start and how long they took (stderr, not the table)
+    assert "eval: scoring 2 choices for 4 inputs" in err
+    assert "eval: scoring 2 choices: done in" in err
 
 
 def test_eval_cli_errors_are_one_line(tiny_dir, pairs_file, capsys):

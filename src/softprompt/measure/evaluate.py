@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from softprompt import __version__
 from softprompt.config import EvalConfig, GenerateConfig
+from softprompt.console import clock, say, ticking
 from softprompt.data import Example
 from softprompt.loading import LoadedModel
 from softprompt.measure.ensemble import vote
@@ -59,7 +63,8 @@ def evaluate_examples(
                 "delimiter": delimiter, "max_tokens": room}  # fmt: skip
         scored = None if members else rows
         args = (loaded, members or [prompt], encoded, [ex.source for ex in examples], choices)
-        (preds, scores, pooled), seconds = timed(_choose, *args, opts, scored)
+        with _phase(f"scoring {len(choices)} choices", len(examples)):
+            (preds, scores, pooled), seconds = timed(_choose, *args, opts, scored)
         result.update(pooled or {})  # the rows' loss, when the choices' pass scored it
         result["seconds_per_example"] = seconds / len(examples)
         if labelled:
@@ -69,18 +74,31 @@ def evaluate_examples(
         for rec, pred, score in zip(records, preds, scores[0]):
             rec.update(prediction=pred, scores=dict(zip(choices, score)))
     if rows is not None and "loss" not in result:
-        result.update(_loss(loaded, members or [prompt], rows, cfg.batch_size))
+        with _phase("the targets' loss", len(rows)):
+            result.update(_loss(loaded, members or [prompt], rows, cfg.batch_size))
     if cfg.generate:
         gen_cfg = GenerateConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         stop = fmt.stop_ids(tok) if chat else None
         prompts = [prompt] * len(encoded)
-        outputs, seconds = timed(kind.answer, loaded, encoded, prompts, gen_cfg, True, stop)
+        with _phase(f"generating up to {cfg.max_new_tokens} tokens", len(examples)):
+            outputs, seconds = timed(kind.answer, loaded, encoded, prompts, gen_cfg, True, stop)
         result["generate_seconds_per_example"] = seconds / len(examples)
         if labelled:
             result.update(generation_metrics(outputs, golds))
         for rec, out in zip(records, outputs):
             rec["generation"] = out
     return result, records
+
+
+@contextmanager
+def _phase(what: str, inputs: int) -> Iterator[None]:
+    """A part of eval said when it starts and how long it took (on a terminal, a counter of
+    its seconds meanwhile)."""
+    say(f"eval: {what} for {inputs} input{'s' if inputs != 1 else ''}")
+    start = time.perf_counter()
+    with ticking(f"eval: {what}"):
+        yield
+    say(f"eval: {what}: done in {clock(time.perf_counter() - start)}")
 
 
 def _loss(loaded: LoadedModel, prompts: list, rows: list, batch_size: int) -> dict:

@@ -13,6 +13,16 @@ def cell(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+def groups(rows: list[dict], tasks: list[str], names: list[str], key: str):
+    """(task, name, rows) for each task and each name of ``key`` that has rows, in the order
+    given: one table line each."""
+    for task in tasks:
+        for name in names:
+            got = [r for r in rows if r["task"] == task and r[key] == name]
+            if got:
+                yield task, name, got
+
+
 def suite_table(rows: list[dict]) -> str:
     """Mean (min-max) over seeds per task and method, then the suite's mean per method."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -21,27 +31,25 @@ def suite_table(rows: list[dict]) -> str:
         "| task | method | seeds | accuracy | macro-F1 | chrF / BLEU | steps | train s | peak MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for task in tasks:
-        for method in methods:
-            got = [r for r in rows if r["task"] == task and r["method"] == method]
-            failed = [r for r in got if "error" in r]
-            got = [r for r in got if "error" not in r]
-            if failed:
-                lines.append(f"| {task} | {method} | {len(failed)} failed: "
-                             f"{failed[0]['error'][:80]} | | | | | | |")  # fmt: skip
-            if not got:
-                continue
-            gen = "chrf" in got[0]
-            texts = [cell([r[k] for r in got], ".1f") for k in ("chrf", "bleu")] if gen else []
-            lines.append(
-                f"| {task} | {method} | {len(got)} | "
-                f"{'-' if gen else cell([r['accuracy'] for r in got], '.3f')} | "
-                f"{'-' if gen else cell([r['macro_f1'] for r in got], '.3f')} | "
-                + (" / ".join(texts) if gen else "-")
-                + f" | {statistics.mean(r['steps'] for r in got):.0f} | "
-                f"{cell([r['train_seconds'] for r in got], '.0f')} | "
-                f"{cell([r['peak_memory_mb'] for r in got], '.0f')} |"
-            )  # fmt: skip
+    for task, method, got in groups(rows, tasks, methods, "method"):
+        failed = [r for r in got if "error" in r]
+        got = [r for r in got if "error" not in r]
+        if failed:
+            lines.append(f"| {task} | {method} | {len(failed)} failed: "
+                         f"{failed[0]['error'][:80]} | | | | | | |")  # fmt: skip
+        if not got:
+            continue
+        gen = "chrf" in got[0]
+        texts = [cell([r[k] for r in got], ".1f") for k in ("chrf", "bleu")] if gen else []
+        lines.append(
+            f"| {task} | {method} | {len(got)} | "
+            f"{'-' if gen else cell([r['accuracy'] for r in got], '.3f')} | "
+            f"{'-' if gen else cell([r['macro_f1'] for r in got], '.3f')} | "
+            + (" / ".join(texts) if gen else "-")
+            + f" | {statistics.mean(r['steps'] for r in got):.0f} | "
+            f"{cell([r['train_seconds'] for r in got], '.0f')} | "
+            f"{cell([r['peak_memory_mb'] for r in got], '.0f')} |"
+        )  # fmt: skip
     lines += ["", "Suite mean over the classification tasks every method ran (accuracy, "
               "macro-F1; per task the mean over seeds):", "",
               "| method | tasks | accuracy | macro-F1 | vs defaults (accuracy) |",
@@ -79,17 +87,13 @@ def prompts_table(
         "| task | variant | seeds | test accuracy | mean member accuracy | train s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for task in tasks:
-        for variant in variants:
-            got = [r for r in rows if r["task"] == task and r["variant"] == variant]
-            if not got:
-                continue
-            members = [statistics.mean(r["member_accuracy"]) for r in got if "member_accuracy" in r]
-            lines.append(
-                f"| {task} | {variant} | {len(got)} | "
-                f"{cell([r['test_accuracy'] for r in got], '.3f')} | {cell(members, '.3f')} | "
-                f"{cell([r['train_seconds'] for r in got], '.0f')} |"
-            )
+    for task, variant, got in groups(rows, tasks, variants, "variant"):
+        members = [statistics.mean(r["member_accuracy"]) for r in got if "member_accuracy" in r]
+        lines.append(
+            f"| {task} | {variant} | {len(got)} | "
+            f"{cell([r['test_accuracy'] for r in got], '.3f')} | {cell(members, '.3f')} | "
+            f"{cell([r['train_seconds'] for r in got], '.0f')} |"
+        )
     return "\n".join(lines)
 
 

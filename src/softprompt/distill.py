@@ -47,7 +47,7 @@ from softprompt.errors import ArtifactError, ConfigError, DataError
 from softprompt.generation import LabelsOnly, generate_ids, generation_config, label_sequences
 from softprompt.kinds import CAUSAL
 from softprompt.loading import LoadedModel, load_model
-from softprompt.loss import support, teacher_topk
+from softprompt.loss import support, teacher_topk, topk_buckets
 from softprompt.outputs import atomic_write, write_json
 from softprompt.prefix import Prefix, compile_all, compile_prefix, run_prefix, text_after
 from softprompt.prompt import SoftPrompt, embed_tokens
@@ -447,8 +447,7 @@ def _distributions(model, prompts, answers, k: int, batch_size: int, progress: s
             hidden = model.base_model(input_ids=tokens, attention_mask=mask).last_hidden_state
             top, lp = teacher_topk(model, hidden[at], k)
         else:  # a model whose head cannot run apart: its own logits, as a hidden state
-            logits = model(input_ids=tokens, attention_mask=mask).logits[at].float()
-            top, lp = _topk_of_logits(logits, k)
+            top, lp = topk_buckets(model(input_ids=tokens, attention_mask=mask).logits[at], k)
         start = 0
         for i in batch:
             n = len(answers[i])
@@ -466,14 +465,6 @@ def _bar(starts: range, name: str | None, batch_size: int, total: int):
         for s in starts:
             yield s
             bar.update(min(batch_size, total - s))
-
-
-def _topk_of_logits(logits: torch.Tensor, k: int):
-    k = min(k, logits.shape[1] - 1)
-    lse = logits.logsumexp(dim=1, keepdim=True)
-    top, idx = logits.topk(k, dim=1)
-    rest = logits.scatter(1, idx, -math.inf).logsumexp(dim=1, keepdim=True)
-    return idx, torch.cat([top, rest], dim=1) - lse
 
 
 def _write_targets(file: Path, key: str, t: Targets) -> None:
@@ -520,12 +511,15 @@ def _read_targets(file: Path, key: str) -> Targets | None:
 
 
 def student_rows(tokenizer, fmt: PromptFormat, inputs: list[Input], targets: Targets,
-                 max_text: int) -> list[Row]:  # fmt: skip
+                 max_text: int, encoded: list[tuple] | None = None) -> list[Row]:  # fmt: skip
     """Each teacher answer after the student's own input, labelled with the teacher's
-    distributions; too long a row loses its input's start (its head and the answer stay)."""
+    distributions; too long a row loses its input's start (its head and the answer stay).
+    Each input is tokenized once however many answers it has (``encoded``: already done)."""
+    if encoded is None:
+        encoded = [encode_example(tokenizer, fmt, student_example(fmt, x)) for x in inputs]
     rows, cut = [], 0
     for i, answer, ids, logp in zip(targets.source, targets.answers, targets.ids, targets.logp):
-        head, body = encode_example(tokenizer, fmt, student_example(fmt, inputs[i]))
+        head, body = encoded[i]
         head = head or []
         if len(head) + len(answer) >= max_text:  # the answer's end goes first, then the input's
             keep = max(max_text - len(head) - 1, 1)
@@ -774,7 +768,7 @@ def agreement(loaded: LoadedModel, prompt, fmt: PromptFormat, teacher: Teacher,
     match = [_normal(a) == _normal(b) for a, b in zip(t_txt, s_txt)]
     common = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
               for a, b in zip(t_ans, s_ans)]  # fmt: skip
-    rows = student_rows(tok, fmt, inputs, side.targets, 1 << 30)
+    rows = student_rows(tok, fmt, inputs, side.targets, 1 << 30, encoded)
     kl = evaluate_loss(model, prompt, rows, batch_size, tok.pad_token_id)
     n = 0 if prompt is None else prompt.num_virtual_tokens
     report = {

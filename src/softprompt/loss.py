@@ -262,13 +262,20 @@ def teacher_topk(model: nn.Module, hidden: Tensor, k: int) -> tuple[Tensor, Tens
     logp = torch.empty(hidden.shape[0], k + 1, dtype=torch.float32, device=hidden.device)
     rows = _chunk_rows(vocab)
     for s in range(0, hidden.shape[0], rows):
-        logits = head_logits(model, hidden[s : s + rows]).float()
-        lse = logits.logsumexp(dim=1, keepdim=True)
-        top, idx = logits.topk(k, dim=1)
-        rest = logits.scatter(1, idx, -math.inf).logsumexp(dim=1, keepdim=True)
-        ids[s : s + rows] = idx
-        logp[s : s + rows] = torch.cat([top, rest], dim=1) - lse
+        chunk = head_logits(model, hidden[s : s + rows])
+        ids[s : s + rows], logp[s : s + rows] = topk_buckets(chunk, k)
     return ids, logp
+
+
+def topk_buckets(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Logits (K, V) as the teacher's buckets: the ``k`` most likely ids (K, k) and their
+    log-probabilities with the rest's mass last (K, k+1), in float32."""
+    logits = logits.float()
+    k = min(k, logits.shape[1] - 1)  # the rest bucket is never empty
+    lse = logits.logsumexp(dim=1, keepdim=True)
+    top, idx = logits.topk(k, dim=1)
+    rest = logits.scatter(1, idx, -math.inf).logsumexp(dim=1, keepdim=True)
+    return idx, torch.cat([top, rest], dim=1) - lse
 
 
 # Logits computed at once by the chunked loss: 32M floats (128 MB in fp32), i.e. 128 rows

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 
+from softprompt import console
 from softprompt.cli import main
 from softprompt.commands.eval import run_eval
 from softprompt.config import DataConfig, EvalConfig, ModelConfig
@@ -193,6 +195,23 @@ def test_eval_cli_prints_a_table(tiny_dir, pairs_file, capsys):
     # the long parts say when they start and how long they took (stderr, not the table)
     assert "eval: scoring 2 choices for 4 inputs" in err
     assert "eval: scoring 2 choices: done in" in err
+
+
+def test_eval_on_a_terminal_shows_each_part_with_an_estimate(tiny_dir, pairs_file, capsys,
+                                                            monkeypatch):  # fmt: skip
+    # on a terminal, scoring and generation each show a bar of rows with elapsed time and an
+    # estimate (tqdm's "[elapsed<remaining]"), moved by the batch loops themselves
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setitem(console.BAR_OPTIONS, "mininterval", 0)  # draw every update, however fast
+    code = main(["eval", "--model", str(tiny_dir), "--data", str(pairs_file),
+                 "--input-field", "review", "--target-field", "label",
+                 "--choices", "negative,positive", "--generate", "--max-new-tokens", "2",
+                 "--batch-size", "2", "--limit", "4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0
+    for part in ("eval: scoring 2 choices", "eval: generating up to 2 tokens"):
+        bars = [line for line in err.replace("\r", "\n").splitlines() if part + ":" in line]
+        assert any("4/4" in b and "row" in b and "<" in b for b in bars), (part, bars)
 
 
 def test_eval_cli_errors_are_one_line(tiny_dir, pairs_file, capsys):

@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +36,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from softprompt.config import DataConfig, DistillConfig, GenerateConfig
-from softprompt.console import say, warn
+from softprompt.console import batch_starts, say, warn
 from softprompt.data import Example, read_records, split_validation
 from softprompt.errors import ArtifactError, ConfigError, DataError
 from softprompt.generation import LabelsOnly, generate_ids, generation_config, label_sequences
@@ -372,7 +370,7 @@ def answers(loaded, fmt: PromptFormat, ids: list[list[int]], prompt, heads, gen:
         prompts, ids = [compiled] * len(ids), [row[n:] for row in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
     out: list[list[int]] = [[] for _ in ids]
-    for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(ids)):
+    for s in batch_starts(range(0, len(order), batch_size), progress):
         batch = order[s : s + batch_size]
         rows = [prompts[i] for i in batch] if prompts else [None] * len(batch)
         only = None
@@ -426,7 +424,7 @@ def _distributions(model, prompts, answers, k: int, batch_size: int, progress: s
         cache, _ = run_prefix(model, context)  # one row of the shared tokens
         prompts = [p[shared:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
-    for s in _bar(range(0, len(order), batch_size), progress, batch_size, len(prompts)):
+    for s in batch_starts(range(0, len(order), batch_size), progress):
         batch = order[s : s + batch_size]
         seqs = [prompts[i] + answers[i] for i in batch]
         width = max(map(len, seqs))
@@ -454,17 +452,6 @@ def _distributions(model, prompts, answers, k: int, batch_size: int, progress: s
             ids[i], logp[i] = top[start : start + n].cpu(), lp[start : start + n].cpu()
             start += n
     return ids, logp
-
-
-def _bar(starts: range, name: str | None, batch_size: int, total: int):
-    """Batch starts, with a progress bar (rows, elapsed, estimate) when ``name`` is given."""
-    if name is None:
-        yield from starts
-        return
-    with tqdm(total=total, desc=name, unit="row", dynamic_ncols=True, file=sys.stderr) as bar:
-        for s in starts:
-            yield s
-            bar.update(min(batch_size, total - s))
 
 
 def _write_targets(file: Path, key: str, t: Targets) -> None:

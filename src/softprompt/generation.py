@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from softprompt.config import GenerateConfig
-from softprompt.console import warn
+from softprompt.console import batch_starts, warn
 from softprompt.errors import SoftpromptError
 from softprompt.loss import support
 from softprompt.prefix import Prefix, PromptLike, cache_of, compile_all, with_head
@@ -361,7 +361,7 @@ def generate_encoded(
         prompts = compile_all(model, prompts, heads)  # once, not once per batch
     gen_cfg = generation_config(tok, cfg, stop_ids)
     out: list[str] = []
-    for start in range(0, len(ids), cfg.batch_size):
+    for start in batch_starts(range(0, len(ids), cfg.batch_size)):
         window = slice(start, start + cfg.batch_size)
         only = None
         if labels:

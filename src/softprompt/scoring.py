@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from softprompt.console import batch_starts
 from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.generation import GenerationRow, pack_rows
@@ -49,7 +50,7 @@ def evaluate_loss(
     if choice_ids is not None:
         choice_ids = choice_ids.to(device)
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
+    for start in batch_starts(range(0, len(order), batch_size)):
         batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, n = lm_loss(model, prompt, batch, choice_ids=choice_ids)
@@ -94,7 +95,7 @@ def row_scores(
     device = model.get_input_embeddings().weight.device
     out: list[tuple[float, int, bool]] = [(0.0, 0, True)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    for start in range(0, len(order), batch_size):
+    for start in batch_starts(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
         embeds, mask, labels = (
@@ -234,7 +235,7 @@ def score_after(
     prompts = compile_all(model, [prompt] * len(items), [it.head for it in items])
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids) + len(items[i].head or []))
     out: list[list[tuple[float, int]]] = [[] for _ in items]
-    for start in range(0, len(order), batch_size):
+    for start in batch_starts(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
         rows = [
             GenerationRow(
@@ -420,7 +421,7 @@ def mean_row_loss(rows_loss, model: nn.Module, prompt, rows: list[Row], batch_si
     device = model.get_input_embeddings().weight.device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
+    for start in batch_starts(range(0, len(order), batch_size)):
         batch_rows = [rows[i] for i in order[start : start + batch_size]]
         loss, n, _ = rows_loss(model, prompt, batch_rows, pad_id, device)
         total, count = total + float(loss), count + n

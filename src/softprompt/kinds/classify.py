@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+from softprompt.console import batch_parts, batch_starts
 from softprompt.data import Example
 from softprompt.errors import ArtifactError, ConfigError
 from softprompt.generation import prompt_batches
@@ -122,7 +123,7 @@ def predict(
     """Class probabilities of each source, in the model's label order."""
     out: list[list[float]] = [[]] * len(sources)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    for start in range(0, len(order), batch_size):
+    for start in batch_starts(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
         ids = [tokenizer(sources[i])["input_ids"] for i in idx]
         for i, probs in zip(idx, predict_ids(model, ids, prompt, tokenizer.pad_token_id)):
@@ -266,7 +267,7 @@ class Classify:
                labels=None):  # fmt: skip
         """Each input's label (the argmax of the head)."""
         out = [""] * len(encoded)
-        for part in prompt_batches(prompts, cfg.batch_size):
+        for part in batch_parts(prompt_batches(prompts, cfg.batch_size)):
             probs = predict_ids(loaded.model, [encoded[i][1] for i in part], prompts[part[0]],
                                 loaded.tokenizer.pad_token_id)  # fmt: skip
             for i, p in zip(part, probs):
@@ -276,7 +277,7 @@ class Classify:
     def score_choices(self, loaded, prompt, encoded, sources, choices, opts, rows=None):
         """Each input's class probabilities; the choices are the head's labels."""
         probs = []
-        for start in range(0, len(encoded), opts.get("batch_size", 16)):
+        for start in batch_starts(range(0, len(encoded), opts.get("batch_size", 16))):
             part = encoded[start : start + opts.get("batch_size", 16)]
             probs += predict_ids(loaded.model, [ids for _, ids in part], prompt,
                                  loaded.tokenizer.pad_token_id)  # fmt: skip

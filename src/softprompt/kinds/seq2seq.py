@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSeq2SeqLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
+from softprompt.console import batch_parts
 from softprompt.data import Example
 from softprompt.errors import ConfigError
 from softprompt.generation import generation_config, prompt_batches
@@ -294,7 +295,7 @@ class Seq2Seq:
         torch.manual_seed(cfg.seed)  # sampling, as for causal models
         tok, gen_cfg = loaded.tokenizer, generation_config(loaded.tokenizer, cfg)
         out = [""] * len(encoded)
-        for part in prompt_batches(prompts, cfg.batch_size):
+        for part in batch_parts(prompt_batches(prompts, cfg.batch_size)):
             new = generate_ids(loaded.model, [encoded[i][1] for i in part],
                                [prompts[i] for i in part], gen_cfg, None,
                                tok.pad_token_id)  # fmt: skip

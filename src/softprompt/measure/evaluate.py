@@ -16,7 +16,7 @@ from pathlib import Path
 
 from softprompt import __version__
 from softprompt.config import EvalConfig, GenerateConfig
-from softprompt.console import clock, say, ticking
+from softprompt.console import clock, counting, say
 from softprompt.data import Example
 from softprompt.loading import LoadedModel
 from softprompt.measure.ensemble import vote
@@ -92,11 +92,11 @@ def evaluate_examples(
 
 @contextmanager
 def _phase(what: str, inputs: int) -> Iterator[None]:
-    """A part of eval said when it starts and how long it took (on a terminal, a counter of
-    its seconds meanwhile)."""
+    """A part of eval said when it starts and how long it took (on a terminal, meanwhile, a
+    progress bar of its batches: rows done, elapsed, estimate)."""
     say(f"eval: {what} for {inputs} input{'s' if inputs != 1 else ''}")
     start = time.perf_counter()
-    with ticking(f"eval: {what}"):
+    with counting(f"eval: {what}"):
         yield
     say(f"eval: {what}: done in {clock(time.perf_counter() - start)}")
 

@@ -313,7 +313,8 @@ def test_chat_and_ensemble_take_deep_prompts(chat_dir, tmp_path):
 
 def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tmp_path, capsys):
     """Without --method and --epochs a classifier trains a deep prompt for 10 epochs at 0.03
-    and a decoder an input-layer prompt for 3 at 0.03; both are said and recorded as used."""
+    and a decoder an input-layer prompt at 0.03 for as many epochs as reach 160 steps, 3 to
+    10 (a 9-row set: 10); both are said and recorded as used."""
     from conftest import train_config
 
     from softprompt.artifacts import read_meta
@@ -325,10 +326,29 @@ def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tm
                 progress=False)  # fmt: skip
     assert isinstance(enc.prompt, DeepPrompt) and enc.summary["steps"] == 10 * 3  # 9 rows / 3
     said = capsys.readouterr().err
-    assert "--method prefix and 10 epochs: the default for classify models" in said
+    assert "--method prefix and 10 epochs (30 steps of 3): the default for classify" in said
     assert "learning rate 0.03: the default for deep prompts on classify models" in said
     dec = train(train_config(tiny_dir, pairs_file, tmp_path / "dec", **bare), progress=False)
-    assert type(dec.prompt) is SoftPrompt and dec.summary["steps"] == 3 * 3
-    assert "--method prompt and 3 epochs: the default for causal models" in capsys.readouterr().err
+    assert type(dec.prompt) is SoftPrompt and dec.summary["steps"] == 10 * 3
+    said = capsys.readouterr().err
+    assert "--method prompt and 10 epochs (30 steps of 3): the default for causal models" in said
     assert read_meta(tmp_path / "enc")["training"]["method"] == "prefix"
-    assert read_meta(tmp_path / "dec")["training"]["epochs"] == 3
+    assert read_meta(tmp_path / "dec")["training"]["epochs"] == 10
+
+
+def test_a_decoders_default_epochs_follow_the_data_size():
+    """Without --epochs a decoder gets as many passes as reach 160 optimizer steps, at least 3
+    and at most 10: a small set more passes than a large one; the other kinds a fixed number."""
+    from softprompt.config import DataConfig, TrainConfig
+    from softprompt.kinds import CAUSAL, CLASSIFY, SEQ2SEQ, epochs_for
+    from softprompt.training.setup import planned_steps
+
+    cfg = TrainConfig(data=DataConfig(data="train.jsonl"))  # batch 8
+    for rows, epochs in [(16, 10), (128, 10), (250, 5), (400, 4), (2000, 3), (100_000, 3)]:
+        per_epoch = planned_steps(cfg, rows, CAUSAL)[1]
+        assert epochs_for(CAUSAL, per_epoch) == epochs, rows
+        assert planned_steps(cfg, rows, CAUSAL)[0] == epochs * per_epoch
+    assert epochs_for(CLASSIFY, 1) == epochs_for(CLASSIFY, 1000) == 10
+    assert epochs_for(SEQ2SEQ, 1) == epochs_for(SEQ2SEQ, 1000) == 3
+    given = TrainConfig(data=DataConfig(data="train.jsonl"), epochs=2)
+    assert planned_steps(given, 128, CAUSAL)[0] == 2 * 16  # given: kept

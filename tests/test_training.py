@@ -48,6 +48,10 @@ def test_train_writes_the_artifact(tiny_dir, pairs_file, tmp_path):
     assert kinds.count("val") == 1 + 8  # the initial prompt, then each epoch
     s = result.summary
     assert s["best_val_loss"] < s["initial_val_loss"]
+    # the optimizer steps' own time (as a bare loop is timed) is part of the whole loop's
+    steps_s = sum(r["step_s"] for r in records if r["kind"] == "train")
+    assert 0 < s["step_seconds"] == pytest.approx(steps_s, abs=0.01)
+    assert s["step_seconds"] <= s["train_seconds"]
     meta = json.loads((out / "softprompt.json").read_text())
     assert meta["template"] == "review : {input} sentiment :"
     assert meta["data"]["train_examples"] == 9 and meta["data"]["val_examples"] == 3

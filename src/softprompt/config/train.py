@@ -38,8 +38,9 @@ class TrainConfig:
     epochs: int | None = opt(
         None,
         "Passes over the training data (ignored when --max-steps is set). Default: the model "
-        "kind's: 3 for decoders and encoder-decoders, 10 for classifiers (prompt + a new head; "
-        "the public suite, docs/measurements.md section 7).",
+        "kind's: for decoders as many as reach 160 optimizer steps, 3 to 10 (a 128-row set gets "
+        "10, a 2,000-row set 3); 3 for encoder-decoders; 10 for classifiers (prompt + a new "
+        "head). Chosen on the public suite, docs/measurements.md sections 7 and 9.",
     )
     max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
     batch_size: int = opt(8, "Rows per forward pass.")

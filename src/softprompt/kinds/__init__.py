@@ -17,6 +17,7 @@ Other modules ask the object; they never compare kind names. A new kind is one n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -47,7 +48,8 @@ class Kind(Protocol):
     default_lr: float  # the peak learning rate without --lr (benchmarks/suite.py chose it)
     deep_prompts: bool  # a deep prefix (--method prefix) trains and serves
     default_prefix_lr: float  # ... and its peak learning rate without --lr
-    default_epochs: int  # passes over the data without --epochs
+    default_epochs: tuple[int, int]  # without --epochs: the fewest and most passes (epochs_for)
+    default_steps: int  # ... between which as many as reach this many optimizer steps
     default_method: str  # "prompt" or "prefix" without --method
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
@@ -138,6 +140,14 @@ class Kind(Protocol):
 
     def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
         """Put ``extra_tensors`` back into ``model``."""
+
+
+def epochs_for(kind: Kind, steps_per_epoch: int) -> int:
+    """Passes over the data without --epochs: as many as reach ``kind.default_steps``
+    optimizer steps, within the kind's fewest and most (a 128-row set gets more passes than a
+    2,000-row one: the public suite, docs/measurements.md section 9)."""
+    fewest, most = kind.default_epochs
+    return min(most, max(fewest, math.ceil(kind.default_steps / max(steps_per_epoch, 1))))
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (CAUSAL, SEQ2SEQ, CLASSIFY)}

@@ -205,7 +205,8 @@ class Classify:
     restricted_choices = False
     default_lr = 1e-1  # the suite (docs/measurements.md, section 6): 0.480 vs 0.465 at 3e-2
     default_prefix_lr = 3e-2  # --method prefix: MiniLM 0.795 on the shipped set (0.525 at 0.1)
-    default_epochs = 10  # MiniLM: the shipped set 0.795 with a deep prompt (0.50 at 3)
+    default_epochs = (10, 10)  # MiniLM: the shipped set 0.795 with a deep prompt (0.50 at 3)
+    default_steps = 0
     default_method = "prefix"  # MiniLM, 160 steps: cr 0.74 vs 0.62, trec 0.70 vs 0.39 (prompt)
     deep_prompts = True  # --method prefix (keys/values per layer) can train
 

@@ -249,7 +249,8 @@ class Seq2Seq:
     restricted_choices = False
     default_lr = 3e-2  # Lester et al. trained T5 prompts at 0.3 with Adafactor; not measured
     default_prefix_lr = 3e-2  # --method prefix: as classifiers' (not measured on T5 yet)
-    default_epochs = 3
+    default_epochs = (3, 3)  # not measured on a public set yet
+    default_steps = 0
     default_method = "prompt"
     deep_prompts = True  # --method prefix: keys/values in the decoder's self-attention
 

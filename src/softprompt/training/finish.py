@@ -65,7 +65,8 @@ def finish(run: Run, elapsed: float) -> TrainResult:
 def run_summary(run: Run, elapsed: float) -> dict:
     """What the run did, for softprompt.json and the closing line."""
     state, tokens = run.state, run.tokens_seen
-    train_losses = [r["loss"] for r in run.log.records if r.get("kind") == "train"]
+    trained = [r for r in run.log.records if r.get("kind") == "train"]
+    train_losses = [r["loss"] for r in trained]
     return {
         "steps": state.step,
         "epochs_completed": state.epoch,
@@ -75,6 +76,9 @@ def run_summary(run: Run, elapsed: float) -> dict:
         "best_step": state.best_step,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "train_seconds": round(elapsed, 2),
+        # the optimizer steps alone (forward, backward, update): the loop less validation and
+        # checkpoints, what a bare training loop (compare's LoRA) times
+        "step_seconds": round(sum(r.get("step_s", 0.0) for r in trained), 2),
         "tokens": tokens,
         "first_step_s": state.first_step_s,
         "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,

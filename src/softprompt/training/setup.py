@@ -24,7 +24,7 @@ from softprompt.data import (
     split_validation,
 )
 from softprompt.errors import ConfigError
-from softprompt.kinds import CAUSAL
+from softprompt.kinds import CAUSAL, epochs_for
 from softprompt.loading import LoadedModel, load_model
 from softprompt.loss import with_rest
 from softprompt.outputs import claim_output
@@ -217,8 +217,12 @@ def start_run(
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     loaded = _model_for(cfg, accelerator, examples[0] + examples[1], loaded)  # every label
-    cfg = _kind_defaults(cfg, loaded, accelerator.is_main_process)
+    cfg, said = _kind_defaults(cfg, loaded)
     data = source.prepare(cfg, *examples, loaded, output, accelerator.device)
+    cfg, said = _default_epochs(cfg, loaded, len(data.train_rows), said)
+    if said and accelerator.is_main_process:
+        say(f"{' and '.join(said)}: the default for {loaded.kind.name} models (give them to "
+            "change)")  # fmt: skip
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.method == "prefix":
         _check_deep(cfg, loaded, data)
@@ -275,22 +279,27 @@ def start_run(
     return run
 
 
-def _kind_defaults(cfg: TrainConfig, loaded: LoadedModel, main: bool) -> TrainConfig:
-    """``cfg`` with the settings left to the model's kind filled in (recorded as used: a
-    resumed run compares them), and said once."""
-    kind, said = loaded.kind, []
-    if cfg.method is None:
-        method = "prefix" if cfg.prefix_projection else kind.default_method
-        method = "prompt" if cfg.reparam != "none" else method
-        cfg = dataclasses.replace(cfg, method=method)
-        said.append(f"--method {method}")
-    if cfg.epochs is None:
-        cfg = dataclasses.replace(cfg, epochs=kind.default_epochs)
-        if cfg.max_steps is None:
-            said.append(f"{cfg.epochs} epochs")
-    if said and main:
-        say(f"{' and '.join(said)}: the default for {kind.name} models (give them to change)")
-    return cfg
+def _kind_defaults(cfg: TrainConfig, loaded: LoadedModel) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with the method left to the model's kind filled in (recorded as used: a resumed
+    run compares it), and what to say about it."""
+    if cfg.method is not None:
+        return cfg, []
+    method = "prefix" if cfg.prefix_projection else loaded.kind.default_method
+    method = "prompt" if cfg.reparam != "none" else method
+    return dataclasses.replace(cfg, method=method), [f"--method {method}"]
+
+
+def _default_epochs(cfg: TrainConfig, loaded: LoadedModel, rows: int,
+                    said: list[str]) -> tuple[TrainConfig, list[str]]:  # fmt: skip
+    """``cfg`` with the epochs left to the model's kind filled in for ``rows`` training rows
+    (``kinds.epochs_for``), and what to say about it after ``said``."""
+    if cfg.epochs is not None:
+        return cfg, said
+    per_epoch = planned_steps(cfg, rows, loaded.kind)[1]
+    cfg = dataclasses.replace(cfg, epochs=epochs_for(loaded.kind, per_epoch))
+    if cfg.max_steps is None:
+        said = [*said, f"{cfg.epochs} epochs ({cfg.epochs * per_epoch} steps of {per_epoch})"]
+    return cfg, said
 
 
 def _check_deep(cfg: TrainConfig, loaded: LoadedModel, data: TrainData) -> None:
@@ -312,7 +321,7 @@ def planned_steps(cfg: TrainConfig, rows: int, kind=None) -> tuple[int, int]:
     """(optimizer steps of the run, steps per epoch) for ``rows`` training rows (``kind``:
     the model's, whose epochs apply when --epochs is not given)."""
     per_epoch = math.ceil(math.ceil(rows / cfg.batch_size) / cfg.grad_accum)
-    epochs = cfg.epochs or (kind.default_epochs if kind is not None else CAUSAL.default_epochs)
+    epochs = cfg.epochs or epochs_for(kind if kind is not None else CAUSAL, per_epoch)
     return cfg.max_steps or epochs * per_epoch, per_epoch
 
 

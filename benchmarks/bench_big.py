@@ -232,16 +232,34 @@ def quantized(args, tmp: Path) -> None:
         files[split] = tmp / f"{split}.jsonl"
         rows = read_jsonl(source, limit)
         files[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    from softprompt.loading import resolve_dtype
+
+    wanted = list(BASES) if args.bases == "all" else args.bases.split(",")
+    unknown = set(wanted) - set(BASES)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        raise SystemExit(f"--bases: no base named {names} (of {', '.join(BASES)})")
+    bases = [BASES[b] for b in wanted]
+    if args.bases == "all" and resolve_dtype("auto") != "bfloat16":
+        bases = [b for b in bases if b[1] != "bfloat16"]
+        print(
+            "(the bfloat16 bases are left out: this machine has no native bf16 arithmetic, so "
+            "bf16 is emulated, many times slower than float32; --bases to run them anyway)\n"
+        )
     print("| base | peak RSS (MB) | step (s, median) | test accuracy |\n|---|---|---|---|")
-    for name, dtype, quantize in (("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
-                                  ("int8 (float32 activations)", "float32", "int8"),
-                                  ("int8 (bfloat16 activations)", "bfloat16", "int8")):  # fmt: skip
+    for name, dtype, quantize in bases:
         spec = {"model": args.model, "dtype": dtype, "quantize": quantize, "steps": args.steps,
                 "out": str(tmp / f"q-{dtype}-{quantize}"),
                 **{k: str(v) for k, v in files.items()}}  # fmt: skip
         r = child(["quant", json.dumps(spec)])[0]
         print(f"| {name} | {r['peak_mb']:.0f} | {r['step_s']:.3f} | {r['accuracy']:.3f} |",
               flush=True)  # fmt: skip
+
+
+# --bases' names: (the table's name, the base's dtype, --quantize)
+BASES = {"float32": ("float32", "float32", "none"), "bfloat16": ("bfloat16", "bfloat16", "none"),
+         "int8": ("int8 (float32 activations)", "float32", "int8"),
+         "int8-bf16": ("int8 (bfloat16 activations)", "bfloat16", "int8")}  # fmt: skip
 
 
 def main() -> None:
@@ -262,6 +280,8 @@ def main() -> None:
     p.add_argument("--shard-steps", type=int, default=3)
     p.add_argument("--train-examples", type=int, default=480)
     p.add_argument("--test-examples", type=int, default=200)
+    p.add_argument("--bases", default="all", help="part 3's bases, comma-separated, of "
+                   f"{','.join(BASES)}; all: every one the hardware computes natively")  # fmt: skip
     args = p.parse_args()
     if args.quick:
         args.length, args.steps, args.shard_steps = 64, 2, 1

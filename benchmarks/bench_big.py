@@ -286,9 +286,11 @@ def main() -> None:
     if args.quick:
         args.length, args.steps, args.shard_steps = 64, 2, 1
         args.train_examples, args.test_examples = 16, 8
+    command = " ".join(["python benchmarks/bench_big.py", *sys.argv[1:]])
     print(
         f"# bench_big: {args.model}, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.2f} (run it alone: timings beside other jobs mean nothing)"
+        f"{os.getloadavg()[0]:.2f} at the start (run it alone: timings beside other jobs mean "
+        f"nothing), {time.strftime('%Y-%m-%d %H:%M')}: `{command}`"
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data_root) / args.task / "train.jsonl"

@@ -210,13 +210,16 @@ def test_cli_reference_has_every_command_and_flag(site):
 def test_measured_tables_are_rendered_with_their_sources(site):
     text = _text(site / "measurements.html")
     for source in ("suite/choice-loss.jsonl", "suite/reference.jsonl", "bench-prompts.jsonl",
-                   "compare-sentiment/metrics.jsonl", "suite/bench-prefix.jsonl"):  # fmt: skip
+                   "compare-sentiment/metrics.jsonl", "suite/bench-prefix.jsonl",
+                   "suite/steps.jsonl"):  # fmt: skip
         assert f"Rendered at build time from {source}" in text, source
     assert "| cr | restricted | 3 | 0.898 (0.890-0.905)" not in text  # a table, not text
     assert "0.898 (0.890-0.905)" in text and "benchmarks/suite.py --tasks" in text
     speed = _text(site / "guides" / "speed.html")
     assert "Rendered at build time from bench-train-2026-11-25.json" in speed
     assert "5.76x" in speed  # PEFT's wall time over softprompt's, computed from the JSON
+    scaling = _text(site / "guides" / "scaling.html")  # a benchmark's saved output, as printed
+    assert "Rendered at build time from big/bench-big.md" in scaling and "0.29x" in scaling
 
 
 def test_distill_guide_renders_its_numbers_or_says_they_are_pending(site):

@@ -12,6 +12,7 @@ it invisible):
     <!-- generated: compare compare-sentiment/metrics.jsonl -->  compare's report table
     <!-- generated: sweep sweep-antonyms/sweep.jsonl -->  sweep's ranking (its sweep.md)
     <!-- generated: distill distill/bench-distill.jsonl -->  rows, or a note while absent
+    <!-- generated: output big/bench-big.md -->        a benchmark's saved console output
 
 Paths are relative to docs/. Each table is followed by where it comes from: the file, and
 the date, machine and command the file records (or that it records none).
@@ -240,7 +241,19 @@ RENDER = {
     "sweep": render_sweep,
     "distill": render_distill,
     "distill_sweep": lambda name: render_rows(name, "distill_sweep_table"),
+    "output": lambda name: render_output(name),
 }
+
+
+def render_output(name: str) -> str:
+    """A benchmark's saved console output (markdown tables and lines) as it printed it, its
+    sections as sub-headings; its first line (what ran, where, when) is the source line."""
+    lines = (DOCS / name).read_text(encoding="utf-8").splitlines()
+    said = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("# ") else ""
+    body = [("###" + line[1:]) if line.startswith("## ") else line for line in lines[1:]]
+    text = f"Rendered at build time from [`{name}`]({_link(name)})"
+    text += f": {said}." if said else " (the file says no more about its run)."
+    return "\n".join(body).strip() + "\n\n" + text
 
 
 def render_rows(name: str, table: str) -> str:

@@ -219,7 +219,7 @@ def test_measured_tables_are_rendered_with_their_sources(site):
     assert "Rendered at build time from bench-train-2026-11-25.json" in speed
     assert "5.76x" in speed  # PEFT's wall time over softprompt's, computed from the JSON
     scaling = _text(site / "guides" / "scaling.html")  # a benchmark's saved output, as printed
-    assert "Rendered at build time from big/bench-big.md" in scaling and "0.29x" in scaling
+    assert "Rendered at build time from big/bench-big.txt" in scaling and "0.29x" in scaling
 
 
 def test_distill_guide_renders_its_numbers_or_says_they_are_pending(site):

@@ -12,7 +12,7 @@ it invisible):
     <!-- generated: compare compare-sentiment/metrics.jsonl -->  compare's report table
     <!-- generated: sweep sweep-antonyms/sweep.jsonl -->  sweep's ranking (its sweep.md)
     <!-- generated: distill distill/bench-distill.jsonl -->  rows, or a note while absent
-    <!-- generated: output big/bench-big.md -->        a benchmark's saved console output
+    <!-- generated: output big/bench-big.txt -->        a benchmark's saved console output
 
 Paths are relative to docs/. Each table is followed by where it comes from: the file, and
 the date, machine and command the file records (or that it records none).

@@ -6,6 +6,7 @@ each, at the same training budget. This is where defaults are chosen.
     python benchmarks/suite.py                                  # everything (hours on 2 cores)
     python benchmarks/suite.py --tasks cr,trec --seeds 0,1,2 --methods defaults,peft
     python benchmarks/suite.py --table docs/suite.jsonl         # the table of a saved run
+    python benchmarks/suite.py --pivot docs/suite/pivots.json#steps  # several runs' rows
     python benchmarks/suite.py --quick --model DIR --data-root DIR   # smoke run (make test)
 
 Per task and seed: ``--train-rows`` training rows drawn with the seed (the seed also seeds
@@ -53,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from tables import suite_table as table  # noqa: E402  (benchmarks/tables.py)
+from tables import pivot_table  # noqa: E402  (benchmarks/tables.py)
+from tables import suite_table as table  # noqa: E402
 
 from softprompt.config import (  # noqa: E402
     CompareConfig,
@@ -394,6 +396,21 @@ def _value(text: str):
     return {"none": None, "true": True, "false": False}.get(text.lower(), text)
 
 
+def pivot(name: str) -> str:
+    """``SPECS#NAME``: the pivot table NAME of a JSON file of specs, its files read relative
+    to that file, followed by the runs its cells came from."""
+    file, _, key = name.partition("#")
+    specs = json.loads(Path(file).read_text())
+    if key not in specs:
+        raise SystemExit(f"suite: {file} has no table {key!r} (it has: {', '.join(specs)})")
+    folder = Path(file).parent
+    body, used = pivot_table(specs[key], lambda rows: read_jsonl(folder / rows))
+    runs = [
+        f"- {rows}: {(run or {}).get('date')} `{(run or {}).get('command')}`" for rows, run in used
+    ]
+    return body + "\n\nfrom the rows of:\n" + "\n".join(runs)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded", help="base model (default: embedded)")
@@ -410,11 +427,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="docs/suite.jsonl", help="results, appended")
     parser.add_argument("--runs", default="runs/suite", help="folder for the runs")
     parser.add_argument("--table", default=None, help="only print the table of this JSONL")
+    parser.add_argument(
+        "--pivot",
+        default=None,
+        metavar="SPECS#NAME",
+        help="only print the table NAME of a JSON file of pivot specs: tasks against lines "
+        "drawn from several saved runs (benchmarks/tables.py's pivot_table; the docs render "
+        "docs/suite/pivots.json's tables this way)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # TASK:SEED:METHOD
     args = parser.parse_args(argv)
     if args.table:
         print(table([r for r in read_jsonl(Path(args.table)) if "task" in r]))
+        return
+    if args.pivot:
+        print(pivot(args.pivot))
         return
     if args.quick:
         args.train_rows, args.val_rows, args.test_rows = 16, 8, 8

@@ -159,3 +159,128 @@ def distill_sweep_table(rows: list[dict]) -> str:
             f"{r['teacher_metric']:.3f} |"
         )
     return "\n".join(out)
+
+
+# --- pivots: tasks against named lines drawn from several saved runs -----------------------
+
+FORMATS = {"chrf": ".1f", "bleu": ".1f", "train_seconds": ".0f", "peak_memory_mb": ".0f"}
+LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "chrf": "chrF", "bleu": "BLEU",
+          "best_val_loss": "best validation loss", "train_seconds": "train s",
+          "peak_memory_mb": "peak MB"}  # fmt: skip
+
+
+def with_runs(records: list[dict]) -> list[dict]:
+    """A suite JSONL's result rows, each with the run header ({"kind": "run", ...}) that
+    precedes it under ``"_run"`` (None before the first header)."""
+    run, out = None, []
+    for record in records:
+        if record.get("kind") == "run":
+            run = record
+        elif "task" in record:
+            out.append({**record, "_run": run})
+    return out
+
+
+def _selected(rows: list[dict], sel: dict, task: str, seeds) -> list[dict]:
+    if task not in sel.get("tasks", [task]):
+        return []
+    sel = {**sel, **sel.get("cells", {}).get(task, {})}
+    seeds = sel.get("seeds", seeds)
+    return [
+        r for r in rows
+        if r["task"] == task and r.get("method") == sel["method"]
+        and (seeds is None or r.get("seed") in seeds)
+        and (not sel.get("run") or sel["run"] in ((r["_run"] or {}).get("date") or ""))
+    ]  # fmt: skip
+
+
+def pivot_table(spec: dict, load) -> tuple[str, list[tuple[str, dict | None]]]:
+    """Saved suite rows as a table of tasks against named lines, each line a method of one
+    run or several runs' methods together, with means over tasks.
+
+    ``spec``: ``tasks``; ``metrics`` (default ["accuracy"]: one column or row per task and
+    metric); ``seeds`` (None: all); ``corner`` (the top-left cell); ``lines_as`` ("columns",
+    the default, or "rows"); ``lines``: [{label, file, method, run?, tasks?, seeds?, cells?:
+    {task: overrides}, bold?, compete?}] or [{label, from: [selections], ...}]; ``means``:
+    [{label, tasks}] (a line's mean only where it has every one of those tasks); ``bold``:
+    "max" to bold each column's best among the lines that compete (all but ``compete:
+    false``). A cell is the mean over the matching rows, with its (min-max) when there are
+    several, and "(seed N)" when its one row is of a seed the spec does not name.
+    ``load(file)`` returns a file's records. Returns the markdown and the (file, run
+    header) pairs the cells came from, by date."""
+    tasks, metrics = spec["tasks"], spec.get("metrics", ["accuracy"])
+    seeds, lines = spec.get("seeds"), spec["lines"]
+    cache: dict[str, list[dict]] = {}
+    used: dict[tuple[str, str], tuple[str, dict | None]] = {}
+
+    def rows_for(line: dict, task: str) -> tuple[list[dict], bool]:
+        got, failed = [], False
+        for sel in line.get("from", [line]):
+            if sel["file"] not in cache:
+                cache[sel["file"]] = with_runs(load(sel["file"]))
+            for r in _selected(cache[sel["file"]], sel, task, seeds):
+                if "error" in r:
+                    failed = True
+                    continue
+                got.append(r)
+                run = r["_run"] or {}
+                used.setdefault((sel["file"], f"{run.get('date')}|{run.get('command')}"),
+                                (sel["file"], r["_run"]))  # fmt: skip
+        return got, failed and not got
+
+    grid = {(i, t): rows_for(line, t) for i, line in enumerate(lines) for t in tasks}
+    keys = [(t, m) for t in tasks for m in metrics]
+    keys += [(mean["label"], m) for mean in spec.get("means", []) for m in metrics]
+    means = {mean["label"]: mean["tasks"] for mean in spec.get("means", [])}
+
+    def value(i: int, key: tuple[str, str]) -> float | None:
+        name, metric = key
+        if name in means:
+            per = [value(i, (t, metric)) for t in means[name]]
+            return None if None in per else statistics.mean(per)
+        got = [r[metric] for r in grid[i, name][0] if r.get(metric) is not None]
+        return statistics.mean(got) if got else None
+
+    def text(i: int, key: tuple[str, str]) -> str:
+        name, metric = key
+        fmt = FORMATS.get(metric, ".3f")
+        if name in means:
+            v = value(i, key)
+            return "-" if v is None else f"{v:{fmt}}"
+        got, failed = grid[i, name]
+        vals = [r[metric] for r in got if r.get(metric) is not None]
+        if failed or not vals:
+            return "failed" if failed else "-"
+        if len(vals) > 1:
+            return cell(vals, fmt)
+        seed = got[0].get("seed")
+        return f"{vals[0]:{fmt}}" + (f" (seed {seed})" if seeds and seed not in seeds else "")
+
+    def shown(i: int, key: tuple[str, str]) -> str:
+        out, v = text(i, key), value(i, key)
+        fmt = FORMATS.get(key[1], ".3f")
+        rivals = [value(j, key) for j, line in enumerate(lines) if line.get("compete", True)]
+        rivals = [x for x in rivals if x is not None]
+        top = (spec.get("bold") == "max" and lines[i].get("compete", True) and v is not None
+               and rivals and f"{v:{fmt}}" == f"{max(rivals):{fmt}}")  # fmt: skip
+        strong = (lines[i].get("bold") or top) and out not in ("-", "failed")
+        return f"**{out}**" if strong else out
+
+    def label(key: tuple[str, str]) -> str:
+        name, metric = key
+        if len(metrics) == 1:
+            return name
+        shown = LABELS.get(metric, metric)
+        return shown if len(tasks) == 1 and name not in means else f"{name} {shown}"
+
+    corner = spec.get("corner", ", ".join(metrics))
+    if spec.get("lines_as", "columns") == "rows":
+        head = [corner] + [label(k) for k in keys]
+        body = [[line["label"]] + [shown(i, k) for k in keys] for i, line in enumerate(lines)]
+    else:
+        head = [corner] + [line["label"] for line in lines]
+        body = [[label(k)] + [shown(i, k) for i in range(len(lines))] for k in keys]
+    out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    by_date = sorted(used.values(), key=lambda u: ((u[1] or {}).get("date") or "", u[0]))
+    return "\n".join(out), by_date

@@ -172,3 +172,72 @@ def test_bench_prefix_quick_runs(model_dirs, tmp_path):
     saved = json.loads(out.read_text().splitlines()[0])
     assert set(saved["rows"]) == {"prompt", "prefix", "peft-prefix"}
     assert all(r["step_s"] > 0 for r in saved["rows"].values())
+
+
+def _tables_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks/tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pivot_table_draws_lines_from_several_runs(tmp_path):
+    """Tasks against named lines: a line may join several runs' methods; a cell is the mean
+    (min-max) over its rows, says a seed outside the spec's, or that its run failed; means
+    need every task; the best competing value is bold; the runs used come back by date."""
+    a = [{"kind": "run", "date": "2026-01-02 10:00", "command": "suite.py A"},
+         {"task": "t1", "method": "m", "seed": 0, "accuracy": 0.5},
+         {"task": "t1", "method": "m", "seed": 1, "accuracy": 0.7},
+         {"task": "t2", "method": "m", "seed": 1, "accuracy": 0.9},
+         {"task": "t2", "method": "x", "seed": 0, "error": "boom"}]  # fmt: skip
+    b = [{"kind": "run", "date": "2026-01-01 09:00", "command": "suite.py B"},
+         {"task": "t2", "method": "old", "seed": 0, "accuracy": 0.4},
+         {"task": "t1", "method": "old", "seed": 0, "accuracy": 0.8}]  # fmt: skip
+    files = {"a.jsonl": a, "b.jsonl": b}
+    spec = {
+        "tasks": ["t1", "t2"], "seeds": [0, 1], "bold": "max", "corner": "acc",
+        "means": [{"label": "mean", "tasks": ["t1", "t2"]}],
+        "lines": [
+            {"label": "new", "file": "a.jsonl", "method": "m",
+             "cells": {"t2": {"seeds": [1]}}},
+            {"label": "joined", "from": [{"file": "b.jsonl", "method": "old", "tasks": ["t1"]},
+                                         {"file": "a.jsonl", "method": "x"}]},
+            {"label": "ref", "file": "b.jsonl", "method": "old", "compete": False},
+        ],
+    }  # fmt: skip
+    body, used = _tables_module().pivot_table(spec, files.__getitem__)
+    assert body.splitlines() == [
+        "| acc | new | joined | ref |",
+        "| --- | --- | --- | --- |",
+        "| t1 | 0.600 (0.500-0.700) | **0.800** | 0.800 |",
+        "| t2 | **0.900** | failed | 0.400 |",
+        "| mean | **0.750** | - | 0.600 |",
+    ]
+    assert [(f, r["command"]) for f, r in used] == [("b.jsonl", "suite.py B"),
+                                                    ("a.jsonl", "suite.py A")]  # fmt: skip
+    spec = {"tasks": ["t2"], "seeds": [0], "lines_as": "rows", "metrics": ["accuracy"],
+            "lines": [{"label": "new", "file": "a.jsonl", "method": "m"}]}  # fmt: skip
+    body, _ = _tables_module().pivot_table(spec, files.__getitem__)
+    assert body.splitlines()[-1] == "| new | - |"  # seed 1 only: not of the spec's seeds
+    spec["lines"][0]["cells"] = {"t2": {"seeds": [1]}}
+    body, _ = _tables_module().pivot_table(spec, files.__getitem__)
+    assert body.splitlines()[-1] == "| new | 0.900 (seed 1) |"
+
+
+def test_suite_prints_a_pivot_of_saved_runs(tmp_path):
+    rows = [{"kind": "run", "date": "2026-01-02 10:00", "command": "suite.py A"},
+            {"task": "cr", "method": "defaults", "seed": 0, "accuracy": 0.5}]  # fmt: skip
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"t": {"tasks": ["cr"], "lines": [{"label": "d", "file": "a.jsonl",
+                                              "method": "defaults"}]}}  # fmt: skip
+    (tmp_path / "specs.json").write_text(json.dumps(spec))
+    text = _run("suite.py", "--pivot", f"{tmp_path / 'specs.json'}#t")
+    assert "| cr | 0.500 |" in text and "a.jsonl: 2026-01-02 10:00 `suite.py A`" in text
+    missing = f"{tmp_path / 'specs.json'}#nope"
+    script = str(ROOT / "benchmarks" / "suite.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--pivot", missing], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "has no table 'nope' (it has: t)" in proc.stderr

@@ -13,6 +13,7 @@ it invisible):
     <!-- generated: sweep sweep-antonyms/sweep.jsonl -->  sweep's ranking (its sweep.md)
     <!-- generated: distill distill/bench-distill.jsonl -->  rows, or a note while absent
     <!-- generated: output big/bench-big.txt -->        a benchmark's saved console output
+    <!-- generated: pivot suite/pivots.json#steps -->   tasks against lines of several runs
 
 Paths are relative to docs/. Each table is followed by where it comes from: the file, and
 the date, machine and command the file records (or that it records none).
@@ -242,6 +243,7 @@ RENDER = {
     "distill": render_distill,
     "distill_sweep": lambda name: render_rows(name, "distill_sweep_table"),
     "output": lambda name: render_output(name),
+    "pivot": lambda name: render_pivot(name),
 }
 
 
@@ -254,6 +256,27 @@ def render_output(name: str) -> str:
     text = f"Rendered at build time from [`{name}`]({_link(name)})"
     text += f": {said}." if said else " (the file says no more about its run)."
     return "\n".join(body).strip() + "\n\n" + text
+
+
+def render_pivot(name: str) -> str:
+    """A table of suite rows from several runs, as ``FILE#TABLE`` of a JSON file of specs
+    describes it (benchmarks/tables.py's pivot_table), then every run its cells came from."""
+    file, _, table = name.partition("#")
+    spec = json.loads((DOCS / file).read_text())[table]
+    folder = Path(file).parent  # the spec names its files relative to itself
+    body, used = _tables().pivot_table(spec, lambda rows: read_rows(DOCS / folder / rows))
+    said = []
+    for rows, run in used:
+        rows, run = (folder / rows).as_posix(), run or {}
+        bits = [run.get("date"), run.get("machine"), run.get("model")]
+        line = f"[`{rows}`]({_link(rows)})" + "".join(f", {b}" for b in bits if b)
+        if run.get("command"):
+            line += f": `python {run['command']}`"
+        said.append(f"- {line}")
+    return (
+        f"{body}\n\nRendered at build time by the spec `{table}` of [`{file}`]({_link(file)}) "
+        "from the rows of these runs:\n\n" + "\n".join(said)
+    )
 
 
 def render_rows(name: str, table: str) -> str:

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-chat test test-fast docs matrix lint bench clean
+.PHONY: demo demo-chat test test-fast docs record matrix lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ test: $(VENV)/.installed
 # the documentation site, into site/ (open site/index.html); `make test` builds it with --strict
 docs: $(VENV)/.installed
 	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# the console records the documentation renders (docs/runs/*.txt, and the demo's loss curve):
+# run on an idle machine (about 25 minutes on 2 cores), then `make docs`; each file's first
+# line says when and where it ran. bench_lm leaves out its bf16 variant here (the CPU only
+# emulates bf16: add it with LM_VARIANTS=recipe,softprompt,softprompt-bf16 where bf16 is native).
+LM_VARIANTS ?= recipe,softprompt
+record: $(VENV)/.installed
+	$(PY) benchmarks/record.py docs/runs/demo.txt --label "make demo" -- env PATH="$(VENV)/bin:$$PATH" bash examples/demo.sh
+	cp runs/demo-sentiment/loss.png docs/images/demo-loss.png
+	$(PY) benchmarks/record.py docs/runs/demo-chat.txt --label "make demo-chat" -- env PATH="$(VENV)/bin:$$PATH" bash examples/demo-chat.sh
+	$(PY) benchmarks/record.py docs/runs/bench-eval.txt -- $(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/record.py docs/runs/bench-lm.txt -- $(PY) benchmarks/bench_lm.py --variants $(LM_VARIANTS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m "not slow"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,3 +242,23 @@ def test_suite_prints_a_pivot_of_saved_runs(tmp_path):
         [sys.executable, script, "--pivot", missing], capture_output=True, text=True
     )
     assert proc.returncode != 0 and "has no table 'nope' (it has: t)" in proc.stderr
+
+
+def test_record_saves_a_commands_output_under_what_ran_and_when(tmp_path):
+    """benchmarks/record.py: the docs' console records; a failed command writes nothing."""
+    out = tmp_path / "runs" / "hello.txt"
+    code = [sys.executable, "-c", "import sys; print('| a | b |'); print('oops', file=sys.stderr)"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "record.py"), str(out), "--",
+                           *code], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "| a | b |" in proc.stdout  # echoed while it runs
+    head, *body = out.read_text().splitlines()
+    assert re.match(
+        r"# \d{4}-\d\d-\d\d \d\d:\d\d, .*cores, load average [\d.]+ at the start: `", head
+    )
+    assert head.endswith("file=sys.stderr)'`")  # the command, quoted as a shell would
+    assert body == ["| a | b |"]  # standard error only with --stderr
+    bad = tmp_path / "bad.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "record.py"), str(bad), "--",
+                           sys.executable, "-c", "raise SystemExit(3)"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 3 and not bad.exists() and "not written" in proc.stderr

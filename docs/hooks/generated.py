@@ -14,6 +14,7 @@ it invisible):
     <!-- generated: distill distill/bench-distill.jsonl -->  rows, or a note while absent
     <!-- generated: output big/bench-big.txt -->        a benchmark's saved console output
     <!-- generated: pivot suite/pivots.json#steps -->   tasks against lines of several runs
+    <!-- generated: console runs/demo.txt -->          a command's saved plain-text output
 
 Paths are relative to docs/. Each table is followed by where it comes from: the file, and
 the date, machine and command the file records (or that it records none).
@@ -244,15 +245,20 @@ RENDER = {
     "distill_sweep": lambda name: render_rows(name, "distill_sweep_table"),
     "output": lambda name: render_output(name),
     "pivot": lambda name: render_pivot(name),
+    "console": lambda name: render_output(name, fenced=True),
 }
 
 
-def render_output(name: str) -> str:
-    """A benchmark's saved console output (markdown tables and lines) as it printed it, its
-    sections as sub-headings; its first line (what ran, where, when) is the source line."""
+def render_output(name: str, fenced: bool = False) -> str:
+    """A command's saved console output as it printed it (benchmarks/record.py writes such
+    files): markdown tables and lines, its sections as sub-headings, or with ``fenced`` plain
+    text in a code block; its first line (what ran, where, when) is the source line."""
     lines = (DOCS / name).read_text(encoding="utf-8").splitlines()
     said = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("# ") else ""
-    body = [("###" + line[1:]) if line.startswith("## ") else line for line in lines[1:]]
+    if fenced:
+        body = ["```text", *(lines[1:] if said else lines), "```"]
+    else:
+        body = [("###" + line[1:]) if line.startswith("## ") else line for line in lines[1:]]
     text = f"Rendered at build time from [`{name}`]({_link(name)})"
     text += f": {said}." if said else " (the file says no more about its run)."
     return "\n".join(body).strip() + "\n\n" + text

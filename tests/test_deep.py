@@ -336,6 +336,34 @@ def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tm
     assert read_meta(tmp_path / "dec")["training"]["epochs"] == 10
 
 
+def test_a_deep_default_falls_back_to_the_input_layer_where_the_run_cannot_take_one(
+    chat_dir, tmp_path, capsys, monkeypatch
+):
+    """A kind whose default is a deep prompt trains an input-layer prompt, saying why, where
+    the run places the prompt after a system turn (a deep prefix sits before everything);
+    only an explicit --method prefix is refused there."""
+    from conftest import train_config
+
+    from softprompt.kinds import CAUSAL
+    from softprompt.prompt import SoftPrompt
+    from softprompt.training import train
+
+    monkeypatch.setattr(CAUSAL, "default_method", "prefix")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"item {k}"}, {"role": "assistant", "content": "ok"}]}) + "\n"
+        for k in range(4)))  # fmt: skip
+    cfg = train_config(chat_dir, data, tmp_path / "run", method=None, template=None, epochs=1,
+                       system="Be brief.", prompt_position="after-system")  # fmt: skip
+    run = train(cfg, progress=False)
+    assert type(run.prompt) is SoftPrompt
+    said = capsys.readouterr().err
+    assert "--method prompt (not a deep prompt: a deep prefix sits before everything, but the " \
+           "prompt format puts the prompt at 'after-system')" in said  # fmt: skip
+    plain = train_config(chat_dir, data, tmp_path / "deep", method=None, template=None, epochs=1)
+    assert isinstance(train(plain, progress=False).prompt, DeepPrompt)  # nothing in its way
+
+
 def test_a_decoders_default_epochs_follow_the_data_size():
     """Without --epochs a decoder gets as many passes as reach 160 optimizer steps, at least 3
     and at most 10: a small set more passes than a large one; the other kinds a fixed number."""

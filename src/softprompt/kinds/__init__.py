@@ -64,6 +64,9 @@ class Kind(Protocol):
     def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
         """Refuse, in one line, what this kind cannot train (before anything slow)."""
 
+    def check_deep(self, loaded) -> None:
+        """Refuse, in one line, a deep prompt (--method prefix) this model cannot hold."""
+
     def tokenize(
         self, examples: list[Example], tokenizer, max_tokens: int, task_ids, fmt, delimiter,
         loss_on: str, labels: list[str] | None,

@@ -57,7 +57,11 @@ class Causal:
         return None
 
     def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
-        if getattr(cfg, "method", "prompt") == "prefix" and not support(loaded.model).shared_prefix:
+        if getattr(cfg, "method", "prompt") == "prefix":
+            self.check_deep(loaded)
+
+    def check_deep(self, loaded) -> None:
+        if not support(loaded.model).shared_prefix:
             raise ConfigError(f"--method prefix: {loaded.name} cannot read a prefix from its "
                               "cache exactly (a recurrent or state-space layer, or a head that "
                               "cannot run apart); use --method prompt")  # fmt: skip

@@ -221,6 +221,9 @@ class Classify:
     def labels(self, model: nn.Module) -> list[str] | None:
         return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
+    def check_deep(self, loaded) -> None:
+        pass  # the cache's layout is checked for every kind (prefix.kv_layout)
+
     def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
         refuse_training(cfg, self.name, "learns the data's labels with its head: leave out "
                         "--choices")  # fmt: skip

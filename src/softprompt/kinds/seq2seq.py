@@ -264,6 +264,9 @@ class Seq2Seq:
     def labels(self, model: nn.Module) -> list[str] | None:
         return None
 
+    def check_deep(self, loaded) -> None:
+        pass  # the cache's layout is checked for every kind (prefix.kv_layout)
+
     def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
         refuse_training(cfg, self.name, "learns the whole target: --choice-loss full")
 

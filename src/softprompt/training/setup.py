@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import time
 from pathlib import Path
 
@@ -217,8 +218,8 @@ def start_run(
     output = _prepare_output(cfg, accelerator)
     torch.manual_seed(cfg.seed)
     loaded = _model_for(cfg, accelerator, examples[0] + examples[1], loaded)  # every label
-    cfg, said = _kind_defaults(cfg, loaded)
     data = source.prepare(cfg, *examples, loaded, output, accelerator.device)
+    cfg, said = _kind_defaults(cfg, loaded, data)
     cfg, said = _default_epochs(cfg, loaded, len(data.train_rows), said)
     if said and accelerator.is_main_process:
         say(f"{' and '.join(said)}: the default for {loaded.kind.name} models (give them to "
@@ -279,14 +280,27 @@ def start_run(
     return run
 
 
-def _kind_defaults(cfg: TrainConfig, loaded: LoadedModel) -> tuple[TrainConfig, list[str]]:
+def _kind_defaults(
+    cfg: TrainConfig, loaded: LoadedModel, data: TrainData
+) -> tuple[TrainConfig, list[str]]:
     """``cfg`` with the method left to the model's kind filled in (recorded as used: a resumed
-    run compares it), and what to say about it."""
+    run compares it), and what to say about it. Where the kind's default is a deep prompt
+    but this run cannot take one (the prompt placed inside the text or a chat, a model
+    without an attention cache to hold it), the default is the input-layer prompt, and the
+    run says why; only an explicit ``--method prefix`` is refused there."""
     if cfg.method is not None:
         return cfg, []
     method = "prefix" if cfg.prefix_projection else loaded.kind.default_method
     method = "prompt" if cfg.reparam != "none" else method
-    return dataclasses.replace(cfg, method=method), [f"--method {method}"]
+    said = f"--method {method}"
+    if method == "prefix" and not cfg.prefix_projection:
+        try:
+            _check_deep(dataclasses.replace(cfg, method="prefix"), loaded, data)
+        except ConfigError as why:
+            method = "prompt"
+            why = re.sub(r"^(--)?method prefix: ", "", str(why).split(";")[0])
+            said = f"--method prompt (not a deep prompt: {why})"
+    return dataclasses.replace(cfg, method=method), [said]
 
 
 def _default_epochs(cfg: TrainConfig, loaded: LoadedModel, rows: int,
@@ -308,6 +322,7 @@ def _check_deep(cfg: TrainConfig, loaded: LoadedModel, data: TrainData) -> None:
     if not kind.deep_prompts:
         raise ConfigError(f"--method prefix: {kind.name} models take input-layer prompts only "
                           "for now; use --method prompt")  # fmt: skip
+    kind.check_deep(loaded)
     if data.fmt.position_name != "start":
         raise ConfigError(
             f"--method prefix: a deep prefix sits before everything, but the prompt format puts "

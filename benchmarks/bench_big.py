@@ -133,9 +133,17 @@ def run_quant(spec: dict) -> None:
     data = DataConfig(data=spec["train"], validation=spec["validation"], input_field="text",
                       target_field="label", template=TEMPLATE)  # fmt: skip
     out = Path(spec["out"])
-    cfg = TrainConfig(model=model, data=data, prompt=PromptConfig(num_virtual_tokens=20),
-                      output=str(out), max_steps=spec["steps"], batch_size=8,
-                      choices="negative,positive", overwrite=True)  # fmt: skip
+    cfg = TrainConfig(
+        model=model,
+        data=data,
+        prompt=PromptConfig(num_virtual_tokens=20),
+        output=str(out),
+        max_steps=spec["steps"],
+        batch_size=8,
+        choices="negative,positive",
+        overwrite=True,
+        method="prompt",
+    )  # the method the saved output measured
     loaded = load_model(model)
     result = train(cfg, loaded, progress=False)
     steps = [r["step_s"] for r in map(json.loads, (out / "metrics.jsonl").open())
@@ -159,7 +167,7 @@ def sharded(args, data: Path, tmp: Path) -> None:
     train = ["train", "--model", args.model, "--data", str(data), "--input-field", "text",
              "--target-field", "label", "--template", TEMPLATE, "--max-steps",
              str(args.shard_steps), "--batch-size", "4", "--val-fraction", "0", "--choices",
-             "negative,positive"]  # fmt: skip
+             "negative,positive", "--method", "prompt"]  # fmt: skip
     one = child(["cli", "--", *train, "--output", str(tmp / "one")])[0]["peak_mb"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
                 "--master_port", str(29650 + os.getpid() % 300)]  # fmt: skip

@@ -141,8 +141,11 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     distilled = d.distill(cfg, loaded, progress=False)
     distill_s = time.perf_counter() - started
     started = time.perf_counter()
-    tuned = train(TrainConfig(data=spec["data"], output=str(folder / "tuned"), **common), loaded,
-                  progress=False)  # fmt: skip
+    tuned = train(
+        TrainConfig(data=spec["data"], output=str(folder / "tuned"), method="prompt", **common),
+        loaded,
+        progress=False,
+    )  # an input-layer prompt, as distilled
     tuned_s = time.perf_counter() - started
     teacher = d.teacher_from_config(cfg)
     held = d.read_inputs(str(spec["held_out"]), spec["data"], teacher)

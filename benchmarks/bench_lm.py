@@ -102,6 +102,7 @@ def run_softprompt(args, loaded, train: list[str], dtype: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-lm-sp-"))
     (tmp / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
     cfg = TrainConfig(
+        method="prompt",  # the tutorial recipe's method: the same on both sides
         model=ModelConfig(model=args.model, dtype=dtype),
         data=DataConfig(data=str(tmp / "train.jsonl"), text_field="text"),
         output=str(tmp / "run"),

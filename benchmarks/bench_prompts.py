@@ -59,6 +59,7 @@ def run_one(loaded, task: str, variant: str, seed: int, args) -> dict:
     )
     out = Path(args.runs) / f"{task}-{variant}-s{seed}"
     cfg = TrainConfig(
+        method="prompt",  # the variants change an input-layer prompt (init, ensemble, reparam)
         model=ModelConfig(model=args.model, dtype=args.dtype),
         data=dcfg,
         prompt=PromptConfig(num_virtual_tokens=20, init=init),

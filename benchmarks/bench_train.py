@@ -162,6 +162,7 @@ def run_softprompt(args, loaded, train_rows, val_rows, dtype: str) -> dict:
         output=str(tmp / "run"),
         epochs=args.epochs,
         batch_size=args.batch_size,
+        method="prompt",  # PEFT's recipe is an input-layer prompt: the same method on both sides
     )
     cfg.prompt.num_virtual_tokens = args.virtual_tokens
     if "text" in args.run:  # the PEFT recipe's initialisation

@@ -39,6 +39,7 @@ def run(task: str, dtype: str, seed: int, steps: int, scorer) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"prec-{task}-")) / "run"
     fields = TASKS[task]
     cfg = TrainConfig(
+        method="prompt",  # what section 5 measured
         model=ModelConfig(model=scorer.name, dtype=dtype),
         data=DataConfig(
             data=str(folder / "train.jsonl"), validation=str(folder / "validation.jsonl"), **fields

@@ -313,8 +313,8 @@ def test_chat_and_ensemble_take_deep_prompts(chat_dir, tmp_path):
 
 def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tmp_path, capsys):
     """Without --method and --epochs a classifier trains a deep prompt for 10 epochs at 0.03
-    and a decoder an input-layer prompt at 0.03 for as many epochs as reach 160 steps, 3 to
-    10 (a 9-row set: 10); both are said and recorded as used."""
+    and a decoder a deep prompt at 0.1 for as many epochs as reach 160 steps, 3 to 10 (a 9-row
+    set: 10); both are said and recorded as used."""
     from conftest import train_config
 
     from softprompt.artifacts import read_meta
@@ -329,9 +329,14 @@ def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tm
     assert "--method prefix and 10 epochs (30 steps of 3): the default for classify" in said
     assert "learning rate 0.03: the default for deep prompts on classify models" in said
     dec = train(train_config(tiny_dir, pairs_file, tmp_path / "dec", **bare), progress=False)
-    assert type(dec.prompt) is SoftPrompt and dec.summary["steps"] == 10 * 3
+    assert isinstance(dec.prompt, DeepPrompt) and dec.summary["steps"] == 10 * 3
     said = capsys.readouterr().err
-    assert "--method prompt and 10 epochs (30 steps of 3): the default for causal models" in said
+    assert "--method prefix and 10 epochs (30 steps of 3): the default for causal models" in said
+    assert "learning rate 0.1: the default for deep prompts on causal models" in said
+    shallow = train(train_config(tiny_dir, pairs_file, tmp_path / "dec2", **{**bare,
+                                 "reparam": "residual"}), progress=False)  # fmt: skip
+    assert type(shallow.prompt) is SoftPrompt  # what maps input vectors keeps them
+    assert "learning rate 0.03: the default for causal models" in capsys.readouterr().err
     assert read_meta(tmp_path / "enc")["training"]["method"] == "prefix"
     assert read_meta(tmp_path / "dec")["training"]["epochs"] == 10
 

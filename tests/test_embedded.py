@@ -52,6 +52,8 @@ def test_train_generate_and_peft_on_embedded(gemma, tmp_path, capsys):
             "8",
             "--val-fraction",
             "0.02",
+            "--method",
+            "prompt",  # PEFT's PROMPT_TUNING below (the decoders' default is a deep prompt)
             "--output",
             str(out),
         ]

@@ -93,7 +93,7 @@ def test_int8_prompt_records_it_and_loads_on_the_plain_base(tiny_dir, pairs_file
     args = ["train", "--model", str(tiny_dir), "--data", str(pairs_file), "--input-field",
             "review", "--target-field", "label", "--num-virtual-tokens", "4", "--max-steps",
             "2", "--batch-size", "4", "--lr", "0.3", "--val-fraction", "0", "--quantize",
-            "int8", "--output", str(out)]  # fmt: skip
+            "int8", "--method", "prompt", "--output", str(out)]  # fmt: skip
     assert main(args) == 0
     assert "--quantize int8: 14 linear layers of the decoder stack quantized" in (
         capsys.readouterr().err

@@ -85,8 +85,11 @@ class TrainConfig:
         "{soft_prompt} inside the text, no chat placement) and is served from the cache like "
         "a compiled prompt; decoders, encoder classifiers and encoder-decoders (in the "
         "decoder's self-attention, as PEFT puts it). "
-        "Default: the model kind's, chosen on the public suite: prefix for classifiers, "
-        "prompt for the others (prompt with --reparam residual).",
+        "Default: the model kind's, chosen on the public suite: prefix for decoders and "
+        "classifiers, prompt for encoder-decoders; an input-layer prompt, said, where the run "
+        "cannot take a deep one (a prompt inside the text or a chat, --reparam residual, a "
+        "model without an attention cache). vLLM and SGLang export takes input-layer prompts "
+        "only.",
     )
     prefix_projection: bool = opt(
         False,

@@ -223,6 +223,14 @@ def test_measured_tables_are_rendered_with_their_sources(site):
     assert "5.76x" in speed  # PEFT's wall time over softprompt's, computed from the JSON
     scaling = _text(site / "guides" / "scaling.html")  # a benchmark's saved output, as printed
     assert "Rendered at build time from big/bench-big.txt" in scaling and "0.29x" in scaling
+    # console records (benchmarks/record.py, `make record`): the demos and bench_eval
+    assert "Rendered at build time from runs/demo.txt" in speed
+    assert "at the start: make demo" in speed
+    quick = _text(site / "guides" / "quickstart.html")
+    assert "Rendered at build time from runs/demo.txt" in quick and "tuned   : " in quick
+    chat = _text(site / "guides" / "chat.html")
+    assert "Rendered at build time from runs/demo-chat.txt" in chat and "valid JSON" in chat
+    assert "Rendered at build time from runs/bench-eval.txt" in text
 
 
 def test_distill_guide_renders_its_numbers_or_says_they_are_pending(site):

@@ -71,3 +71,21 @@ def test_python_quickstart_runs(model_dirs, tmp_path, monkeypatch, capsys):
     answers = ast.literal_eval(printed)
     assert isinstance(answers, list) and len(answers) == 1
     assert (tmp_path / "runs" / "sentiment-py" / "adapter_model.safetensors").is_file()
+
+
+def test_readmes_before_and_after_comes_from_the_recorded_demo():
+    """The README (shown on GitHub, not built) quotes the demo's answers: each quoted line is
+    in the demo's saved output that the site renders (docs/runs/demo.txt, `make record`),
+    so a re-recorded demo that answers otherwise fails here instead of leaving a stale quote."""
+    fenced, block, inside = [], [], False
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if inside:
+                fenced.append("\n".join(block))
+            inside, block = not inside, []
+        elif inside:
+            block.append(line)
+    (sample,) = [b for b in fenced if "  tuned   : " in b]
+    recorded = (ROOT / "docs" / "runs" / "demo.txt").read_text(encoding="utf-8").splitlines()
+    quoted = [line for line in sample.splitlines() if line.strip()]
+    assert quoted and all(line in recorded for line in quoted), quoted

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -41,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tables import distill_table  # noqa: E402
+from tables import distill_table, run_facts  # noqa: E402
 
 from softprompt import distill as d  # noqa: E402
 from softprompt.artifacts import load_prompt, trained_choices  # noqa: E402
@@ -200,9 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             tasks.remove(name)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"kind": "run", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "load_average": os.getloadavg()[0], "command": " ".join(sys.argv),
+    header = {"kind": "run", **run_facts(), "command": " ".join(sys.argv),
               **environment()}  # fmt: skip
     rows = []
     with out.open("a", encoding="utf-8") as fh:

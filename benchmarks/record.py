@@ -15,20 +15,19 @@ file (its output is still shown), so a broken run cannot replace a good record.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tables import run_facts  # benchmarks/tables.py (the script's own folder is on the path)
 
 
 def header(command: str) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    bits = [time.strftime("%Y-%m-%d %H:%M"), f"{platform.machine()}, {os.cpu_count()} cores"]
-    if load is not None:
-        bits.append(f"load average {load:.1f} at the start")
+    facts = run_facts()
+    bits = [facts["date"], facts["machine"]]
+    if facts["load_average"] is not None:
+        bits.append(f"load average {facts['load_average']:.1f} at the start")
     return "# " + ", ".join(bits) + f": `{command}`"
 
 

@@ -42,7 +42,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -54,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from tables import pivot_table  # noqa: E402  (benchmarks/tables.py)
+from tables import pivot_file, run_facts  # noqa: E402  (benchmarks/tables.py)
 from tables import suite_table as table  # noqa: E402
 
 from softprompt.config import (  # noqa: E402
@@ -399,12 +398,10 @@ def _value(text: str):
 def pivot(name: str) -> str:
     """``SPECS#NAME``: the pivot table NAME of a JSON file of specs, its files read relative
     to that file, followed by the runs its cells came from."""
-    file, _, key = name.partition("#")
-    specs = json.loads(Path(file).read_text())
-    if key not in specs:
-        raise SystemExit(f"suite: {file} has no table {key!r} (it has: {', '.join(specs)})")
-    folder = Path(file).parent
-    body, used = pivot_table(specs[key], lambda rows: read_jsonl(folder / rows))
+    try:
+        body, used = pivot_file(name, read_jsonl)
+    except KeyError as missing:
+        raise SystemExit(f"suite: {missing.args[0]}") from None
     runs = [
         f"- {rows}: {(run or {}).get('date')} `{(run or {}).get('command')}`" for rows, run in used
     ]
@@ -466,9 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = {"kind": "run", "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "load_average": os.getloadavg()[0], "command": " ".join(sys.argv),
+    header = {"kind": "run", **run_facts(), "model": args.model, "command": " ".join(sys.argv),
               **environment()}  # fmt: skip
     with out.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(header) + "\n")

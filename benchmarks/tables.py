@@ -4,7 +4,19 @@ imported: `suite.py --table`, `bench_prompts.py --table` and the documentation's
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
+import time
+from pathlib import Path
+
+
+def run_facts() -> dict:
+    """When and where a benchmark runs, for its saved header: date, machine, load average."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "load_average": load}
 
 
 def cell(values: list[float], fmt: str) -> str:
@@ -284,3 +296,16 @@ def pivot_table(spec: dict, load) -> tuple[str, list[tuple[str, dict | None]]]:
     out += ["| " + " | ".join(row) + " |" for row in body]
     by_date = sorted(used.values(), key=lambda u: ((u[1] or {}).get("date") or "", u[0]))
     return "\n".join(out), by_date
+
+
+def pivot_file(name: str, read) -> tuple[str, list[tuple[str, dict | None]]]:
+    """``SPECS#NAME``: the pivot table NAME of a JSON file of specs, whose files are named
+    relative to it and read with ``read(path)``; the table and the (file, run header) pairs
+    used, each file as a path beside the spec file."""
+    file, _, key = name.partition("#")
+    specs = json.loads(Path(file).read_text())
+    if key not in specs:
+        raise KeyError(f"{file} has no table {key!r} (it has: {', '.join(specs)})")
+    folder = Path(file).parent
+    body, used = pivot_table(specs[key], lambda rows: read(folder / rows))
+    return body, [((folder / rows).as_posix(), run) for rows, run in used]

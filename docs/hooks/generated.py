@@ -268,12 +268,10 @@ def render_pivot(name: str) -> str:
     """A table of suite rows from several runs, as ``FILE#TABLE`` of a JSON file of specs
     describes it (benchmarks/tables.py's pivot_table), then every run its cells came from."""
     file, _, table = name.partition("#")
-    spec = json.loads((DOCS / file).read_text())[table]
-    folder = Path(file).parent  # the spec names its files relative to itself
-    body, used = _tables().pivot_table(spec, lambda rows: read_rows(DOCS / folder / rows))
+    body, used = _tables().pivot_file(str(DOCS / name), read_rows)
     said = []
     for rows, run in used:
-        rows, run = (folder / rows).as_posix(), run or {}
+        rows, run = Path(rows).relative_to(DOCS).as_posix(), run or {}
         bits = [run.get("date"), run.get("machine"), run.get("model")]
         line = f"[`{rows}`]({_link(rows)})" + "".join(f", {b}" for b in bits if b)
         if run.get("command"):

@@ -226,7 +226,7 @@ def start_run(
             "change)")  # fmt: skip
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.method == "prefix":
-        _check_deep(cfg, loaded, data)
+        _check_deep(loaded, data)
         small = [p.embedding for p in starts]
         starts = [deepen(loaded.model, p) for p in starts]  # step 0: the prompt's own keys
         layers, heads, dim = starts[0].layout
@@ -295,7 +295,7 @@ def _kind_defaults(
     said = f"--method {method}"
     if method == "prefix" and not cfg.prefix_projection:
         try:
-            _check_deep(dataclasses.replace(cfg, method="prefix"), loaded, data)
+            _check_deep(loaded, data)
         except ConfigError as why:
             method = "prompt"
             why = re.sub(r"^(--)?method prefix: ", "", str(why).split(";")[0])
@@ -316,7 +316,7 @@ def _default_epochs(cfg: TrainConfig, loaded: LoadedModel, rows: int,
     return cfg, said
 
 
-def _check_deep(cfg: TrainConfig, loaded: LoadedModel, data: TrainData) -> None:
+def _check_deep(loaded: LoadedModel, data: TrainData) -> None:
     """Refuse, in one line each, what a deep prefix cannot do here."""
     kind = loaded.kind
     if not kind.deep_prompts:

@@ -31,17 +31,30 @@ test: $(VENV)/.installed
 docs: $(VENV)/.installed
 	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-# the console records the documentation renders (docs/runs/*.txt, and the demo's loss curve):
-# run on an idle machine (about 25 minutes on 2 cores), then `make docs`; each file's first
-# line says when and where it ran. bench_lm leaves out its bf16 variant here (the CPU only
-# emulates bf16: add it with LM_VARIANTS=recipe,softprompt,softprompt-bf16 where bf16 is native).
+# the records the documentation renders (docs/runs/*, the demo's loss curve, the choice-loss
+# sweep): run on an idle machine (about RECORD_MINUTES minutes on 2 cores), then `make docs`; each
+# file's first line says when and where it ran. bench_lm and bench_train leave out their bf16
+# variants here (the CPU only emulates bf16: add them with LM_VARIANTS=recipe,softprompt,softprompt-bf16
+# and TRAIN_VARIANTS=peft,softprompt,softprompt-choices,softprompt-bf16 where bf16 is native;
+# benchmarks/precision.py and precision_accuracy.py, which measure bf16 itself, are not
+# recorded here: emulated, a bf16 step takes many minutes).
 LM_VARIANTS ?= recipe,softprompt
+TRAIN_VARIANTS ?= peft,softprompt,softprompt-choices
 record: $(VENV)/.installed
 	$(PY) benchmarks/record.py docs/runs/demo.txt --label "make demo" -- env PATH="$(VENV)/bin:$$PATH" bash examples/demo.sh
 	cp runs/demo-sentiment/loss.png docs/images/demo-loss.png
 	$(PY) benchmarks/record.py docs/runs/demo-chat.txt --label "make demo-chat" -- env PATH="$(VENV)/bin:$$PATH" bash examples/demo-chat.sh
 	$(PY) benchmarks/record.py docs/runs/bench-eval.txt -- $(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/record.py docs/runs/bench-lm.txt -- $(PY) benchmarks/bench_lm.py --variants $(LM_VARIANTS)
+	$(PY) benchmarks/record.py docs/runs/bench-train.txt -- $(PY) benchmarks/bench_train.py --variants $(TRAIN_VARIANTS) --json docs/runs/bench-train.json
+	$(PY) benchmarks/record.py docs/runs/profile-step.txt -- $(PY) benchmarks/profile_step.py
+	$(PY) benchmarks/record.py docs/runs/compile.txt -- $(PY) benchmarks/compile.py
+	$(PY) benchmarks/record.py docs/runs/bench-generate.txt -- $(PY) benchmarks/bench_generate.py --repeats 7
+	$(PY) benchmarks/record.py docs/runs/bench-serve.txt -- $(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/record.py docs/runs/bench-chat.txt -- $(PY) benchmarks/bench_chat.py
+	$(PY) benchmarks/record.py docs/runs/bench-classify.txt -- $(PY) benchmarks/bench_classify.py --epochs 10
+	$(PY) benchmarks/record.py docs/runs/sweep-choice-loss.txt --label "softprompt sweep (docs/measurements.md, section 1)" -- $(VENV)/bin/softprompt sweep --data examples/sentiment/train.jsonl --validation examples/sentiment/validation.jsonl --test examples/sentiment/test.jsonl --input-field review --target-field label --template 'Review: {input}\nSentiment:' --choices negative,positive --choice-losses restricted,full,restricted+rest --methods prompt --lrs 3e-2 --inits vocab --lengths 20 --steps 32 --seeds 0,1,2 --output runs/sweep-choice-loss --overwrite
+	mkdir -p docs/sweep-choice-loss && cp runs/sweep-choice-loss/sweep.jsonl docs/sweep-choice-loss/
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m "not slow"

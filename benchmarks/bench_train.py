@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 from levers import DATA, read  # benchmarks/levers.py (this folder is the script's path)
+from tables import run_facts  # benchmarks/tables.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "Review: {input}\nSentiment:"
@@ -359,7 +360,7 @@ def report(args) -> None:
     peaks = _peaks()
     print("matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()),
           flush=True)  # fmt: skip
-    results = {"peaks_gflops": peaks, "config": vars(args)}
+    results = {"peaks_gflops": peaks, "config": vars(args), "run": run_facts()}
     if not args.skip_levers:
         results["levers"] = child(args, ["--levers"])
     if not (args.quick or args.skip_cold_start):

@@ -82,6 +82,12 @@ def run_levers(args) -> None:
         ("all three fp32 levers", bucketed, {}, False),
         ("all three + bf16 weights", bucketed, {}, True),
     ]
+    from softprompt.loading import resolve_dtype
+
+    if resolve_dtype("auto") != "bfloat16":  # emulated bf16 runs a step for many minutes
+        print("  bf16 levers skipped: this CPU only emulates bfloat16 (--dtype auto picks "
+              "float32 here)", flush=True)  # fmt: skip
+        configs = [c for c in configs if not c[3]]
     results = []
     for name, batches, kw, bf16 in configs:
         model.to(torch.bfloat16 if bf16 else torch.float32)

@@ -8,8 +8,9 @@ instead of anyone typing them.
 
 The first line of the file is ``# DATE, MACHINE, load average L at the start: `COMMAND` ``;
 the rest is the command's standard output (and standard error, interleaved, with
-``--stderr``) as it printed it, also echoed while it runs. A command that fails leaves no
-file (its output is still shown), so a broken run cannot replace a good record.
+``--stderr``) as it printed it (only its last N lines with ``--tail N``), also echoed while
+it runs. A command that fails leaves no file (its output is still shown), so a broken run
+cannot replace a good record.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def header(command: str) -> str:
     return "# " + ", ".join(bits) + f": `{command}`"
 
 
-def record(path: Path, command: list[str], stderr: bool = False, label: str | None = None) -> int:
+def record(
+    path: Path,
+    command: list[str],
+    stderr: bool = False,
+    label: str | None = None,
+    tail: int | None = None,
+) -> int:
     head = header(label or shlex.join(command))
     proc = subprocess.Popen(
         command,
@@ -49,7 +56,10 @@ def record(path: Path, command: list[str], stderr: bool = False, label: str | No
         print(f"record: {shlex.join(command)} failed ({code}); {path} not written", file=sys.stderr)
         return code
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + "\n" + "".join(lines), encoding="utf-8")
+    kept = lines[-tail:] if tail else lines
+    if len(kept) < len(lines):
+        head += f" (its last {len(kept)} of {len(lines)} lines)"
+    path.write_text(head + "\n" + "".join(kept), encoding="utf-8")
     print(f"record: wrote {path}", file=sys.stderr)
     return 0
 
@@ -63,12 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--label", default=None, help="the command as the header shows it (e.g. 'make demo')"
     )
+    parser.add_argument(
+        "--tail", type=int, default=None, help="keep only the output's last N lines (a summary)"
+    )
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv or argv.index("--") == len(argv) - 1:
         parser.error("give the command after --")
     cut = argv.index("--")
     args = parser.parse_args(argv[:cut])
-    return record(args.output, argv[cut + 1 :], args.stderr, args.label)
+    return record(args.output, argv[cut + 1 :], args.stderr, args.label, args.tail)
 
 
 if __name__ == "__main__":

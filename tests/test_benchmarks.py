@@ -262,3 +262,9 @@ def test_record_saves_a_commands_output_under_what_ran_and_when(tmp_path):
                            sys.executable, "-c", "raise SystemExit(3)"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 3 and not bad.exists() and "not written" in proc.stderr
+    short = tmp_path / "short.txt"  # --tail N keeps a long run's summary, and says so
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "record.py"), str(short), "--tail",
+                    "2", "--", sys.executable, "-c", "for i in range(5): print(i)"],
+                   check=True, capture_output=True, text=True, timeout=60)  # fmt: skip
+    head, *body = short.read_text().splitlines()
+    assert body == ["3", "4"] and head.endswith("(its last 2 of 5 lines)")

@@ -106,8 +106,10 @@ def render_train(name: str) -> str:
         for k, v in cfg.items()
         if k in ("variants", "epochs", "batch_size") or (k.startswith("skip") and v)
     )
-    date = re.search(r"\d{4}-\d{2}-\d{2}", name)  # the JSON holds none; its name may
-    run = {"date": f"{date.group(0)} (from the file's name)" if date else None}
+    run = dict(results.get("run") or {})  # date, machine and load since 2026-12-03
+    if not run.get("date"):  # older files hold none; their name may
+        date = re.search(r"\d{4}-\d{2}-\d{2}", name)
+        run["date"] = f"{date.group(0)} (from the file's name)" if date else None
     run["command"] = f"benchmarks/bench_train.py {flags}"
     return "\n".join(lines) + "\n\n" + _source(name, [run])
 
@@ -258,7 +260,11 @@ def render_output(name: str, fenced: bool = False) -> str:
     if fenced:
         body = ["```text", *(lines[1:] if said else lines), "```"]
     else:
-        body = [("###" + line[1:]) if line.startswith("## ") else line for line in lines[1:]]
+        body = []
+        for line in lines[1:] if said else lines:
+            if line.startswith("|") and body and body[-1].strip() and not body[-1].startswith("|"):
+                body.append("")  # a table needs a blank line before it to be one
+            body.append(("###" + line[1:]) if line.startswith("## ") else line)
     text = f"Rendered at build time from [`{name}`]({_link(name)})"
     text += f": {said}." if said else " (the file says no more about its run)."
     return "\n".join(body).strip() + "\n\n" + text

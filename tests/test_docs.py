@@ -243,6 +243,8 @@ def test_measured_tables_are_rendered_with_their_sources(site):
     kinds = _text(site / "guides" / "model-kinds.html")  # a markdown table, rendered as one
     assert "Rendered at build time from runs/bench-classify.txt" in kinds
     assert "| deep prompt + head |" not in kinds and "deep prompt + head" in kinds
+    dev = _text(site / "guides" / "development.html")  # make test's closing line, recorded
+    assert "Rendered at build time from runs/make-test.txt" in dev and " passed" in dev
     # every figure is rendered from a saved run but one table, which this host cannot re-run
     typed = {page.relative_to(site).as_posix(): _text(page).lower().count("typed by hand")
              for page in site.rglob("*.html")}  # fmt: skip

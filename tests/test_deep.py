@@ -331,7 +331,8 @@ def test_each_kind_fills_in_its_own_defaults(kind_dirs, tiny_dir, pairs_file, tm
     dec = train(train_config(tiny_dir, pairs_file, tmp_path / "dec", **bare), progress=False)
     assert isinstance(dec.prompt, DeepPrompt) and dec.summary["steps"] == 10 * 3
     said = capsys.readouterr().err
-    assert "--method prefix and 10 epochs (30 steps of 3): the default for causal models" in said
+    assert ("--method prefix and 10 epochs (30 steps of 3): the default for causal models "
+            "(--method or --epochs to change)") in said  # fmt: skip
     assert "learning rate 0.1: the default for deep prompts on causal models" in said
     shallow = train(train_config(tiny_dir, pairs_file, tmp_path / "dec2", **{**bare,
                                  "reparam": "residual"}), progress=False)  # fmt: skip

@@ -222,8 +222,10 @@ def start_run(
     cfg, said = _kind_defaults(cfg, loaded, data)
     cfg, said = _default_epochs(cfg, loaded, len(data.train_rows), said)
     if said and accelerator.is_main_process:
-        say(f"{' and '.join(said)}: the default for {loaded.kind.name} models (give them to "
-            "change)")  # fmt: skip
+        flags = [flag for flag, word in (("--method", "--method"), ("--epochs", " epochs"))
+                 if any(word in bit for bit in said)]  # fmt: skip
+        say(f"{' and '.join(said)}: the default for {loaded.kind.name} models "
+            f"({' or '.join(flags)} to change)")  # fmt: skip
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.method == "prefix":
         _check_deep(loaded, data)

@@ -32,7 +32,7 @@ docs: $(VENV)/.installed
 	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # the records the documentation renders (docs/runs/*, the demo's loss curve, the choice-loss
-# sweep): run on an idle machine (about RECORD_MINUTES minutes on 2 cores), then `make docs`; each
+# sweep): run on an idle machine (about 90 minutes on 2 cores: the sum of its parts, each recorded alone on 2026-12-03), then `make docs`; each
 # file's first line says when and where it ran. bench_lm and bench_train leave out their bf16
 # variants here (the CPU only emulates bf16: add them with LM_VARIANTS=recipe,softprompt,softprompt-bf16
 # and TRAIN_VARIANTS=peft,softprompt,softprompt-choices,softprompt-bf16 where bf16 is native;

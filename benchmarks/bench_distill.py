@@ -28,6 +28,7 @@ time to first token is a timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -64,6 +65,7 @@ SYSTEM = (
     "of battery, screen, delivery, price, support and S is positive or negative."
 )
 TEMPLATE = "Review: {input}\nSentiment:"
+DISTILLED = {"prompt": "distilled", "prefix": "distilled (deep)"}  # the rows' names
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -135,9 +137,13 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     cfg = DistillConfig(data=spec["data"], output=str(folder / "distilled"),
                         teacher_max_new_tokens=spec["new_tokens"], agreement_inputs=0,
                         **spec["teacher"], **common)  # fmt: skip
-    started = time.perf_counter()
-    distilled = d.distill(cfg, loaded, progress=False)
-    distill_s = time.perf_counter() - started
+    distilled = {}  # method -> (result, seconds)
+    for method in args.methods.split(","):
+        started = time.perf_counter()
+        out = str(folder / f"distilled-{method}")
+        result = d.distill(dataclasses.replace(cfg, method=method, output=out), loaded,
+                           progress=False)  # fmt: skip
+        distilled[method] = result, time.perf_counter() - started
     started = time.perf_counter()
     tuned = train(
         TrainConfig(data=spec["data"], output=str(folder / "tuned"), method="prompt", **common),
@@ -155,15 +161,18 @@ def run_task(args, name: str, seed: int) -> list[dict]:
     variants = [  # the tuned prompt answers as `generate` answers for it (with its labels)
         ("bare model", None, None, None),
         ("tuned on labels", tuned_prompt, tuned_s, trained_choices(tuned_meta)),
-        ("distilled", load_prompt(folder / "distilled", loaded.model)[0], distill_s, None),
+    ] + [
+        (DISTILLED[method], load_prompt(result.output, loaded.model)[0], seconds, None)
+        for method, (result, seconds) in distilled.items()
     ]
     for label, prompt, seconds, labels in variants:
         report = d.agreement(loaded, prompt, fmt, teacher, held, gen, 8, cfg.teacher_top_k, side,
                              labels)  # fmt: skip
         report.pop("answers")
+        run = next((r for m, (r, _) in distilled.items() if DISTILLED[m] == label), tuned)
         rows.append({"task": name, "seed": seed, "variant": label, "train_s": seconds,
-                     "steps": (distilled if label == "distilled" else tuned).summary["steps"]
-                     if prompt is not None else 0, **report})  # fmt: skip
+                     "steps": run.summary["steps"] if prompt is not None else 0,
+                     **report})  # fmt: skip
         print(f"bench_distill {name} seed {seed} {label}: {d.describe(report)}", flush=True)
     return rows
 
@@ -176,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--inputs", type=int, default=128, help="distillation inputs")
     parser.add_argument("--held-out", type=int, default=100, help="held-out inputs")
+    parser.add_argument("--methods", default="prompt,prefix",
+                        help="distilled prompts, comma-separated: prompt (input layer), prefix "
+                        "(deep: every layer)")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=20, help="virtual tokens")
     parser.add_argument("--steps", type=int, default=None, help="steps (default: 3 epochs)")
     parser.add_argument("--lr", type=float, default=None, help="both prompts' (default: distill's)")
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = [json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]
         print(distill_table([r for r in rows if r.get("kind") != "run"]))
         return
+    if set(args.methods.split(",")) - set(DISTILLED) or not args.methods:
+        parser.error(f"--methods takes {', '.join(DISTILLED)}, comma-separated")
     if args.quick:
         args.inputs, args.held_out, args.steps, args.tokens = 16, 4, 2, 4
     tasks = [t for t in args.tasks.split(",") if t]

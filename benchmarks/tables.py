@@ -130,8 +130,9 @@ def distill_table(rows: list[dict]) -> str:
                 f"{mine[0]['inputs']} held-out inputs)",
                 "| variant | task metric | answers = teacher | tokens = teacher | KL / token "
                 "| prefill tokens | first token ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        first = [r for r in mine if r["variant"] == "distilled"]
-        t_metric = [r.get("teacher_metric", float("nan")) for r in first]
+        first = [r for r in mine if r["variant"].startswith("distilled")]
+        t_metric = [r.get("teacher_metric", float("nan")) for r in first if r["variant"] ==
+                    first[0]["variant"]]  # fmt: skip
         t_pre = statistics.mean(r["teacher_prefill_tokens"] for r in first)
         t_ms = statistics.mean(r["teacher_first_token_ms"] for r in first)
         out.append(f"| teacher (long prompt) | {mean_sd(t_metric)} | 1 | 1 | 0 | {t_pre:.0f} | "
@@ -145,14 +146,15 @@ def distill_table(rows: list[dict]) -> str:
                 f"{statistics.mean(r['student_prefill_tokens'] for r in rs):.0f} | "
                 f"{statistics.mean(r['student_first_token_ms'] for r in rs):.0f} |"
             )
-        dist = first
-        if dist:
+        out.append("")
+        for variant in dict.fromkeys(r["variant"] for r in first):
+            dist = [r for r in first if r["variant"] == variant]
             pre = statistics.mean(r["prefill_ratio"] for r in dist)
             ttft = statistics.mean(r["first_token_speedup"] for r in dist)
             agree = statistics.mean(r["answer_match"] for r in dist)
             lost = statistics.mean(r.get("teacher_metric", 0) - r.get("student_metric", 0)
                                    for r in dist)  # fmt: skip
-            out.append(f"\ndistilled vs teacher: answers agree {agree:.1%} (target >= 90%), "
+            out.append(f"{variant} vs teacher: answers agree {agree:.1%} (target >= 90%), "
                        f"metric {-lost * 100:+.1f} points (target >= -1), prefill {pre:.1f}x "
                        f"fewer tokens (target >= 10x), first token {ttft:.1f}x faster "
                        "(target >= 3x)")  # fmt: skip

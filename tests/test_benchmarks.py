@@ -268,3 +268,21 @@ def test_record_saves_a_commands_output_under_what_ran_and_when(tmp_path):
                    check=True, capture_output=True, text=True, timeout=60)  # fmt: skip
     head, *body = short.read_text().splitlines()
     assert body == ["3", "4"] and head.endswith("(its last 2 of 5 lines)")
+
+
+def test_bench_distill_quick_runs(tiny_dir, tmp_path):
+    root = _suite_data(tmp_path / "data")
+    out = tmp_path / "distill.jsonl"
+    text = _run("bench_distill.py", "--quick", "--model", str(tiny_dir), "--data-root",
+                str(root), "--tasks", "cr,trec", "--json", str(out))  # fmt: skip
+    assert "bench_distill: skipping trec: no " in text
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["kind"] == "run"
+    variants = ["bare model", "tuned on labels", "distilled", "distilled (deep)"]
+    assert [(r["task"], r["variant"]) for r in rows[1:]] == [("cr", v) for v in variants]
+    assert [r["steps"] for r in rows[1:]] == [0, 2, 2, 2]
+    assert all(0 <= r["answer_match"] <= 1 for r in rows[1:])
+    for variant in ("distilled", "distilled (deep)"):  # each compared with the teacher
+        assert f"\n{variant} vs teacher: answers agree " in text
+    again = _run("bench_distill.py", "--table", str(out))
+    assert "| distilled (deep) |" in again and "| teacher (long prompt) |" in again

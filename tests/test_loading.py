@@ -62,6 +62,45 @@ def test_cache_root_honours_environment(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "softprompt"
 
 
+FILL = """
+import sys, time
+from pathlib import Path
+from softprompt.loading import _filling, _fresh_tmp, _publish
+folder = Path(sys.argv[1])
+(folder.parent / f"arrived-{sys.argv[2]}").write_text("")
+with _filling(folder) as done:
+    if not done:
+        tmp = _fresh_tmp(folder)
+        tmp.mkdir()
+        (tmp / "weights").write_text("converted")
+        deadline = time.monotonic() + 60
+        while len(list(folder.parent.glob("arrived-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the other process is about to wait for this one
+        time.sleep(1.0)
+        _publish(tmp, folder, "test")
+print("reused" if done else "filled")
+"""
+
+
+def test_processes_that_start_together_fill_a_cache_entry_once(tmp_path):
+    """Two first uses at once: one fills the entry, the other waits and reuses it (before,
+    the second converted again and removed the folder the first was reading)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "models" / "entry"
+    folder.parent.mkdir(parents=True)
+    (folder).mkdir()  # a crashed fill's leftover (no .complete): replaced
+    (folder / "half").write_text("")
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", FILL, str(folder), str(i)], **pipes)
+             for i in range(2)]  # fmt: skip
+    said = sorted(p.communicate(timeout=180) for p in procs)
+    assert [out.split()[-1] for out, _ in said] == ["filled", "reused"]
+    assert sorted(x.name for x in folder.iterdir()) == [".complete", "weights"]
+    assert sorted(x.name for x in folder.parent.glob("entry*")) == ["entry", "entry.lock"]
+
+
 def test_dtype_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch):
     from softprompt import loading
 

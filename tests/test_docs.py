@@ -265,3 +265,42 @@ def test_python_reference_documents_every_export(site):
     html = (site / "reference" / "python.html").read_text(encoding="utf-8")
     for name in softprompt.__all__:
         assert re.search(rf'id="softprompt\.[\w.]*\b{name}"', html), name
+
+
+def _hook():
+    spec = importlib.util.spec_from_file_location("docs_hook", DOCS / "hooks" / "generated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prose_quotes_only_figures_its_records_hold(tmp_path, monkeypatch):
+    """A figure restated in prose must be in a record the page renders: when a record is
+    re-run and its numbers change, the build fails on the sentences that quote the old ones."""
+    hook = _hook()
+    record = tmp_path / "run.txt"
+    record.write_text("# 2026-12-03, x86_64: `python bench.py`\nratio = 1.45x, peak 2733 MB\n"
+                      "accuracy 0.905 and 0.870\n")  # fmt: skip
+    monkeypatch.setattr(hook, "DOCS", tmp_path)
+    page = (
+        "# Page\n\n<!-- generated: output run.txt -->\n\nEach process peaked at 1.45x (2733 "
+        "MB); 0.905 is 3.5 points ahead (target 0.6x).\n\n```\nnot prose: 9.99\n```\n"
+        "<!-- hand-typed: begin -->\nan old host: 4.20 s\n<!-- hand-typed: end -->\n"
+    )
+
+    class Page:
+        class file:
+            src_uri = "guides/page.md"
+
+    assert "| " not in hook.on_page_markdown(page, Page, None, None)  # it renders, no error
+    record.write_text(record.read_text().replace("1.45x", "1.38x"))  # the record is re-run
+    with pytest.raises(ValueError, match=r"(?s)1 figure.*line 5: '1.45' in: Each process"):
+        hook.on_page_markdown(page, Page, None, None)
+    stale = hook.unrendered_figures("typed 12.5 s and 7 % here, Python 3.10.1 on 127.0.0.1", "")
+    assert [fig for _, fig, _ in stale] == ["12.5", "7"]
+
+
+def test_one_block_of_the_site_is_typed_by_hand():
+    blocks = {p.relative_to(DOCS).as_posix(): p.read_text().count("<!-- hand-typed: begin -->")
+              for p in DOCS.rglob("*.md")}  # fmt: skip
+    assert {page: n for page, n in blocks.items() if n} == {"measurements.md": 1}

@@ -297,13 +297,91 @@ def render_rows(name: str, table: str) -> str:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    """Replace every ``<!-- generated: KIND [FILE] -->`` line of a page with its table."""
+    """Replace every ``<!-- generated: KIND [FILE] -->`` line of a page with its table, after
+    checking that the page's prose quotes no figure its records do not hold."""
     root = "../" * page.file.src_uri.count("/")
+
+    blocks = []
 
     def replace(match: re.Match) -> str:
         kind, name = match.group(1), match.group(2)
         if kind not in RENDER:
             raise ValueError(f"{page.file.src_uri}: unknown generated block {kind!r}")
-        return RENDER[kind](name).replace("{root}", root)
+        blocks.append(RENDER[kind](name).replace("{root}", root))
+        return blocks[-1]
 
-    return MARK.sub(replace, markdown)
+    out = MARK.sub(replace, markdown)
+    if page.file.src_uri not in RECORDS:  # a tool's own output file is a record itself
+        stale = unrendered_figures(markdown, "\n".join(blocks))
+        if stale:
+            shown = "\n".join(f"  line {n}: {fig!r} in: {line.strip()[:90]}" for n, fig, line
+                               in stale[:12])  # fmt: skip
+            raise ValueError(
+                f"{page.file.src_uri}: {len(stale)} figure(s) in the prose are in none of the "
+                f"page's rendered records (a record was re-run, or a figure was typed): quote "
+                f"the record's figure, render it, or drop it\n{shown}"
+            )
+    return out
+
+
+# --- figures in prose: only those the page's records hold --------------------------------------
+
+# Pages that are a tool's output (its records): compare's report, sweep's ranking, the
+# architecture matrix (tests/matrix.py --write-docs).
+RECORDS = {"compare-sentiment/report.md", "sweep-antonyms/sweep.md",
+           "sweep-sentiment/sweep.md", "architectures.md"}  # fmt: skip
+# A measured figure: a decimal, or a number with a unit of time, memory, share or ratio.
+FIGURE = re.compile(
+    r"(?<![\w.\-])(\d[\d,]*\.\d+(?![.\d])|\d[\d,]*(?=x\b| ?(?:%|s\b|ms\b|MB\b|GB\b)))"
+)  # (not a version or an address: 3.10.1, 127.0.0.1)
+# Words just before a figure that make it a setting, a target, a version or an address,
+# not a measurement.
+NOT_MEASURED = re.compile(
+    r"(target|lr|rate|rates|temperature|between 0 and|python|peft|llama|transformers|torch"
+    r"|version|limit|--[\w-]+|=|\d\.|at most|at least|up to|<=|>=|≥|≤)"
+    r"(?:\W+(?:of|is|was|at|a))?\W{0,3}$",
+    re.I,
+)
+HAND_TYPED = re.compile(r"<!-- hand-typed: begin -->.*?<!-- hand-typed: end -->", re.S)
+
+
+def unrendered_figures(markdown: str, rendered: str) -> list[tuple[int, str, str]]:
+    """(line, figure, text) of each measured figure in the page's prose (outside code,
+    tables, headings, generated blocks and the one labelled hand-typed block) that no
+    number of ``rendered`` (the page's records as rendered) equals, to the figure's
+    precision (a share may be quoted as a percentage of a fraction)."""
+    numbers = set()
+    for token in re.findall(r"\d[\d,]*(?:\.\d+)?(?:e-?\d+)?", rendered):
+        try:
+            numbers.add(float(token.replace(",", "")))
+        except ValueError:
+            continue
+    blank = HAND_TYPED.sub(lambda m: "\n" * m.group(0).count("\n"), markdown)
+    found, fenced = [], False
+    for n, line in enumerate(blank.splitlines(), 1):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        if fenced or line.startswith(("#", "|", "    ")) or MARK.match(line):
+            continue
+        prose = re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|https?://\S+", " ", line)
+        for m in FIGURE.finditer(prose):
+            if NOT_MEASURED.search(prose[max(0, m.start() - 28) : m.start()]):
+                continue
+            if not _held(m.group(1), numbers, prose):
+                found.append((n, m.group(1), line))
+    return found
+
+
+def _held(figure: str, numbers: set[float], line: str) -> bool:
+    """Whether a record holds the figure: one of its numbers, or (a figure quoted in points
+    or as a gap: "+3.5", "12.5 points behind") the difference of two, in points."""
+    text = figure.replace(",", "")
+    places = len(text.split(".")[1]) if "." in text else 0
+    value = float(text)
+    if any(round(x, places) == value or round(x * 100, places) == value for x in numbers):
+        return True
+    if not re.search(rf"[+-]{re.escape(figure)}\b|{re.escape(figure)} points", line):
+        return False
+    fractions = sorted(x for x in numbers if x <= 1)
+    return any(round(abs(a - b) * 100, places) == value for a in fractions for b in fractions)

@@ -202,3 +202,45 @@ def test_sigkill_then_resume_ends_with_the_same_prompt(tiny_dir, pairs_file, tmp
     final = load_file(str(cut / "adapter_model.safetensors"))["prompt_embeddings"]
     expected = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))["prompt_embeddings"]
     torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_layers_are_gathered_only_while_they_run(tiny_dir, tmp_path, monkeypatch):
+    """Each decoder layer is its own FSDP root; FSDP keeps a root's gathered weights after
+    forward unless told, which would leave every process holding every layer whole after
+    the first step. After a forward (and a backward) each layer holds its shard again."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from softprompt.loading import decoder_layers, load_model
+    from softprompt.training import parallel
+    from softprompt.training.parallel import shard_layers
+
+    told = []  # glibc's setting is the process's: asked for here, tested in its own process
+    monkeypatch.setattr(parallel, "return_freed_memory", lambda: told.append(1))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        model = load_model(model=str(tiny_dir)).model
+        shard_layers(model, SimpleNamespace(num_processes=1, device=torch.device("cpu")))
+        embeds = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).requires_grad_(True)
+        model.model(inputs_embeds=embeds).last_hidden_state.sum().backward()
+        layers = decoder_layers(model)
+        assert all(isinstance(p, DTensor) for layer in layers for p in layer.parameters())
+        with torch.no_grad():
+            model.model(inputs_embeds=embeds)
+        assert all(isinstance(p, DTensor) for layer in layers for p in layer.parameters())
+        assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+        assert told == [1]  # on a CPU, freed layer buffers go back to the system
+    finally:
+        dist.destroy_process_group()
+
+
+def test_freed_memory_goes_back_to_the_system_on_glibc():
+    code = ("import platform; from softprompt.training.parallel import return_freed_memory; "
+            "print(return_freed_memory(), platform.libc_ver()[0])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), timeout=120, check=True).stdout.split()  # fmt: skip
+    assert out[0] == ("True" if out[1:] == ["glibc"] else "False")

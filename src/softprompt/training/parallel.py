@@ -98,12 +98,45 @@ def shard_layers(model, accelerator: Accelerator) -> None:
     world = accelerator.num_processes
     layers = decoder_layers(model)
     mesh = init_device_mesh(accelerator.device.type, (world,))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
+    for layer in layers:  # each layer is its own FSDP root (no wrapper above it), and FSDP
+        # keeps a root's gathered weights after forward unless told: every layer would stay
+        # whole on every process from the first step on
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    if accelerator.device.type == "cpu":
+        return_freed_memory()
     whole = sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for layer in layers for p in layer.parameters()
     )
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(
+        getattr(config, "get_text_config", lambda: None)(), "tie_word_embeddings", False
+    )
+    if head is not None and tied and head.weight is not model.get_input_embeddings().weight:
+        whole -= head.weight.numel()  # not tied yet (sharded loading ties it once read): once
     say(
         f"sharded {len(layers)} decoder layers across {world} processes (FSDP2); "
         f"{whole / 1e6:.0f}M parameters (embeddings, norm, head) stay whole on each"
     )
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks back to the system (``mallopt``: blocks of 1 MiB
+    and more are mapped on their own and unmapped when freed). By default glibc raises that
+    threshold to 32 MiB as blocks are freed, so a layer's gathered weights, freed after the
+    layer runs, stay in the process's heap and its resident memory grows with every layer
+    gathered. Sharded training is about memory, so it pays the extra page faults. Returns
+    False where there is no glibc (macOS, musl): nothing changes there."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20))

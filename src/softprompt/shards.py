@@ -48,11 +48,14 @@ def sharded_model(folder: Path, config, auto_class, dtype: torch.dtype,
     buffers = dict(model.named_buffers())
     read = total = 0  # values of the sharded parameters: read here, in the files
     for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f, torch.no_grad():
-            for key in f.keys():
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:  # the file mapped once per weight: the pages this process read
+            # of it leave its resident memory when it is closed, not at the end of the file
+            with safe_open(str(file), framework="pt") as f, torch.no_grad():
                 n = _load_one(model, params, buffers, f, key, dtype, file, device)
-                if isinstance(params.get(key), torch.distributed.tensor.DTensor):
-                    read, total = read + n, total + params[key].numel()
+            if isinstance(params.get(key), torch.distributed.tensor.DTensor):
+                read, total = read + n, total + params[key].numel()
     if total:  # (a shard that split nothing: a test of the loading alone)
         say(f"--shard-model: this process read {read / total:.0%} of the decoder layers' "
             f"{total / 1e6:.1f}M weights from {folder.name} (its rows only)")  # fmt: skip

@@ -221,11 +221,9 @@ def start_run(
     data = source.prepare(cfg, *examples, loaded, output, accelerator.device)
     cfg, said = _kind_defaults(cfg, loaded, data)
     cfg, said = _default_epochs(cfg, loaded, len(data.train_rows), said)
-    if said and accelerator.is_main_process:
-        flags = [flag for flag, word in (("--method", "--method"), ("--epochs", " epochs"))
-                 if any(word in bit for bit in said)]  # fmt: skip
-        say(f"{' and '.join(said)}: the default for {loaded.kind.name} models "
-            f"({' or '.join(flags)} to change)")  # fmt: skip
+    if said and accelerator.is_main_process:  # what was chosen, by the flag that changes it
+        say(f"{' and '.join(said.values())}: the default for {loaded.kind.name} models "
+            f"({' or '.join(said)} to change)")  # fmt: skip
     starts, init_info = starting_prompts(cfg, loaded, data)
     if cfg.method == "prefix":
         _check_deep(loaded, data)
@@ -284,14 +282,15 @@ def start_run(
 
 def _kind_defaults(
     cfg: TrainConfig, loaded: LoadedModel, data: TrainData
-) -> tuple[TrainConfig, list[str]]:
+) -> tuple[TrainConfig, dict[str, str]]:
     """``cfg`` with the method left to the model's kind filled in (recorded as used: a resumed
     run compares it), and what to say about it. Where the kind's default is a deep prompt
     but this run cannot take one (the prompt placed inside the text or a chat, a model
     without an attention cache to hold it), the default is the input-layer prompt, and the
-    run says why; only an explicit ``--method prefix`` is refused there."""
+    run says why; only an explicit ``--method prefix`` is refused there. What it says is
+    keyed by the flag that changes it."""
     if cfg.method is not None:
-        return cfg, []
+        return cfg, {}
     method = "prefix" if cfg.prefix_projection else loaded.kind.default_method
     method = "prompt" if cfg.reparam != "none" else method
     said = f"--method {method}"
@@ -302,11 +301,11 @@ def _kind_defaults(
             method = "prompt"
             why = re.sub(r"^(--)?method prefix: ", "", str(why).split(";")[0])
             said = f"--method prompt (not a deep prompt: {why})"
-    return dataclasses.replace(cfg, method=method), [said]
+    return dataclasses.replace(cfg, method=method), {"--method": said}
 
 
 def _default_epochs(cfg: TrainConfig, loaded: LoadedModel, rows: int,
-                    said: list[str]) -> tuple[TrainConfig, list[str]]:  # fmt: skip
+                    said: dict[str, str]) -> tuple[TrainConfig, dict[str, str]]:  # fmt: skip
     """``cfg`` with the epochs left to the model's kind filled in for ``rows`` training rows
     (``kinds.epochs_for``), and what to say about it after ``said``."""
     if cfg.epochs is not None:
@@ -314,7 +313,10 @@ def _default_epochs(cfg: TrainConfig, loaded: LoadedModel, rows: int,
     per_epoch = planned_steps(cfg, rows, loaded.kind)[1]
     cfg = dataclasses.replace(cfg, epochs=epochs_for(loaded.kind, per_epoch))
     if cfg.max_steps is None:
-        said = [*said, f"{cfg.epochs} epochs ({cfg.epochs * per_epoch} steps of {per_epoch})"]
+        said = {
+            **said,
+            "--epochs": f"{cfg.epochs} epochs ({cfg.epochs * per_epoch} steps of {per_epoch})",
+        }
     return cfg, said
 
 

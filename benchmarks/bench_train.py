@@ -368,7 +368,9 @@ def report(args) -> None:
     for variant in args.variants.split(","):
         print(f"running {variant} ...", flush=True)
         results[variant] = child(args, ["--run", variant])
-        print(f"  {results[variant]}", flush=True)
+        r = results[variant]  # every value is in --json; the table below has the rest
+        print(f"  {variant}: {r['wall_s']:.1f} s, peak {r.get('peak_rss_mb', 0):.0f} MB, test "
+              f"accuracy {r.get('test_accuracy', float('nan')):.3f}", flush=True)  # fmt: skip
     # The machine's speed drifts (shared hosts): measure the peak again and keep the higher
     # one, so the %-of-peak figures are never flattered by a slow moment at the start.
     end = _peaks()

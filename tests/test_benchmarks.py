@@ -286,3 +286,13 @@ def test_bench_distill_quick_runs(tiny_dir, tmp_path):
         assert f"\n{variant} vs teacher: answers agree " in text
     again = _run("bench_distill.py", "--table", str(out))
     assert "| distilled (deep) |" in again and "| teacher (long prompt) |" in again
+
+
+def test_bench_big_quick_runs(tiny_dir, tmp_path):
+    root = _suite_data(tmp_path / "data")
+    text = _run("bench_big.py", "--quick", "--model", str(tiny_dir), "--data-root", str(root),
+                "--bases", "float32,int8")  # fmt: skip
+    assert "| 2 processes --shard-model, rank 1 |" in text
+    assert re.search(r"sharded / one process = [\d.]+x \(target <= 0.6x\); in PSS [\d.]+x", text)
+    assert "checkpointed / plain, above the model = " in text
+    assert "| int8 (float32 activations) |" in text

@@ -253,8 +253,9 @@ def test_measured_tables_are_rendered_with_their_sources(site):
 
 def test_distill_guide_renders_its_numbers_or_says_they_are_pending(site):
     text = _text(site / "guides" / "distill.html")
-    if (DOCS / "distill" / "bench-distill.jsonl").is_file():
-        assert "Rendered at build time from distill/bench-distill.jsonl" in text
+    if (DOCS / "distill" / "bench-distill-methods.jsonl").is_file():
+        assert "Rendered at build time from distill/bench-distill-methods.jsonl" in text
+        assert "distilled (deep)" in text  # both methods, as the default was chosen
     else:
         assert "Numbers pending" in text
 

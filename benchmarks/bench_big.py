@@ -209,9 +209,17 @@ def sharded(args, data: Path, tmp: Path) -> None:
         "pages of the weights file that both processes map in each; PSS splits them)"
     )
     layers, total = layer_share(args.model)
+    mb = 4 / 2**20  # float32 weights
+    held = (total - layers / 2) * mb  # what a sharded process holds: half the layers, the rest
+    rest = worst - held
+    best = rest + total * mb / 2
     print(f"the decoder layers hold {layers / total:.0%} of the {total / 1e6:.0f}M parameters; "
           "the embeddings and head stay whole on each process, so the weights alone can fall "
           f"to {1 - layers / total / 2:.2f}x at best with 2 processes")  # fmt: skip
+    print(f"a sharded process holds {held:.0f} MB of weights; the other {rest:.0f} MB of its "
+          "peak (torch and transformers, the process group, data, activations) is not "
+          f"weights: with every weight split in two ({total * mb / 2:.0f} MB each) it would "
+          f"peak near {best:.0f} MB, {best / one['peak_mb']:.2f}x")  # fmt: skip
 
 
 def layer_share(name: str) -> tuple[int, int]:

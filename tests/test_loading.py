@@ -124,14 +124,17 @@ def test_dtype_auto_loads_and_says_what_it_chose(tiny_dir, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
-def test_sharded_loading_builds_empty_then_reads_the_files(model_dirs, loaded_all, arch):
+def test_sharded_loading_builds_empty_then_reads_the_files(model_dirs, loaded_all, arch,
+                                                           monkeypatch):  # fmt: skip
     """--shard-model's loader without processes to shard across (``shard`` does nothing):
     an empty model filled from the safetensors file gives the model from_pretrained gives
-    (buffers such as rotary frequencies, a tied head); a file naming a weight the model does
-    not have is refused in one line."""
+    (buffers such as rotary frequencies, a tied head), read whole or a few rows at a time
+    (as a large weight is); a file naming a weight the model does not have is refused in
+    one line."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import softprompt.shards
     from softprompt.shards import sharded_model
 
     folder = model_dirs[arch]
@@ -141,6 +144,9 @@ def test_sharded_loading_builds_empty_then_reads_the_files(model_dirs, loaded_al
     want = loaded_all[arch].model(input_ids=ids).logits
     assert torch.equal(model(input_ids=ids).logits, want)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    monkeypatch.setattr(softprompt.shards, "CHUNK_BYTES", 200)  # a row or a few per piece
+    pieces = sharded_model(folder, config, AutoModelForCausalLM, torch.float32, lambda m: None)
+    assert torch.equal(pieces(input_ids=ids).logits, want)
     odd = folder.parent / f"{arch}-odd"
     shutil.copytree(folder, odd)
     weights = load_file(str(odd / "model.safetensors"))

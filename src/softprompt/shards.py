@@ -7,7 +7,8 @@ caller's ``shard`` (FSDP2's ``fully_shard``, which accepts meta parameters), and
 process reads from the safetensors files only the rows of each layer weight it holds
 (``safe_open(...).get_slice``: the file is memory-mapped, nothing else is read). The
 embeddings, final norm and LM head are read whole on every process, as ``shard_layers``
-keeps them whole.
+keeps them whole. Every weight is read in pieces of at most 64 MiB, the file mapped anew
+for each, so that the pages read of the file never sit beside the copy made of them.
 
 Written by hand rather than through transformers' ``from_pretrained``: its low-memory
 FSDP path (``FSDP_CPU_RAM_EFFICIENT_LOADING``, accelerate's) loads the whole model on rank 0
@@ -50,10 +51,9 @@ def sharded_model(folder: Path, config, auto_class, dtype: torch.dtype,
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
-        for key in keys:  # the file mapped once per weight: the pages this process read
-            # of it leave its resident memory when it is closed, not at the end of the file
-            with safe_open(str(file), framework="pt") as f, torch.no_grad():
-                n = _load_one(model, params, buffers, f, key, dtype, file, device)
+        for key in keys:
+            with torch.no_grad():
+                n = _load_one(model, params, buffers, file, key, dtype, device)
             if isinstance(params.get(key), torch.distributed.tensor.DTensor):
                 read, total = read + n, total + params[key].numel()
     if total:  # (a shard that split nothing: a test of the loading alone)
@@ -81,12 +81,13 @@ def _weight_files(folder: Path) -> list[Path]:
                          "model.safetensors (or its index)")  # fmt: skip
 
 
-def _load_one(model, params: dict, buffers: dict, f, key: str, dtype, file: Path,
+def _load_one(model, params: dict, buffers: dict, file: Path, key: str, dtype,
               device) -> int:  # fmt: skip
-    """Copy weight ``key`` of an open file into the model: a sharded parameter gets only
-    this process's rows of it. Returns how many values were read."""
+    """Copy weight ``key`` of ``file`` into the model: a sharded parameter gets only this
+    process's rows of it. Returns how many values were read."""
     if key in buffers:
-        buffers[key].copy_(f.get_tensor(key))
+        with safe_open(str(file), framework="pt") as f:
+            buffers[key].copy_(f.get_tensor(key))
         return buffers[key].numel()
     if key not in params:
         raise ModelLoadError(
@@ -94,14 +95,39 @@ def _load_one(model, params: dict, buffers: dict, f, key: str, dtype, file: Path
             "does not name; load it without --shard-model"
         )
     param = params[key]
+    with safe_open(str(file), framework="pt") as f:  # the shape and dtype, nothing read
+        piece = f.get_slice(key)
+        shape = piece.get_shape()
+        stored = piece[0:0].dtype if shape else f.get_tensor(key).dtype
     if isinstance(param, torch.distributed.tensor.DTensor):
         local = param.to_local()  # FSDP2 shards dim 0 as torch.chunk does: ceil(n / P) rows each
-        rows = f.get_slice(key).get_shape()[0]
-        start = param.device_mesh.get_local_rank() * math.ceil(rows / param.device_mesh.size())
-        if local.shape[0]:
-            local.copy_(f.get_slice(key)[start : start + local.shape[0]].to(dtype))
+        start = param.device_mesh.get_local_rank() * math.ceil(shape[0] / param.device_mesh.size())
+        _read_rows(file, key, start, local)
         return local.numel()
     owner, _, leaf = key.rpartition(".")
-    value = f.get_tensor(key).to(device, dtype if param.is_floating_point() else param.dtype)
+    value = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored,
+                        device=device)  # fmt: skip
+    _read_rows(file, key, 0, value)
     model.get_submodule(owner)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     return value.numel()
+
+
+CHUNK_BYTES = 64 << 20
+
+
+def _read_rows(file: Path, key: str, start: int, out: torch.Tensor) -> None:
+    """Rows ``start, start + len(out)`` of weight ``key`` into ``out`` (converted to its
+    dtype), at most ``CHUNK_BYTES`` of the file at a time, the file mapped anew for each
+    piece: the pages of a piece leave this process's resident memory when its mapping
+    closes, so a weight is never held twice (file pages and copy), the embedding matrix
+    included."""
+    if out.dim() == 0:
+        with safe_open(str(file), framework="pt") as f:
+            out.copy_(f.get_tensor(key))
+        return
+    row_bytes = max(1, out[0].numel() * out.element_size())
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for a in range(0, out.shape[0], step):
+        b = min(a + step, out.shape[0])
+        with safe_open(str(file), framework="pt") as f:
+            out[a:b].copy_(f.get_slice(key)[start + a : start + b])

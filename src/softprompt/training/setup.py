@@ -359,7 +359,9 @@ def _model_for(cfg: TrainConfig, accelerator: Accelerator, examples: list[Exampl
     if cfg.gradient_checkpointing and loaded.kind is not CAUSAL:
         raise ConfigError(f"--gradient-checkpointing: decoder (causal) models only for now, not "
                           f"{loaded.kind.name} models; leave it out")  # fmt: skip
-    loaded.model.to(accelerator.device)
+    if not sharded:  # a sharded model is read onto the device; .to() would copy every
+        # sharded parameter again (about the embedding matrix's size on CPU, at once)
+        loaded.model.to(accelerator.device)
     if cfg.shard_model and not sharded:
         shard_layers(loaded.model, accelerator)
     limit = max_positions(loaded.model)

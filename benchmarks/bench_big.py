@@ -183,6 +183,15 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows[:limit]
 
 
+def run_floor(spec: dict) -> None:
+    """The peak RSS of a process that has imported what a training run imports (torch,
+    transformers, accelerate, softprompt's training) and holds no model."""
+    import softprompt.cli  # noqa: F401
+    import softprompt.training.run  # noqa: F401
+
+    print(MARK + json.dumps({"peak_mb": peak_mb()}))
+
+
 # --- the three measurements --------------------------------------------------------------
 
 
@@ -216,10 +225,14 @@ def sharded(args, data: Path, tmp: Path) -> None:
     print(f"the decoder layers hold {layers / total:.0%} of the {total / 1e6:.0f}M parameters; "
           "the embeddings and head stay whole on each process, so the weights alone can fall "
           f"to {1 - layers / total / 2:.2f}x at best with 2 processes")  # fmt: skip
+    floor = child(["floor", "{}"])[0]["peak_mb"]
     print(f"a sharded process holds {held:.0f} MB of weights; the other {rest:.0f} MB of its "
-          "peak (torch and transformers, the process group, data, activations) is not "
-          f"weights: with every weight split in two ({total * mb / 2:.0f} MB each) it would "
-          f"peak near {best:.0f} MB, {best / one['peak_mb']:.2f}x")  # fmt: skip
+          "peak (torch and transformers, the tokenizer, the process group, data, activations) "
+          f"is not weights: with every weight split in two ({total * mb / 2:.0f} MB each) it "
+          f"would peak near {best:.0f} MB, {best / one['peak_mb']:.2f}x. 2 processes reach "
+          f"0.6x only where what is not weights fits in a quarter of the weights "
+          f"({total * mb / 4:.0f} MB); a process that has only imported torch, transformers "
+          f"and softprompt holds {floor:.0f} MB")  # fmt: skip
 
 
 def layer_share(name: str) -> tuple[int, int]:
@@ -311,7 +324,7 @@ def main() -> None:
         what, rest = sys.argv[2], sys.argv[3:]
         if what == "cli":
             return run_cli(rest[1:] if rest[:1] == ["--"] else rest)
-        return {"step": run_step, "quant": run_quant}[what](json.loads(rest[0]))
+        return {"step": run_step, "quant": run_quant, "floor": run_floor}[what](json.loads(rest[0]))
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--dtype", default="float32", help="the checkpointing step's weights")

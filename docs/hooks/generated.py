@@ -342,12 +342,11 @@ NOT_MEASURED = re.compile(
     r"(?:\W+(?:of|is|was|at|a))?\W{0,3}$",
     re.I,
 )
-HAND_TYPED = re.compile(r"<!-- hand-typed: begin -->.*?<!-- hand-typed: end -->", re.S)
 
 
 def unrendered_figures(markdown: str, rendered: str) -> list[tuple[int, str, str]]:
     """(line, figure, text) of each measured figure in the page's prose (outside code,
-    tables, headings, generated blocks and the one labelled hand-typed block) that no
+    tables, headings and generated blocks) that no
     number of ``rendered`` (the page's records as rendered) equals, to the figure's
     precision (a share may be quoted as a percentage of a fraction)."""
     numbers = set()
@@ -356,9 +355,8 @@ def unrendered_figures(markdown: str, rendered: str) -> list[tuple[int, str, str
             numbers.add(float(token.replace(",", "")))
         except ValueError:
             continue
-    blank = HAND_TYPED.sub(lambda m: "\n" * m.group(0).count("\n"), markdown)
     found, fenced = [], False
-    for n, line in enumerate(blank.splitlines(), 1):
+    for n, line in enumerate(markdown.splitlines(), 1):
         if line.lstrip().startswith(("```", "~~~")):
             fenced = not fenced
             continue

@@ -127,8 +127,8 @@ class ModelConfig:
         "Precision of the frozen model's weights. The soft prompt itself always stays float32. "
         "'auto': bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU "
         "with AVX-512 BF16 or AMX), float32 elsewhere; bfloat16 matched float32's accuracy "
-        "on the shipped tasks, and how much faster it trains depends on the hardware "
-        "(docs/measurements.md, 'bf16's accuracy cost'; the speed guide).",
+        "on the shipped sentiment task in one run on such a host, and how much faster it "
+        "trains depends on the hardware (docs/measurements.md, section 5; the speed guide).",
     )
     quantize: Quantize = opt(
         "none",

@@ -108,10 +108,8 @@ def shard_layers(model, accelerator: Accelerator) -> None:
         p.numel() for layer in layers for p in layer.parameters()
     )
     head = model.get_output_embeddings()
-    config = getattr(model, "config", None)
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(
-        getattr(config, "get_text_config", lambda: None)(), "tie_word_embeddings", False
-    )
+    tied = any(getattr(c, "tie_word_embeddings", False)  # a composite model's or its text's
+               for c in (model.config, model.config.get_text_config()))  # fmt: skip
     if head is not None and tied and head.weight is not model.get_input_embeddings().weight:
         whole -= head.weight.numel()  # not tied yet (sharded loading ties it once read): once
     say(

@@ -60,6 +60,10 @@ def sharded_model(folder: Path, config, auto_class, dtype: torch.dtype,
         say(f"--shard-model: this process read {read / total:.0%} of the decoder layers' "
             f"{total / 1e6:.1f}M weights from {folder.name} (its rows only)")  # fmt: skip
     model.tie_weights()  # a tied head is not in the file: it is the embedding matrix
+    for module in model.modules():  # buffers (rotary frequencies) were computed on the CPU
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ModelLoadError(

@@ -16,6 +16,7 @@ from conftest import random_prompt
 from softprompt.artifacts import save_prompt
 from softprompt.cli import flat_fields, main
 from softprompt.config import GenerateConfig, ServeConfig
+from softprompt.errors import ConfigError
 from softprompt.generation import generate
 from softprompt.loading import load_model
 from softprompt.serving.api import create_app
@@ -145,6 +146,22 @@ def test_sampling_returns_the_asked_tokens(server):
         model="tmpl", prompt=TEXTS[0], max_tokens=7, temperature=0.9, top_p=0.8
     )
     assert out.usage.completion_tokens <= 7 and out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_request_without_temperature_gets_the_servers(server, monkeypatch):
+    """A request that names no temperature is answered as `softprompt generate` answers
+    (greedy) unless the server was given --temperature; its own temperature always wins."""
+    client, state = server["client"], server["state"]
+    plain = client.completions.create(model="tmpl", prompt=TEXTS[1], max_tokens=6)
+    assert plain.choices[0].text == _complete(client, "tmpl", TEXTS[1]).choices[0].text
+    seen, submit = [], state.batcher.submit
+    monkeypatch.setattr(state.batcher, "submit", lambda jobs: seen.extend(jobs) or submit(jobs))
+    monkeypatch.setattr(state.cfg, "temperature", 0.7)
+    client.completions.create(model="tmpl", prompt=TEXTS[1], max_tokens=2)
+    client.completions.create(model="tmpl", prompt=TEXTS[1], max_tokens=2, temperature=0)
+    assert [job.temperature for job in seen] == [0.7, 0.0]
+    with pytest.raises(ConfigError, match="temperature must be 0 .greedy. or 0.01 to 2"):
+        ServeConfig(prompts="x", temperature=0.001)
 
 
 def test_limits_and_bad_input_get_4xx(server):

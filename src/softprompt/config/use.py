@@ -166,6 +166,12 @@ class ServeConfig:
     batch_wait_ms: float = opt(5.0, "How long a batch waits for more requests, in milliseconds.")
     max_prompt_tokens: int = opt(2048, "Longest input accepted (virtual tokens included).")
     max_tokens: int = opt(512, "Largest max_tokens a request may ask for.")
+    temperature: float = opt(
+        0.0,
+        "Temperature of a request that names none: 0 (greedy) answers as `softprompt generate` "
+        "does; OpenAI's API samples at 1 by default (--temperature 1 for that). A request's "
+        "own temperature always wins.",
+    )
     max_queue: int = opt(256, "Most rows waiting; requests beyond it get 429.")
     allow_mismatch: bool = opt(False, "Load prompts trained for another base model.")
     api_key: str | None = opt(
@@ -193,6 +199,9 @@ class ServeConfig:
             )
         if self.port > 65535:
             raise ConfigError(f"--port must be 0 to 65535, not {self.port}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2):
+            raise ConfigError(f"--temperature must be 0 (greedy) or {MIN_TEMPERATURE} to 2, "
+                              f"not {self.temperature}")  # fmt: skip
         if self.api_key is None:
             self.api_key = os.environ.get("SOFTPROMPT_API_KEY") or None
         loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

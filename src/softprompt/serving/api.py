@@ -281,13 +281,14 @@ def _rows(
     if len(voters) > 1 and body.stream:
         raise ApiError(400, f"{entry.name!r} is an ensemble: its answer is its members' vote, "
                        "known only when all have finished; leave out stream")  # fmt: skip
+    temperature = cfg.temperature if body.temperature is None else body.temperature
     jobs = []
     for head, ids in encoded:  # an ensemble: one row per member, side by side in the batch
         for voter in voters:
             prefix = voter.prefix_for(model, head) if voter else None
             row = ids if voter else (head or []) + ids
             labels, label_ids = (voter.labels, voter.label_ids) if voter else (None, None)
-            jobs.append(Job(row, prefix, max_tokens, body.temperature, body.top_p, stop, tok,
+            jobs.append(Job(row, prefix, max_tokens, temperature, body.top_p, stop, tok,
                             loop, end_ids=set(end_ids or ()), labels=labels,
                             label_ids=label_ids))  # fmt: skip
     return jobs

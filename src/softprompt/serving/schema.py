@@ -15,7 +15,8 @@ class Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # None: the
+    # server's --temperature (0, greedy, unless set: as `softprompt generate` answers)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -44,8 +45,8 @@ class Body(BaseModel):
 
     @field_validator("temperature")
     @classmethod
-    def _temperature(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
             raise ValueError(f"use 0 (greedy) or a temperature of {MIN_TEMPERATURE} to 2")
         return value
 

@@ -49,11 +49,12 @@ def sharded_model(folder: Path, config, auto_class, dtype: torch.dtype,
     buffers = dict(model.named_buffers())
     read = total = 0  # values of the sharded parameters: read here, in the files
     for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-        for key in keys:
+        with safe_open(str(file), framework="pt") as f:  # every weight's shape and dtype
+            # from the file's header: one mapping, no weight read
+            layout = {k: _shape_dtype(f, k) for k in f.keys()}
+        for key, (shape, stored) in layout.items():
             with torch.no_grad():
-                n = _load_one(model, params, buffers, file, key, dtype, device)
+                n = _load_one(model, params, buffers, file, key, shape, stored, dtype, device)
             if isinstance(params.get(key), torch.distributed.tensor.DTensor):
                 read, total = read + n, total + params[key].numel()
     if total:  # (a shard that split nothing: a test of the loading alone)
@@ -85,8 +86,16 @@ def _weight_files(folder: Path) -> list[Path]:
                          "model.safetensors (or its index)")  # fmt: skip
 
 
-def _load_one(model, params: dict, buffers: dict, file: Path, key: str, dtype,
-              device) -> int:  # fmt: skip
+def _shape_dtype(f, key: str) -> tuple[list[int], torch.dtype]:
+    """A weight's shape and stored dtype, from the open file's header (an empty slice of it
+    names the dtype; a 0-d weight is read whole, being one number)."""
+    piece = f.get_slice(key)
+    shape = piece.get_shape()
+    return shape, (piece[0:0].dtype if shape else f.get_tensor(key).dtype)
+
+
+def _load_one(model, params: dict, buffers: dict, file: Path, key: str, shape: list[int],
+              stored: torch.dtype, dtype, device) -> int:  # fmt: skip
     """Copy weight ``key`` of ``file`` into the model: a sharded parameter gets only this
     process's rows of it. Returns how many values were read."""
     if key in buffers:
@@ -99,10 +108,6 @@ def _load_one(model, params: dict, buffers: dict, file: Path, key: str, dtype,
             "does not name; load it without --shard-model"
         )
     param = params[key]
-    with safe_open(str(file), framework="pt") as f:  # the shape and dtype, nothing read
-        piece = f.get_slice(key)
-        shape = piece.get_shape()
-        stored = piece[0:0].dtype if shape else f.get_tensor(key).dtype
     if isinstance(param, torch.distributed.tensor.DTensor):
         local = param.to_local()  # FSDP2 shards dim 0 as torch.chunk does: ceil(n / P) rows each
         start = param.device_mesh.get_local_rank() * math.ceil(shape[0] / param.device_mesh.size())

@@ -113,3 +113,26 @@ def test_refusals_in_one_line(tiny_dir):
                     data=DataConfig(data="train.jsonl"))  # fmt: skip
     with pytest.raises(ConfigError, match="quantize must be one of none, int8, nf4"):
         ModelConfig(quantize="int4")
+
+
+def test_weights_leave_the_mapped_file_without_losing_a_value(model_dirs):
+    """Copying a weight out of the mapped safetensors file gives its pages back as it goes
+    (``_page_out``): the copy equals the weight, a page given back reads the same from the
+    file again, and memory that is not a weights file's mapping is never touched."""
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.quantize import _copy_out, _page_out, _weight_file_ranges
+
+    mine = torch.randn(4096, 64)  # this process's own memory: left alone
+    kept = mine.clone()
+    _page_out(mine)
+    assert torch.equal(mine, kept)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    weight = model.get_input_embeddings().weight.data
+    start = weight.data_ptr()
+    end = start + weight.numel() * weight.element_size()
+    assert any(a <= start and end <= b for a, b in _weight_file_ranges())  # a view of the file
+    want = weight.clone()
+    copied = _copy_out(weight)
+    assert torch.equal(copied, want) and copied.data_ptr() != weight.data_ptr()
+    assert torch.equal(weight, want)  # the pages given back come again from the file

@@ -11,17 +11,21 @@ Through torchao (PyTorch's own quantization library), which runs on CPU and CUDA
 bitsandbytes (PEFT's usual route) is not used: its kernels want CUDA and this package must
 train on CPU too; torchao's tensors do both.
 
-Memory, measured on an 8-layer Llama of 465 MB in float32 (one process, 2 CPUs): resident
-after loading, float32 901 MB, int8 578 MB (1,533 MB before ``_off_the_file`` and
-``_give_back``), nf4 653 MB. The peak while loading is above float32's (int8 1,030 MB): the
-float weights are read first, then quantized layer by layer; quantizing while reading
-(transformers' ``TorchAoConfig``) would avoid that and is not done yet.
+Memory: transformers loads each weight as a view of the mapped safetensors file, so the
+pages read of it stay resident until the whole mapping closes. Each float weight's pages
+are given back as soon as it is quantized or copied out of the file (``_page_out``, in
+pieces of 64 MiB), so loading never holds a weight twice; ``benchmarks/bench_big.py``
+reports the peak against a float32 base. Quantizing while reading (transformers'
+``TorchAoConfig``) was not tried.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,13 +56,17 @@ def quantize_base(model: nn.Module, how: str, layers: nn.Module) -> int:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         for m in linears:
+            old = m.weight.detach()
             quantize_(m, Int8WeightOnlyConfig())
+            _page_out(old)
             _give_back()
     elif how == "nf4":
         from torchao.quantization import to_nf4
 
         for m in linears:
-            m.weight = nn.Parameter(_nf4(m.weight.detach(), to_nf4), requires_grad=False)
+            old = m.weight.detach()
+            m.weight = nn.Parameter(_nf4(old, to_nf4), requires_grad=False)
+            _page_out(old)
             _give_back()
     else:
         raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {how!r}")
@@ -83,7 +91,65 @@ def _off_the_file(model: nn.Module) -> None:
     any of them lives: the embeddings would keep every layer's replaced float weights."""
     for p in [*model.parameters(), *model.buffers()]:
         if type(p) in (nn.Parameter, torch.Tensor) and not p.is_meta:
-            p.data = p.data.clone()
+            p.data = _copy_out(p.data)
+
+
+def _copy_out(old: torch.Tensor) -> torch.Tensor:
+    """A copy of ``old`` in memory of its own, made 64 MiB at a time, each piece's file pages
+    given back once copied (``_page_out``): the two never both sit whole in memory."""
+    if old.dim() == 0 or not old.is_contiguous():
+        new = old.clone()
+        _page_out(old)
+        return new
+    new = torch.empty_like(old)
+    step = max(1, (64 << 20) // max(1, old[0].numel() * old.element_size()))
+    for a in range(0, old.shape[0], step):
+        new[a : a + step].copy_(old[a : a + step])
+        _page_out(old[a : a + step])
+    return new
+
+
+MADV_DONTNEED = 4
+
+
+def _weight_file_ranges() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of ``.safetensors`` files, from
+    /proc/self/maps (empty elsewhere than Linux)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[1][3:] == "p" and parts[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Take the pages of ``t``, a weight just copied or replaced, out of this process's
+    resident memory now. transformers loads a weight as a view of the mapped safetensors
+    file, and the pages read of it would otherwise stay resident until the whole mapping
+    closes, beside the copy: for the embedded model, the whole embedding matrix twice.
+
+    Only whole pages inside ``t`` and inside a private mapping of a ``.safetensors`` file
+    are named (``madvise(MADV_DONTNEED)``): such a page is read again from the file if
+    anything touches it, so no data is lost. MADV_PAGEOUT, which would be safe on any memory,
+    left the resident size unchanged on this machine's kernel. Nothing happens elsewhere."""
+    if t.device.type != "cpu" or not t.is_contiguous() or not sys.platform.startswith("linux"):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end <= start or not any(a <= start and end <= b for a, b in _weight_file_ranges()):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
 
 
 def _nf4(weight, to_nf4):

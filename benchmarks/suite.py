@@ -3,7 +3,7 @@ prompt-tuning recipe, LoRA and the prompt-engineering baselines, on public data 
 does not ship (../shared/data: imdb, cr, mpqa, trec, csabstruct, cb, e2e_nlg), several seeds
 each, at the same training budget. This is where defaults are chosen.
 
-    python benchmarks/suite.py                                  # everything (hours on 2 cores)
+    python benchmarks/suite.py --resume                         # everything (see below)
     python benchmarks/suite.py --tasks cr,trec --seeds 0,1,2 --methods defaults,peft
     python benchmarks/suite.py --table docs/suite.jsonl         # the table of a saved run
     python benchmarks/suite.py --pivot docs/suite/pivots.json#steps  # several runs' rows
@@ -16,7 +16,10 @@ Methods (``--methods``, in this order by default):
 - ``zero-shot``: the template alone; ``few-shot``: 4 solved training examples before each
   input (fewer if they do not fit);
 - ``defaults``: ``softprompt train`` given only the data files, fields and template;
-- ``prefix``: the same with ``--method prefix`` (a deep prompt: keys/values per layer);
+- ``prompt`` and ``prefix``: the same with ``--method prompt`` (an input-layer prompt) or
+  ``--method prefix`` (a deep prompt: keys/values per layer); each is skipped, saying so,
+  where it is the model kind's default already (decoders and classifiers train a deep
+  prompt by default), since it would repeat ``defaults``;
 - ``peft``: PEFT's prompt-tuning recipe as its documentation writes it (PromptTuningConfig,
   TEXT init with a task description, 8 virtual tokens, AdamW lr 3e-2, linear schedule
   without warm-up, ``model(**batch).loss`` on the target and EOS tokens, rows left-padded);
@@ -126,7 +129,8 @@ TASKS = {
         generation=True,
     ),
 }
-BUILT_IN = ["zero-shot", "few-shot", "defaults", "prefix", "peft", "lora"]
+BUILT_IN = ["zero-shot", "few-shot", "defaults", "prompt", "prefix", "peft", "lora"]
+METHODS = {"prompt", "prefix"}  # the defaults with this --method
 CAUSAL_ONLY = {"zero-shot", "few-shot", "peft", "lora"}  # as PEFT's recipe and compare run them
 
 
@@ -356,8 +360,8 @@ def run_one(s: Setting, method: str, variants: dict[str, dict]) -> dict:
     with PeakMemory(device) as mem:
         if method == "defaults":
             row = run_trained(s, "defaults", {})
-        elif method == "prefix":  # the defaults with a deep prompt
-            row = run_trained(s, "prefix", {"method": "prefix"})
+        elif method in METHODS:  # the defaults with this kind of prompt
+            row = run_trained(s, method, {"method": method})
         elif method in variants:
             row = run_trained(s, method, variants[method])
         elif method == "peft":
@@ -416,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,...")
-    parser.add_argument("--train-rows", type=int, default=256, help="training rows per seed")
-    parser.add_argument("--val-rows", type=int, default=100, help="validation rows")
+    parser.add_argument("--train-rows", type=int, default=128, help="training rows per seed")
+    parser.add_argument("--val-rows", type=int, default=64, help="validation rows")
     parser.add_argument("--test-rows", type=int, default=200, help="first N test rows")
     parser.add_argument("--steps", type=int, default=None, help="fixed budget for every method")
     parser.add_argument("--max-length", type=int, default=256, help="PEFT recipe's row cap")
@@ -431,6 +435,14 @@ def main(argv: list[str] | None = None) -> None:
         help="only print the table NAME of a JSON file of pivot specs: tasks against lines "
         "drawn from several saved runs (benchmarks/tables.py's pivot_table; the docs render "
         "docs/suite/pivots.json's tables this way)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip each (task, seed, method) that --json already holds a result for, saved by "
+        "a run with the same settings (model, rows, steps, variants); a failed one runs again. "
+        "The whole suite takes longer than one sitting here: run the same command again to go "
+        "on where it stopped",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # TASK:SEED:METHOD
@@ -463,8 +475,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    done = saved_results(out, settings(args), variants) if args.resume else {}
     header = {"kind": "run", **run_facts(), "model": args.model, "command": " ".join(sys.argv),
-              **environment()}  # fmt: skip
+              "settings": settings(args), "variants": variants, **environment()}  # fmt: skip
     with out.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(header) + "\n")
     rows, start = [], time.perf_counter()
@@ -472,6 +485,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in tasks:
         for seed in [int(x) for x in args.seeds.split(",")]:
             for method in methods:
+                if (name, seed, method) in done:
+                    rows.append(done[name, seed, method])
+                    print(f"suite: {name} seed {seed} {method}: saved in {out}, not run again "
+                          "(--resume)", flush=True)  # fmt: skip
+                    continue
                 row = run_in_child(argv, f"{name}:{seed}:{method}")
                 if row is None:
                     continue
@@ -480,6 +498,30 @@ def main(argv: list[str] | None = None) -> None:
                     fh.write(json.dumps(row) + "\n")
                 print(f"suite [{time.perf_counter() - start:.0f}s]: {json.dumps(row)}", flush=True)
     print(table(rows))
+
+
+def settings(args) -> dict:
+    """What makes two runs' results the same measurement (``--resume`` reuses only these,
+    and a variant's result only where its settings are the same too)."""
+    keys = ("model", "train_rows", "val_rows", "test_rows", "steps", "max_length")
+    return {k: getattr(args, k) for k in keys}
+
+
+def saved_results(path: Path, wanted: dict, variants: dict[str, dict]) -> dict[tuple, dict]:
+    """(task, seed, method) -> the last result ``path`` holds from a run with ``wanted``'s
+    settings (and, for a variant, the same changes); failed ones are left out, so that they
+    run again."""
+    found, header = {}, None
+    if not path.is_file():
+        return found
+    for row in read_jsonl(path):
+        if row.get("kind") == "run":
+            header = row if row.get("settings") == wanted else None
+        elif header and "task" in row and "error" not in row:
+            method = row["method"]
+            if header.get("variants", {}).get(method) == variants.get(method):
+                found[row["task"], row["seed"], method] = row
+    return found
 
 
 def run_in_child(argv: list[str], spec: str) -> dict | None:
@@ -512,6 +554,10 @@ def run_child(args, variants: dict[str, dict]) -> None:
     loaded = load_model(ModelConfig(model=args.model), labels=labels)
     if method in CAUSAL_ONLY and loaded.kind is not CAUSAL:
         print(f"suite: {method} skipped: it is for decoder models", flush=True)
+        return
+    if method in METHODS and loaded.kind.default_method == method:
+        print(f"suite: {method} skipped: it is what defaults trains for a {loaded.kind.name} "
+              "model", flush=True)  # fmt: skip
         return
     s = Setting(name, task, files, seed, loaded, args, folder, labels)
     row = run_one(s, method, variants)

@@ -132,16 +132,19 @@ def _suite_data(root: Path) -> Path:
 def test_suite_quick_runs(tiny_dir, tmp_path):
     root = _suite_data(tmp_path / "data")
     out = tmp_path / "suite.jsonl"
-    text = _run("suite.py", "--quick", "--model", str(tiny_dir), "--data-root", str(root),
-                "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
-                "--methods", "few-shot,prefix,peft,lora,restricted", "--json", str(out),
-                "--runs", str(tmp_path / "runs"),
-                "--variant", "restricted:choice_loss=restricted")  # fmt: skip
+    args = ["--quick", "--model", str(tiny_dir), "--data-root", str(root),
+            "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
+            "--methods", "few-shot,prompt,prefix,peft,lora,restricted", "--json", str(out),
+            "--runs", str(tmp_path / "runs"),
+            "--variant", "restricted:choice_loss=restricted"]  # fmt: skip
+    text = _run("suite.py", *args)
     assert "suite: skipping trec: no " in text
+    # a decoder's defaults train a deep prompt: --method prefix would repeat them
+    assert "suite: prefix skipped: it is what defaults trains for a causal model" in text
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[0]["kind"] == "run" and rows[0]["model"]
     results = [r for r in rows if "task" in r]
-    methods = ["few-shot", "prefix", "peft", "lora", "restricted"]  # restricted: the defaults
+    methods = ["few-shot", "prompt", "peft", "lora", "restricted"]  # restricted: the defaults
     assert [(r["task"], r["method"], r["seed"]) for r in results] == [
         (t, m, 0) for t in ("cb", "e2e_nlg") for m in methods
     ]
@@ -152,11 +155,46 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
             assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
         assert r["steps"] == (0 if r["method"] == "few-shot" else 2)
     assert "| cb | peft | 1 |" in text and "| e2e_nlg | lora | 1 |" in text
-    assert "| e2e_nlg | prefix | 1 |" in text  # a deep prompt generates too
+    assert "| e2e_nlg | restricted | 1 |" in text  # a deep prompt generates too
     assert "| restricted | 1 |" in text  # the suite's mean over the classification tasks
     assert all(r["peak_memory_mb"] >= 0 for r in results)
     again = _run("suite.py", "--table", str(out))
     assert "| cb | restricted | 1 |" in again
+    # the same command with --resume runs nothing that was saved, and still prints the table
+    resumed = _run("suite.py", *args, "--resume")
+    assert resumed.count("not run again (--resume)") == len(results)
+    assert "| cb | restricted | 1 |" in resumed
+    assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
+
+
+def test_suite_resumes_only_what_the_same_settings_saved(tmp_path, monkeypatch):
+    """A result is reused only under a header with the same settings (and, for a variant,
+    the same changes); a failed one is run again."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its own imports: tables.py
+    spec = importlib.util.spec_from_file_location("suite", ROOT / "benchmarks" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "suite", suite)  # its dataclasses look themselves up
+    spec.loader.exec_module(suite)
+    ours = {"model": "m", "train_rows": 128, "val_rows": 64, "test_rows": 200, "steps": None,
+            "max_length": 256}  # fmt: skip
+    rows = [
+        {"kind": "run", "settings": {**ours, "test_rows": 100}, "variants": {}},
+        {"task": "cr", "seed": 0, "method": "lora", "accuracy": 0.1},  # other test rows
+        {"kind": "run", "settings": ours, "variants": {"v": {"lr": 0.1}, "w": {"lr": 0.2}}},
+        {"task": "cr", "seed": 0, "method": "defaults", "accuracy": 0.5},
+        {"task": "cr", "seed": 1, "method": "defaults", "error": "boom"},
+        {"task": "cr", "seed": 0, "method": "v", "accuracy": 0.6},
+        {"task": "cb", "seed": 0, "method": "w", "accuracy": 0.7},
+    ]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = suite.saved_results(path, ours, {"v": {"lr": 0.1}, "w": {"lr": 0.3}})
+    assert set(found) == {("cr", 0, "defaults"), ("cr", 0, "v")}
+    assert found["cr", 0, "v"]["accuracy"] == 0.6
+    assert set(suite.saved_results(path, ours, {"v": {"lr": 0.3}})) == {("cr", 0, "defaults")}
+    assert suite.saved_results(tmp_path / "none.jsonl", ours, {}) == {}
 
 
 def test_bench_prefix_quick_runs(model_dirs, tmp_path):

@@ -61,6 +61,29 @@ def test_gradient_flows_through_quantized_layers(model_dirs, loaded_all, how, ar
 
 
 @pytest.mark.parametrize("how", ["int8", "nf4"])
+def test_backward_keeps_no_float_copy_of_a_quantized_weight(model_dirs, how):
+    """What autograd saves in a forward pass holds no de-quantized weight (torchao's own int8
+    linear saved one per layer, so an int8 base trained above a float32 one's peak)."""
+    quant = load_model(model=str(model_dirs["llama"]), quantize=how)
+    shapes = {tuple(m.weight.shape) for m in decoder_layers(quant.model).modules()
+              if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    shapes |= {s[::-1] for s in shapes}
+    saved = []
+
+    def pack(t):
+        if type(t) is torch.Tensor and t.is_floating_point():
+            saved.append(tuple(t.shape))
+        return t
+
+    batch, prompts = _batch(quant.tokenizer), PromptSet([""], [random_prompt(0, 4)])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = lm_loss(quant.model, prompts, batch)
+    assert saved and not shapes & set(saved)
+    loss.backward()
+    assert next(prompts.parameters()).grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("how", ["int8", "nf4"])
 def test_prompt_learns_on_a_quantized_base(tmp_path, how):
     """20 steps on one batch: the loss falls. The tests' tiny models are too weak for that
     (weights of std 0.02: the output hardly depends on the input), so this one has std 0.5."""

@@ -58,6 +58,7 @@ def quantize_base(model: nn.Module, how: str, layers: nn.Module) -> int:
         for m in linears:
             old = m.weight.detach()
             quantize_(m, Int8WeightOnlyConfig())
+            m.__class__ = Int8Linear  # backward from the int8 weight, not a float copy
             _page_out(old)
             _give_back()
     elif how == "nf4":
@@ -74,6 +75,37 @@ def quantize_base(model: nn.Module, how: str, layers: nn.Module) -> int:
     _give_back()
     setattr(model, _ATTR, how)
     return len(linears)
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """``x @ W.T + b`` for a frozen int8 weight, whose backward de-quantizes ``W`` again.
+
+    torchao's own linear for an ``Int8Tensor`` saves the de-quantized float weight for
+    backward: while a batch is in flight every quantized layer holds a float copy of its
+    weight, so training on an int8 base peaked above a float32 one (bench_big). Here only
+    the int8 weight, which the layer holds anyway, is kept; backward pays one more
+    de-quantization per layer. The weight gets no gradient (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight  # the parameter itself: no copy
+        with torch.no_grad():
+            return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = ctx.weight.dequantize().to(grad.dtype)
+        return grad @ weight, None, None
+
+
+class Int8Linear(nn.Linear):
+    """An ``nn.Linear`` whose weight torchao made int8 (``Int8WeightOnlyConfig``), with the
+    backward of ``_Int8Matmul``; its state is an ``nn.Linear``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return _Int8Matmul.apply(x, self.weight, self.bias)
 
 
 def _give_back() -> None:

@@ -486,9 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         for seed in [int(x) for x in args.seeds.split(",")]:
             for method in methods:
                 if (name, seed, method) in done:
-                    rows.append(done[name, seed, method])
-                    print(f"suite: {name} seed {seed} {method}: saved in {out}, not run again "
-                          "(--resume)", flush=True)  # fmt: skip
+                    row, by = done[name, seed, method]
+                    rows.append(row)
+                    print(f"suite: {name} seed {seed} {method}: saved in {out} by the run of "
+                          f"{by}, not run again (--resume)", flush=True)  # fmt: skip
                     continue
                 row = run_in_child(argv, f"{name}:{seed}:{method}")
                 if row is None:
@@ -507,10 +508,13 @@ def settings(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def saved_results(path: Path, wanted: dict, variants: dict[str, dict]) -> dict[tuple, dict]:
+def saved_results(
+    path: Path, wanted: dict, variants: dict[str, dict]
+) -> dict[tuple, tuple[dict, str]]:
     """(task, seed, method) -> the last result ``path`` holds from a run with ``wanted``'s
-    settings (and, for a variant, the same changes); failed ones are left out, so that they
-    run again."""
+    settings (and, for a variant, the same changes), and that run's date and commit (the
+    code may have changed since: the resumed run says so); failed ones are left out, so that
+    they run again."""
     found, header = {}, None
     if not path.is_file():
         return found
@@ -520,7 +524,9 @@ def saved_results(path: Path, wanted: dict, variants: dict[str, dict]) -> dict[t
         elif header and "task" in row and "error" not in row:
             method = row["method"]
             if header.get("variants", {}).get(method) == variants.get(method):
-                found[row["task"], row["seed"], method] = row
+                commit = (header.get("git") or {}).get("commit") or "unknown"
+                by = f"{header.get('date')}, commit {commit[:10]}"
+                found[row["task"], row["seed"], method] = (row, by)
     return found
 
 

@@ -182,7 +182,13 @@ def test_suite_resumes_only_what_the_same_settings_saved(tmp_path, monkeypatch):
     rows = [
         {"kind": "run", "settings": {**ours, "test_rows": 100}, "variants": {}},
         {"task": "cr", "seed": 0, "method": "lora", "accuracy": 0.1},  # other test rows
-        {"kind": "run", "settings": ours, "variants": {"v": {"lr": 0.1}, "w": {"lr": 0.2}}},
+        {
+            "kind": "run",
+            "settings": ours,
+            "variants": {"v": {"lr": 0.1}, "w": {"lr": 0.2}},
+            "date": "2026-01-02 10:00",
+            "git": {"commit": "0123456789abcdef", "dirty": False},
+        },
         {"task": "cr", "seed": 0, "method": "defaults", "accuracy": 0.5},
         {"task": "cr", "seed": 1, "method": "defaults", "error": "boom"},
         {"task": "cr", "seed": 0, "method": "v", "accuracy": 0.6},
@@ -192,7 +198,8 @@ def test_suite_resumes_only_what_the_same_settings_saved(tmp_path, monkeypatch):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     found = suite.saved_results(path, ours, {"v": {"lr": 0.1}, "w": {"lr": 0.3}})
     assert set(found) == {("cr", 0, "defaults"), ("cr", 0, "v")}
-    assert found["cr", 0, "v"]["accuracy"] == 0.6
+    assert found["cr", 0, "v"][0]["accuracy"] == 0.6
+    assert found["cr", 0, "v"][1] == "2026-01-02 10:00, commit 0123456789"
     assert set(suite.saved_results(path, ours, {"v": {"lr": 0.3}})) == {("cr", 0, "defaults")}
     assert suite.saved_results(tmp_path / "none.jsonl", ours, {}) == {}
 

@@ -204,8 +204,9 @@ def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
         choices=None if s.task.generation else ",".join(s.labels),
     )
     result, records = evaluate_examples(loaded, prompt, examples, ecfg, s.labels)
-    if not s.task.generation:
-        return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
+    if not s.task.generation:  # the confusion matrix shows which classes a method never says
+        keep = ("accuracy", "macro_f1", "confusion")
+        return {k: result[k] for k in keep if k in result}
     from sacrebleu.metrics import BLEU, CHRF
 
     refs = [r.get("references") or [r["target"]] for r in read_jsonl(s.files["test"])]

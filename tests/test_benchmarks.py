@@ -153,6 +153,9 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
             assert 0 <= r["chrf"] <= 100 and 0 <= r["bleu"] <= 100
         else:
             assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
+            matrix = r["confusion"]["matrix"]  # rows: gold, columns: predicted, every test row
+            assert r["confusion"]["labels"] == ["negative", "positive"]
+            assert sum(map(sum, matrix)) == 8 and len(matrix) == 2
         assert r["steps"] == (0 if r["method"] == "few-shot" else 2)
     assert "| cb | peft | 1 |" in text and "| e2e_nlg | lora | 1 |" in text
     assert "| e2e_nlg | restricted | 1 |" in text  # a deep prompt generates too
@@ -167,16 +170,24 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
 
 
+def _bench_module(name: str, monkeypatch):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package): their own
+    imports (tables.py) found, and the module in sys.modules while the test runs, where its
+    dataclasses look themselves up."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_suite_resumes_only_what_the_same_settings_saved(tmp_path, monkeypatch):
     """A result is reused only under a header with the same settings (and, for a variant,
     the same changes); a failed one is run again."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its own imports: tables.py
-    spec = importlib.util.spec_from_file_location("suite", ROOT / "benchmarks" / "suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "suite", suite)  # its dataclasses look themselves up
-    spec.loader.exec_module(suite)
+    suite = _bench_module("suite", monkeypatch)
     ours = {"model": "m", "train_rows": 128, "val_rows": 64, "test_rows": 200, "steps": None,
             "max_length": 256}  # fmt: skip
     rows = [
@@ -220,16 +231,7 @@ def test_bench_prefix_quick_runs(model_dirs, tmp_path):
     assert all(r["step_s"] > 0 for r in saved["rows"].values())
 
 
-def _tables_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks/tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_pivot_table_draws_lines_from_several_runs(tmp_path):
+def test_pivot_table_draws_lines_from_several_runs(tmp_path, monkeypatch):
     """Tasks against named lines: a line may join several runs' methods; a cell is the mean
     (min-max) over its rows, says a seed outside the spec's, or that its run failed; means
     need every task; the best competing value is bold; the runs used come back by date."""
@@ -253,7 +255,8 @@ def test_pivot_table_draws_lines_from_several_runs(tmp_path):
             {"label": "ref", "file": "b.jsonl", "method": "old", "compete": False},
         ],
     }  # fmt: skip
-    body, used = _tables_module().pivot_table(spec, files.__getitem__)
+    pivot_table = _bench_module("tables", monkeypatch).pivot_table
+    body, used = pivot_table(spec, files.__getitem__)
     assert body.splitlines() == [
         "| acc | new | joined | ref |",
         "| --- | --- | --- | --- |",
@@ -265,10 +268,10 @@ def test_pivot_table_draws_lines_from_several_runs(tmp_path):
                                                     ("a.jsonl", "suite.py A")]  # fmt: skip
     spec = {"tasks": ["t2"], "seeds": [0], "lines_as": "rows", "metrics": ["accuracy"],
             "lines": [{"label": "new", "file": "a.jsonl", "method": "m"}]}  # fmt: skip
-    body, _ = _tables_module().pivot_table(spec, files.__getitem__)
+    body, _ = pivot_table(spec, files.__getitem__)
     assert body.splitlines()[-1] == "| new | - |"  # seed 1 only: not of the spec's seeds
     spec["lines"][0]["cells"] = {"t2": {"seeds": [1]}}
-    body, _ = _tables_module().pivot_table(spec, files.__getitem__)
+    body, _ = pivot_table(spec, files.__getitem__)
     assert body.splitlines()[-1] == "| new | 0.900 (seed 1) |"
 
 

@@ -4,6 +4,7 @@ does not ship (../shared/data: imdb, cr, mpqa, trec, csabstruct, cb, e2e_nlg), s
 each, at the same training budget. This is where defaults are chosen.
 
     python benchmarks/suite.py --resume                         # everything (see below)
+    python benchmarks/suite.py --resume --plan                  # what is left, and how long
     python benchmarks/suite.py --tasks cr,trec --seeds 0,1,2 --methods defaults,peft
     python benchmarks/suite.py --table docs/suite.jsonl         # the table of a saved run
     python benchmarks/suite.py --pivot docs/suite/pivots.json#steps  # several runs' rows
@@ -46,6 +47,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -445,6 +447,21 @@ def main(argv: list[str] | None = None) -> None:
         "The whole suite takes longer than one sitting here: run the same command again to go "
         "on where it stopped",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="only say which (task, seed, method) runs this command would run (with --resume: "
+        "those --json does not hold yet) and about how long they take, by the seconds of "
+        "saved rows of the same task, method and steps (in --json and --times)",
+    )
+    parser.add_argument(
+        "--times",
+        action="append",
+        default=None,
+        metavar="JSONL",
+        help="saved suite rows whose seconds --plan goes by, besides --json's (repeatable; "
+        "default: docs/suite/*.jsonl)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # TASK:SEED:METHOD
     args = parser.parse_args(argv)
@@ -475,8 +492,21 @@ def main(argv: list[str] | None = None) -> None:
         run_child(args, variants)
         return
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = saved_results(out, settings(args), variants) if args.resume else {}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if args.plan:
+        kind = model_kind(args.model)
+        for m in [m for m in methods if skipped(m, kind)]:
+            print(f"suite: {m} skipped: {skipped(m, kind)}")
+            methods.remove(m)
+        todo = [
+            (t, sd, m) for t in tasks for sd in seeds for m in methods if (t, sd, m) not in done
+        ]
+        timed = [out, *(Path(f) for f in args.times or sorted(ROOT.glob("docs/suite/*.jsonl")))]
+        timed = list({f.resolve(): f for f in timed}.values())  # each file once
+        print(plan(todo, len(tasks) * len(seeds) * len(methods), timed, args.steps))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
     header = {"kind": "run", **run_facts(), "model": args.model, "command": " ".join(sys.argv),
               "settings": settings(args), "variants": variants, **environment()}  # fmt: skip
     with out.open("a", encoding="utf-8") as fh:
@@ -484,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, start = [], time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     for name in tasks:
-        for seed in [int(x) for x in args.seeds.split(",")]:
+        for seed in seeds:
             for method in methods:
                 if (name, seed, method) in done:
                     row, by = done[name, seed, method]
@@ -500,6 +530,60 @@ def main(argv: list[str] | None = None) -> None:
                     fh.write(json.dumps(row) + "\n")
                 print(f"suite [{time.perf_counter() - start:.0f}s]: {json.dumps(row)}", flush=True)
     print(table(rows))
+
+
+def plan(todo: list[tuple[str, int, str]], total: int, files: list[Path], steps: int | None) -> str:
+    """The runs still to do, per task and method, and about how long: each the median time
+    of the saved rows of its task and method in ``files`` (of ``steps`` optimizer steps where
+    set and the method trains), and the load they were taken at. A row's time is its whole
+    run (``wall_seconds``); rows saved before the suite kept it give ``softprompt train``'s
+    loop (``run_seconds``) or, for the reference methods, their training alone, so the
+    estimate leaves out their loading and scoring."""
+    saved: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    for path in files:
+        for row in read_jsonl(path) if path.is_file() else []:
+            took = row.get("wall_seconds") or row.get("run_seconds") or row.get("train_seconds")
+            if "task" not in row or not took:
+                continue
+            if steps and row.get("steps") and row["steps"] != steps:
+                continue
+            saved.setdefault((row["task"], row["method"]), []).append(
+                (took, row.get("load_average"))
+            )
+    counts: dict[tuple[str, str], int] = {}
+    for task, _, method in todo:
+        counts[task, method] = counts.get((task, method), 0) + 1
+    lines = [f"suite --plan: {len(todo)} of {total} runs to do", "",
+             "| task | method | runs | seconds each (median of saved rows) | saved rows |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    known, unknown, loads = 0.0, [], []
+    for (task, method), n in counts.items():
+        times = saved.get((task, method), [])
+        if not times:
+            unknown.append(f"{task} {method}")
+            lines.append(f"| {task} | {method} | {n} | - | 0 |")
+            continue
+        each = statistics.median(t for t, _ in times)
+        known += n * each
+        loads += [la for _, la in times if la is not None]
+        lines.append(f"| {task} | {method} | {n} | {each:.0f} | {len(times)} |")
+    lines.append("")
+    if todo and len(unknown) < len(counts):
+        load = f"load average {min(loads):.1f}-{max(loads):.1f}" if loads else "an unknown load"
+        lines.append(
+            f"About {known / 3600:.1f} hours by the saved rows' seconds (taken at {load}; "
+            "a run alone on this machine is faster than one beside other jobs; rows saved "
+            "before the suite kept each run's whole time count its training only)"
+            + (
+                f"; {len(unknown)} task and method pairs have no saved row, not counted: "
+                + ", ".join(unknown)
+                if unknown
+                else ""
+            )  # fmt: skip
+        )
+    elif todo:
+        lines.append("No saved row of these tasks and methods: no estimate")
+    return "\n".join(lines)
 
 
 def settings(args) -> dict:
@@ -532,13 +616,16 @@ def saved_results(
 
 
 def run_in_child(argv: list[str], spec: str) -> dict | None:
-    """One (task, seed, method) in its own process, so each peak memory is its own."""
+    """One (task, seed, method) in its own process, so each peak memory is its own; its row
+    says the process's whole time (loading, training, scoring) as ``wall_seconds``."""
+    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, *argv, "--one", spec], capture_output=True, text=True
     )
     for line in proc.stdout.splitlines():
         if line.startswith(ROW_MARK):
-            return json.loads(line[len(ROW_MARK) :])
+            row = json.loads(line[len(ROW_MARK) :])
+            return {**row, "wall_seconds": round(time.perf_counter() - start, 1)}
         if line.startswith("suite: "):
             print(line, flush=True)
     if proc.returncode != 0:  # said, and the suite goes on: a crash is a result too
@@ -547,6 +634,26 @@ def run_in_child(argv: list[str], spec: str) -> dict | None:
         return {"task": spec.split(":")[0], "method": spec.split(":")[2],
                 "seed": int(spec.split(":")[1]), "error": last[0]}  # fmt: skip
     return None
+
+
+def skipped(method: str, kind) -> str | None:
+    """Why ``method`` does not run for a model of ``kind`` (None: it runs)."""
+    if method in CAUSAL_ONLY and kind is not CAUSAL:
+        return "it is for decoder models"
+    if method in METHODS and kind.default_method == method:
+        return f"it is what defaults trains for a {kind.name} model"
+    return None
+
+
+def model_kind(name: str):
+    """The kind of ``--model`` from its config alone, without loading its weights."""
+    from transformers import AutoConfig
+
+    from softprompt.kinds import detect
+    from softprompt.loading import model_source
+
+    folder, shown = model_source(ModelConfig(model=name))
+    return detect(AutoConfig.from_pretrained(folder), "auto", shown)
 
 
 def run_child(args, variants: dict[str, dict]) -> None:
@@ -559,12 +666,9 @@ def run_child(args, variants: dict[str, dict]) -> None:
         rows = read_jsonl(files["train"]) + read_jsonl(files["validation"])
         labels = sorted({r[task.target_field] for r in rows})
     loaded = load_model(ModelConfig(model=args.model), labels=labels)
-    if method in CAUSAL_ONLY and loaded.kind is not CAUSAL:
-        print(f"suite: {method} skipped: it is for decoder models", flush=True)
-        return
-    if method in METHODS and loaded.kind.default_method == method:
-        print(f"suite: {method} skipped: it is what defaults trains for a {loaded.kind.name} "
-              "model", flush=True)  # fmt: skip
+    why = skipped(method, loaded.kind)
+    if why:
+        print(f"suite: {method} skipped: {why}", flush=True)
         return
     s = Setting(name, task, files, seed, loaded, args, folder, labels)
     row = run_one(s, method, variants)

@@ -168,6 +168,18 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert resumed.count("not run again (--resume)") == len(results)
     assert "| cb | restricted | 1 |" in resumed
     assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
+    # --plan runs nothing: what is left (nothing, resumed), or everything and how long, by
+    # the saved rows' whole times; prefix is not planned, as it is not run, for a decoder
+    assert all(r["wall_seconds"] > 0 for r in results)
+    planned = _run("suite.py", *args, "--resume", "--plan")
+    assert "suite --plan: 0 of 10 runs to do" in planned
+    planned = _run("suite.py", *args, "--plan", "--times", str(out))
+    assert "suite: prefix skipped: it is what defaults trains for a causal model" in planned
+    assert "suite --plan: 10 of 10 runs to do" in planned
+    table_rows = [x for x in planned.splitlines() if x.startswith(("| cb |", "| e2e_nlg |"))]
+    assert len(table_rows) == 10 and all(x.endswith("| 1 |") for x in table_rows)  # saved rows
+    assert "hours by the saved rows' seconds" in planned and "no saved row" not in planned
+    assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
 
 
 def _bench_module(name: str, monkeypatch):

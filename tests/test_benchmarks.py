@@ -179,6 +179,12 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     table_rows = [x for x in planned.splitlines() if x.startswith(("| cb |", "| e2e_nlg |"))]
     assert len(table_rows) == 10 and all(x.endswith("| 1 |") for x in table_rows)  # saved rows
     assert "hours by the saved rows' seconds" in planned and "no saved row" not in planned
+    # which step to keep: the chosen prompt scores as the suite scored it, the last step's too
+    picked = _run("bench_select.py", str(tmp_path / "runs" / "cb-s0" / "prompt"))
+    cells = [x for x in picked.splitlines() if "cb-s0" in x][0].strip("| ").split(" | ")
+    saved = next(r for r in results if r["task"] == "cb" and r["method"] == "prompt")
+    assert float(cells[3]) == round(saved["accuracy"], 3) and int(cells[2]) == 2
+    assert 0 <= float(cells[4]) <= 1
     assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
 
 

@@ -5,11 +5,12 @@ validation loss can favour an early step that generalizes worse than the last on
 
     python benchmarks/bench_select.py runs/suite/cb-s2/defaults runs/suite/trec-s0/defaults
 
-Each RUN is the folder of a classification ``softprompt train`` run of ``benchmarks/suite.py``
-(``--runs``): its test rows are the ``data-METHOD/test.jsonl`` beside it, its labels those of
-its training and validation rows (as the suite scores them), its last step's prompt the
-newest checkpoint's (``checkpoints/step-*``). Prints one row per run: the chosen and the last
-step, test accuracy and macro-F1 of each, and the difference in points.
+Each RUN is the folder of a decoder's classification ``softprompt train`` run of
+``benchmarks/suite.py`` (``--runs``): its test rows are the ``data-METHOD/test.jsonl``
+beside it, its labels those of its training and validation rows (as the suite scores them),
+its last step's prompt the newest checkpoint's (``checkpoints/step-*``). Prints one row per
+run: the chosen and the last step, test accuracy and macro-F1 of each, and the difference in
+points.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def last_step_copy(run: Path, into: Path) -> tuple[Path, int, int]:
     for f in run.glob("*.json"):
         shutil.copy(f, into)
     tensors = load_file(str(run / ADAPTER_WEIGHTS))
+    if set(tensors) != {PROMPT_KEY}:  # a classifier's head: the last step's is not read here
+        raise SystemExit(
+            f"bench_select: {run} saved more than a prompt ({', '.join(tensors)}); "
+            "only decoder runs, whose prompt is the whole adapter, are supported"
+        )
     tensors[PROMPT_KEY] = load_file(str(last / "tensors.safetensors"))["prompt"][0].contiguous()
     save_file(tensors, str(into / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return into, state["best_step"], state["step"]

@@ -1,16 +1,23 @@
-"""Which step of a training run to keep: the prompt that validation chose (the step of the
-best validation loss, what ``softprompt train`` keeps) against the prompt of the run's last
-step, on the same held-out test rows. A question for the defaults: on small sets the
-validation loss can favour an early step that generalizes worse than the last one.
+"""Which validated step of a training run to keep, by each rule of ``train --select``: the
+lowest validation loss (the default), the highest validation accuracy (ties to the lower
+loss), or the last step. Each rule's prompt is scored on the same held-out test rows. A
+question for the defaults: on small sets the validation loss can favour an early step that
+generalizes worse than a later one.
 
-    python benchmarks/bench_select.py runs/suite/cb-s2/defaults runs/suite/trec-s0/defaults
+    python benchmarks/suite.py --tasks cb --seeds 0 --methods study --runs runs/suite \\
+        --variant study:keep_checkpoints=1000
+    python benchmarks/bench_select.py runs/suite/cb-s0/study
 
 Each RUN is the folder of a decoder's classification ``softprompt train`` run of
 ``benchmarks/suite.py`` (``--runs``): its test rows are the ``data-METHOD/test.jsonl``
-beside it, its labels those of its training and validation rows (as the suite scores them),
-its last step's prompt the newest checkpoint's (``checkpoints/step-*``). Prints one row per
-run: the chosen and the last step, test accuracy and macro-F1 of each, and the difference in
-points.
+beside it, its labels those of its training and validation rows (as the suite scores them).
+The step each rule keeps is read from the run's validations (``metrics.jsonl``: the loss and,
+for runs trained since validation counts right answers, the accuracy), and that step's
+prompt from its checkpoint (``checkpoints/step-*``), so the run must keep the checkpoints of
+every validated step (``--keep-checkpoints``; a rule whose step's checkpoint is gone is
+shown as such). Prints one row per run and rule (the step, test accuracy and macro-F1, the
+difference from the loss rule in points), then each rule's mean over the runs that every
+rule scored.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,47 +34,67 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
+from suite import read_jsonl, score_choices  # noqa: E402
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, PROMPT_KEY, load_prompt  # noqa: E402
 from softprompt.config import DataConfig, EvalConfig, ModelConfig  # noqa: E402
 from softprompt.data import load_examples  # noqa: E402
 from softprompt.loading import load_model  # noqa: E402
-from softprompt.measure.evaluate import evaluate_examples  # noqa: E402
+from softprompt.training.checkpoint import TaskBest  # noqa: E402
+from softprompt.training.run import keeps  # noqa: E402
+
+RULES = ("loss", "accuracy", "last")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+def kept_steps(run: Path) -> dict[str, int | None]:
+    """The step each rule keeps, from the run's validations after the initial one, by the
+    training loop's own rule (``keeps``); None where the run logged no accuracy."""
+    vals = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "val"][1:]
+    out: dict[str, int | None] = {}
+    for rule in RULES:
+        if rule == "accuracy" and any("accuracy" not in r for r in vals):
+            out[rule] = None
+            continue
+        kept = TaskBest()
+        for r in vals:
+            if keeps(rule, r["loss"], r.get("accuracy"), kept):
+                kept = TaskBest(r["loss"], r["step"], r.get("accuracy"))
+        out[rule] = kept.step
+    return out
 
 
-def last_step_copy(run: Path, into: Path) -> tuple[Path, int, int]:
-    """A copy of ``run``'s prompt folder holding its last checkpoint's prompt instead of the
-    chosen one; (the copy, the chosen step, the last step)."""
-    last = sorted((run / "checkpoints").glob("step-*"))[-1]
-    state = json.loads((last / "state.json").read_text())["run"]
-    into.mkdir(parents=True)
-    for f in run.glob("*.json"):
-        shutil.copy(f, into)
+def step_copy(run: Path, step: int, into: Path) -> Path | None:
+    """A copy of ``run``'s prompt folder holding the prompt of the checkpoint at ``step``
+    (None if that checkpoint was not kept)."""
+    checkpoint = run / "checkpoints" / f"step-{step:08d}"
+    if not checkpoint.is_dir():
+        return None
     tensors = load_file(str(run / ADAPTER_WEIGHTS))
-    if set(tensors) != {PROMPT_KEY}:  # a classifier's head: the last step's is not read here
+    if set(tensors) != {PROMPT_KEY}:  # a classifier's head: a checkpoint's is not read here
         raise SystemExit(
             f"bench_select: {run} saved more than a prompt ({', '.join(tensors)}); "
             "only decoder runs, whose prompt is the whole adapter, are supported"
         )
-    tensors[PROMPT_KEY] = load_file(str(last / "tensors.safetensors"))["prompt"][0].contiguous()
-    save_file(tensors, str(into / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return into, state["best_step"], state["step"]
+    into.mkdir(parents=True)
+    for f in run.glob("*.json"):
+        shutil.copy(f, into)
+    tensors[PROMPT_KEY] = load_file(str(checkpoint / "tensors.safetensors"))["prompt"][0]
+    save_file({PROMPT_KEY: tensors[PROMPT_KEY].contiguous()}, str(into / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})  # fmt: skip
+    return into
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="folders of suite training runs")
+    parser.add_argument("--json", help="also append one JSON line per run and rule here")
     args = parser.parse_args(argv)
-    loaded_by_model: dict[str, object] = {}
+    loaded_by_model: dict[tuple, object] = {}
     out = [
-        "| run | chosen step | last step | accuracy chosen | accuracy last | macro-F1 chosen "
-        "| macro-F1 last | last - chosen (accuracy) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | rule | step | accuracy | macro-F1 | minus the loss rule (accuracy) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    complete: list[dict[str, float]] = []  # runs that every rule scored
     with tempfile.TemporaryDirectory() as tmp:
         for n, name in enumerate(args.runs):
             run = Path(name)
@@ -78,23 +106,53 @@ def main(argv: list[str] | None = None) -> None:
             seen = read_jsonl(folder / "train.jsonl") + read_jsonl(folder / "validation.jsonl")
             labels = sorted({r[data.target_field] for r in seen})
             model = (config.get("base_model") or {}).get("name") or "embedded"
-            if model not in loaded_by_model:
-                loaded_by_model[model] = load_model(ModelConfig(model=model), labels=labels)
-            loaded = loaded_by_model[model]
+            key = (model, tuple(labels))  # a classifier's head is built for its labels
+            if key not in loaded_by_model:
+                loaded_by_model[key] = load_model(ModelConfig(model=model), labels=labels)
+            loaded = loaded_by_model[key]
             examples = load_examples(str(folder / "test.jsonl"), data)
             ecfg = EvalConfig(data=data, batch_size=8, choices=",".join(labels))
-            copy, chosen_step, last_step = last_step_copy(run, Path(tmp) / str(n))
-            got = []
-            for where in (run, copy):
-                prompt, _ = load_prompt(where, loaded.model)
-                result, _ = evaluate_examples(loaded, prompt, examples, ecfg, labels)
-                got.append(result)
-            gap = 100 * (got[1]["accuracy"] - got[0]["accuracy"])
-            row = (f"| {name} | {chosen_step} | {last_step} | {got[0]['accuracy']:.3f} "
-                   f"| {got[1]['accuracy']:.3f} | {got[0]['macro_f1']:.3f} "
-                   f"| {got[1]['macro_f1']:.3f} | {gap:+.1f} |")  # fmt: skip
-            out.append(row)
-            print(row, file=sys.stderr, flush=True)  # progress: each run as it is scored
+            scored: dict[int, dict | None] = {}
+            got: dict[str, dict | None] = {}
+            for rule, step in kept_steps(run).items():
+                if step is None:
+                    got[rule] = None
+                    continue
+                if step not in scored:
+                    where = step_copy(run, step, Path(tmp) / f"{n}-{step}")
+                    scored[step] = None if where is None else score_choices(
+                        loaded, load_prompt(where, loaded.model)[0], examples, ecfg)  # fmt: skip
+                got[rule] = {"step": step, **scored[step]} if scored[step] else {"step": step}
+            base = (got.get("loss") or {}).get("accuracy")
+            accuracy = {r: g["accuracy"] for r, g in got.items() if g and "accuracy" in g}
+            if len(accuracy) == len(RULES):
+                complete.append(accuracy)
+            for rule in RULES:
+                result = got[rule]
+                if result is None:
+                    row = f"| {name} | {rule} | - | no accuracy logged | | |"
+                elif "accuracy" not in result:
+                    row = f"| {name} | {rule} | {result['step']} | checkpoint not kept | | |"
+                else:
+                    gap = "" if base is None else f"{100 * (result['accuracy'] - base):+.1f}"
+                    row = (f"| {name} | {rule} | {result['step']} | {result['accuracy']:.3f} "
+                           f"| {result['macro_f1']:.3f} | {gap} |")  # fmt: skip
+                    if args.json:
+                        with open(args.json, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps({"run": name, "rule": rule, **result}) + "\n")
+                out.append(row)
+                print(row, file=sys.stderr, flush=True)  # progress: each run as it is scored
+    out += ["", f"Over the {len(complete)} runs that every rule scored:", "",
+            "| rule | mean accuracy | minus the loss rule | runs better / worse than it |",
+            "| --- | --- | --- | --- |"]  # fmt: skip
+    for rule in RULES:
+        if not complete:
+            break
+        mean = statistics.mean(c[rule] for c in complete)
+        gap = 100 * (mean - statistics.mean(c["loss"] for c in complete))
+        better = sum(c[rule] > c["loss"] for c in complete)
+        worse = sum(c[rule] < c["loss"] for c in complete)
+        out.append(f"| {rule} | {mean:.3f} | {gap:+.1f} | {better} / {worse} |")
     print("\n".join(out))
 
 

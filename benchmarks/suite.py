@@ -205,10 +205,9 @@ def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
         max_new_tokens=48,
         choices=None if s.task.generation else ",".join(s.labels),
     )
+    if not s.task.generation:
+        return score_choices(loaded, prompt, examples, ecfg)
     result, records = evaluate_examples(loaded, prompt, examples, ecfg, s.labels)
-    if not s.task.generation:  # the confusion matrix shows which classes a method never says
-        keep = ("accuracy", "macro_f1", "confusion")
-        return {k: result[k] for k in keep if k in result}
     from sacrebleu.metrics import BLEU, CHRF
 
     refs = [r.get("references") or [r["target"]] for r in read_jsonl(s.files["test"])]
@@ -220,6 +219,14 @@ def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
         "bleu": float(BLEU().corpus_score(outputs, streams).score),
         "sample": outputs[:3],
     }
+
+
+def score_choices(loaded, prompt: SoftPrompt | None, examples, ecfg: EvalConfig) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (which classes a method never says) by
+    the likelihood of the labels ``ecfg.choices``, as ``softprompt eval --choices`` scores."""
+    labels = ecfg.choice_list
+    result, _ = evaluate_examples(loaded, prompt, examples, ecfg, labels)
+    return {k: result[k] for k in ("accuracy", "macro_f1", "confusion") if k in result}
 
 
 def budget(s: Setting) -> int:
@@ -259,6 +266,10 @@ def run_trained(s: Setting, name: str, overrides: dict) -> dict:
     return {
         **row,
         "steps": result.summary["steps"],
+        # the validated step whose prompt was kept (train --select), and its validation
+        "kept_step": result.summary.get("kept_step"),
+        "kept_val_loss": result.summary.get("kept_val_loss"),
+        "kept_val_accuracy": result.summary.get("kept_val_accuracy"),
         # the optimizer steps alone, as LoRA's and PEFT's loops are timed (no validation)
         "train_seconds": result.summary["step_seconds"],
         "run_seconds": result.summary["train_seconds"],  # with validation and checkpoints

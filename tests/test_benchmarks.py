@@ -136,7 +136,8 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
             "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
             "--methods", "few-shot,prompt,prefix,peft,lora,restricted", "--json", str(out),
             "--runs", str(tmp_path / "runs"),
-            "--variant", "restricted:choice_loss=restricted"]  # fmt: skip
+            "--variant", "restricted:choice_loss=restricted,keep_checkpoints=100,eval_every=1,"
+            "save_every=1"]  # fmt: skip
     text = _run("suite.py", *args)
     assert "suite: skipping trec: no " in text
     # a decoder's defaults train a deep prompt: --method prefix would repeat them
@@ -179,12 +180,17 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     table_rows = [x for x in planned.splitlines() if x.startswith(("| cb |", "| e2e_nlg |"))]
     assert len(table_rows) == 10 and all(x.endswith("| 1 |") for x in table_rows)  # saved rows
     assert "hours by the saved rows' seconds" in planned and "no saved row" not in planned
-    # which step to keep: the chosen prompt scores as the suite scored it, the last step's too
-    picked = _run("bench_select.py", str(tmp_path / "runs" / "cb-s0" / "prompt"))
-    cells = [x for x in picked.splitlines() if "cb-s0" in x][0].strip("| ").split(" | ")
-    saved = next(r for r in results if r["task"] == "cb" and r["method"] == "prompt")
-    assert float(cells[3]) == round(saved["accuracy"], 3) and int(cells[2]) == 2
-    assert 0 <= float(cells[4]) <= 1
+    # which step to keep: the loss rule's prompt scores as the suite scored the saved one
+    # (it is the one training kept), every rule's step is a kept checkpoint's
+    picked = _run("bench_select.py", str(tmp_path / "runs" / "cb-s0" / "restricted"))
+    cells = {x.split(" | ")[1]: x.strip("| ").split(" | ") for x in picked.splitlines()
+             if x.startswith("| " + str(tmp_path))}  # fmt: skip
+    saved = next(r for r in results if r["task"] == "cb" and r["method"] == "restricted")
+    assert set(cells) == {"loss", "accuracy", "last"}
+    assert float(cells["loss"][3]) == round(saved["accuracy"], 3)
+    assert int(cells["loss"][2]) == saved["kept_step"] and int(cells["last"][2]) == 2
+    assert all(0 <= float(c[3]) <= 1 for c in cells.values())
+    assert "Over the 1 runs that every rule scored" in picked
     assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
 
 

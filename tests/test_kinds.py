@@ -269,6 +269,23 @@ def test_classifier_batched_equals_alone(kind_dirs):
     assert torch.allclose(together, alone, atol=1e-6)
 
 
+def test_classifier_validation_accuracy_is_the_heads_argmax(kind_dirs):
+    """A classifier's validation reports its accuracy: the share of rows whose head argmax
+    is their label (what `--select accuracy` keeps by)."""
+    from conftest import random_prompt
+
+    from softprompt.kinds.classify import logits
+
+    loaded = load_model(model=str(kind_dirs["bert"]), labels=["negative", "positive"])
+    rows, batch = bert_batch(loaded, n=len(REVIEWS))
+    prompt = random_prompt(n=3)
+    result = loaded.kind.evaluate_loss(loaded.model, prompt, rows, 4, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = (logits(loaded.model, prompt, batch).argmax(-1) == batch["labels"]).float().mean()
+    assert result["accuracy"] == pytest.approx(float(want))
+    assert result["tokens"] == len(rows)
+
+
 def test_classifier_resume_equals_an_uninterrupted_run(kind_dirs, tmp_path):
     from dataclasses import replace
 

@@ -188,3 +188,38 @@ def test_choice_loss_equal_on_both_paths(loaded_all, arch):
     assert results[0][1] == results[1][1] == len(PAIRS)  # one position per row
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_choice_hits_count_the_label_ranked_first_on_every_path(loaded_all, arch):
+    """Validation accuracy (``hits``) is the same on the shared-prefix, plain and
+    full-logits paths, with and without the rest logit, and equals the argmax over the
+    choices' columns of the full logits at each row's answer position."""
+    from softprompt import loss as loss_mod
+    from softprompt.loss import head_logits, with_rest
+
+    loaded = loaded_all[arch]
+    model, tok = loaded.model, loaded.tokenizer
+    batch = collate(_rows(tok, PAIRS * 2), tok.pad_token_id)
+    words = ("positive", "negative")
+    choices = torch.tensor([tok.convert_tokens_to_ids(w) for w in words])
+    wins = set()
+    for seed in range(4):  # prompts that rank the labels differently
+        prompt = init_prompt(model, tok, PromptConfig(num_virtual_tokens=5, init="random"),
+                             seed=seed)  # fmt: skip
+        emb, mask, labels = prompt.prepend(embed_tokens(model, batch["input_ids"]),
+                                           batch["attention_mask"], batch["labels"])  # fmt: skip
+        with torch.no_grad():
+            hidden = model.base_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+            targets = labels[:, 1:]
+            first = (targets != IGNORE_INDEX) & ((targets != IGNORE_INDEX).cumsum(1) == 1)
+            logits = head_logits(model, hidden[:, :-1][first])[:, choices]
+            gold = (targets[first].unsqueeze(1) == choices).long().argmax(1)
+            want = int((logits.argmax(1) == gold).sum())
+            for ids in (choices, with_rest(choices)):
+                for fast, shared in ((True, True), (True, False), (False, False)):
+                    hits: list[int] = []
+                    loss_mod._loss(model, prompt, batch, fast, shared, ids, hits)
+                    assert sum(hits) == want, (fast, shared, len(ids))
+        wins.add(want)
+    assert len(wins) > 1  # the prompts did rank differently: the count was tested

@@ -62,3 +62,60 @@ def test_max_steps_inside_the_first_epoch_still_validates(tiny_dir, pairs_file, 
     saved, _ = load_prompt(out)
     initial = load_file(str(out / INITIAL))[PROMPT_KEY]
     assert not torch.equal(saved.embedding.detach(), initial)
+
+
+def _kept_by_rule(vals: list[dict]) -> dict:
+    """The validation ``--select accuracy`` keeps: the most accurate, ties to the lower loss,
+    exact ties to the earlier (the first record, the initial prompt, is not a candidate)."""
+    kept = vals[1]
+    for r in vals[2:]:
+        same = r["accuracy"] == kept["accuracy"]
+        if r["accuracy"] > kept["accuracy"] or (same and r["loss"] < kept["loss"] - 1e-6):
+            kept = r
+    return kept
+
+
+def test_select_accuracy_keeps_the_most_accurate_validation(tiny_dir, pairs_file, tmp_path):
+    """Each validation logs its accuracy; the saved prompt is the one the rule picks, and
+    scoring it again gives that validation's loss and accuracy."""
+    from softprompt.loading import load_model
+    from softprompt.training.setup import DataSource
+
+    out = tmp_path / "acc"
+    cfg = train_config(tiny_dir, pairs_file, out, epochs=6, choices="negative,positive",
+                       choice_loss="restricted", select="accuracy", lr=1.0)  # fmt: skip
+    result = train(cfg, progress=False)
+    vals = [r for r in _records(out) if r["kind"] == "val"]
+    assert all(r["accuracy"] * 3 == round(r["accuracy"] * 3) for r in vals)  # 3 rows
+    kept = _kept_by_rule(vals)
+    summary = result.summary
+    assert summary["select"] == "accuracy"
+    assert (summary["kept_step"], summary["kept_val_accuracy"]) == (kept["step"], kept["accuracy"])
+    assert summary["kept_val_loss"] == pytest.approx(kept["loss"])
+    # the saved prompt is that validation's: its loss and accuracy again
+    loaded = load_model(model=str(tiny_dir))
+    source = DataSource()
+    data = source.prepare(cfg, *source.examples(cfg), loaded, out, "cpu")
+    prompt, _ = load_prompt(out, loaded.model)
+    again = loaded.kind.evaluate_loss(loaded.model, prompt, data.val_by_task[0], 3,
+                                      loaded.tokenizer.pad_token_id, data.choice_ids)  # fmt: skip
+    assert again["accuracy"] == kept["accuracy"]
+    assert again["loss"] == pytest.approx(kept["loss"], rel=1e-4)
+
+
+def test_select_last_keeps_the_last_validation(tiny_dir, pairs_file, tmp_path):
+    out = tmp_path / "last"
+    cfg = train_config(tiny_dir, pairs_file, out, epochs=3, choices="negative,positive",
+                       select="last")  # fmt: skip
+    summary = train(cfg, progress=False).summary
+    vals = [r for r in _records(out) if r["kind"] == "val"]
+    assert summary["kept_step"] == summary["steps"] == vals[-1]["step"]
+    assert summary["kept_val_loss"] == pytest.approx(vals[-1]["loss"])
+
+
+def test_select_accuracy_needs_labels(tiny_dir, pairs_file, tmp_path):
+    cfg = train_config(tiny_dir, pairs_file, tmp_path / "x", select="accuracy")
+    with pytest.raises(ConfigError, match="select accuracy needs labels"):
+        train(cfg, progress=False)
+    with pytest.raises(ConfigError, match="select must be one of"):
+        train_config(tiny_dir, pairs_file, tmp_path / "y", select="best")

@@ -70,6 +70,7 @@ def lm_loss(
     fast_head: bool = True,
     shared_prefix: bool = True,
     choice_ids: Tensor | None = None,
+    hits: list[int] | None = None,
 ) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and their count.
 
@@ -77,13 +78,13 @@ def lm_loss(
     With ``choice_ids`` (C,) (classification mode) only each row's first labelled position
     counts, and its softmax runs over the choices' first tokens alone. With a ``PromptSet``
     each row gets its own task's prompt (``batch["task"]``); rows of one task share its
-    prefix.
+    prefix. With ``choice_ids`` and a ``hits`` list, the number of rows whose highest-scoring
+    choice is their label is appended to it (validation accuracy, from the same pass).
     """
     able = support(model)
     fast = fast_head and able.fast_head
-    return _loss(
-        model, prompt, batch, fast, fast and shared_prefix and able.shared_prefix, choice_ids
-    )
+    shared = fast and shared_prefix and able.shared_prefix
+    return _loss(model, prompt, batch, fast, shared, choice_ids, hits)
 
 
 def _loss(
@@ -93,6 +94,7 @@ def _loss(
     fast: bool,
     shared: bool,
     choice_ids: Tensor | None,
+    hits: list[int] | None = None,
 ) -> tuple[Tensor, int]:
     """``lm_loss`` with the shortcuts given, not checked (``support`` compares the paths)."""
     labels, at = batch["labels"], batch.get("prompt_at")
@@ -105,13 +107,16 @@ def _loss(
         hidden = hidden_after_deep(model, virtual, deep_layout(prompt), which, batch)
         keep = _positions(labels, choice_ids)
         keep[:, 0] = False
-        return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft), int(keep.sum())
+        loss = _head_loss(model, hidden[keep], labels[keep], choice_ids, soft, hits)
+        return loss, int(keep.sum())
     if prompt is not None and shared and at is None:  # the prompt first in every row
         hidden = hidden_after_prefix(model, *rows_prompts(prompt, batch), batch)
         keep = _positions(labels, choice_ids)  # hidden[:, j] predicts labels[:, j]
-        return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft), int(keep.sum())
+        loss = _head_loss(model, hidden[keep], labels[keep], choice_ids, soft, hits)
+        return loss, int(keep.sum())
     if prompt is not None and shared and len(lengths := at.unique()) <= MAX_HEAD_GROUPS:
-        parts = [_behind_heads(model, prompt, batch, int(a), choice_ids, soft) for a in lengths]
+        parts = [_behind_heads(model, prompt, batch, int(a), choice_ids, soft, hits)
+                 for a in lengths]  # fmt: skip
         return sum(loss for loss, _ in parts), sum(n for _, n in parts)
     embeds = embed_tokens(model, batch["input_ids"])  # (B, T, H)
     mask = batch["attention_mask"]
@@ -123,13 +128,13 @@ def _loss(
     if fast:
         hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         hidden = hidden[:, :-1][keep]
-        return _head_loss(model, hidden, targets[keep], choice_ids, soft), int(keep.sum())
+        return _head_loss(model, hidden, targets[keep], choice_ids, soft, hits), int(keep.sum())
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1][keep]
     if choice_ids is not None:
         logits = pick_choices(logits, choice_ids)  # (K, C) or (K, C+1)
     if soft is not None:
         return _soft_kl(logits, *soft_rows(soft, targets[keep])), int(keep.sum())
-    return _score(logits, targets[keep], choice_ids), int(keep.sum())
+    return _score(logits, targets[keep], choice_ids, hits), int(keep.sum())
 
 
 # Rows whose prompt sits behind heads of this many different lengths share prefixes per
@@ -145,6 +150,7 @@ def _behind_heads(
     a: int,
     choice_ids: Tensor | None,
     soft: tuple[Tensor, Tensor] | None = None,
+    hits: list[int] | None = None,
 ) -> tuple[Tensor, int]:
     """The loss of the rows whose prompt sits after a head of ``a`` tokens: each distinct
     (head, prompt) runs once as a prefix and its rows read it from the shared cache."""
@@ -159,7 +165,7 @@ def _behind_heads(
     labels = sub["labels"][:, a:width]  # the head carries no labels
     hidden = hidden_after_prefix(model, prefix, which, tail)
     keep = _positions(labels, choice_ids)
-    return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft), int(keep.sum())
+    return _head_loss(model, hidden[keep], labels[keep], choice_ids, soft, hits), int(keep.sum())
 
 
 def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
@@ -170,11 +176,18 @@ def _positions(targets: Tensor, choice_ids: Tensor | None) -> Tensor:
     return keep
 
 
-def _score(logits: Tensor, gold: Tensor, choice_ids: Tensor | None) -> Tensor:
+def _score(
+    logits: Tensor, gold: Tensor, choice_ids: Tensor | None, hits: list[int] | None = None
+) -> Tensor:
     """Summed cross-entropy in float32, over the vocabulary (K, V) or, with ``choice_ids``,
-    over the choices only (logits (K, C))."""
+    over the choices only (logits (K, C), or (K, C+1) with REST last); with both
+    ``choice_ids`` and ``hits``, appends how many rows rank their label first among the
+    choices (REST, not a label, is left out of the ranking)."""
     if choice_ids is not None:
         gold = (gold.unsqueeze(1) == choice_ids.unsqueeze(0)).long().argmax(dim=1)
+        if hits is not None:
+            labels = len(choice_ids) - int(int(choice_ids[-1]) == REST)
+            hits.append(int((logits[:, :labels].argmax(dim=1) == gold).sum()))
     return F.cross_entropy(logits.float(), gold, reduction="sum")
 
 
@@ -184,6 +197,7 @@ def _head_loss(
     gold: Tensor,
     choice_ids: Tensor | None,
     soft: tuple[Tensor, Tensor] | None = None,
+    hits: list[int] | None = None,
 ) -> Tensor:
     """Summed cross-entropy of hidden states (K, H) against ``gold`` (K,): over the choices'
     columns alone, or over the vocabulary in chunks (``ChunkedCrossEntropy``). With ``soft``
@@ -201,7 +215,7 @@ def _head_loss(
     if choice_ids is None and isinstance(head, nn.Linear):
         cap = getattr(model.config, "final_logit_softcapping", None) or None
         return chunked_cross_entropy(hidden, head.weight, head.bias, gold, cap)
-    return _score(choice_logits(model, hidden, choice_ids), gold, choice_ids)
+    return _score(choice_logits(model, hidden, choice_ids), gold, choice_ids, hits)
 
 
 # --- distillation: the KL divergence from a teacher's top-k distribution ------------------

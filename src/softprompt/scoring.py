@@ -43,21 +43,25 @@ def evaluate_loss(
 ) -> dict[str, float]:
     """Mean next-token loss over labelled tokens (targets only for pairs) and perplexity.
 
-    With ``choice_ids`` the loss is the classification-mode one (see ``lm_loss``).
+    With ``choice_ids`` the loss is the classification-mode one (see ``lm_loss``), and
+    ``accuracy`` is the share of rows whose label scores highest among the choices.
     """
     device = model.get_input_embeddings().weight.device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # little padding
     if choice_ids is not None:
         choice_ids = choice_ids.to(device)
-    total, count = 0.0, 0
+    total, count, hits = 0.0, 0, []
     for start in batch_starts(range(0, len(order), batch_size)):
         batch = collate([rows[i] for i in order[start : start + batch_size]], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = lm_loss(model, prompt, batch, choice_ids=choice_ids)
+        loss, n = lm_loss(model, prompt, batch, choice_ids=choice_ids, hits=hits)
         total += float(loss)
         count += n
     mean = total / max(count, 1)
-    return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
+    result = {"loss": mean, "ppl": perplexity(mean), "tokens": count}
+    if choice_ids is not None:  # one position per row: count is the number of rows scored
+        result["accuracy"] = sum(hits) / max(count, 1)
+    return result
 
 
 def perplexity(loss: float) -> float:
@@ -415,9 +419,11 @@ def classify_per_choice(
 
 @torch.no_grad()
 def mean_row_loss(rows_loss, model: nn.Module, prompt, rows: list[Row], batch_size: int,
-                  pad_id: int) -> dict:  # fmt: skip
+                  pad_id: int, hits: list[int] | None = None) -> dict:  # fmt: skip
     """Mean loss per label of ``rows`` under a kind's ``rows_loss(model, prompt, rows, pad_id,
-    device)`` (seq2seq: per target token; classify: per example), with perplexity."""
+    device)`` (seq2seq: per target token; classify: per example), with perplexity. With
+    ``hits``, a list that ``rows_loss`` appends each batch's correct predictions to (a
+    classifier's), also their ``accuracy`` per row."""
     device = model.get_input_embeddings().weight.device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     total, count = 0.0, 0
@@ -426,7 +432,10 @@ def mean_row_loss(rows_loss, model: nn.Module, prompt, rows: list[Row], batch_si
         loss, n, _ = rows_loss(model, prompt, batch_rows, pad_id, device)
         total, count = total + float(loss), count + n
     mean = total / max(count, 1)
-    return {"loss": mean, "ppl": perplexity(mean), "tokens": count}
+    result = {"loss": mean, "ppl": perplexity(mean), "tokens": count}
+    if hits is not None:
+        result["accuracy"] = sum(hits) / max(len(rows), 1)
+    return result
 
 
 def pooled_loss(model, prompt, rows, scored, batch_size: int, tok) -> dict:

@@ -11,12 +11,14 @@ from softprompt.config.base import (
     METHODS,
     MIN_TEMPERATURE,
     REPARAMS,
+    SELECTS,
     ChoiceLoss,
     DataConfig,
     Method,
     ModelConfig,
     PromptConfig,
     Reparam,
+    Select,
     check_choice,
     check_finite,
     choice_labels,
@@ -58,8 +60,22 @@ class TrainConfig:
     seed: int = opt(0, "Seed for initialisation, the split and data order.")
     eval_every: int | None = opt(None, "Also run validation every K steps (default: each epoch).")
     save_every: int | None = opt(None, "Also checkpoint every K steps (default: each epoch).")
+    keep_checkpoints: int = opt(
+        2,
+        "How many of the newest checkpoints to keep in OUTPUT/checkpoints. Each holds the "
+        "prompt of its step, so keeping all of them (e.g. 1000) lets you score any validated "
+        "step later (benchmarks/bench_select.py does).",
+    )
     patience: int | None = opt(
         None, "Stop after this many validations without improvement (default: never)."
+    )
+    select: Select = opt(
+        "loss",
+        "Which validated prompt to keep: 'loss' (the default) the one with the lowest "
+        "validation loss; 'accuracy' the one that labels the most validation rows right "
+        "(classification: --choices, or a classifier), ties to the lower loss; 'last' the "
+        "last one. --patience counts validations without a better one by the same rule "
+        "('last': by the loss).",
     )
     choices: str | None = opt(
         CHOICES_AUTO,
@@ -164,6 +180,7 @@ class TrainConfig:
         _ = self.choice_list
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
         check_choice(self.reparam, REPARAMS, "--reparam")
+        check_choice(self.select, SELECTS, "--select")
         if self.method is not None:
             check_choice(self.method, METHODS, "--method")
         if self.prefix_projection and self.method == "prompt":
@@ -173,6 +190,8 @@ class TrainConfig:
         if self.method == "prefix" and self.reparam != "none":
             raise ConfigError("--reparam residual maps input vectors; a deep prefix (--method "
                               "prefix) has none: leave --reparam out")  # fmt: skip
+        if self.keep_checkpoints < 1:
+            raise ConfigError("--keep-checkpoints must be at least 1 (--resume reads the newest)")
         if self.reparam_hidden < 1:
             raise ConfigError("--reparam-hidden must be at least 1")
         if self.ensemble < 1:

@@ -89,7 +89,9 @@ class Kind(Protocol):
         self, model: nn.Module, prompt, rows: list[Row], batch_size: int, pad_id: int,
         choice_ids: Tensor | None = None,
     ) -> dict:  # fmt: skip
-        """Mean loss per label over ``rows``, with perplexity and the label count."""
+        """Mean loss per label over ``rows``, with perplexity and the label count, and
+        ``accuracy`` where the kind tells right from wrong (a decoder given ``choice_ids``: the
+        label ranked first among the choices; a classifier: the head's argmax)."""
 
     def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
         """A raw input's tokens, split where the prompt goes: (head or None, ids)."""

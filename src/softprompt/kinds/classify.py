@@ -9,6 +9,8 @@ A row holds the input's ids in ``input_ids`` and its label's index as ``labels[0
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,11 +109,17 @@ def logits(model: nn.Module, prompt, batch: dict[str, Tensor]) -> Tensor:
     return model(inputs_embeds=embeds, attention_mask=mask).logits
 
 
-def rows_loss(model: nn.Module, prompt, rows: list[Row], pad_id: int, device) -> tuple:
-    """(summed cross-entropy over rows, row count, positions run)."""
+def rows_loss(
+    model: nn.Module, prompt, rows: list[Row], pad_id: int, device,
+    hits: list[int] | None = None,
+) -> tuple:  # fmt: skip
+    """(summed cross-entropy over rows, row count, positions run); with ``hits``, appends
+    how many rows the head labels right."""
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     out = logits(model, prompt, batch)
     loss = F.cross_entropy(out.float(), batch["labels"], reduction="sum")
+    if hits is not None:
+        hits.append(int((out.argmax(dim=-1) == batch["labels"]).sum()))
     n_virtual = 0 if prompt is None or is_deep(prompt) else rows_prompts(prompt, batch)[0].shape[1]
     return loss, len(rows), int(batch["input_ids"].numel() + len(rows) * n_virtual)
 
@@ -259,7 +267,9 @@ class Classify:
         return rows_loss(model, prompts, rows, pad_id, device)
 
     def evaluate_loss(self, model, prompt, rows, batch_size, pad_id, choice_ids=None) -> dict:
-        return mean_row_loss(rows_loss, model, prompt, rows, batch_size, pad_id)
+        hits: list[int] = []
+        return mean_row_loss(partial(rows_loss, hits=hits), model, prompt, rows, batch_size,
+                             pad_id, hits)  # fmt: skip
 
     def encode(self, tokenizer, fmt: PromptFormat, text: str, fields=None) -> Encoded:
         return encode_whole(tokenizer, fmt, text, fields)

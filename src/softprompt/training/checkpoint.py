@@ -39,7 +39,9 @@ FOLDER = "checkpoints"
 KEEP = 2
 
 
-def save_checkpoint(output: Path, step: int, state: dict, tensors: dict[str, Tensor]) -> Path:
+def save_checkpoint(
+    output: Path, step: int, state: dict, tensors: dict[str, Tensor], keep: int = KEEP
+) -> Path:
     root = output / FOLDER
     record(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ def save_checkpoint(output: Path, step: int, state: dict, tensors: dict[str, Ten
     except Exception as err:  # a full disk: the checkpoints before this one stay good
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_error(err, final) from None
-    for old in sorted(root.glob("step-*"))[:-KEEP]:
+    for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -89,6 +91,7 @@ RESUMABLE = {
     "max_steps",
     "eval_every",
     "save_every",
+    "keep_checkpoints",
     "patience",
     "resume",
     "overwrite",
@@ -98,10 +101,12 @@ RESUMABLE = {
 
 @dataclass
 class TaskBest:
-    """A task's best validation loss so far and the step it was reached at."""
+    """A task's kept validation (``--select``): its loss, its accuracy where the kind
+    reports one, and the step it was reached at."""
 
     loss: float | None = None
     step: int = 0
+    accuracy: float | None = None
 
 
 @dataclass
@@ -113,6 +118,7 @@ class RunState:
     step: int = 0  # optimizer steps done
     best_loss: float = math.inf  # best pooled validation loss
     best_step: int = 0
+    best_accuracy: float | None = None  # best pooled validation accuracy (classification)
     bad_evals: int = 0  # validations since the last improvement (--patience)
     stop_reason: str = ""
     base_val_loss: float | None = None  # the base model alone, before training
@@ -169,7 +175,7 @@ def save_run(run: Resumable) -> None:
         "scheduler": run.scheduler.state_dict(),
         "data_files": data_fingerprints(run.cfg),
     }
-    save_checkpoint(run.output, run.state.step, record, tensors)
+    save_checkpoint(run.output, run.state.step, record, tensors, run.cfg.keep_checkpoints)
 
 
 def restore_run(run: Resumable) -> Path:
@@ -245,7 +251,8 @@ def _check_same_run(saved: dict, now: dict) -> None:
 
 # Settings added after a checkpoint may have been written: absent there, they had this value.
 ADDED_LATER = {"model.task": "auto", "reparam": "none", "reparam_hidden": 128, "ensemble": 1,
-               "method": "prompt", "prefix_projection": False, "prefix_hidden": 512}  # fmt: skip
+               "method": "prompt", "prefix_projection": False, "prefix_hidden": 512,
+               "select": "loss"}  # fmt: skip
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:

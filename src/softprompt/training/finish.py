@@ -29,6 +29,10 @@ def _closing_line(summary: dict, output: Path, data: TrainData) -> str:
         )
     else:
         parts.append(f"saved to {output}")
+    if summary.get("kept_step") is not None and summary["select"] != "loss":
+        accuracy = summary.get("kept_val_accuracy")
+        shown = "" if accuracy is None else f", validation accuracy {accuracy:.3f}"
+        parts.append(f"kept step {summary['kept_step']} (--select {summary['select']}{shown})")
     return "; ".join(parts)
 
 
@@ -66,6 +70,7 @@ def run_summary(run: Run, elapsed: float) -> dict:
     """What the run did, for softprompt.json and the closing line."""
     state, tokens = run.state, run.tokens_seen
     trained = [r for r in run.log.records if r.get("kind") == "train"]
+    kept = next((t for t in state.task_best if t.loss is not None), None)
     train_losses = [r["loss"] for r in trained]
     return {
         "steps": state.step,
@@ -74,6 +79,12 @@ def run_summary(run: Run, elapsed: float) -> dict:
         "initial_val_loss": state.initial_val_loss,
         "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss,
         "best_step": state.best_step,
+        "best_val_accuracy": state.best_accuracy,
+        # the prompt saved (--select): the first task's kept validation (per task in tasks.json)
+        "select": run.cfg.select,
+        "kept_step": kept.step if kept is not None else None,
+        "kept_val_loss": kept.loss if kept is not None else None,
+        "kept_val_accuracy": kept.accuracy if kept is not None else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "train_seconds": round(elapsed, 2),
         # the optimizer steps alone (forward, backward, update): the loop less validation and
@@ -128,6 +139,7 @@ def save_prompts(run: Run, summary: dict) -> None:
             "initial_val_loss": state.task_initial[i] if state.task_initial else None,
             "best_val_loss": state.task_best[i].loss,
             "best_step": state.task_best[i].step,
+            "best_val_accuracy": state.task_best[i].accuracy,
         }
         task_meta = {**meta, "task": task, "metrics": {**summary, "task": task_metrics}}
         folder = run.output / task

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import softprompt
 from softprompt.config import TrainConfig
 from softprompt.console import say
+from softprompt.errors import ConfigError
 from softprompt.loading import LoadedModel
 from softprompt.prompt import (
     PromptSet,
@@ -37,8 +38,41 @@ from softprompt.rows import Row, batch_order
 from softprompt.scoring import perplexity
 from softprompt.templates import PromptFormat
 from softprompt.tracking import MetricsLog
-from softprompt.training.checkpoint import RunState, save_run
+from softprompt.training.checkpoint import RunState, TaskBest, save_run
 from softprompt.training.parallel import forward_backward
+
+
+@dataclass
+class Measured:
+    """One validation: the loss pooled over tasks, the accuracy pooled over their rows
+    (None unless every scored row can be right or wrong: classification), and each task's
+    ``evaluate_loss`` result (None for a task without validation rows)."""
+
+    loss: float
+    accuracy: float | None
+    per_task: list[dict | None]
+
+    @property
+    def task_losses(self) -> list[float | None]:
+        return [None if t is None else t["loss"] for t in self.per_task]
+
+
+def keeps(select: str, loss: float, accuracy: float | None, kept: TaskBest) -> bool:
+    """Whether a validation (``loss``, ``accuracy``) replaces the ``kept`` one by --select:
+    a lower loss; a higher accuracy, or the same with a lower loss; or always ('last')."""
+    if select == "last" or kept.loss is None or math.isinf(kept.loss):
+        return True
+    lower = loss < kept.loss - 1e-6
+    if select == "accuracy" and accuracy is not None and kept.accuracy is not None:
+        if abs(accuracy - kept.accuracy) > 1e-9:
+            return accuracy > kept.accuracy
+    return lower
+
+
+def _best_so_far(state: RunState, select: str) -> str:
+    if select == "accuracy" and state.best_accuracy is not None:
+        return f" (best {state.best_accuracy:.3f} at step {state.best_step})"
+    return f" (best {state.best_loss:.4f} at step {state.best_step})"
 
 
 @dataclass
@@ -184,70 +218,93 @@ class Run:
         )
         return True
 
-    def measure(self, prompts: PromptSet | None, kind: str) -> tuple[float, list] | None:
-        """Validation loss of every task (with ``prompts``, or the base model), logged:
-        (pooled over tasks, per task), or None without validation data."""
+    def measure(self, prompts: PromptSet | None, kind: str) -> Measured | None:
+        """Validation loss (and, for classification, accuracy) of every task, with
+        ``prompts`` or the base model, logged; None without validation data."""
         if not self.has_validation:
             return None
         model, pad_id = self.loaded.model, self.loaded.tokenizer.pad_token_id
-        per_task, total, count = [], 0.0, 0
-        for i, rows in enumerate(self.data.val_by_task):
-            if not rows:
+        per_task: list[dict | None] = []
+        total, count, right, rows = 0.0, 0, 0.0, 0
+        for i, task_rows in enumerate(self.data.val_by_task):
+            if not task_rows:
                 per_task.append(None)
                 continue
             prompt = prompts.prompts[i] if prompts is not None else None
             result = self.loaded.kind.evaluate_loss(
-                model, prompt, rows, self.cfg.batch_size, pad_id, self.data.choice_ids
+                model, prompt, task_rows, self.cfg.batch_size, pad_id, self.data.choice_ids
             )
-            per_task.append(result["loss"])
+            per_task.append(result)
             total, count = total + result["loss"] * result["tokens"], count + result["tokens"]
+            if "accuracy" in result:
+                right, rows = right + result["accuracy"] * len(task_rows), rows + len(task_rows)
             if self.data.several_prompts:
                 self.log.write(kind=f"task_{kind}", task=self.data.tasks[i], step=self.state.step,
                                **result)  # fmt: skip
         pooled = total / max(count, 1)
+        accuracy = right / rows if rows else None
+        extra = {} if accuracy is None else {"accuracy": accuracy}
         self.log.write(kind=kind, step=self.state.step, epoch=self.current_epoch, loss=pooled,
-                       ppl=perplexity(pooled), tokens=count)  # fmt: skip
-        return pooled, per_task
+                       ppl=perplexity(pooled), tokens=count, **extra)  # fmt: skip
+        return Measured(pooled, accuracy, per_task)
 
     def measure_start(self) -> None:
         """Validation loss of the base model alone and with the initial prompts."""
         if not self.has_validation:
             return
         state = self.state
-        state.base_val_loss, state.task_base = self.measure(None, "base")
-        state.initial_val_loss, state.task_initial = self.measure(self.prompts, "val")
+        base, initial = self.measure(None, "base"), self.measure(self.prompts, "val")
+        state.base_val_loss, state.task_base = base.loss, base.task_losses
+        state.initial_val_loss, state.task_initial = initial.loss, initial.task_losses
+        if self.cfg.select == "accuracy" and initial.accuracy is None:
+            raise ConfigError(
+                "--select accuracy needs labels to count right answers: give --choices (a "
+                f"decoder) or train a classifier; this {self.loaded.kind.name} run has none. "
+                "Use --select loss"
+            )
         say(
             f"validation loss before training: base model {state.base_val_loss:.4f}, with the "
             f"initial prompt{'s' if self.data.several_prompts else ''} {state.initial_val_loss:.4f}"
+            + ("" if initial.accuracy is None else f" (accuracy {initial.accuracy:.3f})")
         )
 
     def validate(self) -> float | None:
-        """Validate the current prompts; keep each task's best; count towards --patience.
-        Returns the pooled validation loss (None without validation data)."""
+        """Validate the current prompts; keep each task's prompt by --select; count towards
+        --patience. Returns the pooled validation loss (None without validation data)."""
         result = self.measure(self.prompts, "val")
         if result is None:
             return None
-        loss, per_task = result
-        state = self.state
-        for i, task_loss in enumerate(per_task):  # each task keeps its own best prompt
+        state, select = self.state, self.cfg.select
+        for i, task in enumerate(result.per_task):  # each task keeps its own prompt
             record = state.task_best[i]
-            if task_loss is not None and (record.loss is None or task_loss < record.loss - 1e-6):
-                record.loss, record.step = task_loss, state.step
+            if task is not None and keeps(select, task["loss"], task.get("accuracy"), record):
+                record.loss, record.accuracy, record.step = (
+                    task["loss"],
+                    task.get("accuracy"),
+                    state.step,
+                )
                 self.best[i].copy_(self.prompts.prompts[i].embedding.detach())
                 for best, p in zip(self.best_head, self.head):  # classify: one task, one head
                     best.copy_(p.detach())
+        loss, accuracy = result.loss, result.accuracy
+        pooled_best = TaskBest(state.best_loss, state.best_step, state.best_accuracy)
+        better = keeps("loss" if select == "last" else select, loss, accuracy, pooled_best)
         self.last_val = loss
-        self.note(f"step {state.step}, epoch {self.current_epoch}: validation loss {loss:.4f}"
-                  + (" (best so far)" if loss < state.best_loss - 1e-6 else
-                     f" (best {state.best_loss:.4f} at step {state.best_step})"))  # fmt: skip
+        shown = "" if accuracy is None else f", accuracy {accuracy:.3f}"
+        self.note(
+            f"step {state.step}, epoch {self.current_epoch}: validation loss {loss:.4f}"
+            f"{shown}" + (" (best so far)" if better else _best_so_far(state, select))
+        )
         self.show()
-        if loss < state.best_loss - 1e-6:
-            state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+        if better:
+            state.best_loss, state.best_accuracy = loss, accuracy
+            state.best_step, state.bad_evals = state.step, 0
         else:
             state.bad_evals += 1
             if self.cfg.patience and state.bad_evals >= self.cfg.patience:
+                rule = "accuracy" if select == "accuracy" else "loss"
                 state.stop_reason = (
-                    f"early stop: no better validation loss in {self.cfg.patience} checks"
+                    f"early stop: no better validation {rule} in {self.cfg.patience} checks"
                 )
         return loss
 

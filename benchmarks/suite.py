@@ -71,7 +71,7 @@ from softprompt.config import (  # noqa: E402
 )
 from softprompt.data import load_examples  # noqa: E402
 from softprompt.kinds import CAUSAL  # noqa: E402
-from softprompt.loading import load_model  # noqa: E402
+from softprompt.loading import load_model, model_kind  # noqa: E402
 from softprompt.measure.compare import (  # noqa: E402
     Context,
     PeakMemory,
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     done = saved_results(out, settings(args), variants) if args.resume else {}
     seeds = [int(x) for x in args.seeds.split(",")]
     if args.plan:
-        kind = model_kind(args.model)
+        kind = model_kind(ModelConfig(model=args.model))  # from its config: no weights read
         for m in [m for m in methods if skipped(m, kind)]:
             print(f"suite: {m} skipped: {skipped(m, kind)}")
             methods.remove(m)
@@ -550,7 +550,7 @@ def plan(todo: list[tuple[str, int, str]], total: int, files: list[Path], steps:
     run (``wall_seconds``); rows saved before the suite kept it give ``softprompt train``'s
     loop (``run_seconds``) or, for the reference methods, their training alone, so the
     estimate leaves out their loading and scoring."""
-    saved: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    saved: dict[tuple[str, str], list[tuple[float, float | None, bool]]] = {}
     for path in files:
         for row in read_jsonl(path) if path.is_file() else []:
             took = row.get("wall_seconds") or row.get("run_seconds") or row.get("train_seconds")
@@ -559,32 +559,36 @@ def plan(todo: list[tuple[str, int, str]], total: int, files: list[Path], steps:
             if steps and row.get("steps") and row["steps"] != steps:
                 continue
             saved.setdefault((row["task"], row["method"]), []).append(
-                (took, row.get("load_average"))
+                (took, row.get("load_average"), bool(row.get("wall_seconds")))
             )
     counts: dict[tuple[str, str], int] = {}
     for task, _, method in todo:
         counts[task, method] = counts.get((task, method), 0) + 1
     lines = [f"suite --plan: {len(todo)} of {total} runs to do", "",
-             "| task | method | runs | seconds each (median of saved rows) | saved rows |",
-             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| task | method | runs | seconds each (median of saved rows) | saved rows "
+             "| timed as |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     known, unknown, loads = 0.0, [], []
     for (task, method), n in counts.items():
         times = saved.get((task, method), [])
         if not times:
             unknown.append(f"{task} {method}")
-            lines.append(f"| {task} | {method} | {n} | - | 0 |")
+            lines.append(f"| {task} | {method} | {n} | - | 0 | - |")
             continue
-        each = statistics.median(t for t, _ in times)
+        each = statistics.median(t for t, _, _ in times)
         known += n * each
-        loads += [la for _, la in times if la is not None]
-        lines.append(f"| {task} | {method} | {n} | {each:.0f} | {len(times)} |")
+        loads += [la for _, la, _ in times if la is not None]
+        whole = sum(w for _, _, w in times)
+        timed = ("whole run" if whole == len(times) else "training only" if not whole
+                 else f"{whole} whole run, {len(times) - whole} training only")  # fmt: skip
+        lines.append(f"| {task} | {method} | {n} | {each:.0f} | {len(times)} | {timed} |")
     lines.append("")
     if todo and len(unknown) < len(counts):
         load = f"load average {min(loads):.1f}-{max(loads):.1f}" if loads else "an unknown load"
         lines.append(
             f"About {known / 3600:.1f} hours by the saved rows' seconds (taken at {load}; "
             "a run alone on this machine is faster than one beside other jobs; rows saved "
-            "before the suite kept each run's whole time count its training only)"
+            "before the suite kept each run's whole time count its training only: 'timed as' "
+            "says which each median is of)"
             + (
                 f"; {len(unknown)} task and method pairs have no saved row, not counted: "
                 + ", ".join(unknown)
@@ -654,17 +658,6 @@ def skipped(method: str, kind) -> str | None:
     if method in METHODS and kind.default_method == method:
         return f"it is what defaults trains for a {kind.name} model"
     return None
-
-
-def model_kind(name: str):
-    """The kind of ``--model`` from its config alone, without loading its weights."""
-    from transformers import AutoConfig
-
-    from softprompt.kinds import detect
-    from softprompt.loading import model_source
-
-    folder, shown = model_source(ModelConfig(model=name))
-    return detect(AutoConfig.from_pretrained(folder), "auto", shown)
 
 
 def run_child(args, variants: dict[str, dict]) -> None:

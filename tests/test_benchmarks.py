@@ -178,7 +178,8 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert "suite: prefix skipped: it is what defaults trains for a causal model" in planned
     assert "suite --plan: 10 of 10 runs to do" in planned
     table_rows = [x for x in planned.splitlines() if x.startswith(("| cb |", "| e2e_nlg |"))]
-    assert len(table_rows) == 10 and all(x.endswith("| 1 |") for x in table_rows)  # saved rows
+    assert len(table_rows) == 10  # one saved row each, its whole run timed
+    assert all(x.endswith("| 1 | whole run |") for x in table_rows)
     assert "hours by the saved rows' seconds" in planned and "no saved row" not in planned
     # which step to keep: the loss rule's prompt scores as the suite scored the saved one
     # (it is the one training kept), every rule's step is a kept checkpoint's

@@ -145,6 +145,13 @@ def _cpu_has_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+def model_kind(cfg: ModelConfig) -> Kind:
+    """The kind ``load_model(cfg)`` would load, from the model's config alone (no weights
+    are read; an embedded model or GGUF file is converted into the cache first)."""
+    folder, shown = model_source(cfg)
+    return _kind(str(folder), shown, cfg)
+
+
 def _kind(folder: str, shown: str, cfg: ModelConfig) -> Kind:
     """The model's kind from its config (``--task`` other than auto: that kind, checked)."""
     try:

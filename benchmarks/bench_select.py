@@ -8,16 +8,18 @@ generalizes worse than a later one.
         --variant study:keep_checkpoints=1000
     python benchmarks/bench_select.py runs/suite/cb-s0/study
 
-Each RUN is the folder of a decoder's classification ``softprompt train`` run of
+Each RUN is the folder of a decoder's ``softprompt train`` run of
 ``benchmarks/suite.py`` (``--runs``): its test rows are the ``data-METHOD/test.jsonl``
 beside it, its labels those of its training and validation rows (as the suite scores them).
 The step each rule keeps is read from the run's validations (``metrics.jsonl``: the loss and,
 for runs trained since validation counts right answers, the accuracy), and that step's
 prompt from its checkpoint (``checkpoints/step-*``), so the run must keep the checkpoints of
 every validated step (``--keep-checkpoints``; a rule whose step's checkpoint is gone is
-shown as such). Prints one row per run and rule (the step, test accuracy and macro-F1, the
-difference from the loss rule in points), then each rule's mean over the runs that every
-rule scored.
+shown as such). A classification run is scored as the suite scores it (accuracy and macro-F1
+by the labels' likelihood), a generation run too (chrF and BLEU of greedy outputs; the
+accuracy rule does not apply). Prints one row per run and rule (the step, the two scores,
+the difference from the loss rule in points), then each rule's mean over the runs that
+every rule scored.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from suite import read_jsonl, score_choices  # noqa: E402
+from suite import (  # noqa: E402
+    generation_config,
+    read_jsonl,
+    score_choices,
+    score_generation,
+)
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, PROMPT_KEY, load_prompt  # noqa: E402
 from softprompt.config import DataConfig, EvalConfig, ModelConfig  # noqa: E402
@@ -84,75 +91,98 @@ def step_copy(run: Path, step: int, into: Path) -> Path | None:
     return into
 
 
+# what each kind of run is scored by: (the main score, the second, points per unit)
+SCORES = {"classification": ("accuracy", "macro_f1", 100.0), "generation": ("chrf", "bleu", 1.0)}
+
+
+def score_run(run: Path, tmp: Path, models: dict) -> tuple[str, dict[str, dict | None]]:
+    """(the run's kind of task, each rule's step and test scores: None where the rule cannot
+    be applied, the step alone where its checkpoint was not kept)."""
+    logged = next(r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "config")
+    data = DataConfig(**{k: v for k, v in logged["config"]["data"].items()
+                         if k in DataConfig.__dataclass_fields__})  # fmt: skip
+    folder = run.parent / f"data-{run.name}"
+    meta = json.loads((run / "softprompt.json").read_text())
+    generation = not meta["training"].get("choices")  # no label words: a generation task
+    seen = read_jsonl(folder / "train.jsonl") + read_jsonl(folder / "validation.jsonl")
+    labels = None if generation else sorted({r[data.target_field] for r in seen})
+    model = (meta.get("base_model") or {}).get("name") or "embedded"
+    key = (model, tuple(labels or ()))  # a classifier's head is built for its labels
+    if key not in models:
+        models[key] = load_model(ModelConfig(model=model), labels=labels)
+    loaded = models[key]
+    examples = load_examples(str(folder / "test.jsonl"), data)
+    if generation:
+        ecfg = generation_config(data)
+    else:
+        ecfg = EvalConfig(data=data, batch_size=8, choices=",".join(labels))
+    scored: dict[int, dict | None] = {}
+    got: dict[str, dict | None] = {}
+    for rule, step in kept_steps(run).items():
+        if step is None:
+            got[rule] = None
+            continue
+        if step not in scored:
+            where = step_copy(run, step, tmp / f"{run.parent.name}-{run.name}-{step}")
+            prompt = None if where is None else load_prompt(where, loaded.model)[0]
+            scored[step] = (
+                None if prompt is None
+                else score_generation(loaded, prompt, examples, ecfg, folder / "test.jsonl")
+                if generation else score_choices(loaded, prompt, examples, ecfg)
+            )  # fmt: skip
+        got[rule] = {"step": step, **(scored[step] or {})}
+    return ("generation" if generation else "classification"), got
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="folders of suite training runs")
     parser.add_argument("--json", help="also append one JSON line per run and rule here")
     args = parser.parse_args(argv)
-    loaded_by_model: dict[tuple, object] = {}
+    models: dict[tuple, object] = {}
     out = [
-        "| run | rule | step | accuracy | macro-F1 | minus the loss rule (accuracy) |",
+        "| run | rule | step | accuracy or chrF | macro-F1 or BLEU | minus the loss rule |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    complete: list[dict[str, float]] = []  # runs that every rule scored
+    complete: dict[str, list[dict[str, float]]] = {kind: [] for kind in SCORES}
     with tempfile.TemporaryDirectory() as tmp:
-        for n, name in enumerate(args.runs):
-            run = Path(name)
-            config = json.loads((run / "softprompt.json").read_text())
-            logged = next(r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "config")
-            data = DataConfig(**{k: v for k, v in logged["config"]["data"].items()
-                                 if k in DataConfig.__dataclass_fields__})  # fmt: skip
-            folder = run.parent / f"data-{run.name}"
-            seen = read_jsonl(folder / "train.jsonl") + read_jsonl(folder / "validation.jsonl")
-            labels = sorted({r[data.target_field] for r in seen})
-            model = (config.get("base_model") or {}).get("name") or "embedded"
-            key = (model, tuple(labels))  # a classifier's head is built for its labels
-            if key not in loaded_by_model:
-                loaded_by_model[key] = load_model(ModelConfig(model=model), labels=labels)
-            loaded = loaded_by_model[key]
-            examples = load_examples(str(folder / "test.jsonl"), data)
-            ecfg = EvalConfig(data=data, batch_size=8, choices=",".join(labels))
-            scored: dict[int, dict | None] = {}
-            got: dict[str, dict | None] = {}
-            for rule, step in kept_steps(run).items():
-                if step is None:
-                    got[rule] = None
-                    continue
-                if step not in scored:
-                    where = step_copy(run, step, Path(tmp) / f"{n}-{step}")
-                    scored[step] = None if where is None else score_choices(
-                        loaded, load_prompt(where, loaded.model)[0], examples, ecfg)  # fmt: skip
-                got[rule] = {"step": step, **scored[step]} if scored[step] else {"step": step}
-            base = (got.get("loss") or {}).get("accuracy")
-            accuracy = {r: g["accuracy"] for r, g in got.items() if g and "accuracy" in g}
-            if len(accuracy) == len(RULES):
-                complete.append(accuracy)
+        for name in args.runs:
+            family, got = score_run(Path(name), Path(tmp), models)
+            main_key, second, unit = SCORES[family]
+            base = (got.get("loss") or {}).get(main_key)
             for rule in RULES:
                 result = got[rule]
                 if result is None:
                     row = f"| {name} | {rule} | - | no accuracy logged | | |"
-                elif "accuracy" not in result:
+                elif main_key not in result:
                     row = f"| {name} | {rule} | {result['step']} | checkpoint not kept | | |"
                 else:
-                    gap = "" if base is None else f"{100 * (result['accuracy'] - base):+.1f}"
-                    row = (f"| {name} | {rule} | {result['step']} | {result['accuracy']:.3f} "
-                           f"| {result['macro_f1']:.3f} | {gap} |")  # fmt: skip
+                    gap = "" if base is None else f"{unit * (result[main_key] - base):+.1f}"
+                    row = (f"| {name} | {rule} | {result['step']} | {result[main_key]:.3f} "
+                           f"| {result[second]:.3f} | {gap} |")  # fmt: skip
                     if args.json:
                         with open(args.json, "a", encoding="utf-8") as fh:
-                            fh.write(json.dumps({"run": name, "rule": rule, **result}) + "\n")
+                            line = {"run": name, "rule": rule, **result}
+                            fh.write(json.dumps(line) + "\n")
                 out.append(row)
                 print(row, file=sys.stderr, flush=True)  # progress: each run as it is scored
-    out += ["", f"Over the {len(complete)} runs that every rule scored:", "",
-            "| rule | mean accuracy | minus the loss rule | runs better / worse than it |",
-            "| --- | --- | --- | --- |"]  # fmt: skip
-    for rule in RULES:
-        if not complete:
-            break
-        mean = statistics.mean(c[rule] for c in complete)
-        gap = 100 * (mean - statistics.mean(c["loss"] for c in complete))
-        better = sum(c[rule] > c["loss"] for c in complete)
-        worse = sum(c[rule] < c["loss"] for c in complete)
-        out.append(f"| {rule} | {mean:.3f} | {gap:+.1f} | {better} / {worse} |")
+            rules = [r for r in RULES if family == "classification" or r != "accuracy"]
+            values = {r: got[r][main_key] for r in rules if got[r] and main_key in got[r]}
+            if len(values) == len(rules):
+                complete[family].append(values)
+    for family, runs in complete.items():
+        if not runs:
+            continue
+        main_key, _, unit = SCORES[family]
+        out += ["", f"{family.capitalize()}: over the {len(runs)} runs that every rule scored:",
+                "", f"| rule | mean {main_key} | minus the loss rule | runs better / worse "
+                "than it |", "| --- | --- | --- | --- |"]  # fmt: skip
+        for rule in runs[0]:
+            mean = statistics.mean(c[rule] for c in runs)
+            gap = unit * (mean - statistics.mean(c["loss"] for c in runs))
+            better = sum(c[rule] > c["loss"] for c in runs)
+            worse = sum(c[rule] < c["loss"] for c in runs)
+            out.append(f"| {rule} | {mean:.3f} | {gap:+.1f} | {better} / {worse} |")
     print("\n".join(out))
 
 

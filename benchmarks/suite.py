@@ -198,19 +198,27 @@ def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
     """Accuracy and macro-F1 by the labels' likelihood, or chrF/BLEU of greedy outputs."""
     examples = examples if examples is not None else s.test()
     loaded = dataclasses.replace(s.loaded, model=model)  # the same kind, labels, tokenizer
-    ecfg = EvalConfig(
-        data=s.data,
-        batch_size=BATCH,
-        generate=s.task.generation,
-        max_new_tokens=48,
-        choices=None if s.task.generation else ",".join(s.labels),
-    )
+    if s.task.generation:
+        ecfg = generation_config(s.data)
+    else:
+        ecfg = EvalConfig(data=s.data, batch_size=BATCH, choices=",".join(s.labels))
     if not s.task.generation:
         return score_choices(loaded, prompt, examples, ecfg)
-    result, records = evaluate_examples(loaded, prompt, examples, ecfg, s.labels)
+    return score_generation(loaded, prompt, examples, ecfg, s.files["test"])
+
+
+def generation_config(data: DataConfig) -> EvalConfig:
+    """How the suite scores a generation task: greedy, at most 48 new tokens."""
+    return EvalConfig(data=data, batch_size=BATCH, generate=True, max_new_tokens=48)
+
+
+def score_generation(loaded, prompt, examples, ecfg: EvalConfig, test_file: Path) -> dict:
+    """chrF and BLEU of the greedy outputs' first lines against all of each test row's
+    references (``references``, else its target) in ``test_file``."""
     from sacrebleu.metrics import BLEU, CHRF
 
-    refs = [r.get("references") or [r["target"]] for r in read_jsonl(s.files["test"])]
+    _, records = evaluate_examples(loaded, prompt, examples, ecfg, None)
+    refs = [r.get("references") or [r["target"]] for r in read_jsonl(test_file)]
     width = max(len(r) for r in refs)
     streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
     outputs = [first_line(rec["generation"]) for rec in records]

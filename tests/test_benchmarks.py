@@ -191,7 +191,15 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert float(cells["loss"][3]) == round(saved["accuracy"], 3)
     assert int(cells["loss"][2]) == saved["kept_step"] and int(cells["last"][2]) == 2
     assert all(0 <= float(c[3]) <= 1 for c in cells.values())
-    assert "Over the 1 runs that every rule scored" in picked
+    assert "Classification: over the 1 runs that every rule scored" in picked
+    # a generation run: chrF by the loss rule as the suite scored it; no accuracy rule
+    picked = _run("bench_select.py", str(tmp_path / "runs" / "e2e_nlg-s0" / "restricted"))
+    cells = {x.split(" | ")[1]: x.strip("| ").split(" | ") for x in picked.splitlines()
+             if x.startswith("| " + str(tmp_path))}  # fmt: skip
+    saved = next(r for r in results if r["task"] == "e2e_nlg" and r["method"] == "restricted")
+    assert float(cells["loss"][3]) == round(saved["chrf"], 3)
+    assert cells["accuracy"][3] == "no accuracy logged" and int(cells["last"][2]) == 2
+    assert "Generation: over the 1 runs that every rule scored" in picked
     assert len([x for x in out.read_text().splitlines() if '"task"' in x]) == len(results)
 
 

@@ -96,14 +96,21 @@ def child(argv: list[str], launcher: list[str] | None = None) -> list[dict]:
 # --- children ----------------------------------------------------------------------------
 
 
+def say_atomically(row: dict) -> None:
+    """The result line in one write: under torchrun every process shares the stdout pipe,
+    and a write of less than PIPE_BUF bytes is never interleaved with another's."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (MARK + json.dumps(row) + "\n").encode())
+
+
 def run_cli(args: list[str]) -> None:
     """`softprompt ARGS`, printing this process's peak RSS when it exits."""
     from softprompt.cli import main
 
     rank = int(os.environ.get("RANK", "0"))
     pss = sample_pss()
-    atexit.register(lambda: print(MARK + json.dumps({"rank": rank, "peak_mb": peak_mb(),
-                                                     "peak_pss_mb": max(pss)})))  # fmt: skip
+    atexit.register(lambda: say_atomically({"rank": rank, "peak_mb": peak_mb(),
+                                            "peak_pss_mb": max(pss)}))  # fmt: skip
     code = main(args)
     if code:
         raise SystemExit(code)

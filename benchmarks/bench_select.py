@@ -42,6 +42,7 @@ from suite import (  # noqa: E402
     score_choices,
     score_generation,
 )
+from tables import run_facts  # noqa: E402
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, PROMPT_KEY, load_prompt  # noqa: E402
 from softprompt.config import DataConfig, EvalConfig, ModelConfig  # noqa: E402
@@ -134,10 +135,19 @@ def score_run(run: Path, tmp: Path, models: dict) -> tuple[str, dict[str, dict |
     return ("generation" if generation else "classification"), got
 
 
+def saved_row(run: Path, rule: str, result: dict) -> dict:
+    """One rule's scores as a suite row: the task and seed of the suite's folder (TASK-sSEED),
+    the method named RUN-RULE (``study-last``: the method ``study``'s last step)."""
+    task, _, seed = run.parent.name.rpartition("-s")
+    return {"task": task, "seed": int(seed), "method": f"{run.name}-{rule}", "rule": rule,
+            "run": str(run), **result}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="folders of suite training runs")
-    parser.add_argument("--json", help="also append one JSON line per run and rule here")
+    parser.add_argument("--json", help="also append each run and rule's scores here, as suite "
+                        "rows (method RUN-RULE) that suite.py --pivot reads")  # fmt: skip
     args = parser.parse_args(argv)
     models: dict[tuple, object] = {}
     out = [
@@ -145,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     complete: dict[str, list[dict[str, float]]] = {kind: [] for kind in SCORES}
+    if args.json:  # a header, then rows the suite's tables read (--pivot)
+        header = {"kind": "run", **run_facts(), "command": " ".join(sys.argv)}
+        with open(args.json, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(header) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs:
             family, got = score_run(Path(name), Path(tmp), models)
@@ -162,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                            f"| {result[second]:.3f} | {gap} |")  # fmt: skip
                     if args.json:
                         with open(args.json, "a", encoding="utf-8") as fh:
-                            line = {"run": name, "rule": rule, **result}
-                            fh.write(json.dumps(line) + "\n")
+                            fh.write(json.dumps(saved_row(Path(name), rule, result)) + "\n")
                 out.append(row)
                 print(row, file=sys.stderr, flush=True)  # progress: each run as it is scored
             rules = [r for r in RULES if family == "classification" or r != "accuracy"]

@@ -211,6 +211,7 @@ def train_config(model_dir, data, out, **kw):
     kw.setdefault("choices", None)
     kw.setdefault("epochs", 3)  # every kind's passes and method as before the kinds' defaults
     kw.setdefault("method", "prompt")
+    kw.setdefault("select", "loss")  # ... and the prompt kept before decoders kept the last
     return TrainConfig(
         model=ModelConfig(model=str(model_dir)),
         data=DataConfig(data=str(data), input_field="review", target_field="label", **data_kw),

@@ -183,7 +183,9 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert "hours by the saved rows' seconds" in planned and "no saved row" not in planned
     # which step to keep: the loss rule's prompt scores as the suite scored the saved one
     # (it is the one training kept), every rule's step is a kept checkpoint's
-    picked = _run("bench_select.py", str(tmp_path / "runs" / "cb-s0" / "restricted"))
+    chosen = tmp_path / "select.jsonl"
+    picked = _run("bench_select.py", str(tmp_path / "runs" / "cb-s0" / "restricted"),
+                  "--json", str(chosen))  # fmt: skip
     cells = {x.split(" | ")[1]: x.strip("| ").split(" | ") for x in picked.splitlines()
              if x.startswith("| " + str(tmp_path))}  # fmt: skip
     saved = next(r for r in results if r["task"] == "cb" and r["method"] == "restricted")
@@ -192,6 +194,11 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     assert int(cells["loss"][2]) == saved["kept_step"] and int(cells["last"][2]) == 2
     assert all(0 <= float(c[3]) <= 1 for c in cells.values())
     assert "Classification: over the 1 runs that every rule scored" in picked
+    saved_rules = [json.loads(x) for x in chosen.read_text().splitlines()]  # suite rows
+    assert saved_rules[0]["kind"] == "run"
+    assert [(r["task"], r["seed"], r["method"]) for r in saved_rules[1:]] == [
+        ("cb", 0, f"restricted-{rule}") for rule in ("loss", "accuracy", "last")
+    ]
     # a generation run: chrF by the loss rule as the suite scored it; no accuracy rule
     picked = _run("bench_select.py", str(tmp_path / "runs" / "e2e_nlg-s0" / "restricted"))
     cells = {x.split(" | ")[1]: x.strip("| ").split(" | ") for x in picked.splitlines()

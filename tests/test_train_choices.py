@@ -119,3 +119,31 @@ def test_select_accuracy_needs_labels(tiny_dir, pairs_file, tmp_path):
         train(cfg, progress=False)
     with pytest.raises(ConfigError, match="select must be one of"):
         train_config(tiny_dir, pairs_file, tmp_path / "y", select="best")
+
+
+def test_a_decoder_keeps_its_last_prompt_by_default(tiny_dir, pairs_file, tmp_path, capsys):
+    """Without --select a decoder keeps the last validated prompt (the kind's default, said
+    on the console); the saved prompt is the last checkpoint's."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "default"
+    cfg = train_config(tiny_dir, pairs_file, out, epochs=3, choices="negative,positive",
+                       select=None, keep_checkpoints=10)  # fmt: skip
+    summary = train(cfg, progress=False).summary
+    assert "--select last" in capsys.readouterr().err
+    assert summary["select"] == "last" and summary["kept_step"] == summary["steps"]
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    saved = load_file(str(out / "adapter_model.safetensors"))[PROMPT_KEY]
+    assert torch.equal(saved, load_file(str(last / "tensors.safetensors"))["prompt"][0])
+    assert len(list((out / "checkpoints").glob("step-*"))) == 3  # one per epoch, all kept
+    meta = json.loads((out / "softprompt.json").read_text())
+    assert meta["training"]["select"] == "last"
+
+
+def test_a_decoder_generating_text_keeps_the_lowest_loss_by_default(tiny_dir, pairs_file,
+                                                                    tmp_path, capsys):  # fmt: skip
+    """Without labels (generation) a decoder's default stays the lowest validation loss."""
+    cfg = train_config(tiny_dir, pairs_file, tmp_path / "gen", epochs=2, select=None)
+    summary = train(cfg, progress=False).summary
+    assert "--select loss" in capsys.readouterr().err
+    assert summary["select"] == "loss" and summary["kept_step"] == summary["best_step"]

@@ -69,13 +69,17 @@ class TrainConfig:
     patience: int | None = opt(
         None, "Stop after this many validations without improvement (default: never)."
     )
-    select: Select = opt(
-        "loss",
-        "Which validated prompt to keep: 'loss' (the default) the one with the lowest "
-        "validation loss; 'accuracy' the one that labels the most validation rows right "
-        "(classification: --choices, or a classifier), ties to the lower loss; 'last' the "
-        "last one. --patience counts validations without a better one by the same rule "
-        "('last': by the loss).",
+    select: Select | None = opt(
+        None,
+        "Which validated prompt to keep: 'loss' the one with the lowest validation loss; "
+        "'accuracy' the one that labels the most validation rows right (classification: "
+        "--choices, or a classifier), ties to the lower loss; 'last' the last one. Default: "
+        "the model kind's, chosen on the public suite (docs/measurements.md section 11): "
+        "'last' for classification on decoders (--choices, given or detected) and for "
+        "classifiers (with the learning rate decayed to 0 by the end, the last prompt scored "
+        "better than validation's choice), 'loss' for generation and for encoder-decoders. "
+        "--patience counts validations without a better one by the same rule ('last': by "
+        "the loss).",
     )
     choices: str | None = opt(
         CHOICES_AUTO,
@@ -180,7 +184,8 @@ class TrainConfig:
         _ = self.choice_list
         check_choice(self.choice_loss, CHOICE_LOSSES, "--choice-loss")
         check_choice(self.reparam, REPARAMS, "--reparam")
-        check_choice(self.select, SELECTS, "--select")
+        if self.select is not None:
+            check_choice(self.select, SELECTS, "--select")
         if self.method is not None:
             check_choice(self.method, METHODS, "--method")
         if self.prefix_projection and self.method == "prompt":

@@ -51,6 +51,8 @@ class Kind(Protocol):
     default_epochs: tuple[int, int]  # without --epochs: the fewest and most passes (epochs_for)
     default_steps: int  # ... between which as many as reach this many optimizer steps
     default_method: str  # "prompt" or "prefix" without --method
+    # which validated prompt is kept without --select: (classifying, generating)
+    default_select: tuple[str, str]
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         """Extra ``from_pretrained`` arguments (a classifier's labels)."""

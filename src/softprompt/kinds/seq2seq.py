@@ -252,6 +252,7 @@ class Seq2Seq:
     default_epochs = (3, 3)  # not measured on a public set yet
     default_steps = 0
     default_method = "prompt"
+    default_select = ("loss", "loss")  # --select not measured on an encoder-decoder yet
     deep_prompts = True  # --method prefix: keys/values in the decoder's self-attention
 
     def prepare(self, model: nn.Module) -> None:

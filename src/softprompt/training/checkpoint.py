@@ -93,6 +93,7 @@ RESUMABLE = {
     "save_every",
     "keep_checkpoints",
     "patience",
+    "select",  # which validated prompt is kept, not how any step trains
     "resume",
     "overwrite",
     "shard_model",
@@ -251,8 +252,7 @@ def _check_same_run(saved: dict, now: dict) -> None:
 
 # Settings added after a checkpoint may have been written: absent there, they had this value.
 ADDED_LATER = {"model.task": "auto", "reparam": "none", "reparam_hidden": 128, "ensemble": 1,
-               "method": "prompt", "prefix_projection": False, "prefix_hidden": 512,
-               "select": "loss"}  # fmt: skip
+               "method": "prompt", "prefix_projection": False, "prefix_hidden": 512}  # fmt: skip
 
 
 def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:

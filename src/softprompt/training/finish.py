@@ -18,7 +18,15 @@ from softprompt.training.run import Run, TrainData, TrainResult
 
 def _closing_line(summary: dict, output: Path, data: TrainData) -> str:
     parts = [f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s"]
-    if summary["best_val_loss"] is not None:
+    select, kept = summary.get("select", "loss"), summary.get("kept_val_loss")
+    if select != "loss" and kept is not None:  # the saved prompt's own validation
+        accuracy = summary.get("kept_val_accuracy")
+        shown = "" if accuracy is None else f", accuracy {accuracy:.3f}"
+        parts.append(
+            f"validation loss {summary['base_val_loss']:.4f} (base model) -> {kept:.4f} "
+            f"(the prompt kept by --select {select}: step {summary['kept_step']}{shown})"
+        )
+    elif summary["best_val_loss"] is not None:
         parts.append(
             f"validation loss {summary['base_val_loss']:.4f} (base model) -> "
             f"{summary['best_val_loss']:.4f} (tuned)"
@@ -29,10 +37,6 @@ def _closing_line(summary: dict, output: Path, data: TrainData) -> str:
         )
     else:
         parts.append(f"saved to {output}")
-    if summary.get("kept_step") is not None and summary["select"] != "loss":
-        accuracy = summary.get("kept_val_accuracy")
-        shown = "" if accuracy is None else f", validation accuracy {accuracy:.3f}"
-        parts.append(f"kept step {summary['kept_step']} (--select {summary['select']}{shown})")
     return "; ".join(parts)
 
 

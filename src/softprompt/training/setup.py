@@ -283,14 +283,20 @@ def start_run(
 def _kind_defaults(
     cfg: TrainConfig, loaded: LoadedModel, data: TrainData
 ) -> tuple[TrainConfig, dict[str, str]]:
-    """``cfg`` with the method left to the model's kind filled in (recorded as used: a resumed
-    run compares it), and what to say about it. Where the kind's default is a deep prompt
-    but this run cannot take one (the prompt placed inside the text or a chat, a model
-    without an attention cache to hold it), the default is the input-layer prompt, and the
-    run says why; only an explicit ``--method prefix`` is refused there. What it says is
-    keyed by the flag that changes it."""
+    """``cfg`` with the method and --select left to the model's kind filled in (recorded as
+    used: a resumed run compares the method), and what to say about them. Where the kind's
+    default is a deep prompt but this run cannot take one (the prompt placed inside the text
+    or a chat, a model without an attention cache to hold it), the default is the
+    input-layer prompt, and the run says why; only an explicit ``--method prefix`` is
+    refused there. What it says is keyed by the flag that changes it."""
+    told = {}
+    if cfg.select is None:  # which validated prompt is kept: a labelled task's, or not
+        labelled = bool(data.choices) or data.info.get("mode") == "labels"
+        select = loaded.kind.default_select[0 if labelled else 1]
+        cfg = dataclasses.replace(cfg, select=select)
+        told["--select"] = f"--select {select}"
     if cfg.method is not None:
-        return cfg, {}
+        return cfg, told
     method = "prefix" if cfg.prefix_projection else loaded.kind.default_method
     method = "prompt" if cfg.reparam != "none" else method
     said = f"--method {method}"
@@ -301,7 +307,7 @@ def _kind_defaults(
             method = "prompt"
             why = re.sub(r"^(--)?method prefix: ", "", str(why).split(";")[0])
             said = f"--method prompt (not a deep prompt: {why})"
-    return dataclasses.replace(cfg, method=method), {"--method": said}
+    return dataclasses.replace(cfg, method=method), {**told, "--method": said}
 
 
 def _default_epochs(cfg: TrainConfig, loaded: LoadedModel, rows: int,

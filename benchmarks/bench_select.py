@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 from suite import (  # noqa: E402
+    choices_config,
     generation_config,
     read_jsonl,
     score_choices,
@@ -45,7 +46,7 @@ from suite import (  # noqa: E402
 from tables import run_facts  # noqa: E402
 
 from softprompt.artifacts import ADAPTER_WEIGHTS, PROMPT_KEY, load_prompt  # noqa: E402
-from softprompt.config import DataConfig, EvalConfig, ModelConfig  # noqa: E402
+from softprompt.config import DataConfig, ModelConfig  # noqa: E402
 from softprompt.data import load_examples  # noqa: E402
 from softprompt.loading import load_model  # noqa: E402
 from softprompt.training.checkpoint import TaskBest  # noqa: E402
@@ -116,7 +117,7 @@ def score_run(run: Path, tmp: Path, models: dict) -> tuple[str, dict[str, dict |
     if generation:
         ecfg = generation_config(data)
     else:
-        ecfg = EvalConfig(data=data, batch_size=8, choices=",".join(labels))
+        ecfg = choices_config(data, labels)
     scored: dict[int, dict | None] = {}
     got: dict[str, dict | None] = {}
     for rule, step in kept_steps(run).items():

@@ -201,10 +201,15 @@ def score(s: Setting, model, prompt: SoftPrompt | None, examples=None) -> dict:
     if s.task.generation:
         ecfg = generation_config(s.data)
     else:
-        ecfg = EvalConfig(data=s.data, batch_size=BATCH, choices=",".join(s.labels))
+        ecfg = choices_config(s.data, s.labels)
     if not s.task.generation:
         return score_choices(loaded, prompt, examples, ecfg)
     return score_generation(loaded, prompt, examples, ecfg, s.files["test"])
+
+
+def choices_config(data: DataConfig, labels: list[str]) -> EvalConfig:
+    """How the suite scores a classification task: the labels' likelihood, batch 8."""
+    return EvalConfig(data=data, batch_size=BATCH, choices=",".join(labels))
 
 
 def generation_config(data: DataConfig) -> EvalConfig:

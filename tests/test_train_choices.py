@@ -114,9 +114,18 @@ def test_select_last_keeps_the_last_validation(tiny_dir, pairs_file, tmp_path):
 
 
 def test_select_accuracy_needs_labels(tiny_dir, pairs_file, tmp_path):
+    """Refused before anything is measured (no validation logged) where validation counts
+    no right answers: no labels, or the full loss over the whole vocabulary."""
     cfg = train_config(tiny_dir, pairs_file, tmp_path / "x", select="accuracy")
-    with pytest.raises(ConfigError, match="select accuracy needs labels"):
+    with pytest.raises(ConfigError, match="select accuracy needs labels.*give (--)?choices"):
         train(cfg, progress=False)
+    full = train_config(tiny_dir, pairs_file, tmp_path / "f", select="accuracy",
+                        choices="negative,positive", choice_loss="full")  # fmt: skip
+    with pytest.raises(ConfigError, match="choice.loss full scores the whole vocabulary"):
+        train(full, progress=False)
+    for out in ("x", "f"):
+        log = tmp_path / out / "metrics.jsonl"
+        assert not log.exists() or '"val"' not in log.read_text()
     with pytest.raises(ConfigError, match="select must be one of"):
         train_config(tiny_dir, pairs_file, tmp_path / "y", select="best")
 

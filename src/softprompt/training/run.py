@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 import softprompt
 from softprompt.config import TrainConfig
 from softprompt.console import say
-from softprompt.errors import ConfigError
 from softprompt.loading import LoadedModel
 from softprompt.prompt import (
     PromptSet,
@@ -87,6 +86,19 @@ class TrainData:
     fmt: PromptFormat  # how inputs become text around the prompt (saved with it)
     choices: list[str] | None = None  # the label words (given, or found by --choices auto)
     ensemble: int = 1  # --ensemble K: the K "tasks" are members that see every row
+
+    @property
+    def classifying(self) -> bool:
+        """Whether the run learns labels: label words (--choices, given or detected) or a
+        classifier's head. Its kind's default --select is the one for classifying."""
+        return bool(self.choices) or self.info.get("mode") == "labels"
+
+    @property
+    def counts_right(self) -> bool:
+        """Whether validation counts right answers (logs an ``accuracy``): the restricted
+        loss over the choices, or a classifier's head. ``--choice-loss full`` scores every
+        token of the vocabulary, so it counts none."""
+        return self.choice_ids is not None or self.info.get("mode") == "labels"
 
     @property
     def several_prompts(self) -> bool:
@@ -256,12 +268,6 @@ class Run:
         base, initial = self.measure(None, "base"), self.measure(self.prompts, "val")
         state.base_val_loss, state.task_base = base.loss, base.task_losses
         state.initial_val_loss, state.task_initial = initial.loss, initial.task_losses
-        if self.cfg.select == "accuracy" and initial.accuracy is None:
-            raise ConfigError(
-                "--select accuracy needs labels to count right answers: give --choices (a "
-                f"decoder) or train a classifier; this {self.loaded.kind.name} run has none. "
-                "Use --select loss"
-            )
         say(
             f"validation loss before training: base model {state.base_val_loss:.4f}, with the "
             f"initial prompt{'s' if self.data.several_prompts else ''} {state.initial_val_loss:.4f}"

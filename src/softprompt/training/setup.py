@@ -288,13 +288,20 @@ def _kind_defaults(
     default is a deep prompt but this run cannot take one (the prompt placed inside the text
     or a chat, a model without an attention cache to hold it), the default is the
     input-layer prompt, and the run says why; only an explicit ``--method prefix`` is
-    refused there. What it says is keyed by the flag that changes it."""
+    refused there. ``--select accuracy`` is refused here, before anything is measured,
+    where validation counts no right answers. What it says is keyed by the flag that
+    changes it."""
     told = {}
-    if cfg.select is None:  # which validated prompt is kept: a labelled task's, or not
-        labelled = bool(data.choices) or data.info.get("mode") == "labels"
-        select = loaded.kind.default_select[0 if labelled else 1]
+    if cfg.select is None:  # which validated prompt is kept: a classifying run's, or not
+        select = loaded.kind.default_select[0 if data.classifying else 1]
         cfg = dataclasses.replace(cfg, select=select)
         told["--select"] = f"--select {select}"
+    elif cfg.select == "accuracy" and not data.counts_right:
+        why = ("--choice-loss full scores the whole vocabulary, not the choices; use "
+               "--choice-loss restricted" if data.choices else "give --choices (a decoder) "
+               "or train a classifier")  # fmt: skip
+        raise ConfigError(f"--select accuracy needs labels to count right answers: {why}, "
+                          "or use --select last or loss")  # fmt: skip
     if cfg.method is not None:
         return cfg, told
     method = "prefix" if cfg.prefix_projection else loaded.kind.default_method

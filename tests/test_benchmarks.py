@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -384,3 +386,29 @@ def test_bench_big_quick_runs(tiny_dir, tmp_path):
     assert re.search(r"sharded / one process = [\d.]+x \(target <= 0.6x\); in PSS [\d.]+x", text)
     assert "checkpointed / plain, above the model = " in text
     assert "| int8 (float32 activations) |" in text
+
+
+def test_bench_select_takes_only_a_run_whose_adapter_is_its_prompt(tmp_path, monkeypatch):
+    """A classifier's head is saved beside its prompt and a checkpoint's step would not swap
+    it: such a run is refused in one line; a step's copy holds that checkpoint's prompt."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from softprompt.artifacts import ADAPTER_WEIGHTS, PROMPT_KEY
+
+    bench = _bench_module("bench_select", monkeypatch)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run / "softprompt.json").write_text("{}")
+    save_file({PROMPT_KEY: torch.zeros(2, 3)}, str(run / ADAPTER_WEIGHTS))
+    save_file({"prompt": torch.ones(1, 2, 3)},
+              str(run / "checkpoints" / "step-00000004" / "tensors.safetensors"))  # fmt: skip
+    bench.check_prompt_only(run)
+    copy = bench.step_copy(run, 4, tmp_path / "copy")
+    assert torch.equal(load_file(str(copy / ADAPTER_WEIGHTS))[PROMPT_KEY], torch.ones(2, 3))
+    assert (copy / "softprompt.json").is_file()
+    assert bench.step_copy(run, 8, tmp_path / "none") is None  # that checkpoint was not kept
+    save_file({PROMPT_KEY: torch.zeros(2, 3), "head.weight": torch.zeros(2, 2)},
+              str(run / ADAPTER_WEIGHTS))  # fmt: skip
+    with pytest.raises(SystemExit, match="saved more than a prompt \\(head.weight, "):
+        bench.check_prompt_only(run)

@@ -177,9 +177,11 @@ def distill_sweep_table(rows: list[dict]) -> str:
 
 # --- pivots: tasks against named lines drawn from several saved runs -----------------------
 
-FORMATS = {"chrf": ".1f", "bleu": ".1f", "train_seconds": ".0f", "peak_memory_mb": ".0f"}
+FORMATS = {"chrf": ".1f", "bleu": ".1f", "train_seconds": ".0f", "run_seconds": ".0f",
+           "wall_seconds": ".0f", "peak_memory_mb": ".0f"}  # fmt: skip
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "chrf": "chrF", "bleu": "BLEU",
           "best_val_loss": "best validation loss", "train_seconds": "train s",
+          "run_seconds": "train s with validation", "wall_seconds": "whole run s",
           "peak_memory_mb": "peak MB"}  # fmt: skip
 
 

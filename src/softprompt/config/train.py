@@ -75,9 +75,9 @@ class TrainConfig:
         "'accuracy' the one that labels the most validation rows right (classification: "
         "--choices, or a classifier), ties to the lower loss; 'last' the last one. Default: "
         "the model kind's, chosen on the public suite (docs/measurements.md section 11): "
-        "'last' for classification on decoders (--choices, given or detected) and for "
-        "classifiers (with the learning rate decayed to 0 by the end, the last prompt scored "
-        "better than validation's choice), 'loss' for generation and for encoder-decoders. "
+        "'last' for classification on decoders (--choices, given or detected: with the "
+        "learning rate decayed to 0 by the end, the last prompt scored better than "
+        "validation's choice), 'loss' for generation, classifiers and encoder-decoders. "
         "--patience counts validations without a better one by the same rule ('last': by "
         "the loss).",
     )

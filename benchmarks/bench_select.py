@@ -43,6 +43,7 @@ from suite import (  # noqa: E402
     read_jsonl,
     score_choices,
     score_generation,
+    task_seed,
 )
 from tables import run_facts  # noqa: E402
 
@@ -147,8 +148,8 @@ def score_run(run: Path, tmp: Path, models: dict) -> tuple[str, dict[str, dict |
 def saved_row(run: Path, rule: str, result: dict) -> dict:
     """One rule's scores as a suite row: the task and seed of the suite's folder (TASK-sSEED),
     the method named RUN-RULE (``study-last``: the method ``study``'s last step)."""
-    task, _, seed = run.parent.name.rpartition("-s")
-    return {"task": task, "seed": int(seed), "method": f"{run.name}-{rule}", "rule": rule,
+    task, seed = task_seed(run.parent)
+    return {"task": task, "seed": seed, "method": f"{run.name}-{rule}", "rule": rule,
             "run": str(run), **result}  # fmt: skip
 
 

@@ -673,10 +673,21 @@ def skipped(method: str, kind) -> str | None:
     return None
 
 
+def run_folder(runs: str | Path, task: str, seed: int) -> Path:
+    """Where one task and seed's runs go: RUNS/TASK-sSEED (``task_seed`` reads it back)."""
+    return Path(runs) / f"{task}-s{seed}"
+
+
+def task_seed(folder: Path) -> tuple[str, int]:
+    """The task and seed of a ``run_folder``."""
+    task, _, seed = folder.name.rpartition("-s")
+    return task, int(seed)
+
+
 def run_child(args, variants: dict[str, dict]) -> None:
     name, seed, method = args.one.split(":")
     task, seed = TASKS[name], int(seed)
-    folder = Path(args.runs) / f"{name}-s{seed}"
+    folder = run_folder(args.runs, name, seed)
     files = sample_files(name, seed, args, folder / f"data-{method}")
     labels = None
     if not task.generation:  # a classifier's head has one output per label, sorted

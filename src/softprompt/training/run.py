@@ -91,7 +91,7 @@ class TrainData:
     def classifying(self) -> bool:
         """Whether the run learns labels: label words (--choices, given or detected) or a
         classifier's head. Its kind's default --select is the one for classifying."""
-        return bool(self.choices) or self.info.get("mode") == "labels"
+        return bool(self.choices) or self.counts_right
 
     @property
     def counts_right(self) -> bool:

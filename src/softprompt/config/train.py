@@ -45,7 +45,11 @@ class TrainConfig:
         "head). Chosen on the public suite, docs/measurements.md sections 7 and 9.",
     )
     max_steps: int | None = opt(None, "Stop after this many optimizer steps instead of --epochs.")
-    batch_size: int = opt(8, "Rows per forward pass.")
+    batch_size: int = opt(
+        8,
+        "Rows per forward pass. 8: on the public suite, batch 4 at the same steps scored "
+        "lower on the deep default's five-task mean (docs/measurements.md, section 13).",
+    )
     grad_accum: int = opt(1, "Forward passes per optimizer step (effective batch = both).")
     lr: float | None = opt(
         None,

@@ -302,14 +302,29 @@ def pivot_table(spec: dict, load) -> tuple[str, list[tuple[str, dict | None]]]:
     return "\n".join(out), by_date
 
 
+SOURCES = "sources"  # a spec file's named selections: {name: [selections]}
+
+
+def _named(line: dict, sources: dict) -> dict:
+    """A line whose ``from`` names one of the spec file's ``sources``, with that list."""
+    if not isinstance(line.get("from"), str):
+        return line
+    if line["from"] not in sources:
+        raise KeyError(f"line {line['label']!r}: no source {line['from']!r} in the spec file")
+    return {**line, "from": sources[line["from"]]}
+
+
 def pivot_file(name: str, read) -> tuple[str, list[tuple[str, dict | None]]]:
     """``SPECS#NAME``: the pivot table NAME of a JSON file of specs, whose files are named
     relative to it and read with ``read(path)``; the table and the (file, run header) pairs
-    used, each file as a path beside the spec file."""
+    used, each file as a path beside the spec file. A line's ``from`` may name a list of
+    selections kept once under the file's ``sources``, for lines that several tables share."""
     file, _, key = name.partition("#")
     specs = json.loads(Path(file).read_text())
+    sources = specs.pop(SOURCES, {})
     if key not in specs:
         raise KeyError(f"{file} has no table {key!r} (it has: {', '.join(specs)})")
     folder = Path(file).parent
-    body, used = pivot_table(specs[key], lambda rows: read(folder / rows))
+    spec = {**specs[key], "lines": [_named(line, sources) for line in specs[key]["lines"]]}
+    body, used = pivot_table(spec, lambda rows: read(folder / rows))
     return body, [((folder / rows).as_posix(), run) for rows, run in used]

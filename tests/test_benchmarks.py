@@ -317,6 +317,28 @@ def test_pivot_table_draws_lines_from_several_runs(tmp_path, monkeypatch):
     assert body.splitlines()[-1] == "| new | 0.900 (seed 1) |"
 
 
+def test_pivot_file_lines_share_a_named_source(tmp_path, monkeypatch):
+    """Tables of one spec file can share a line's selections, kept once under ``sources``;
+    the sources are not a table, and a name that is not there is refused."""
+    rows = [{"kind": "run", "date": "2026-01-02 10:00", "command": "suite.py A"},
+            {"task": "cr", "method": "lora", "seed": 0, "accuracy": 0.5},
+            {"task": "cr", "method": "lora2", "seed": 1, "accuracy": 0.7}]  # fmt: skip
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    both = [{"file": "a.jsonl", "method": "lora"}, {"file": "a.jsonl", "method": "lora2"}]
+    specs = {"sources": {"ref": both},
+             "t": {"tasks": ["cr"], "lines": [{"label": "r", "from": "ref"}]},
+             "u": {"tasks": ["cr"], "lines": [{"label": "r", "from": "nope"}]}}  # fmt: skip
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    tables = _bench_module("tables", monkeypatch)
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    body, _ = tables.pivot_file(f"{tmp_path / 'specs.json'}#t", read)
+    assert body.splitlines()[-1] == "| cr | 0.600 (0.500-0.700) |"
+    with pytest.raises(KeyError, match="no source 'nope'"):
+        tables.pivot_file(f"{tmp_path / 'specs.json'}#u", read)
+    with pytest.raises(KeyError, match=r"has no table 'sources' \(it has: t, u\)"):
+        tables.pivot_file(f"{tmp_path / 'specs.json'}#sources", read)
+
+
 def test_suite_prints_a_pivot_of_saved_runs(tmp_path):
     rows = [{"kind": "run", "date": "2026-01-02 10:00", "command": "suite.py A"},
             {"task": "cr", "method": "defaults", "seed": 0, "accuracy": 0.5}]  # fmt: skip

@@ -259,9 +259,9 @@ class PromptConfig:
     num_virtual_tokens: int = opt(
         20,
         "Number of virtual tokens. 20 is where Lester et al. (2021) saw most of the gain, "
-        "and the deep default's best on the public suite (seed 0 of five tasks: 10 and 40 "
-        "scored lower; docs/measurements.md, section 13); longer prompts cost compute on "
-        "every row.",
+        "and a decoder's deep default's best on the public suite (seed 0 of five tasks: 10 "
+        "and 40 scored lower; docs/measurements.md, section 13); longer prompts cost "
+        "compute on every row.",
     )
     init: str = opt(
         "auto",

@@ -48,7 +48,8 @@ class TrainConfig:
     batch_size: int = opt(
         8,
         "Rows per forward pass. 8: on the public suite, batch 4 at the same steps scored "
-        "lower on the deep default's five-task mean (docs/measurements.md, section 13).",
+        "lower on a decoder's deep default's five-task mean (docs/measurements.md, "
+        "section 13).",
     )
     grad_accum: int = opt(1, "Forward passes per optimizer step (effective batch = both).")
     lr: float | None = opt(

@@ -386,3 +386,41 @@ def test_a_decoders_default_epochs_follow_the_data_size():
     assert epochs_for(SEQ2SEQ, 1) == epochs_for(SEQ2SEQ, 1000) == 3
     given = TrainConfig(data=DataConfig(data="train.jsonl"), epochs=2)
     assert planned_steps(given, 128, CAUSAL)[0] == 2 * 16  # given: kept
+
+
+def test_prompt_dropout_trains_a_different_prompt_and_resumes(model_dirs, pairs_file, tmp_path):
+    """--prompt-dropout: validation sees the whole prompt (the initial validation loss is
+    the one without dropout), training sees dropped copies (a different prompt comes out),
+    each row draws its own mask, and an interrupted run resumes exactly (the mask's random
+    state is the run's)."""
+    from conftest import interrupted_at, train_config
+    from safetensors.torch import load_file
+
+    from softprompt.prompt import PromptSet, rows_prompts
+    from softprompt.training import train
+
+    llama = model_dirs["llama"]
+    kw = dict(method="prefix", epochs=3, template=None)
+    plain = train(train_config(llama, pairs_file, tmp_path / "plain", **kw), progress=False)
+    ref = train(train_config(llama, pairs_file, tmp_path / "ref", prompt_dropout=0.3, **kw),
+                progress=False)  # fmt: skip
+    assert ref.summary["initial_val_loss"] == pytest.approx(plain.summary["initial_val_loss"])
+    assert not torch.equal(ref.prompt.embedding, plain.prompt.embedding)
+    with interrupted_at(5):
+        train(train_config(llama, pairs_file, tmp_path / "cut", save_every=2, prompt_dropout=0.3,
+                           **kw), progress=False)  # fmt: skip
+    train(train_config(llama, pairs_file, tmp_path / "cut", save_every=2, resume=True,
+                       prompt_dropout=0.3, **kw), progress=False)  # fmt: skip
+    want = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))["prompt_embeddings"]
+    got = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.equal(want, got)
+
+    ones = PromptSet(["a"], [DeepPrompt(torch.ones(4, 32), 2, 2, 4)])
+    rows = torch.zeros(3, dtype=torch.long)
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "task": rows}
+    assert rows_prompts(ones, batch)[0].shape == (1, 4, 32)  # no dropout: one shared prompt
+    ones.dropout = 0.5
+    virtual, which = rows_prompts(ones, batch)
+    assert virtual.shape == (3, 4, 32) and which.tolist() == [0, 1, 2]
+    assert set(virtual.unique().tolist()) <= {0.0, 2.0}  # dropped or scaled by 1 / (1 - p)
+    assert not torch.equal(virtual[0], virtual[1])  # a mask per row

@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softprompt.config import PromptConfig
@@ -198,6 +199,7 @@ class PromptSet(nn.Module):
             raise ConfigError("every task's prompt needs the same number of virtual tokens")
         self.names = list(names)
         self.prompts = nn.ModuleList(prompts)
+        self.dropout = 0.0  # --prompt-dropout: training sets it; rows_prompts applies it
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -264,12 +266,17 @@ def prepend(
 def rows_prompts(
     prompt: SoftPrompt | ResidualPrompt | PromptSet, batch: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """The distinct prompts a batch uses, (K, N, H), and each row's index into them, (B,)."""
+    """The distinct prompts a batch uses, (K, N, H), and each row's index into them, (B,).
+    A ``PromptSet`` with ``dropout`` (training) gives each row its own dropped copy (K = B)."""
     ids = batch["input_ids"]
     if isinstance(prompt, PromptSet):
         present, which = torch.unique(batch["task"], return_inverse=True)
         virtual = torch.stack([prompt.prompts[i].embedding for i in present.tolist()])
-        return virtual, which.to(ids.device)
+        which = which.to(ids.device)
+        if prompt.dropout > 0:
+            virtual = F.dropout(virtual[which], prompt.dropout, training=True)
+            which = torch.arange(ids.shape[0], device=ids.device)
+        return virtual, which
     return prompt.embedding.unsqueeze(0), ids.new_zeros(ids.shape[0])
 
 

@@ -60,6 +60,14 @@ class TrainConfig:
         "prompts (--method prefix) 0.1 on decoders, 0.03 on classifiers and encoder-decoders.",
     )
     weight_decay: float = opt(0.0, "AdamW weight decay on the prompt (0 keeps it free).")
+    prompt_dropout: float = opt(
+        0.0,
+        "Dropout on the prompt's vectors while training (a deep prompt: on its keys and "
+        "values, as P-tuning v2 drops its prefix), a fresh mask for every row; validation, "
+        "evaluation and serving use the whole prompt. 0 (the default) turns it off: on cb, "
+        "0.1 on a decoder's deep prompt lowered test accuracy (one seed; docs/measurements.md, "
+        "section 13).",
+    )
     warmup_ratio: float = opt(0.06, "Fraction of the steps spent warming the rate up from 0.")
     max_grad_norm: float | None = opt(1.0, "Clip the prompt's gradient norm (none to disable).")
     seed: int = opt(0, "Seed for initialisation, the split and data order.")
@@ -174,6 +182,8 @@ class TrainConfig:
             raise ConfigError("--max-steps must be at least 1")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, not {self.lr}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"--prompt-dropout must be in [0, 1), not {self.prompt_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")
         if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):

@@ -193,13 +193,13 @@ class PromptSet(nn.Module):
     (and no optimizer update).
     """
 
-    def __init__(self, names: list[str], prompts: list[SoftPrompt]):
+    def __init__(self, names: list[str], prompts: list[SoftPrompt], dropout: float = 0.0):
         super().__init__()
         if len({p.embedding.shape for p in prompts}) != 1:
             raise ConfigError("every task's prompt needs the same number of virtual tokens")
         self.names = list(names)
         self.prompts = nn.ModuleList(prompts)
-        self.dropout = 0.0  # --prompt-dropout: training sets it; rows_prompts applies it
+        self.dropout = dropout  # --prompt-dropout, applied by rows_prompts while training
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -244,8 +244,7 @@ def start_run(
     if cfg.reparam == "residual":
         starts = [ResidualPrompt(p.embedding, cfg.reparam_hidden, cfg.seed + k)
                   for k, p in enumerate(starts)]  # fmt: skip
-    prompts = PromptSet(data.tasks, starts)
-    prompts.dropout = cfg.prompt_dropout
+    prompts = PromptSet(data.tasks, starts, cfg.prompt_dropout)
     prompts.to(accelerator.device)
     total_steps, steps_per_epoch = planned_steps(cfg, len(data.train_rows))
     # One parameter per task: a task absent from a step has no gradient and AdamW skips it.

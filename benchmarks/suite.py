@@ -20,6 +20,8 @@ every method), ``--val-rows`` validation rows and the first ``--test-rows`` test
 Methods (``--methods``, in this order by default):
 - ``zero-shot``: the template alone; ``few-shot``: 4 solved training examples before each
   input (fewer if they do not fit);
+- ``probe`` (encoder classifiers): a linear probe, logistic regression (scikit-learn) on
+  the frozen encoder's mean embeddings of the templated rows; it trains nothing in the model;
 - ``defaults``: ``softprompt train`` given only the data files, fields and template;
 - ``prompt`` and ``prefix``: the same with ``--method prompt`` (an input-layer prompt) or
   ``--method prefix`` (a deep prompt: keys/values per layer); each is skipped, saying so,
@@ -74,7 +76,7 @@ from softprompt.config import (  # noqa: E402
     TrainConfig,
 )
 from softprompt.data import load_examples  # noqa: E402
-from softprompt.kinds import CAUSAL  # noqa: E402
+from softprompt.kinds import CAUSAL, CLASSIFY  # noqa: E402
 from softprompt.loading import load_model, model_kind  # noqa: E402
 from softprompt.measure.compare import (  # noqa: E402
     Context,
@@ -83,7 +85,7 @@ from softprompt.measure.compare import (  # noqa: E402
 )
 from softprompt.measure.evaluate import environment, evaluate_examples  # noqa: E402
 from softprompt.measure.finetune import add_lora, remove_lora  # noqa: E402
-from softprompt.measure.metrics import first_line  # noqa: E402
+from softprompt.measure.metrics import classification_metrics, first_line  # noqa: E402
 from softprompt.prompt import SoftPrompt  # noqa: E402
 from softprompt.tracking import MetricsLog  # noqa: E402
 from softprompt.training import train  # noqa: E402
@@ -141,9 +143,10 @@ OUTSIDE = {  # sets the defaults were not chosen on: benchmarks/outside.py build
     ),
     "sms": Task("Message: {text}\nSpam or ham:", "Classify if the text message is spam or ham:"),
 }
-BUILT_IN = ["zero-shot", "few-shot", "defaults", "prompt", "prefix", "peft", "lora"]
+BUILT_IN = ["zero-shot", "few-shot", "probe", "defaults", "prompt", "prefix", "peft", "lora"]
 METHODS = {"prompt", "prefix"}  # the defaults with this --method
 CAUSAL_ONLY = {"zero-shot", "few-shot", "peft", "lora"}  # as PEFT's recipe and compare run them
+CLASSIFY_ONLY = {"probe"}  # an encoder's reference: it has no hard prompt to show, no LoRA here
 
 
 # --- one task, one seed ------------------------------------------------------------------
@@ -391,6 +394,40 @@ def run_compare_method(s: Setting, method: str) -> dict:
     return {**score(s, s.loaded.model, None, shown), "shots": k, "steps": 0, "train_seconds": 0.0}
 
 
+@torch.no_grad()
+def mean_embeddings(loaded, sources: list[str]) -> torch.Tensor:
+    """The frozen encoder's last hidden states averaged over each source's tokens (the
+    pooling sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained for)."""
+    model, tok = loaded.model, loaded.tokenizer
+    body = getattr(model, model.base_model_prefix)
+    out = []
+    for start in range(0, len(sources), BATCH):
+        batch = tok(sources[start : start + BATCH], padding=True, truncation=True,
+                    max_length=512, return_tensors="pt")  # fmt: skip
+        hidden = body(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out.append((hidden * mask).sum(1) / mask.sum(1))
+    return torch.cat(out)
+
+
+def run_probe(s: Setting) -> dict:
+    """A linear probe: scikit-learn's logistic regression on the frozen encoder's mean
+    embeddings of the templated training rows, scored on the test rows. It trains nothing in
+    the model, in seconds: the reference an encoder's prompt must beat."""
+    from sklearn.linear_model import LogisticRegression
+
+    train_rows, test = s.train_examples(), s.test()
+    start = time.perf_counter()
+    features = mean_embeddings(s.loaded, [ex.source for ex in train_rows]).numpy()
+    probe = LogisticRegression(max_iter=2000, random_state=s.seed)
+    probe.fit(features, [ex.target for ex in train_rows])
+    seconds = time.perf_counter() - start
+    pred = probe.predict(mean_embeddings(s.loaded, [ex.source for ex in test]).numpy())
+    gold = [ex.target for ex in test]
+    row = classification_metrics(gold, [str(p) for p in pred], s.labels)
+    return {**row, "steps": 0, "train_seconds": seconds}
+
+
 def run_one(s: Setting, method: str, variants: dict[str, dict]) -> dict:
     gc.collect()
     device = s.loaded.model.get_input_embeddings().weight.device
@@ -403,6 +440,8 @@ def run_one(s: Setting, method: str, variants: dict[str, dict]) -> dict:
             row = run_trained(s, method, variants[method])
         elif method == "peft":
             row = run_peft(s)
+        elif method == "probe":
+            row = run_probe(s)
         else:
             row = run_compare_method(s, method)
     return {"task": s.name, "method": method, "seed": s.seed, **row,
@@ -693,6 +732,8 @@ def skipped(method: str, kind) -> str | None:
     """Why ``method`` does not run for a model of ``kind`` (None: it runs)."""
     if method in CAUSAL_ONLY and kind is not CAUSAL:
         return "it is for decoder models"
+    if method in CLASSIFY_ONLY and kind is not CLASSIFY:
+        return "it is for encoder classifiers"
     if method in METHODS and kind.default_method == method:
         return f"it is what defaults trains for a {kind.name} model"
     return None

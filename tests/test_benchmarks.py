@@ -493,3 +493,23 @@ def test_outside_sets_are_built_by_the_shared_data_rules(tmp_path, monkeypatch):
     ])})  # fmt: skip
     with pytest.raises(SystemExit, match="not the 0000"):
         outside.main(["--wheels", str(wheel.parent), "--out", str(tmp_path / "other")])
+
+
+def test_suite_probe_is_an_encoders_reference(kind_dirs, tmp_path, monkeypatch):
+    """``--methods probe``: logistic regression on a frozen encoder's mean embeddings, a
+    reference for a classifier's prompt; a decoder skips it, as an encoder skips LoRA."""
+    root = _suite_data(tmp_path / "data")
+    out = tmp_path / "suite.jsonl"
+    text = _run("suite.py", "--quick", "--model", str(kind_dirs["bert"]), "--data-root",
+                str(root), "--tasks", "cr", "--seeds", "0", "--methods", "probe,defaults,lora",
+                "--json", str(out), "--runs", str(tmp_path / "runs"))  # fmt: skip
+    assert "suite: lora skipped: it is for decoder models" in text
+    rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines()) if "task" in r}
+    assert set(rows) == {"probe", "defaults"}
+    probe = rows["probe"]
+    assert probe["steps"] == 0 and 0 <= probe["accuracy"] <= 1
+    assert probe["confusion"]["labels"] == ["negative", "positive"]
+    assert sum(map(sum, probe["confusion"]["matrix"])) == 8  # every --quick test row scored
+    suite = _bench_module("suite", monkeypatch)
+    assert suite.skipped("probe", suite.CAUSAL) == "it is for encoder classifiers"
+    assert suite.skipped("probe", suite.CLASSIFY) is None

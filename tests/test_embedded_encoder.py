@@ -49,7 +49,7 @@ def test_prompt_and_head_on_minilm(tmp_path):
     )
     m = run_eval(ev)["metrics"]
     assert m["confusion"]["labels"] == LABELS and sum(map(sum, m["confusion"]["matrix"])) == 200
-    assert m["accuracy"] >= 0.7 and m["macro_f1"] >= 0.7  # chance is 0.5; 0.795 measured
+    assert m["accuracy"] >= 0.7 and m["macro_f1"] >= 0.7  # chance 0.5; 0.790 measured (step 160)
 
     from peft import PeftModel
 

@@ -156,3 +156,19 @@ def test_a_decoder_generating_text_keeps_the_lowest_loss_by_default(tiny_dir, pa
     summary = train(cfg, progress=False).summary
     assert "--select loss" in capsys.readouterr().err
     assert summary["select"] == "loss" and summary["kept_step"] == summary["best_step"]
+
+
+def test_a_classifier_keeps_its_most_accurate_prompt_by_default(kind_dirs, pairs_file,
+                                                                tmp_path, capsys):  # fmt: skip
+    """Without --select a classifier keeps the validation that labels the most rows right,
+    ties to the lower loss (its kind's default, said on the console and recorded)."""
+    out = tmp_path / "enc"
+    cfg = train_config(kind_dirs["bert"], pairs_file, out, epochs=4, select=None, lr=0.3)
+    summary = train(cfg, progress=False).summary
+    assert "--select accuracy" in capsys.readouterr().err
+    assert summary["select"] == "accuracy"
+    vals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v.get("kind") == "val" and v["step"] > 0]
+    best = max(vals, key=lambda v: (v["accuracy"], -v["loss"]))
+    assert summary["kept_step"] == best["step"]
+    assert json.loads((out / "softprompt.json").read_text())["training"]["select"] == "accuracy"

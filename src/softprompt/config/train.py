@@ -90,7 +90,8 @@ class TrainConfig:
         "the model kind's, chosen on the public suite (docs/measurements.md section 11): "
         "'last' for classification on decoders (--choices, given or detected: with the "
         "learning rate decayed to 0 by the end, the last prompt scored better than "
-        "validation's choice), 'loss' for generation, classifiers and encoder-decoders. "
+        "validation's choice), 'accuracy' for classifiers (section 14: ahead of 'loss' on the "
+        "suite's mean and on a set outside it), 'loss' for generation and encoder-decoders. "
         "--patience counts validations without a better one by the same rule ('last': by "
         "the loss).",
     )

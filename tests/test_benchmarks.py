@@ -446,6 +446,7 @@ def test_outside_sets_are_built_by_the_shared_data_rules(tmp_path, monkeypatch):
     cuts them); a wheel with another hash is refused, and a file that holds other rows is
     kept, not overwritten."""
     import bz2
+    import dataclasses
     import hashlib
     import zipfile
 
@@ -488,9 +489,7 @@ def test_outside_sets_are_built_by_the_shared_data_rules(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="holds other rows"):
         outside.main(["--wheels", str(wheel.parent), "--out", str(out)])
     assert (out / "rt" / "test.jsonl").read_text() == '{"text": "mine", "label": "positive"}\n'
-    monkeypatch.setattr(outside, "SOURCES", {"rt": outside.Source(*[
-        "0" * 64 if f == "sha256" else getattr(source, f) for f in source.__dataclass_fields__
-    ])})  # fmt: skip
+    monkeypatch.setattr(outside, "SOURCES", {"rt": dataclasses.replace(source, sha256="0" * 64)})
     with pytest.raises(SystemExit, match="not the 0000"):
         outside.main(["--wheels", str(wheel.parent), "--out", str(tmp_path / "other")])
 

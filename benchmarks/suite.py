@@ -756,7 +756,10 @@ def run_child(args, variants: dict[str, dict]) -> None:
     if not task.generation:  # a classifier's head has one output per label, sorted
         rows = read_jsonl(files["train"]) + read_jsonl(files["validation"])
         labels = sorted({r[task.target_field] for r in rows})
-    loaded = load_model(ModelConfig(model=args.model), labels=labels)
+    # a variant's model settings (--variant cls:pooling=cls) apply where the model loads
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"model"}
+    model_kw = {k: v for k, v in variants.get(method, {}).items() if k in model_fields}
+    loaded = load_model(ModelConfig(model=args.model, **model_kw), labels=labels)
     why = skipped(method, loaded.kind)
     if why:
         print(f"suite: {method} skipped: {why}", flush=True)

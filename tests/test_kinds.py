@@ -487,3 +487,116 @@ def test_a_classifier_takes_a_label_seen_only_in_validation(kind_dirs, tmp_path)
     train(cfg, progress=False)
     meta = json.loads((tmp_path / "run" / "softprompt.json").read_text())
     assert meta["labels"] == ["negative", "neutral", "positive"]
+
+
+# --- a classifier's pooling (--pooling) ------------------------------------------------
+
+
+def sentence_transformers_copy(folder: Path, out: Path, mode: str = "mean",
+                               path: str = "1_Pooling") -> Path:  # fmt: skip
+    """``folder`` as a sentence-transformers checkpoint that declares ``mode`` pooling (its
+    modules.json and the Pooling module's config.json, as all-MiniLM-L6-v2 ships them)."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": path, "type": "sentence_transformers.models.Pooling"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "1_Pooling").mkdir()
+    flags = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens"}
+    conf = {"word_embedding_dimension": 16, "pooling_mode_max_tokens": False,
+            **{flag: m == mode for m, flag in flags.items()}}  # fmt: skip
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(conf))
+    return out
+
+
+def test_a_classifier_reads_the_mean_its_checkpoint_declares(kind_dirs, tmp_path):
+    from conftest import random_prompt
+
+    from softprompt.kinds.classify import logits, pooling, predict
+    from softprompt.prompt import before_input
+
+    labels = ["negative", "positive"]
+    mean = sentence_transformers_copy(kind_dirs["bert"], tmp_path / "mean")
+    cls = sentence_transformers_copy(kind_dirs["bert"], tmp_path / "cls", mode="cls")
+    outside = sentence_transformers_copy(kind_dirs["bert"], tmp_path / "out", path="../x")
+    assert pooling(load_model(model=str(kind_dirs["bert"]), labels=labels).model) == "cls"
+    assert pooling(load_model(model=str(cls), labels=labels).model) == "cls"
+    assert pooling(load_model(model=str(outside), labels=labels).model) == "cls"  # not read
+    assert pooling(load_model(model=str(mean), labels=labels, pooling="cls").model) == "cls"
+    assert pooling(load_model(model=str(kind_dirs["bert"]), labels=labels,
+                              pooling="mean").model) == "mean"  # fmt: skip
+    loaded = load_model(model=str(mean), labels=labels)
+    assert pooling(loaded.model) == "mean"
+
+    # the head reads the mean of the row's own last hidden states: no virtual token, no pad
+    prompt = random_prompt(n=3)
+    _, batch = bert_batch(loaded)
+    with torch.no_grad():
+        got = logits(loaded.model, prompt, batch)
+        embeds, mask = before_input(loaded.model, prompt, batch)
+        hidden = loaded.model.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        weights = batch["attention_mask"][..., None].float()
+        want = loaded.model.classifier((hidden[:, 3:] * weights).sum(1) / weights.sum(1))
+        own = load_model(model=str(mean), labels=labels, pooling="cls").model
+        assert not torch.allclose(logits(own, prompt, batch), got, atol=1e-3)
+    torch.testing.assert_close(got, want)
+    sources = [f"review : {r}" for r, _ in REVIEWS]
+    together = predict(loaded.model, loaded.tokenizer, prompt, sources, 8)
+    alone = [predict(loaded.model, loaded.tokenizer, prompt, [s], 1)[0] for s in sources]
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone))
+
+
+def test_a_saved_head_brings_its_pooling(kind_dirs, tmp_path):
+    """Trained on a mean-pooling checkpoint (a deep prompt, the kind's default), the saved
+    prompt records it and reads the mean wherever it loads; a PEFT adapter's head (no
+    softprompt.json) reads [CLS], as PEFT runs it; a forged pooling is refused."""
+    import shutil
+
+    from softprompt.errors import ArtifactError
+    from softprompt.kinds.classify import logits, pooling
+
+    labels = ["negative", "positive"]
+    mean = sentence_transformers_copy(kind_dirs["bert"], tmp_path / "st")
+    result = train(cfg_for(mean, tmp_path, max_steps=3, lr=0.1), progress=False)
+    meta = json.loads((result.output / "softprompt.json").read_text())
+    assert meta["pooling"] == "mean"
+    on_mean = load_model(model=str(mean), labels=labels)
+    on_plain = load_model(model=str(kind_dirs["bert"]), labels=labels)  # declares nothing
+    assert pooling(on_plain.model) == "cls"
+    _, batch = bert_batch(on_plain)
+    with torch.no_grad():
+        outs = []
+        for loaded in (on_mean, on_plain):
+            prompt, _ = load_prompt(result.output, loaded.model)
+            assert pooling(loaded.model) == "mean"
+            outs.append(logits(loaded.model, prompt, batch))
+    torch.testing.assert_close(outs[0], outs[1])
+
+    bare = tmp_path / "peft-only"  # the PEFT files alone
+    shutil.copytree(result.output, bare)
+    (bare / "softprompt.json").unlink()
+    load_prompt(bare, on_mean.model)
+    assert pooling(on_mean.model) == "cls"
+
+    meta["pooling"] = "max"
+    (result.output / "softprompt.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="softprompt.json: pooling"):
+        load_prompt(result.output, on_plain.model)
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "modernbert"])
+def test_pooling_a_head_cannot_read_is_refused_in_one_line(model_type, tmp_path):
+    import matrix
+
+    from softprompt.kinds.classify import pooling
+
+    kind = matrix.kind_of(model_type)
+    matrix.save_type(model_type, kind, tmp_path / model_type)
+    labels = {"labels": matrix.LABELS}
+    loaded = load_model(model=str(tmp_path / model_type), **labels)
+    assert pooling(loaded.model) == "cls"  # its own head: RoBERTa's, ModernBERT's config
+    with pytest.raises(ConfigError, match="pooling mean: .*(cannot read|pools as its config)"):
+        load_model(model=str(tmp_path / model_type), pooling="mean", **labels)

@@ -20,6 +20,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -126,6 +127,7 @@ def save_prompt(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base_model": base_identity(model, name),
         "num_virtual_tokens": prompt.num_virtual_tokens,
+        **kind.saved_meta(model),  # a classifier's pooling
         **(meta or {}),
     }
     atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(weights, str(p)))
@@ -182,6 +184,7 @@ class MetaFile(_Loose):
     metrics: dict | None = None
     task: str | None = None
     choices: _ChoicesInfo | None = None
+    pooling: Literal["cls", "mean"] | None = None  # a classifier's head (kinds.classify)
 
 
 class AdapterFile(_Loose):
@@ -326,7 +329,7 @@ def load_prompt(
                 f"{kind.name}: load the model it was trained for (or give --task)"
             )
         check_fits(prompt, meta, model, folder, allow_mismatch)
-        kind.load_extra(model, tensors, str(folder / ADAPTER_WEIGHTS))  # a classifier's head
+        kind.load_extra(model, tensors, meta, str(folder / ADAPTER_WEIGHTS))  # a classifier's head
     return prompt, meta
 
 

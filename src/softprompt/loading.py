@@ -98,7 +98,7 @@ def load_model(
         count = quantize_base(model, cfg.quantize, decoder_layers(model))
         say(f"--quantize {cfg.quantize}: {count} linear layers of the decoder stack quantized "
             "(torchao); embeddings, head and prompt keep their dtype")  # fmt: skip
-    kind.prepare(model)
+    kind.prepare(model, cfg, str(folder))
     return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels)
 
 

@@ -36,6 +36,7 @@ PromptPosition = Literal["start", "after-system", "before-user"]
 LossOn = Literal["all-assistant", "last-assistant"]
 ModelTask = Literal["auto", "causal", "seq2seq", "classify"]
 Quantize = Literal["none", "int8", "nf4"]
+Pooling = Literal["auto", "cls", "mean"]
 DTYPE_CHOICES = typing.get_args(Dtype)
 QUANTIZE_CHOICES = typing.get_args(Quantize)
 CHOICE_LOSSES = typing.get_args(ChoiceLoss)
@@ -140,12 +141,23 @@ class ModelConfig:
         "the loss keep --dtype; the saved prompt records the quantization and loads on the "
         "unquantized base too.",
     )
+    pooling: Pooling = opt(
+        "auto",
+        "Classification models: which hidden states the trained head reads. 'cls': the "
+        "model's own head (BERT's pooler over [CLS]), as PEFT's SEQ_CLS model runs it; "
+        "'mean': the mean of the text's last hidden states, for BERT-style heads (the "
+        "pooling sentence-transformers checkpoints were trained for). auto: the pooling the "
+        "checkpoint declares (sentence-transformers' modules.json, such as the bundled "
+        "all-MiniLM-L6-v2's mean), else 'cls'. Saved with the prompt and used wherever it is "
+        "loaded; PEFT loads a mean-pooled prompt but reads [CLS] (docs/model-kinds.md).",
+    )
     trust_remote_code: bool = opt(
         False, "Allow a hub model to run its own Python code. Only for models you trust."
     )
 
     def __post_init__(self) -> None:
         check_finite(self)
+        check_choice(self.pooling, typing.get_args(Pooling), "--pooling")
         check_choice(self.dtype, DTYPE_CHOICES, "--dtype")
         check_choice(self.quantize, QUANTIZE_CHOICES, "--quantize")
         check_choice(self.task, typing.get_args(ModelTask), "--task")

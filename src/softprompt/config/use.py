@@ -97,7 +97,7 @@ class GenerateRunConfig:
     )
     model: ModelConfig = nested(
         prompt_model,
-        only=("dtype", "quantize", "trust_remote_code", "model", "task"),
+        only=("dtype", "quantize", "trust_remote_code", "model", "task", "pooling"),
         help={
             "model": ModelConfig.__dataclass_fields__["model"].metadata["help"]
             + " Default: the model --prompt was trained on, else 'embedded'."

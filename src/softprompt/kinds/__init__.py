@@ -57,8 +57,9 @@ class Kind(Protocol):
     def load_kwargs(self, labels: list[str] | None) -> dict:
         """Extra ``from_pretrained`` arguments (a classifier's labels)."""
 
-    def prepare(self, model: nn.Module) -> None:
-        """Decide, once at load, what the model allows (a decoder's shortcuts)."""
+    def prepare(self, model: nn.Module, cfg, source: str) -> None:
+        """Decide, once at load, what the model allows (a decoder's shortcuts) and how it runs
+        (a classifier's pooling, ``cfg.pooling``; ``source``: the folder or hub id loaded)."""
 
     def labels(self, model: nn.Module) -> list[str] | None:
         """The loaded model's output labels (a classifier's), in id order."""
@@ -145,8 +146,13 @@ class Kind(Protocol):
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         """Tensors the artifact holds beside the prompt (a classifier's head)."""
 
-    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
-        """Put ``extra_tensors`` back into ``model``."""
+    def saved_meta(self, model: nn.Module) -> dict:
+        """What softprompt.json records for this kind beside the common fields (a
+        classifier's pooling)."""
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
+                   where: str) -> None:  # fmt: skip
+        """Put ``extra_tensors`` (and what ``saved_meta`` recorded) back into ``model``."""
 
 
 def epochs_for(kind: Kind, steps_per_epoch: int) -> int:

@@ -49,7 +49,7 @@ class Causal:
     def load_kwargs(self, labels: list[str] | None) -> dict:
         return {}
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, cfg, source: str) -> None:
         """Decide once, at load, which shortcuts the model allows (``loss.support``) and how
         it scales embedded ids: every later step, generation and server batch obeys the
         same answer. A model that cannot take a soft prompt is refused here."""
@@ -154,7 +154,11 @@ class Causal:
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return {}
 
-    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    def saved_meta(self, model: nn.Module) -> dict:
+        return {}
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
+                   where: str) -> None:  # fmt: skip
         return None
 
 

@@ -5,11 +5,19 @@ included), the attention mask is extended with ones (token type ids, left to the
 are zeros: one segment), and the model's classification head (``classifier`` / ``score``,
 PEFT's ``modules_to_save``) trains beside the prompt; the rest of the model stays frozen.
 A row holds the input's ids in ``input_ids`` and its label's index as ``labels[0]``.
+
+The head reads what the model's own head reads (BERT: its pooler over [CLS]), or, with
+``--pooling mean``, the mean of the text's last hidden states: what a sentence-transformers
+checkpoint (the bundled all-MiniLM-L6-v2) was trained to fill, and what ``--pooling auto``
+picks where the checkpoint declares it. The choice lives where transformers keeps
+ModernBERT's (``config.classifier_pooling``) and is saved in softprompt.json.
 """
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +25,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from softprompt.console import batch_parts, batch_starts
+from softprompt.console import batch_parts, batch_starts, say
 from softprompt.data import Example
 from softprompt.errors import ArtifactError, ConfigError
 from softprompt.generation import prompt_batches
@@ -38,6 +46,109 @@ from softprompt.templates import PromptFormat
 
 HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
 HEAD_PREFIX = "base_model."  # PEFT's key for head tensors: base_model.classifier.weight
+POOLING = "classifier_pooling"  # transformers' config name for it (ModernBERT's)
+POOLINGS = ("cls", "mean")
+
+
+def pooling(model: nn.Module) -> str:
+    """What the head reads: 'cls' (the model's own head) or 'mean' (of the text's states)."""
+    return getattr(model.config, POOLING, "cls")
+
+
+def pools_itself(model: nn.Module) -> bool:
+    """The model's own head reads ``config.classifier_pooling`` (ModernBERT and its kin)."""
+    return hasattr(type(model.config), POOLING)
+
+
+def mean_head(model: nn.Module) -> bool:
+    """A BERT-style head: one linear layer over the body's pooled vector (BERT, ALBERT,
+    MobileBERT...), which can read the mean of the hidden states instead."""
+    head = getattr(model, "classifier", None)
+    return (
+        isinstance(head, nn.Linear)
+        and getattr(model.base_model, "pooler", None) is not None
+        and head.in_features == getattr(model.config, "hidden_size", None)
+    )
+
+
+def declared_pooling(source: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint (a folder or hub id) declares in
+    modules.json's Pooling module: 'mean', 'cls', or None (none, another, or unreadable)."""
+    modules = _checkpoint_json(source, "modules.json")
+    for module in modules if isinstance(modules, list) else []:
+        if not isinstance(module, dict) or not str(module.get("type", "")).endswith("Pooling"):
+            continue
+        folder = PurePosixPath(str(module.get("path") or "."))
+        if folder.is_absolute() or ".." in folder.parts:
+            return None  # a file names a place outside the checkpoint: not read
+        conf = _checkpoint_json(source, str(folder / "config.json"))
+        if not isinstance(conf, dict):
+            return None
+        if conf.get("pooling_mode") in POOLINGS:  # newer sentence-transformers
+            return conf["pooling_mode"]
+        on = sorted(k for k, v in conf.items() if k.startswith("pooling_mode_") and v is True)
+        return {("pooling_mode_mean_tokens",): "mean",
+                ("pooling_mode_cls_token",): "cls"}.get(tuple(on))  # fmt: skip
+    return None
+
+
+def _checkpoint_json(source: str, name: str):
+    """A checkpoint's JSON file (a folder's, or from the hub cache / the hub), else None."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)  # fmt: skip
+        return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def choose_pooling(model: nn.Module, choice: str, source: str) -> None:
+    """Decide, once at load, what the head reads (``--pooling``; see ``ModelConfig``)."""
+    name = type(model).__name__
+    if pools_itself(model):  # PEFT reads it from the checkpoint's config too: kept
+        own = pooling(model)
+        if choice not in ("auto", own):
+            raise ConfigError(f"--pooling {choice}: {name} pools as its config says "
+                              f"(classifier_pooling={own!r}), which PEFT reads from the "
+                              "checkpoint too; leave out --pooling")  # fmt: skip
+        return
+    if choice == "auto":
+        declared = declared_pooling(source)
+        choice = "mean" if declared == "mean" and mean_head(model) else "cls"
+        if choice == "mean":
+            say("the classification head reads the mean of the text's hidden states, the "
+                "pooling this checkpoint declares (--pooling cls: the model's own [CLS] "
+                "head, as PEFT's SEQ_CLS model reads it)")  # fmt: skip
+    if choice == "mean" and not mean_head(model):
+        raise ConfigError(f"--pooling mean: {name}'s head pools the hidden states itself "
+                          "(not one linear layer over a pooled vector, as BERT's), so it "
+                          "cannot read their mean; use --pooling cls")  # fmt: skip
+    setattr(model.config, POOLING, choice)
+
+
+def saved_pooling(model: nn.Module, meta: dict, where: str) -> None:
+    """Give ``model``'s head the pooling a saved prompt's head was trained with (a PEFT
+    adapter without softprompt.json: [CLS], as PEFT's model reads it)."""
+    saved = meta.get("pooling") or "cls"
+    if saved not in POOLINGS:
+        raise ArtifactError(f"{where}: pooling {saved!r} is not one of {', '.join(POOLINGS)}; "
+                            "retrain or re-copy the prompt")  # fmt: skip
+    if pools_itself(model):
+        if saved != pooling(model):
+            raise ArtifactError(f"{where}: the head was trained reading {saved!r} pooling; this "
+                                f"model's config pools by {pooling(model)!r}: load the model "
+                                "the prompt was trained with")  # fmt: skip
+        return
+    if saved == "mean" and not mean_head(model):
+        raise ArtifactError(f"{where}: the head was trained on the mean of the hidden states, "
+                            f"which {type(model).__name__}'s head cannot read; load the model "
+                            "the prompt was trained with")  # fmt: skip
+    if saved != pooling(model):
+        say(f"note: {Path(where).parent.name}'s head was trained reading {saved!r} pooling, "
+            "so the model reads it so (the prompt's choice, whatever --pooling says)")  # fmt: skip
+    setattr(model.config, POOLING, saved)
 
 
 def label_list(examples: list[Example]) -> list[str]:
@@ -97,16 +208,26 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
 
 def logits(model: nn.Module, prompt, batch: dict[str, Tensor]) -> Tensor:
     """Class logits (B, L), the prompt before every row's tokens (a deep prompt: its keys
-    and values before every layer's, as PEFT's SEQ_CLS prefix tuning puts them)."""
+    and values before every layer's, as PEFT's SEQ_CLS prefix tuning puts them); the head
+    reads the model's own pooling, or (``--pooling mean`` on a BERT-style head) the mean of
+    the last hidden states over the row's own tokens, the virtual ones left out."""
+    mean = pooling(model) == "mean" and not pools_itself(model)
+    run = model.base_model if mean else model
     if is_deep(prompt):
         flat, which = rows_prompts(prompt, batch)
         cache = deep_cache(model, flat, deep_layout(prompt), which)
         mask = batch["attention_mask"]
         mask = torch.cat([mask.new_ones(mask.shape[0], flat.shape[1]), mask], dim=1)
-        return model(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=cache,
-                     use_cache=True).logits  # fmt: skip
-    embeds, mask = before_input(model, prompt, batch)
-    return model(inputs_embeds=embeds, attention_mask=mask).logits
+        out = run(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=cache,
+                  use_cache=True)  # fmt: skip
+    else:
+        embeds, mask = before_input(model, prompt, batch)
+        out = run(inputs_embeds=embeds, attention_mask=mask)
+    if not mean:
+        return out.logits
+    hidden = out.last_hidden_state[:, -batch["input_ids"].shape[1] :]  # the row's own tokens
+    weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return model.classifier((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
 
 
 def rows_loss(
@@ -223,8 +344,9 @@ class Classify:
     default_select = ("accuracy", "loss")
     deep_prompts = True  # --method prefix (keys/values per layer) can train
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, cfg, source: str) -> None:
         check_inputs(model, model, masked=True)
+        choose_pooling(model, cfg.pooling, source)
 
     def load_kwargs(self, labels: list[str] | None) -> dict:
         labels = labels or ["0", "1"]
@@ -332,8 +454,13 @@ class Classify:
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return head_state(model)
 
-    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    def saved_meta(self, model: nn.Module) -> dict:
+        return {"pooling": pooling(model)}
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
+                   where: str) -> None:  # fmt: skip
         load_head(model, tensors, where)
+        saved_pooling(model, meta, where)
 
 
 CLASSIFY = Classify()

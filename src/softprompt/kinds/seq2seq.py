@@ -255,7 +255,7 @@ class Seq2Seq:
     default_select = ("loss", "loss")  # --select not measured on an encoder-decoder yet
     deep_prompts = True  # --method prefix: keys/values in the decoder's self-attention
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, cfg, source: str) -> None:
         check_inputs(model, model.get_encoder())  # the prompt goes before the encoder's input
         input_scale(model)  # how the encoder scales embedded ids, decided once
 
@@ -345,7 +345,11 @@ class Seq2Seq:
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return {}
 
-    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    def saved_meta(self, model: nn.Module) -> dict:
+        return {}
+
+    def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
+                   where: str) -> None:  # fmt: skip
         return None
 
 

@@ -50,6 +50,11 @@ def main() -> None:
         help="deep prompt + head (classify's default: docs/measurements.md, 7)",
     )
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning")
+    p.add_argument(
+        "--pooling", default="cls", choices=["auto", "cls", "mean"],
+        help="what every method's head reads (train --pooling); cls, the model's own head, is "
+        "the saved record's (the classifier's default is auto: MiniLM's declared mean)",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="use only this many examples")
     p.add_argument("--quick", action="store_true", help="1 epoch, 4 tokens: a smoke test")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -83,7 +88,7 @@ def run_prompt(args, method: str = "prompt") -> dict:
                           input_field=args.input_field, target_field=args.target_field)  # fmt: skip
         if args.limit:
             data = _limited(data, args, Path(tmp))
-        cfg = TrainConfig(model=ModelConfig(model=args.model), data=data,
+        cfg = TrainConfig(model=ModelConfig(model=args.model, pooling=args.pooling), data=data,
                           prompt=PromptConfig(num_virtual_tokens=args.virtual_tokens,
                                               init="vocab"),
                           output=str(Path(tmp) / "run"), epochs=args.epochs, method=method,
@@ -93,7 +98,7 @@ def run_prompt(args, method: str = "prompt") -> dict:
         result = train(cfg, progress=False)
         seconds = time.perf_counter() - start
         labels = sorted({ex.target for ex in examples(args.data, args)})
-        loaded = load_model(ModelConfig(model=args.model), labels=labels)
+        loaded = load_model(ModelConfig(model=args.model, pooling=args.pooling), labels=labels)
         from softprompt.artifacts import load_prompt
 
         prompt, meta = load_prompt(result.output, loaded.model)  # its head goes in place
@@ -127,7 +132,7 @@ def run_plain(args, method: str) -> dict:
 
     train_ex, val_ex = examples(args.data, args), examples(args.validation, args)
     labels = sorted({ex.target for ex in train_ex})
-    loaded = load_model(ModelConfig(model=args.model), labels=labels)
+    loaded = load_model(ModelConfig(model=args.model, pooling=args.pooling), labels=labels)
     model, tok = loaded.model, loaded.tokenizer
     params = head_parameters(model)
     if method == "full FT":

@@ -53,8 +53,14 @@ def test_prompt_and_head_on_minilm(tmp_path):
 
     from peft import PeftModel
 
+    from softprompt.kinds.classify import POOLING, pooling
+
     loaded = load_model(model="embedded-encoder", labels=LABELS)
-    prompt, _ = load_prompt(result.output, loaded.model)
+    assert pooling(loaded.model) == "mean"  # the checkpoint's declared pooling
+    prompt, meta = load_prompt(result.output, loaded.model)
+    assert meta["pooling"] == "mean"
+    # PEFT's SEQ_CLS model reads [CLS]: the saved files load there with our [CLS] logits
+    setattr(loaded.model.config, POOLING, "cls")
     texts = ["Broke on the first day.", "Lovely staff and a quiet room, would stay again."]
     rows = [Row(loaded.tokenizer(t)["input_ids"], [0]) for t in texts]
     batch = collate(rows, loaded.tokenizer.pad_token_id)

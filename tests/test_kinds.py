@@ -583,7 +583,7 @@ def test_a_saved_head_brings_its_pooling(kind_dirs, tmp_path):
 
     meta["pooling"] = "max"
     (result.output / "softprompt.json").write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="softprompt.json: pooling"):
+    with pytest.raises(ArtifactError, match="softprompt.json's pooling 'max' is not one of"):
         load_prompt(result.output, on_plain.model)
 
 

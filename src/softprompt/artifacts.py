@@ -20,7 +20,6 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -184,7 +183,7 @@ class MetaFile(_Loose):
     metrics: dict | None = None
     task: str | None = None
     choices: _ChoicesInfo | None = None
-    pooling: Literal["cls", "mean"] | None = None  # a classifier's head (kinds.classify)
+    pooling: str | None = None  # a classifier's head (kinds.classify checks the value)
 
 
 class AdapterFile(_Loose):

@@ -131,16 +131,17 @@ def choose_pooling(model: nn.Module, choice: str, source: str) -> None:
 def saved_pooling(model: nn.Module, meta: dict, where: str) -> None:
     """Give ``model``'s head the pooling a saved prompt's head was trained with (a PEFT
     adapter without softprompt.json: [CLS], as PEFT's model reads it)."""
-    saved = meta.get("pooling") or "cls"
-    if saved not in POOLINGS:
-        raise ArtifactError(f"{where}: pooling {saved!r} is not one of {', '.join(POOLINGS)}; "
-                            "retrain or re-copy the prompt")  # fmt: skip
-    if pools_itself(model):
-        if saved != pooling(model):
+    saved = meta.get("pooling")
+    if pools_itself(model):  # the config's own (PEFT reads it there too), whatever it holds
+        if saved is not None and saved != pooling(model):
             raise ArtifactError(f"{where}: the head was trained reading {saved!r} pooling; this "
                                 f"model's config pools by {pooling(model)!r}: load the model "
                                 "the prompt was trained with")  # fmt: skip
         return
+    saved = saved or "cls"
+    if saved not in POOLINGS:
+        raise ArtifactError(f"{where}: softprompt.json's pooling {saved!r} is not one of "
+                            f"{', '.join(POOLINGS)}; retrain or re-copy the prompt")  # fmt: skip
     if saved == "mean" and not mean_head(model):
         raise ArtifactError(f"{where}: the head was trained on the mean of the hidden states, "
                             f"which {type(model).__name__}'s head cannot read; load the model "

@@ -500,11 +500,16 @@ def test_suite_probe_is_an_encoders_reference(kind_dirs, tmp_path, monkeypatch):
     root = _suite_data(tmp_path / "data")
     out = tmp_path / "suite.jsonl"
     text = _run("suite.py", "--quick", "--model", str(kind_dirs["bert"]), "--data-root",
-                str(root), "--tasks", "cr", "--seeds", "0", "--methods", "probe,defaults,lora",
-                "--json", str(out), "--runs", str(tmp_path / "runs"))  # fmt: skip
+                str(root), "--tasks", "cr", "--seeds", "0", "--methods",
+                "probe,defaults,lora,mean", "--variant", "mean:pooling=mean", "--json", str(out),
+                "--runs", str(tmp_path / "runs"))  # fmt: skip
     assert "suite: lora skipped: it is for decoder models" in text
     rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines()) if "task" in r}
-    assert set(rows) == {"probe", "defaults"}
+    assert set(rows) == {"probe", "defaults", "mean"}
+    # a variant's model setting (--pooling) applies where the model loads, and is saved
+    for method, pooling in (("defaults", "cls"), ("mean", "mean")):
+        meta = json.loads((tmp_path / "runs" / "cr-s0" / method / "softprompt.json").read_text())
+        assert meta["pooling"] == pooling
     probe = rows["probe"]
     assert probe["steps"] == 0 and 0 <= probe["accuracy"] <= 1
     assert probe["confusion"]["labels"] == ["negative", "positive"]

@@ -1,8 +1,9 @@
 """Slow: the bundled encoder (all-MiniLM-L6-v2) on the shipped sentiment data with bare
 defaults (a deep prompt + head, lr 0.03, 10 epochs: the kind's defaults; about two minutes):
-training learns the task with a margin (0.795 test accuracy at seed 0 on 2026-12-03, the
-validation loss from 0.69 to 0.29), eval reports the classification numbers, and PEFT loads
-the folder with identical logits on the real model."""
+training learns the task with a margin (0.820 test accuracy at seed 0 on 2026-12-05 with the
+head on the mean of the text's states, the checkpoint's declared pooling; the lowest
+validation loss 0.45), eval reports the classification numbers, and PEFT loads the folder
+with identical logits on the real model where the head reads [CLS], as PEFT's does."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_prompt_and_head_on_minilm(tmp_path):
     result = train(cfg, progress=False)
     assert result.summary["steps"] == 320  # the kind's 10 epochs of 250 rows at batch 8
     assert result.prompt.layout == (6, 12, 32)  # a deep prompt: MiniLM's 6 layers
-    # ln 2 = 0.693 is chance: a real drop, not noise (0.287 measured)
+    # ln 2 = 0.693 is chance: a real drop, not noise (0.450 measured)
     assert result.summary["best_val_loss"] < 0.55
 
     ev = EvalConfig(
@@ -49,7 +50,7 @@ def test_prompt_and_head_on_minilm(tmp_path):
     )
     m = run_eval(ev)["metrics"]
     assert m["confusion"]["labels"] == LABELS and sum(map(sum, m["confusion"]["matrix"])) == 200
-    assert m["accuracy"] >= 0.7 and m["macro_f1"] >= 0.7  # chance 0.5; 0.790 measured (step 160)
+    assert m["accuracy"] >= 0.7 and m["macro_f1"] >= 0.7  # chance 0.5; 0.820 measured (step 192)
 
     from peft import PeftModel
 

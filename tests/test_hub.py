@@ -49,6 +49,7 @@ def test_model_card(run, model_dirs):
     assert f"| best_val_loss | {best:.4g} |" in card
     assert "softprompt generate --prompt hf:me/sentiment" in card
     assert 'PeftModel.from_pretrained(model, "me/sentiment")' in card
+    assert f'AutoModelForCausalLM.from_pretrained("{model_dirs["llama"]}")' in card
     assert "![loss curve](loss.png)" in card
 
 
@@ -164,3 +165,27 @@ def test_hf_prompt_missing_offline(hub_cache, capsys):
     assert "hf:me/absent is not in the local Hugging Face cache" in err
     with pytest.raises(ConfigError, match="hf:owner/name"):
         artifacts.resolve_prompt_dir("hf:justaname")
+
+
+def test_a_classifiers_card_loads_its_head_or_says_peft_cannot(kind_dirs, tmp_path):
+    """A classifier's card loads the sequence-classification class with one output per
+    label; a head on the mean of the hidden states (which PEFT's model does not read) says
+    so instead of a PEFT snippet that would score it differently."""
+    from conftest import random_prompt
+    from test_kinds import sentence_transformers_copy
+
+    from softprompt.artifacts import save_prompt
+    from softprompt.loading import load_model
+
+    labels = {"labels": ["negative", "positive"]}
+    mean = sentence_transformers_copy(kind_dirs["bert"], tmp_path / "st")
+    for name, folder in (("cls", kind_dirs["bert"]), ("mean", mean)):
+        loaded = load_model(model=str(folder), **labels)
+        save_prompt(tmp_path / name, random_prompt(), loaded.model, loaded.name,
+                    meta={"labels": labels["labels"]})  # fmt: skip
+    card = model_card(tmp_path / "cls", "me/cls")
+    assert f'AutoModelForSequenceClassification.from_pretrained("{kind_dirs["bert"]}", ' \
+        "num_labels=2)" in card  # fmt: skip
+    assert "Its labels, in the head's order: negative, positive." in card
+    card = model_card(tmp_path / "mean", "me/mean")
+    assert "PeftModel" not in card and "PEFT's model reads `[CLS]`" in card

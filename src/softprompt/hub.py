@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from softprompt import __version__
+from softprompt import __version__, kinds
 from softprompt.artifacts import (
     ADAPTER_CONFIG,
     read_meta,
@@ -41,12 +41,21 @@ def model_card(folder: str | Path, repo_id: str) -> str:
                   if isinstance(v, (int, float, str)) and not isinstance(v, bool)]  # fmt: skip
     lines += ["", "## Use", "", "```bash", "pip install softprompt",
               f"softprompt generate --prompt hf:{repo_id} 'your input'", "```", ""]  # fmt: skip
-    if fmt.peft_compatible:
+    auto = (kinds.for_task_type(adapter.get("task_type")) or kinds.CAUSAL).auto_class.__name__
+    labels = meta.get("labels") or []
+    head = f", num_labels={len(labels)}" if labels else ""  # a classifier's head, one per label
+    if meta.get("pooling") == "mean":
+        lines += ["Its classification head reads the mean of the text's hidden states "
+                  "(softprompt's `--pooling mean`); PEFT's model reads `[CLS]` and would score "
+                  "it differently: load it with softprompt.", ""]  # fmt: skip
+    elif fmt.peft_compatible:
         lines += ["With PEFT (the virtual tokens go first, as they were trained):", "",
                   "```python", "from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{base}")',
+                  f"from transformers import {auto}", "",
+                  f'model = {auto}.from_pretrained("{base}"{head})',
                   f'model = PeftModel.from_pretrained(model, "{repo_id}")', "```", ""]  # fmt: skip
+        if labels:
+            lines += [f"Its labels, in the head's order: {', '.join(labels)}.", ""]
     else:
         lines += [f"The virtual tokens sit at '{fmt.position_name}', which PEFT cannot place: "
                   "load it with softprompt.", ""]  # fmt: skip

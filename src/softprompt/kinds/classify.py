@@ -456,7 +456,8 @@ class Classify:
         return head_state(model)
 
     def saved_meta(self, model: nn.Module) -> dict:
-        return {"pooling": pooling(model)}
+        # softprompt's choice; a model that pools by its config keeps it there (PEFT reads it)
+        return {} if pools_itself(model) else {"pooling": pooling(model)}
 
     def load_extra(self, model: nn.Module, tensors: dict[str, Tensor], meta: dict,
                    where: str) -> None:  # fmt: skip

@@ -263,15 +263,20 @@ def budget(s: Setting) -> int:
     return s.steps
 
 
+def model_settings(overrides: dict) -> dict:
+    """A variant's ModelConfig settings (``pooling=cls``)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k: v for k, v in overrides.items() if k in names}
+
+
 def run_trained(s: Setting, name: str, overrides: dict) -> dict:
     """``softprompt train`` with the suite's data and ``overrides`` on top of the defaults."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     prompt_fields = {f.name for f in dataclasses.fields(PromptConfig)}
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_kw = model_settings(overrides)
     train_kw = {k: v for k, v in overrides.items() if k in fields}
     prompt_kw = {k: v for k, v in overrides.items() if k in prompt_fields}
-    model_kw = {k: v for k, v in overrides.items() if k in model_fields}
-    unknown = set(overrides) - fields - prompt_fields - model_fields
+    unknown = set(overrides) - fields - prompt_fields - set(model_kw)
     if unknown:
         raise SystemExit(f"--variant {name}: no setting named {', '.join(sorted(unknown))}")
     if s.args.steps:
@@ -757,9 +762,8 @@ def run_child(args, variants: dict[str, dict]) -> None:
         rows = read_jsonl(files["train"]) + read_jsonl(files["validation"])
         labels = sorted({r[task.target_field] for r in rows})
     # a variant's model settings (--variant cls:pooling=cls) apply where the model loads
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"model"}
-    model_kw = {k: v for k, v in variants.get(method, {}).items() if k in model_fields}
-    loaded = load_model(ModelConfig(model=args.model, **model_kw), labels=labels)
+    model_kw = {**model_settings(variants.get(method, {})), "model": args.model}
+    loaded = load_model(ModelConfig(**model_kw), labels=labels)
     why = skipped(method, loaded.kind)
     if why:
         print(f"suite: {method} skipped: {why}", flush=True)

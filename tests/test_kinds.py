@@ -587,16 +587,122 @@ def test_a_saved_head_brings_its_pooling(kind_dirs, tmp_path):
         load_prompt(result.output, on_plain.model)
 
 
-@pytest.mark.parametrize("model_type", ["roberta", "modernbert"])
+@pytest.mark.parametrize("model_type", ["flaubert", "modernbert"])
 def test_pooling_a_head_cannot_read_is_refused_in_one_line(model_type, tmp_path):
     import matrix
+    from transformers import FlaubertConfig, FlaubertForSequenceClassification
 
     from softprompt.kinds.classify import pooling
 
-    kind = matrix.kind_of(model_type)
-    matrix.save_type(model_type, kind, tmp_path / model_type)
+    folder = tmp_path / model_type
+    if model_type == "flaubert":  # XLM's head: a SequenceSummary, whose pooling its config sets
+        tok = matrix.tokenizer_for("classify")
+        config = FlaubertConfig(vocab_size=len(tok), emb_dim=16, n_layers=2, n_heads=2,
+                                pad_index=tok.pad_token_id, num_labels=2)  # fmt: skip
+        FlaubertForSequenceClassification(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    else:
+        matrix.save_type(model_type, "classify", folder)
     labels = {"labels": matrix.LABELS}
-    loaded = load_model(model=str(tmp_path / model_type), **labels)
-    assert pooling(loaded.model) == "cls"  # its own head: RoBERTa's, ModernBERT's config
+    loaded = load_model(model=str(folder), **labels)
+    assert pooling(loaded.model) == "cls"  # its own head: XLM's summary, ModernBERT's config
     with pytest.raises(ConfigError, match="pooling mean: .*(cannot read|pools as its config)"):
-        load_model(model=str(tmp_path / model_type), pooling="mean", **labels)
+        load_model(model=str(folder), pooling="mean", **labels)
+
+
+FIRST_POSITION_BUILT = ["camembert", "convbert", "deberta", "deberta-v2", "distilbert",
+                        "electra", "lilt", "mpnet", "mra", "nystromformer", "roberta",
+                        "xlm-roberta", "yoso"]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", FIRST_POSITION_BUILT)
+def test_a_first_position_head_reads_the_mean_there(model_type, tmp_path):
+    """FIRST_POSITION's claim, checked on each type the architecture matrix builds: the
+    model's own head reads position 0 of the body's last hidden states and nothing else; with
+    --pooling mean position 0 holds the mean of the row's own states (no virtual token, no
+    padding), and the rest of the head runs as the model's own."""
+    import matrix
+
+    from softprompt.kinds.classify import FIRST_POSITION, logits, pooling
+    from softprompt.prompt import SoftPrompt, before_input
+
+    assert model_type in FIRST_POSITION
+    matrix.save_type(model_type, "classify", tmp_path / "m")
+    loaded = load_model(model=str(tmp_path / "m"), labels=matrix.LABELS, pooling="mean")
+    model = loaded.model.eval()
+    assert pooling(model) == "mean"
+    _, batch = bert_batch(loaded)
+    assert not batch["attention_mask"].all()  # rows of different lengths: padding to leave out
+    width = model.get_input_embeddings().weight.shape[1]  # LiLT's: 24
+    prompt = SoftPrompt(torch.randn(3, width, generator=torch.Generator().manual_seed(0)) * 2)
+
+    def with_states(at, value):  # the model's own logits, the body's states changed at `at`
+        def hook(module, args, out):
+            states = out[0].clone()
+            states[:, at] = value(states)
+            out["last_hidden_state"] = states
+            return out
+
+        handle = model.base_model.register_forward_hook(hook)
+        try:
+            return model(inputs_embeds=embeds, attention_mask=mask).logits
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        embeds, mask = before_input(model, prompt, batch)
+        own = model(inputs_embeds=embeds, attention_mask=mask).logits
+        torch.testing.assert_close(with_states(slice(1, None), lambda h: h[:, 1:] + 1.0), own)
+        assert not torch.allclose(with_states(0, lambda h: h[:, 0] + 1.0), own, atol=1e-4)
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask)[0][:, 3:]
+        weights = batch["attention_mask"][..., None].float()
+        mean = (hidden * weights).sum(1) / weights.sum(1)
+        want = with_states(0, lambda h: mean)
+        got = logits(model, prompt, batch)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, own, atol=1e-4)
+
+
+def test_a_roberta_checkpoint_that_declares_the_mean_trains_on_it(tmp_path):
+    """all-distilroberta-v1 and all-mpnet-base-v2 declare the mean, as MiniLM does: auto
+    reads it (RoBERTa's head over the mean, by hand), a deep prompt (the kind's default)
+    trains on it, and the saved prompt brings it to a checkpoint that declares nothing,
+    batched rows scoring as alone."""
+    import matrix
+
+    from softprompt.kinds.classify import logits, pooling, predict
+    from softprompt.prefix import deep_cache
+    from softprompt.prompt import DeepPrompt, deep_layout, rows_prompts
+
+    matrix.save_type("roberta", "classify", tmp_path / "plain")
+    st = sentence_transformers_copy(tmp_path / "plain", tmp_path / "st")
+    loaded = load_model(model=str(st), labels=matrix.LABELS)
+    assert pooling(loaded.model) == "mean"
+    assert pooling(load_model(model=str(tmp_path / "plain"), labels=matrix.LABELS).model) == "cls"
+    model = loaded.model.eval()
+    _, batch = bert_batch(loaded)
+    layers, heads, dim = 2, 2, 8  # the matrix's tiny model: 2 layers, 2 heads of 8
+    deep = DeepPrompt(torch.randn(4, layers * 2 * heads * dim), layers, heads, dim)
+    with torch.no_grad():
+        got = logits(model, deep, batch)
+        flat, which = rows_prompts(deep, batch)
+        cache = deep_cache(model, flat, deep_layout(deep), which)
+        rows = batch["input_ids"].shape[0]
+        mask = torch.cat([torch.ones(rows, 4, dtype=torch.long), batch["attention_mask"]], 1)
+        hidden = model.roberta(input_ids=batch["input_ids"], attention_mask=mask,
+                               past_key_values=cache, use_cache=True).last_hidden_state  # fmt: skip
+        weights = batch["attention_mask"][..., None].float()
+        mean = (hidden * weights).sum(1) / weights.sum(1)
+        want = model.classifier(mean[:, None])  # RobertaClassificationHead reads position 0
+    torch.testing.assert_close(got, want)
+
+    result = train(cfg_for(st, tmp_path, max_steps=3, lr=0.1, method="prefix"), progress=False)
+    meta = json.loads((result.output / "softprompt.json").read_text())
+    assert meta["pooling"] == "mean"
+    plain = load_model(model=str(tmp_path / "plain"), labels=matrix.LABELS)
+    prompt, _ = load_prompt(result.output, plain.model)
+    assert pooling(plain.model) == "mean" and isinstance(prompt, DeepPrompt)
+    sources = [f"review : {r}" for r, _ in REVIEWS]
+    together = predict(plain.model, plain.tokenizer, prompt, sources, 8)
+    alone = [predict(plain.model, plain.tokenizer, prompt, [s], 1)[0] for s in sources]
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone))

@@ -145,9 +145,10 @@ class ModelConfig:
         "auto",
         "Classification models: which hidden states the trained head reads. 'cls': the "
         "model's own head (BERT's pooler over [CLS]), as PEFT's SEQ_CLS model runs it; "
-        "'mean': the mean of the text's last hidden states, for BERT-style heads (the "
-        "pooling sentence-transformers checkpoints were trained for). auto: the pooling the "
-        "checkpoint declares (sentence-transformers' modules.json, such as the bundled "
+        "'mean': the mean of the text's last hidden states (the pooling sentence-transformers "
+        "checkpoints were trained for), in place of BERT's pooled vector or of the first "
+        "position that RoBERTa's, MPNet's, DistilBERT's, DeBERTa's heads read. auto: the "
+        "pooling the checkpoint declares (sentence-transformers' modules.json, such as the bundled "
         "all-MiniLM-L6-v2's mean), else 'cls'. Saved with the prompt and used wherever it is "
         "loaded; PEFT loads a mean-pooled prompt but reads [CLS] (docs/model-kinds.md).",
     )

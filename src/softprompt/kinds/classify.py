@@ -8,14 +8,18 @@ A row holds the input's ids in ``input_ids`` and its label's index as ``labels[0
 
 The head reads what the model's own head reads (BERT: its pooler over [CLS]), or, with
 ``--pooling mean``, the mean of the text's last hidden states: what a sentence-transformers
-checkpoint (the bundled all-MiniLM-L6-v2) was trained to fill, and what ``--pooling auto``
-picks where the checkpoint declares it. The choice lives where transformers keeps
-ModernBERT's (``config.classifier_pooling``) and is saved in softprompt.json.
+checkpoint (the bundled all-MiniLM-L6-v2, all-mpnet-base-v2, all-distilroberta-v1) was
+trained to fill, and what ``--pooling auto`` picks where the checkpoint declares it. A
+BERT-style head (one linear layer over the body's pooled vector) reads the mean in place of
+that vector; a head that reads the body's first position (RoBERTa's, MPNet's, DistilBERT's,
+DeBERTa's) reads the mean there. The choice lives where transformers keeps ModernBERT's
+(``config.classifier_pooling``) and is saved in softprompt.json.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path, PurePosixPath
 
@@ -71,6 +75,29 @@ def mean_head(model: nn.Module) -> bool:
     )
 
 
+# Model types whose classification head reads the body's first position (<s> / [CLS]) and
+# nothing else of its output (transformers: ``features[:, 0, :]`` in RobertaClassificationHead
+# and its copies, ``hidden_state[:, 0]`` in DistilBERT, ContextPooler in DeBERTa); tests
+# check that claim for every one the architecture matrix builds.
+FIRST_POSITION = frozenset({
+    "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2", "distilbert",
+    "electra", "esm", "ibert", "jina_embeddings_v3", "lilt", "longformer", "mpnet", "mra",
+    "nystromformer", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl",
+    "xmod", "yoso",
+})  # fmt: skip
+
+
+def first_position_head(model: nn.Module) -> bool:
+    """The head reads position 0 of the body's last hidden states (RoBERTa, MPNet,
+    DistilBERT, DeBERTa...), which can hold the mean of the hidden states instead."""
+    return getattr(model.config, "model_type", None) in FIRST_POSITION and not mean_head(model)
+
+
+def reads_mean(model: nn.Module) -> bool:
+    """``--pooling mean`` can be given to this model's head."""
+    return not pools_itself(model) and (mean_head(model) or first_position_head(model))
+
+
 def declared_pooling(source: str) -> str | None:
     """The pooling a sentence-transformers checkpoint (a folder or hub id) declares in
     modules.json's Pooling module: 'mean', 'cls', or None (none, another, or unreadable)."""
@@ -116,15 +143,16 @@ def choose_pooling(model: nn.Module, choice: str, source: str) -> None:
         return
     if choice == "auto":
         declared = declared_pooling(source)
-        choice = "mean" if declared == "mean" and mean_head(model) else "cls"
+        choice = "mean" if declared == "mean" and reads_mean(model) else "cls"
         if choice == "mean":
             say("the classification head reads the mean of the text's hidden states, the "
                 "pooling this checkpoint declares (--pooling cls: the model's own [CLS] "
                 "head, as PEFT's SEQ_CLS model reads it)")  # fmt: skip
-    if choice == "mean" and not mean_head(model):
-        raise ConfigError(f"--pooling mean: {name}'s head pools the hidden states itself "
-                          "(not one linear layer over a pooled vector, as BERT's), so it "
-                          "cannot read their mean; use --pooling cls")  # fmt: skip
+    if choice == "mean" and not reads_mean(model):
+        raise ConfigError(f"--pooling mean: {name}'s head pools the hidden states its own way "
+                          "(neither one linear layer over a pooled vector, as BERT's, nor "
+                          "a read of the first position, as RoBERTa's), so it cannot read "
+                          "their mean; use --pooling cls")  # fmt: skip
     setattr(model.config, POOLING, choice)
 
 
@@ -142,7 +170,7 @@ def saved_pooling(model: nn.Module, meta: dict, where: str) -> None:
     if saved not in POOLINGS:
         raise ArtifactError(f"{where}: softprompt.json's pooling {saved!r} is not one of "
                             f"{', '.join(POOLINGS)}; retrain or re-copy the prompt")  # fmt: skip
-    if saved == "mean" and not mean_head(model):
+    if saved == "mean" and not reads_mean(model):
         raise ArtifactError(f"{where}: the head was trained on the mean of the hidden states, "
                             f"which {type(model).__name__}'s head cannot read; load the model "
                             "the prompt was trained with")  # fmt: skip
@@ -210,25 +238,58 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, Tensor]:
 def logits(model: nn.Module, prompt, batch: dict[str, Tensor]) -> Tensor:
     """Class logits (B, L), the prompt before every row's tokens (a deep prompt: its keys
     and values before every layer's, as PEFT's SEQ_CLS prefix tuning puts them); the head
-    reads the model's own pooling, or (``--pooling mean`` on a BERT-style head) the mean of
-    the last hidden states over the row's own tokens, the virtual ones left out."""
+    reads the model's own pooling, or (``--pooling mean``) the mean of the last hidden
+    states over the row's own tokens, the virtual ones left out: a BERT-style head in place
+    of the pooled vector, a first-position head (RoBERTa's) at position 0."""
     mean = pooling(model) == "mean" and not pools_itself(model)
-    run = model.base_model if mean else model
-    if is_deep(prompt):
-        flat, which = rows_prompts(prompt, batch)
-        cache = deep_cache(model, flat, deep_layout(prompt), which)
-        mask = batch["attention_mask"]
-        mask = torch.cat([mask.new_ones(mask.shape[0], flat.shape[1]), mask], dim=1)
-        out = run(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=cache,
-                  use_cache=True)  # fmt: skip
-    else:
-        embeds, mask = before_input(model, prompt, batch)
-        out = run(inputs_embeds=embeds, attention_mask=mask)
-    if not mean:
+    pooled = mean and mean_head(model)  # BERT-style: the head is called here, on the mean
+    run = model.base_model if pooled else model
+    row_mask = batch["attention_mask"]
+    first = _mean_at_first(model.base_model, row_mask) if mean and not pooled else nullcontext()
+    with first:
+        if is_deep(prompt):
+            flat, which = rows_prompts(prompt, batch)
+            cache = deep_cache(model, flat, deep_layout(prompt), which)
+            mask = torch.cat([row_mask.new_ones(row_mask.shape[0], flat.shape[1]), row_mask], 1)
+            out = run(input_ids=batch["input_ids"], attention_mask=mask, past_key_values=cache,
+                      use_cache=True)  # fmt: skip
+        else:
+            embeds, mask = before_input(model, prompt, batch)
+            out = run(inputs_embeds=embeds, attention_mask=mask)
+    if not pooled:
         return out.logits
-    hidden = out.last_hidden_state[:, -batch["input_ids"].shape[1] :]  # the row's own tokens
-    weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return model.classifier((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+    return model.classifier(_row_mean(out.last_hidden_state, row_mask))
+
+
+def _row_mean(hidden: Tensor, row_mask: Tensor) -> Tensor:
+    """(B, H): the mean of the last hidden states over each row's own tokens (the last
+    ``row_mask.shape[1]`` positions: the virtual tokens before them and the padding left out)."""
+    hidden = hidden[:, -row_mask.shape[1] :]
+    weights = row_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+@contextmanager
+def _mean_at_first(body: nn.Module, row_mask: Tensor):
+    """While open, ``body``'s last hidden states hold the rows' mean at position 0, which a
+    first-position head (RoBERTa's, DistilBERT's, DeBERTa's) reads in place of <s>/[CLS]."""
+
+    def put_mean(module, args, out):
+        hidden = out[0]
+        if hidden.shape[1] < row_mask.shape[1]:  # a body that shortens the sequence
+            raise ConfigError(f"--pooling mean: {type(module).__name__} returns fewer "
+                              "positions than it was given; use --pooling cls")  # fmt: skip
+        hidden = torch.cat([_row_mean(hidden, row_mask).unsqueeze(1), hidden[:, 1:]], dim=1)
+        if isinstance(out, tuple):
+            return (hidden, *out[1:])
+        out["last_hidden_state"] = hidden  # a ModelOutput: out[0] reads it too
+        return out
+
+    handle = body.register_forward_hook(put_mean)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def rows_loss(

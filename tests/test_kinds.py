@@ -706,3 +706,47 @@ def test_a_roberta_checkpoint_that_declares_the_mean_trains_on_it(tmp_path):
     together = predict(plain.model, plain.tokenizer, prompt, sources, 8)
     alone = [predict(plain.model, plain.tokenizer, prompt, [s], 1)[0] for s in sources]
     torch.testing.assert_close(torch.tensor(together), torch.tensor(alone))
+
+
+def test_a_classifier_cuts_an_input_longer_than_its_positions(kind_dirs, tmp_path, capsys):
+    """A text longer than the encoder's positions (MiniLM's 512) is cut at its end, its last
+    token ([SEP]) kept, as training cuts rows, the prompt's positions counted, in `generate`,
+    `eval`'s scores and `predict`, said once; it stopped on a shape error before. RoBERTa's
+    positions start after its padding id, so it holds two fewer than its table."""
+    import matrix
+    from conftest import TEMPLATES, kind_tokenizer, random_prompt
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from softprompt import GenerateConfig, generate
+    from softprompt.kinds.classify import positions, predict, predict_ids
+
+    tok = kind_tokenizer(TEMPLATES["bert"])
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "short")
+    tok.save_pretrained(tmp_path / "short")
+    loaded = load_model(model=str(tmp_path / "short"), labels=["negative", "positive"])
+    model, pad = loaded.model.eval(), tok.pad_token_id
+    long, short = "review : " + " ".join(["the movie was great"] * 20), "review : bad"
+    ids = tok(long)["input_ids"]
+    assert len(ids) > 32
+    prompt = random_prompt(n=3)
+    want = predict_ids(model, [ids[:28] + ids[-1:]], prompt, pad)  # 32 - 3 virtual tokens
+    capsys.readouterr()
+    got = predict(model, tok, prompt, [short, long], 2)
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(want[0]))
+    assert "1 of 2 inputs were longer than the model's 32 positions" in capsys.readouterr().err
+    encoded = [(None, tok(t)["input_ids"]) for t in (long, short)]
+    scores, _ = loaded.kind.score_choices(loaded, prompt, encoded, None, None, {})
+    torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(want[0]))
+    labels = generate(loaded, [long, short], prompt, GenerateConfig(batch_size=2))
+    assert labels[0] == loaded.labels[max(range(2), key=want[0].__getitem__)]
+
+    matrix.save_type("roberta", "classify", tmp_path / "roberta")
+    roberta = load_model(model=str(tmp_path / "roberta"), labels=matrix.LABELS)
+    limit = roberta.model.config.max_position_embeddings - roberta.model.config.pad_token_id - 1
+    assert positions(roberta.model, roberta.tokenizer) == limit
+    longer = "review : " + " ".join(["the movie was great"] * 200)
+    assert len(roberta.tokenizer(longer)["input_ids"]) > limit
+    predict(roberta.model, roberta.tokenizer, None, [longer])  # no index error

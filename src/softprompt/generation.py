@@ -315,7 +315,7 @@ def _fit_positions(
         return encoded
     out, cut = [], 0
     for (head, ids), prompt in zip(encoded, prompts):
-        n = _prompt_length(prompt)
+        n = prompt_length(prompt)
         room = limit - new_tokens - n - len(head or [])
         if room < 1:
             raise SoftpromptError(
@@ -329,7 +329,9 @@ def _fit_positions(
     return out
 
 
-def _prompt_length(prompt: PromptLike) -> int:
+def prompt_length(prompt: PromptLike) -> int:
+    """The positions a prompt takes before the input (a deep prompt's too: its keys and
+    values hold positions)."""
     if prompt is None:
         return 0
     return prompt.length if isinstance(prompt, Prefix) else prompt.num_virtual_tokens

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from softprompt.console import batch_parts, batch_starts, say
+from softprompt.console import batch_parts, batch_starts, say, warn
 from softprompt.data import Example
 from softprompt.errors import ArtifactError, ConfigError
-from softprompt.generation import prompt_batches
+from softprompt.generation import prompt_batches, prompt_length
 from softprompt.kinds.prompt_first import encode_whole, encode_whole_example, refuse_training
 from softprompt.kinds.refuse import check_inputs
 from softprompt.prefix import Prefix, compile_prefix, deep_cache, embeds_only
@@ -42,6 +42,7 @@ from softprompt.prompt import (
     before_input,
     deep_layout,
     is_deep,
+    max_positions,
     rows_prompts,
 )
 from softprompt.rows import Encoded, Row, warn_cut
@@ -307,16 +308,55 @@ def rows_loss(
     return loss, len(rows), int(batch["input_ids"].numel() + len(rows) * n_virtual)
 
 
+def positions(model: nn.Module, tokenizer) -> int | None:
+    """The most positions a row (virtual tokens included) can take: the position embeddings'
+    (less RoBERTa's offset: its positions start after the padding id), or the tokenizer's
+    ``model_max_length`` where that is lower (512 for RoBERTa's 514 embeddings)."""
+    limits = [max_positions(model), getattr(tokenizer, "model_max_length", None)]
+    embeddings = getattr(model.base_model, "embeddings", None)
+    offset = getattr(embeddings, "padding_idx", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(offset, int) and isinstance(table, nn.Embedding):
+        limits.append(table.num_embeddings - offset - 1)
+    limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(limits) if limits else None
+
+
+def fit_positions(model: nn.Module, tokenizer, rows: list[list[int]], prompts: list
+                  ) -> list[list[int]]:  # fmt: skip
+    """Rows cut at their end, the last token ([SEP]) kept, as training cuts them, so that the
+    prompt and the row fit the model's positions; how many were cut is said once."""
+    limit = positions(model, tokenizer)
+    if limit is None:
+        return rows
+    out, cut = [], 0
+    for ids, prompt in zip(rows, prompts):
+        room = limit - prompt_length(prompt)
+        if room < 2:
+            raise ConfigError(f"the prompt's {prompt_length(prompt)} virtual tokens leave no "
+                              f"room for text in the model's {limit} positions")  # fmt: skip
+        if len(ids) > room:
+            ids, cut = ids[: room - 1] + ids[-1:], cut + 1
+        out.append(ids)
+    if cut:
+        warn(f"{cut} of {len(rows)} inputs were longer than the model's {limit} positions (the "
+             "prompt's virtual tokens included) and lost their end")  # fmt: skip
+    return out
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, tokenizer, prompt, sources: list[str], batch_size: int = 16
 ) -> list[list[float]]:
-    """Class probabilities of each source, in the model's label order."""
+    """Class probabilities of each source, in the model's label order (a source too long
+    for the model's positions cut at its end)."""
     out: list[list[float]] = [[]] * len(sources)
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    rows = [tokenizer(s)["input_ids"] for s in sources]
+    rows = fit_positions(model, tokenizer, rows, [prompt] * len(rows))
+    order = sorted(range(len(sources)), key=lambda i: len(rows[i]))
     for start in batch_starts(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
-        ids = [tokenizer(sources[i])["input_ids"] for i in idx]
+        ids = [rows[i] for i in idx]
         for i, probs in zip(idx, predict_ids(model, ids, prompt, tokenizer.pad_token_id)):
             out[i] = probs
     return out
@@ -470,8 +510,9 @@ class Classify:
                labels=None):  # fmt: skip
         """Each input's label (the argmax of the head)."""
         out = [""] * len(encoded)
+        rows = fit_positions(loaded.model, loaded.tokenizer, [ids for _, ids in encoded], prompts)
         for part in batch_parts(prompt_batches(prompts, cfg.batch_size)):
-            probs = predict_ids(loaded.model, [encoded[i][1] for i in part], prompts[part[0]],
+            probs = predict_ids(loaded.model, [rows[i] for i in part], prompts[part[0]],
                                 loaded.tokenizer.pad_token_id)  # fmt: skip
             for i, p in zip(part, probs):
                 out[i] = loaded.labels[max(range(len(p)), key=p.__getitem__)]
@@ -479,10 +520,11 @@ class Classify:
 
     def score_choices(self, loaded, prompt, encoded, sources, choices, opts, rows=None):
         """Each input's class probabilities; the choices are the head's labels."""
-        probs = []
-        for start in batch_starts(range(0, len(encoded), opts.get("batch_size", 16))):
-            part = encoded[start : start + opts.get("batch_size", 16)]
-            probs += predict_ids(loaded.model, [ids for _, ids in part], prompt,
+        probs, size = [], opts.get("batch_size", 16)
+        rows = fit_positions(loaded.model, loaded.tokenizer, [ids for _, ids in encoded],
+                             [prompt] * len(encoded))  # fmt: skip
+        for start in batch_starts(range(0, len(rows), size)):
+            probs += predict_ids(loaded.model, rows[start : start + size], prompt,
                                  loaded.tokenizer.pad_token_id)  # fmt: skip
         return probs, None
 

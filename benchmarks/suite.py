@@ -398,14 +398,15 @@ def run_compare_method(s: Setting, method: str) -> dict:
 
 
 @torch.no_grad()
-def mean_embeddings(loaded, sources: list[str]) -> torch.Tensor:
+def mean_embeddings(loaded, sources: list[str], max_tokens: int) -> torch.Tensor:
     """The frozen encoder's last hidden states averaged over each source's tokens (the
-    pooling sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained for)."""
+    pooling sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained for),
+    a source of more than ``max_tokens`` cut at its end, its last token kept."""
     body, tok = loaded.model.base_model, loaded.tokenizer
     out = []
     for start in range(0, len(sources), BATCH):
         batch = tok(sources[start : start + BATCH], padding=True, truncation=True,
-                    max_length=512, return_tensors="pt")  # fmt: skip
+                    max_length=max_tokens, return_tensors="pt")  # fmt: skip
         hidden = body(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         out.append((hidden * mask).sum(1) / mask.sum(1))
@@ -415,16 +416,24 @@ def mean_embeddings(loaded, sources: list[str]) -> torch.Tensor:
 def run_probe(s: Setting) -> dict:
     """A linear probe: scikit-learn's logistic regression on the frozen encoder's mean
     embeddings of the templated training rows, scored on the test rows. It trains nothing in
-    the model, in seconds: the reference an encoder's prompt must beat."""
+    the model, in seconds: the reference an encoder's prompt must beat. It reads what the
+    default prompt reads: training rows cut to --max-length less the prompt's virtual
+    tokens, test rows to the model's positions less them (kinds.classify.fit_positions)."""
     from sklearn.linear_model import LogisticRegression
 
+    from softprompt.config import PromptConfig
+    from softprompt.kinds.classify import positions
+
+    virtual = PromptConfig().num_virtual_tokens
     train_rows, test = s.train_examples(), s.test()
     start = time.perf_counter()
-    features = mean_embeddings(s.loaded, [ex.source for ex in train_rows]).numpy()
+    features = mean_embeddings(s.loaded, [ex.source for ex in train_rows],
+                               s.data.max_length - virtual).numpy()  # fmt: skip
     probe = LogisticRegression(max_iter=2000, random_state=s.seed)
     probe.fit(features, [ex.target for ex in train_rows])
     seconds = time.perf_counter() - start
-    pred = probe.predict(mean_embeddings(s.loaded, [ex.source for ex in test]).numpy())
+    limit = (positions(s.loaded.model, s.loaded.tokenizer) or 512) - virtual
+    pred = probe.predict(mean_embeddings(s.loaded, [ex.source for ex in test], limit).numpy())
     gold = [ex.target for ex in test]
     row = classification_metrics(gold, [str(p) for p in pred], s.labels)
     return {**row, "steps": 0, "train_seconds": seconds}

@@ -712,7 +712,8 @@ def test_a_classifier_cuts_an_input_longer_than_its_positions(kind_dirs, tmp_pat
     """A text longer than the encoder's positions (MiniLM's 512) is cut at its end, its last
     token ([SEP]) kept, as training cuts rows, the prompt's positions counted, in `generate`,
     `eval`'s scores and `predict`, said once; it stopped on a shape error before. RoBERTa's
-    positions start after its padding id, so it holds two fewer than its table."""
+    positions start after its padding id, so it holds fewer than its table, and a longer
+    --max-length is refused before training."""
     import matrix
     from conftest import TEMPLATES, kind_tokenizer, random_prompt
     from transformers import BertConfig, BertForSequenceClassification
@@ -750,3 +751,5 @@ def test_a_classifier_cuts_an_input_longer_than_its_positions(kind_dirs, tmp_pat
     longer = "review : " + " ".join(["the movie was great"] * 200)
     assert len(roberta.tokenizer(longer)["input_ids"]) > limit
     predict(roberta.model, roberta.tokenizer, None, [longer])  # no index error
+    with pytest.raises(ConfigError, match=f"longer than the {limit} positions"):
+        train(cfg_for(tmp_path / "roberta", tmp_path, max_length=limit + 1), progress=False)

@@ -414,11 +414,18 @@ def _common_token_ids(tokenizer, model: nn.Module) -> Tensor:
 
 
 def max_positions(model) -> int | None:
-    """The longest sequence the model's position embeddings hold (None: no such limit)."""
+    """The longest sequence the model's position embeddings hold (None: no such limit);
+    RoBERTa's and its copies' positions start after the padding id, so their table of 514
+    holds 512."""
     config = model.config
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
+            embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+            offset = getattr(embeddings, "padding_idx", None)
+            table = getattr(embeddings, "position_embeddings", None)
+            if isinstance(offset, int) and isinstance(table, torch.nn.Embedding):
+                value = min(value, table.num_embeddings - offset - 1)
             return value
     return None
 

@@ -310,14 +310,8 @@ def rows_loss(
 
 def positions(model: nn.Module, tokenizer) -> int | None:
     """The most positions a row (virtual tokens included) can take: the position embeddings'
-    (less RoBERTa's offset: its positions start after the padding id), or the tokenizer's
-    ``model_max_length`` where that is lower (512 for RoBERTa's 514 embeddings)."""
+    (``max_positions``), or the tokenizer's ``model_max_length`` where that is lower."""
     limits = [max_positions(model), getattr(tokenizer, "model_max_length", None)]
-    embeddings = getattr(model.base_model, "embeddings", None)
-    offset = getattr(embeddings, "padding_idx", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if isinstance(offset, int) and isinstance(table, nn.Embedding):
-        limits.append(table.num_embeddings - offset - 1)
     limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(limits) if limits else None
 

@@ -291,6 +291,8 @@ def main() -> None:
     p.add_argument("--skip-cold-start", action="store_true")
     p.add_argument("--quick", action="store_true", help="32/32 examples, 1 epoch: a smoke run")
     p.add_argument("--json", help="also write all results to this file")
+    p.add_argument("--peaks", action="store_true",
+                   help="only print this machine's float32 and bfloat16 matmul peaks")  # fmt: skip
     p.add_argument("--run", help=argparse.SUPPRESS)
     p.add_argument("--levers", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -360,6 +362,8 @@ def report(args) -> None:
     peaks = _peaks()
     print("matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()),
           flush=True)  # fmt: skip
+    if args.peaks:
+        return
     results = {"peaks_gflops": peaks, "config": vars(args), "run": run_facts()}
     if not args.skip_levers:
         results["levers"] = child(args, ["--levers"])

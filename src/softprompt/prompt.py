@@ -417,17 +417,15 @@ def max_positions(model) -> int | None:
     """The longest sequence the model's position embeddings hold (None: no such limit);
     RoBERTa's and its copies' positions start after the padding id, so their table of 514
     holds 512."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-            offset = getattr(embeddings, "padding_idx", None)
-            table = getattr(embeddings, "position_embeddings", None)
-            if isinstance(offset, int) and isinstance(table, torch.nn.Embedding):
-                value = min(value, table.num_embeddings - offset - 1)
-            return value
-    return None
+    names = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+    found = [getattr(model.config, name, None) for name in names]
+    value = next((v for v in found if isinstance(v, int) and v > 0), None)
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    offset = getattr(embeddings, "padding_idx", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if value is not None and isinstance(offset, int) and isinstance(table, nn.Embedding):
+        value = min(value, table.num_embeddings - offset - 1)
+    return value
 
 
 # Prompts trained through a mapping (extra parameters, checkpointed with the run)

@@ -193,6 +193,11 @@ def label_list(examples: list[Example]) -> list[str]:
     return labels
 
 
+def cut_end(ids: list[int], limit: int) -> list[int]:
+    """``ids`` cut to ``limit`` tokens at the text's end, its last token ([SEP]) kept."""
+    return ids[: limit - 1] + ids[-1:]
+
+
 def tokenize_labels(
     examples: list[Example],
     tokenizer,
@@ -217,7 +222,7 @@ def tokenize_labels(
             )
         ids = tokenizer(ex.source)["input_ids"]
         if len(ids) > max_tokens:
-            ids, cut = ids[: max_tokens - 1] + ids[-1:], cut + 1  # keep [SEP]
+            ids, cut = cut_end(ids, max_tokens), cut + 1
         rows.append(Row(ids, [index[ex.target]], task=task_ids[ex.task] if task_ids else 0))
     warn_cut(cut, len(rows), max_tokens)
     return rows
@@ -330,7 +335,7 @@ def fit_positions(model: nn.Module, tokenizer, rows: list[list[int]], prompts: l
             raise ConfigError(f"the prompt's {prompt_length(prompt)} virtual tokens leave no "
                               f"room for text in the model's {limit} positions")  # fmt: skip
         if len(ids) > room:
-            ids, cut = ids[: room - 1] + ids[-1:], cut + 1
+            ids, cut = cut_end(ids, room), cut + 1
         out.append(ids)
     if cut:
         warn(f"{cut} of {len(rows)} inputs were longer than the model's {limit} positions (the "

@@ -140,6 +140,17 @@ def chat_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _float32_by_default():
+    """`--dtype auto` (the default) as on a host without native bf16: float32, so the tests'
+    equalities (batched == alone, PEFT's logits, resume bit for bit) hold on every machine
+    CI may run on. A test of bfloat16 names it, or patches `_cpu_has_bf16` itself; tests
+    that start processes of their own pass `--dtype float32` where they compare numbers."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("softprompt.loading._cpu_has_bf16", lambda: False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path, monkeypatch):
     """Converted-model cache per test, so no test depends on another's leftovers. Slow tests

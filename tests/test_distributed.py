@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 def _train_args(model_dir: Path, data: Path, out: Path, **flags) -> list[str]:
     """`softprompt train` arguments for the tiny model; ``flags`` override the defaults
-    (a value of None drops the flag)."""
+    (a value of None drops the flag). float32: one process and two must give the same
+    numbers, on a host with native bf16 too."""
     flags = {
+        "dtype": "float32",
         "input_field": "review",
         "target_field": "label",
         "num_virtual_tokens": 4,

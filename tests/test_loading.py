@@ -159,6 +159,39 @@ def test_dtype_auto_loads_and_says_what_it_chose(tiny_dir, capsys, monkeypatch):
     assert "bfloat16, chosen by --dtype auto" in out.out + out.err
 
 
+def test_dtype_auto_is_the_default(tiny_dir, monkeypatch):
+    from softprompt import loading
+    from softprompt.config import ModelConfig
+
+    assert ModelConfig().dtype == "auto"
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    assert load_model(model=str(tiny_dir)).model.dtype == torch.bfloat16
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: False)
+    assert load_model(model=str(tiny_dir)).model.dtype == torch.float32
+
+
+def test_auto_loads_float32_where_the_model_cannot_run_bf16(tmp_path, capsys, monkeypatch):
+    """MRA's layers make float32 tensors of their own on CPU, so it cannot run in bfloat16:
+    `--dtype auto` loads it in float32 and says why; `--dtype bfloat16`, asked for by name,
+    is refused in one line."""
+    import matrix
+
+    from softprompt import loading
+
+    matrix.save_type("mra", "classify", tmp_path / "mra")
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    loaded = load_model(model=str(tmp_path / "mra"))
+    assert loaded.model.dtype == torch.float32
+    said = capsys.readouterr()
+    assert "cannot run in bfloat16" in said.out + said.err
+    assert "--dtype auto loads it again in float32" in said.out + said.err
+    with pytest.raises(ModelLoadError, match="cannot run from inputs_embeds alone") as err:
+        load_model(model=str(tmp_path / "mra"), dtype="bfloat16")
+    assert "\n" not in str(err.value).strip()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_sharded_loading_builds_empty_then_reads_the_files(model_dirs, loaded_all, arch,
                                                            monkeypatch):  # fmt: skip

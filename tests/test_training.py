@@ -129,6 +129,37 @@ def test_resume_refuses_changed_settings(tiny_dir, pairs_file, tmp_path):
         )
 
 
+def test_resume_compares_the_dtype_the_weights_ran_in(tiny_dir, pairs_file, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    """`--dtype auto` is the default: a run trained with --dtype float32 resumes under auto
+    where auto is float32, and where auto is bfloat16 it is refused, saying what resumes it;
+    a run under auto records the dtype it chose, so it resumes with --dtype float32 there."""
+    from dataclasses import replace
+
+    from softprompt import loading
+
+    def config(out, dtype, **kw):
+        cfg = train_config(tiny_dir, pairs_file, out, **kw)
+        return replace(cfg, model=replace(cfg.model, dtype=dtype))
+
+    assert train_config(tiny_dir, pairs_file, tmp_path).model.dtype == "auto"
+    with interrupted_at(5):
+        train(config(tmp_path / "run", "float32", save_every=2), progress=False)
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)  # a host with native bf16
+    with pytest.raises(ConfigError) as err:
+        train(config(tmp_path / "run", "auto", save_every=2, resume=True), progress=False)
+    assert "model.dtype (was 'float32', now 'bfloat16'); --dtype 'float32' resumes it" in (
+        err.value.cli_message)  # fmt: skip
+    assert str(err.value).endswith("; dtype='float32' resumes it")  # from Python
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: False)  # one without
+    resumed = train(config(tmp_path / "run", "auto", save_every=2, resume=True), progress=False)
+    assert resumed.summary["steps"] == 9
+
+    with interrupted_at(5):  # auto, where it is float32: resumes under --dtype float32
+        train(config(tmp_path / "auto", "auto", save_every=2), progress=False)
+    train(config(tmp_path / "auto", "float32", save_every=2, resume=True), progress=False)
+
+
 def test_existing_run_is_not_overwritten(tiny_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
     train(train_config(tiny_dir, pairs_file, out, max_steps=1), progress=False)

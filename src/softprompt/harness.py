@@ -58,15 +58,15 @@ class SoftPromptLM(LM):
     """A frozen base model with an optional soft prompt, for lm_eval.
 
     ``--model_args``: ``prompt=DIR`` (none: the base model), ``model=`` (default: the one
-    the prompt was trained on), ``dtype=float32|bfloat16``, ``template=task|prompt``,
-    ``max_gen_toks=256``, ``allow_mismatch=false``, ``batch_size=`` (else lm_eval's
-    ``--batch_size``)."""
+    the prompt was trained on), ``dtype=auto|float32|bfloat16`` (auto, as ``--dtype``),
+    ``template=task|prompt``, ``max_gen_toks=256``, ``allow_mismatch=false``,
+    ``batch_size=`` (else lm_eval's ``--batch_size``)."""
 
     def __init__(
         self,
         prompt: str | None = None,
         model: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         template: str = "task",
         batch_size: int | str = 8,
         max_gen_toks: int | str = 256,

@@ -80,9 +80,33 @@ def load_model(
     cfg = cfg or ModelConfig(**kwargs)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own messages say what is happening
+    dtype = resolve_dtype(cfg.dtype)
+    try:
+        return _load(cfg, labels, shard, dtype)
+    except ModelLoadError as err:
+        if cfg.dtype != "auto" or dtype == "float32" or not _bf16_failure(err):
+            raise
+        say(f"the model cannot run in bfloat16 ({_first_line(err)}); --dtype auto loads it "
+            "again in float32")  # fmt: skip
+    return _load(cfg, labels, shard, "float32")
+
+
+def _bf16_failure(err: ModelLoadError) -> bool:
+    """Whether a refusal came from the model's own code failing in bfloat16 (DeBERTa v1's
+    and MRA's layers make float32 tensors of their own on CPU), which float32 may not hit."""
+    text = str(err)
+    return "BFloat16" in text or "bfloat16" in text or "dtype" in text
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+def _load(cfg: ModelConfig, labels, shard, dtype: str) -> LoadedModel:
+    """``load_model`` in the concrete ``dtype``."""
     folder, resolved = model_source(cfg)
     start = time.perf_counter()
-    dtype = resolve_dtype(cfg.dtype)
     kind = _kind(str(folder), resolved, cfg)
     if shard is not None:
         model, tokenizer = _sharded(str(folder), resolved, cfg, kind, dtype, shard)

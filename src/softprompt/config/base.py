@@ -126,12 +126,13 @@ class ModelConfig:
         "model's config.",
     )
     dtype: Dtype = opt(
-        "float32",
+        "auto",
         "Precision of the frozen model's weights. The soft prompt itself always stays float32. "
-        "'auto': bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU "
-        "with AVX-512 BF16 or AMX), float32 elsewhere; on such a CPU bfloat16 matched "
-        "float32's accuracy on the public suite over three seeds and trained in less than "
-        "half the time (docs/measurements.md, section 16; the speed guide).",
+        "'auto' (the default): bfloat16 where the hardware computes it natively (a CUDA GPU "
+        "with bf16, a CPU with AVX-512 BF16 or AMX), float32 elsewhere; on such a CPU "
+        "bfloat16 matched float32's accuracy on the public suite over three seeds and "
+        "trained in less than half the time (docs/measurements.md, section 16). 'float32' "
+        "for results that must match bit for bit across machines.",
     )
     quantize: Quantize = opt(
         "none",

@@ -32,6 +32,7 @@ from torch import Tensor
 from softprompt.config import TrainConfig
 from softprompt.console import warn
 from softprompt.errors import ConfigError
+from softprompt.loading import LoadedModel, resolve_dtype
 from softprompt.outputs import disk_error, record
 from softprompt.prompt import MAPPED, PromptSet
 
@@ -148,6 +149,7 @@ class Resumable(Protocol):
     initial: Tensor  # (K, N, H): each task's starting prompt
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaded: LoadedModel  # the frozen model: the dtype its weights run in is recorded
 
 
 # --- a training run's state ------------------------------------------------------------
@@ -175,6 +177,7 @@ def save_run(run: Resumable) -> None:
         "param_groups": opt_state["param_groups"],
         "scheduler": run.scheduler.state_dict(),
         "data_files": data_fingerprints(run.cfg),
+        "weights_dtype": _weights_dtype(run),
     }
     save_checkpoint(run.output, run.state.step, record, tensors, run.cfg.keep_checkpoints)
 
@@ -186,7 +189,8 @@ def restore_run(run: Resumable) -> Path:
     if found is None:
         raise ConfigError(f"--resume: no usable checkpoint in {run.output / FOLDER}")
     record, tensors, folder = found
-    _check_same_run(record["config"], dataclasses.asdict(run.cfg))
+    saved = _concrete_dtype(record["config"], record.get("weights_dtype"))
+    _check_same_run(saved, _concrete_dtype(dataclasses.asdict(run.cfg), _weights_dtype(run)))
     _check_same_data(record.get("data_files"), data_fingerprints(run.cfg))
     run.state = RunState.from_dict(record["run"])
     run.prompts.load_stacked(tensors["prompt"])
@@ -241,12 +245,29 @@ def _check_same_data(saved: dict | None, now: dict[str, str]) -> None:
             )
 
 
+def _weights_dtype(run: Resumable) -> str:
+    return str(run.loaded.model.dtype).removeprefix("torch.")
+
+
+def _concrete_dtype(config: dict, weights: str | None) -> dict:
+    """``config`` with ``--dtype`` as the dtype the weights ran in: a run with ``auto`` on a
+    host where it chose float32 resumes under ``--dtype float32`` and the other way round
+    (a checkpoint from before the dtype was recorded: its ``--dtype``, auto as on this host)."""
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    ran = weights if isinstance(weights, str) else resolve_dtype(str(model.get("dtype", "")))
+    return {**config, "model": {**model, "dtype": ran}}
+
+
 def _check_same_run(saved: dict, now: dict) -> None:
     diffs = _differences(saved, now)
     if diffs:
+        dtype = [f"; --dtype {a!r} resumes it" for k, a, _ in diffs if k == "model.dtype"]
         raise ConfigError(
             "--resume needs the same settings as the interrupted run; these differ: "
             + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, a, b in diffs)
+            + "".join(dtype)
         )
 
 

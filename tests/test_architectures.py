@@ -26,7 +26,8 @@ from softprompt.errors import ConfigError
 # the defect classes' examples and one of each kind: run on every `make test-fast` too
 FAST = {"llama", "gpt2", "t5", "bart", "bert", "llama4_text", "blenderbot-small",
         "prophetnet", "switch_transformers", "pegasus", "marian", "mbart", "mamba",
-        "jamba", "recurrent_gemma", "gemma3", "deberta-v2", "modernbert"}  # fmt: skip
+        "jamba", "recurrent_gemma", "gemma3", "deberta-v2", "modernbert", "eurobert",
+        "mpt"}  # fmt: skip
 RECORDS: list[dict] = []
 
 
@@ -200,6 +201,24 @@ def test_classifier_layers_created_at_load_are_trained_and_saved(model_type, tmp
         embeds = torch.cat([prompt.embedding[None], embed_tokens(again.model, ids)], dim=1)
         ours = again.model(inputs_embeds=embeds, attention_mask=torch.ones(1, 8)).logits
     assert torch.allclose(ours, theirs, atol=matrix.TOL)
+
+
+@pytest.mark.parametrize("model_type, says", [
+    ("eurobert", "takes no past_key_values .nor does its body., so PEFT could not load"),
+    ("mpt", "index in the sequence .MPT's ALiBi., so the padding"),
+])  # fmt: skip
+def test_a_deep_prompt_is_refused_where_it_would_not_hold(model_type, says, tmp_path):
+    """EuroBERT's forward and its body's take no past_key_values (PEFT's prefix tuning
+    refuses it); MPT's ALiBi biases keys by index, so left padding after a deep prompt moved
+    a batched row's scores (by 6e-3 against the row alone). `--method prefix` is refused in
+    one line; the default then trains an input-layer prompt (test_architecture runs both)."""
+    kind = matrix.kind_of(model_type)
+    matrix.save_type(model_type, kind, tmp_path / model_type)
+    labels = matrix.LABELS if kind == "classify" else None
+    loaded = load_model(model=str(tmp_path / model_type), labels=labels)
+    with pytest.raises(ConfigError, match=says) as err:
+        loaded.kind.check_deep(loaded)
+    assert "\n" not in str(err.value) and "use --method prompt" in err.value.cli_message
 
 
 @pytest.mark.parametrize(

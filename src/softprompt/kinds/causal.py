@@ -24,6 +24,12 @@ from softprompt.scoring import classify, evaluate_loss, loss_scoring, pooled_los
 from softprompt.templates import PromptFormat
 
 
+def alibi_by_index(config) -> bool:
+    """MPT's ALiBi: a bias by key index that ignores the attention mask and position ids
+    (BLOOM's and Falcon's count positions from the mask, so padding does not move them)."""
+    return config.model_type == "mpt" and bool(getattr(config.attn_config, "alibi", False))
+
+
 class Causal:
     """The causal LM kind (see ``kinds.Kind``)."""
 
@@ -69,6 +75,11 @@ class Causal:
             raise ConfigError(f"--method prefix: {loaded.name} cannot read a prefix from its "
                               "cache exactly (a recurrent or state-space layer, or a head that "
                               "cannot run apart); use --method prompt")  # fmt: skip
+        if alibi_by_index(loaded.model.config):
+            raise ConfigError(f"--method prefix: {loaded.name} biases attention by each key's "
+                              "index in the sequence (MPT's ALiBi), so the padding between a "
+                              "deep prompt and a shorter row of a batch would change the row's "
+                              "scores; use --method prompt")  # fmt: skip
 
     def tokenize(
         self, examples: list[Example], tokenizer, max_tokens: int, task_ids, fmt, delimiter,

@@ -18,6 +18,7 @@ DeBERTa's) reads the mean there. The choice lives where transformers keeps Moder
 
 from __future__ import annotations
 
+import inspect
 import json
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -458,7 +459,18 @@ class Classify:
         return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     def check_deep(self, loaded) -> None:
-        pass  # the cache's layout is checked for every kind (prefix.kv_layout)
+        """A deep prompt PEFT can load: its SEQ_CLS prefix tuning passes the keys and values
+        to the model's forward, or to its body's, as ``past_key_values``, and refuses a model
+        where neither names them (EuroBERT). The cache's layout is checked for every kind
+        (prefix.kv_layout)."""
+        model = loaded.model
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        if not any("past_key_values" in inspect.signature(m.forward).parameters
+                   for m in (model, body) if m is not None):  # fmt: skip
+            raise ConfigError(
+                f"--method prefix: {type(model).__name__} takes no past_key_values (nor does "
+                "its body), so PEFT could not load a deep prompt for it; use --method prompt"
+            )
 
     def check_training(self, cfg, loaded, processes: int, examples: list[Example]) -> None:
         refuse_training(cfg, self.name, "learns the data's labels with its head: leave out "

@@ -34,6 +34,9 @@ DATA = ROOT / "examples" / "sentiment"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded-encoder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="every method's weights (float32: as recorded, full fine-tuning of "
+                   "float32 weights)")  # fmt: skip
     p.add_argument("--data", default=str(DATA / "train.jsonl"))
     p.add_argument("--validation", default=str(DATA / "validation.jsonl"))
     p.add_argument("--test", default=str(DATA / "test.jsonl"))
@@ -69,6 +72,12 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 
+def _model(args):
+    from softprompt import ModelConfig
+
+    return ModelConfig(model=args.model, pooling=args.pooling, dtype=args.dtype)
+
+
 def examples(spec: str, args) -> list:
     from softprompt.config import DataConfig
     from softprompt.data import load_examples
@@ -80,7 +89,7 @@ def examples(spec: str, args) -> list:
 def run_prompt(args, method: str = "prompt") -> dict:
     """softprompt's own training: prompt + head (``method`` prefix: a deep prompt)."""
     from softprompt import train
-    from softprompt.config import DataConfig, ModelConfig, PromptConfig, TrainConfig
+    from softprompt.config import DataConfig, PromptConfig, TrainConfig
     from softprompt.loading import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +97,7 @@ def run_prompt(args, method: str = "prompt") -> dict:
                           input_field=args.input_field, target_field=args.target_field)  # fmt: skip
         if args.limit:
             data = _limited(data, args, Path(tmp))
-        cfg = TrainConfig(model=ModelConfig(model=args.model, pooling=args.pooling), data=data,
+        cfg = TrainConfig(model=_model(args), data=data,
                           prompt=PromptConfig(num_virtual_tokens=args.virtual_tokens,
                                               init="vocab"),
                           output=str(Path(tmp) / "run"), epochs=args.epochs, method=method,
@@ -98,7 +107,7 @@ def run_prompt(args, method: str = "prompt") -> dict:
         result = train(cfg, progress=False)
         seconds = time.perf_counter() - start
         labels = sorted({ex.target for ex in examples(args.data, args)})
-        loaded = load_model(ModelConfig(model=args.model, pooling=args.pooling), labels=labels)
+        loaded = load_model(_model(args), labels=labels)
         from softprompt.artifacts import load_prompt
 
         prompt, meta = load_prompt(result.output, loaded.model)  # its head goes in place
@@ -125,14 +134,13 @@ def _limited(data, args, tmp: Path):
 def run_plain(args, method: str) -> dict:
     """Head alone (the encoder frozen) or full fine-tuning (everything learns), no prompt:
     the same batches, epochs and best-epoch choice as softprompt's run."""
-    from softprompt.config import ModelConfig
     from softprompt.kinds.classify import head_parameters, rows_loss, tokenize_labels
     from softprompt.loading import load_model
     from softprompt.rows import batch_order
 
     train_ex, val_ex = examples(args.data, args), examples(args.validation, args)
     labels = sorted({ex.target for ex in train_ex})
-    loaded = load_model(ModelConfig(model=args.model, pooling=args.pooling), labels=labels)
+    loaded = load_model(_model(args), labels=labels)
     model, tok = loaded.model, loaded.tokenizer
     params = head_parameters(model)
     if method == "full FT":

@@ -68,7 +68,7 @@ def _time_steps(model, prompt, batches, **kw) -> float:
 def run_levers(args) -> None:
     from softprompt import PromptConfig, init_prompt, load_model
 
-    loaded = load_model(model=args.model)
+    loaded = load_model(model=args.model, dtype="float32")  # cast per lever below
     model, tok = loaded.model, loaded.tokenizer
     prompt = init_prompt(model, tok, PromptConfig(num_virtual_tokens=args.virtual_tokens))
     fixed, bucketed = _batches(tok, args, 64), _batches(tok, args, None)

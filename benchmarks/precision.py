@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--model", default="embedded")
     p.add_argument("--rows", type=int, default=16)
     args = p.parse_args()
-    loaded = load_model(model=args.model)
+    loaded = load_model(model=args.model, dtype="float32")  # the reference: cast to bf16 below
     model, tok = loaded.model, loaded.tokenizer
     path = ROOT / "examples" / "sentiment" / "train.jsonl"
     recs = [json.loads(x) for x in path.read_text().splitlines()][: args.rows]

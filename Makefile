@@ -37,7 +37,9 @@ docs: $(VENV)/.installed
 # variants here (the CPU only emulates bf16: add them with LM_VARIANTS=recipe,softprompt,softprompt-bf16
 # and TRAIN_VARIANTS=peft,softprompt,softprompt-choices,softprompt-bf16 where bf16 is native;
 # benchmarks/precision.py and precision_accuracy.py, which measure bf16 itself, are not
-# recorded here: emulated, a bf16 step takes many minutes).
+# recorded here: emulated, a bf16 step takes many minutes). Where bf16 is native, the bf16
+# records (docs/runs/bench-train-bf16.txt, precision-accuracy.txt; their commands are on
+# their first lines) are re-made with benchmarks/record.py, as on 2026-12-05.
 LM_VARIANTS ?= recipe,softprompt
 TRAIN_VARIANTS ?= peft,softprompt,softprompt-choices
 record: $(VENV)/.installed

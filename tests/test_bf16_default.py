@@ -49,6 +49,8 @@ def test_a_decoder_trains_evaluates_and_generates_in_bf16(model_dirs, tmp_path, 
                  "--max-steps", "4", "--batch-size", "3", "--output", str(out)],
                 capsys)  # fmt: skip
     assert "bfloat16, chosen by --dtype auto" in said
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "PREFIX_TUNING"  # the deep default
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     summary = json.loads((out / "softprompt.json").read_text())["metrics"]

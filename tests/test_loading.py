@@ -148,26 +148,18 @@ def test_dtype_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert loading.resolve_dtype("bfloat16") == "bfloat16"  # an explicit choice stays
 
 
-def test_dtype_auto_loads_and_says_what_it_chose(tiny_dir, capsys, monkeypatch):
-    from softprompt import loading
-
-    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
-    loaded = loading.load_model(model=str(tiny_dir), dtype="auto")
-    assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
-    out = capsys.readouterr()
-    assert "bfloat16, chosen by --dtype auto" in out.out + out.err
-
-
-def test_dtype_auto_is_the_default(tiny_dir, monkeypatch):
+def test_dtype_auto_is_the_default_and_says_what_it_chose(tiny_dir, capsys, monkeypatch):
     from softprompt import loading
     from softprompt.config import ModelConfig
 
     assert ModelConfig().dtype == "auto"
     monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
-    assert load_model(model=str(tiny_dir)).model.dtype == torch.bfloat16
-    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: False)
+    loaded = loading.load_model(model=str(tiny_dir))  # no --dtype given
+    assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    out = capsys.readouterr()
+    assert "bfloat16, chosen by --dtype auto" in out.out + out.err
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: False)  # a host without
     assert load_model(model=str(tiny_dir)).model.dtype == torch.float32
 
 

@@ -157,7 +157,8 @@ def test_resume_compares_the_dtype_the_weights_ran_in(tiny_dir, pairs_file, tmp_
 
     with interrupted_at(5):  # auto, where it is float32: resumes under --dtype float32
         train(config(tmp_path / "auto", "auto", save_every=2), progress=False)
-    train(config(tmp_path / "auto", "float32", save_every=2, resume=True), progress=False)
+    again = train(config(tmp_path / "auto", "float32", save_every=2, resume=True), progress=False)
+    assert again.summary["steps"] == 9
 
 
 def test_existing_run_is_not_overwritten(tiny_dir, pairs_file, tmp_path):

@@ -114,3 +114,23 @@ def test_serve_answers_in_bf16(model_dirs, tmp_path):
     texts = ["the movie was great", "boring book , not good at all"]
     with served_side_by_side(loaded, prompts, tmp_path, texts, max_tokens=3) as (state, _):
         assert state.batcher.metrics.batches > 0
+
+
+def test_the_lm_head_reads_contiguous_rows(model_dirs):
+    """transformers' generate runs ``lm_head(hidden[:, -1:])``, a strided 3-D view, which
+    torch's CPU bfloat16 linear multiplies by copying the head's weight once per row
+    (seconds and gigabytes for a 262k-word head): the head gets the rows contiguous, with
+    the same logits."""
+    from softprompt.loading import load_model
+
+    loaded = load_model(model=str(model_dirs["llama"]))
+    head = loaded.model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    try:
+        hidden = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+        got = head(hidden[:, -2:])
+    finally:
+        handle.remove()
+    assert seen == [True]
+    assert torch.equal(got, torch.nn.functional.linear(hidden[:, -2:].contiguous(), head.weight))

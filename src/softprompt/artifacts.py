@@ -29,7 +29,7 @@ from torch import nn
 
 from softprompt import __version__, kinds
 from softprompt.console import say
-from softprompt.errors import ArtifactError, ConfigError, SoftpromptError
+from softprompt.errors import ArtifactError, ConfigError, SoftpromptError, first_line
 from softprompt.outputs import atomic_write, write_json
 from softprompt.prefix import check_layout, kv_layout
 from softprompt.prompt import DeepPrompt, SoftPrompt
@@ -232,7 +232,7 @@ def resolve_prompt_dir(ref: str | Path) -> Path:
             "(offline, or HF_HUB_OFFLINE=1); connect once to download it"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ArtifactError(f"cannot download {text} from the Hugging Face Hub: {first}") from None
 
 

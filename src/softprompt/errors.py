@@ -52,3 +52,10 @@ class ArtifactError(SoftpromptError):
 
 class TrainingError(SoftpromptError):
     """Training had to stop (for example on a non-finite loss)."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (its type's name if it has no message): what a one-line
+    refusal quotes of a library's error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -29,7 +29,7 @@ from softprompt.config import (
     ModelConfig,
 )
 from softprompt.console import say, ticking
-from softprompt.errors import ConfigError, ModelLoadError
+from softprompt.errors import ConfigError, ModelLoadError, first_line
 from softprompt.kinds import CAUSAL, Kind, detect
 from softprompt.quantize import quantize_base
 
@@ -86,7 +86,7 @@ def load_model(
     except ModelLoadError as err:
         if cfg.dtype != "auto" or dtype == "float32" or not _bf16_failure(err):
             raise
-        say(f"the model cannot run in bfloat16 ({_first_line(err)}); --dtype auto loads it "
+        say(f"the model cannot run in bfloat16 ({first_line(err)[:160]}); --dtype auto loads it "
             "again in float32")  # fmt: skip
     return _load(cfg, labels, shard, "float32")
 
@@ -96,11 +96,6 @@ def _bf16_failure(err: ModelLoadError) -> bool:
     and MRA's layers make float32 tensors of their own on CPU), which float32 may not hit."""
     text = str(err)
     return "BFloat16" in text or "bfloat16" in text or "dtype" in text
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 def _load(cfg: ModelConfig, labels, shard, dtype: str) -> LoadedModel:
@@ -132,9 +127,8 @@ def _load(cfg: ModelConfig, labels, shard, dtype: str) -> LoadedModel:
 def _contiguous_input(module, args):
     """The LM head's input made contiguous: torch's CPU bfloat16 linear on a strided 3-D
     input (transformers' ``lm_head(hidden[:, -1:])`` at each generation's first step) copies
-    the weight once per row, 5 s and 2.5 GB for Gemma 3's 262k x 640 head at batch 8, where
-    the contiguous copy of the rows takes 40 ms (measured 2026-12-05; docs/measurements.md,
-    end of section 16)."""
+    the weight once per row (seconds and gigabytes for Gemma 3's 262k-word head at batch 8,
+    where the contiguous rows take milliseconds; docs/measurements.md, end of section 16)."""
     x = args[0] if args else None
     if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
         return (x.contiguous(), *args[1:])
@@ -198,7 +192,7 @@ def _kind(folder: str, shown: str, cfg: ModelConfig) -> Kind:
     except (OSError, ValueError, KeyError) as err:
         if cfg.task in ("auto", "causal"):
             return CAUSAL  # loading the model says what is wrong, as it always did
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ModelLoadError(f"cannot load model {shown!r}: {first}") from err
     return detect(config, cfg.task, shown)
 
@@ -218,7 +212,7 @@ def _from_pretrained(
                 **extra,
             )
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ModelLoadError(
             f"cannot load model {shown!r}: {first}. Give a Hugging Face causal-LM id (online), "
             "a local folder with config.json, a .gguf file, or leave out --model for the "

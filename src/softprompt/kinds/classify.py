@@ -464,9 +464,8 @@ class Classify:
         where neither names them (EuroBERT). The cache's layout is checked for every kind
         (prefix.kv_layout)."""
         model = loaded.model
-        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
         if not any("past_key_values" in inspect.signature(m.forward).parameters
-                   for m in (model, body) if m is not None):  # fmt: skip
+                   for m in (model, model.base_model)):  # fmt: skip
             raise ConfigError(
                 f"--method prefix: {type(model).__name__} takes no past_key_values (nor does "
                 "its body), so PEFT could not load a deep prompt for it; use --method prompt"

@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from softprompt.errors import ModelLoadError
+from softprompt.errors import ModelLoadError, first_line
 
 
 def check_inputs(model: nn.Module, body: nn.Module, generates: bool = False,
@@ -66,7 +66,7 @@ def _check_embeddings(model: nn.Module, body: nn.Module, name: str) -> None:
             body(inputs_embeds=embeds, attention_mask=torch.ones_like(ids))
             return
         except Exception as err:  # noqa: BLE001 - whatever it raises, it cannot run from embeds
-            why = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            why = first_line(err)[:120]
     else:
         why = "its forward needs input_ids"
     part = "" if body is model else f" its {type(body).__name__}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softprompt.cli import main
-from softprompt.errors import ModelLoadError
+from softprompt.errors import ModelLoadError, PrecisionError
 from softprompt.loading import cache_root, load_model
 
 
@@ -163,24 +163,26 @@ def test_dtype_auto_is_the_default_and_says_what_it_chose(tiny_dir, capsys, monk
     assert load_model(model=str(tiny_dir)).model.dtype == torch.float32
 
 
-def test_auto_loads_float32_where_the_model_cannot_run_bf16(tmp_path, capsys, monkeypatch):
-    """MRA's layers make float32 tensors of their own on CPU, so it cannot run in bfloat16:
-    `--dtype auto` loads it in float32 and says why; `--dtype bfloat16`, asked for by name,
-    is refused in one line."""
+@pytest.mark.parametrize("arch", ["mra", "deberta"])
+def test_auto_loads_float32_where_the_model_cannot_run_bf16(tmp_path, capsys, monkeypatch, arch):
+    """MRA's and DeBERTa v1's layers make float32 tensors of their own on CPU, so they cannot
+    run in bfloat16: the load's probe says so as a PrecisionError (not by its text), `--dtype
+    auto` loads the model in float32 and says why; `--dtype bfloat16`, asked for by name, is
+    refused in one line that says what to change."""
     import matrix
 
     from softprompt import loading
 
-    matrix.save_type("mra", "classify", tmp_path / "mra")
+    matrix.save_type(arch, "classify", tmp_path / arch)
     monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
-    loaded = load_model(model=str(tmp_path / "mra"))
+    loaded = load_model(model=str(tmp_path / arch))
     assert loaded.model.dtype == torch.float32
     said = capsys.readouterr()
-    assert "cannot run in bfloat16" in said.out + said.err
-    assert "--dtype auto loads it again in float32" in said.out + said.err
-    with pytest.raises(ModelLoadError, match="cannot run from inputs_embeds alone") as err:
-        load_model(model=str(tmp_path / "mra"), dtype="bfloat16")
+    assert "cannot run from inputs_embeds in bfloat16 (" in said.out + said.err
+    assert "; --dtype auto loads it again in float32" in said.out + said.err
+    with pytest.raises(PrecisionError, match="in bfloat16 .*--dtype float32 may run it") as err:
+        load_model(model=str(tmp_path / arch), dtype="bfloat16")
     assert "\n" not in str(err.value).strip()
 
 

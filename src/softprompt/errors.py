@@ -46,6 +46,16 @@ class ModelLoadError(SoftpromptError):
     """The base model could not be found or loaded."""
 
 
+class PrecisionError(ModelLoadError):
+    """The model's own code failed in the reduced precision it was loaded in (bfloat16 or
+    float16) when run as a soft prompt runs it; float32 was not tried. ``--dtype auto``
+    loads such a model again in float32, saying ``failure`` (what failed, without advice)."""
+
+    def __init__(self, failure: str) -> None:
+        super().__init__(f"{failure}; --dtype float32 may run it")
+        self.failure = failure
+
+
 class ArtifactError(SoftpromptError):
     """A saved prompt is missing, corrupt, or belongs to another base model."""
 

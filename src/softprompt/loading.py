@@ -29,7 +29,7 @@ from softprompt.config import (
     ModelConfig,
 )
 from softprompt.console import say, ticking
-from softprompt.errors import ConfigError, ModelLoadError, first_line
+from softprompt.errors import ConfigError, ModelLoadError, PrecisionError, first_line
 from softprompt.kinds import CAUSAL, Kind, detect
 from softprompt.quantize import quantize_base
 
@@ -83,19 +83,11 @@ def load_model(
     dtype = resolve_dtype(cfg.dtype)
     try:
         return _load(cfg, labels, shard, dtype)
-    except ModelLoadError as err:
-        if cfg.dtype != "auto" or dtype == "float32" or not _bf16_failure(err):
+    except PrecisionError as err:  # the model's own code failed in bfloat16 (DeBERTa v1's and
+        if cfg.dtype != "auto":  # MRA's layers make float32 tensors of their own on CPU)
             raise
-        say(f"the model cannot run in bfloat16 ({first_line(err)[:160]}); --dtype auto loads it "
-            "again in float32")  # fmt: skip
+        say(f"{err.failure}; --dtype auto loads it again in float32")
     return _load(cfg, labels, shard, "float32")
-
-
-def _bf16_failure(err: ModelLoadError) -> bool:
-    """Whether a refusal came from the model's own code failing in bfloat16 (DeBERTa v1's
-    and MRA's layers make float32 tensors of their own on CPU), which float32 may not hit."""
-    text = str(err)
-    return "BFloat16" in text or "bfloat16" in text or "dtype" in text
 
 
 def _load(cfg: ModelConfig, labels, shard, dtype: str) -> LoadedModel:

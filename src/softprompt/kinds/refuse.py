@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from softprompt.errors import ModelLoadError, first_line
+from softprompt.errors import ModelLoadError, PrecisionError, first_line
 
 
 def check_inputs(model: nn.Module, body: nn.Module, generates: bool = False,
@@ -67,11 +67,18 @@ def _check_embeddings(model: nn.Module, body: nn.Module, name: str) -> None:
             return
         except Exception as err:  # noqa: BLE001 - whatever it raises, it cannot run from embeds
             why = first_line(err)[:120]
+            if weight.dtype in (torch.bfloat16, torch.float16):  # its code may need float32
+                part = "" if body is model else f" its {type(body).__name__}"
+                raise PrecisionError(f"{name} cannot run{part} from inputs_embeds in "
+                                     f"{_DTYPES[weight.dtype]} ({why})") from err  # fmt: skip
     else:
         why = "its forward needs input_ids"
     part = "" if body is model else f" its {type(body).__name__}"
     _refuse(name, f"cannot run{part} from inputs_embeds alone ({why}), as a "
             "soft prompt (embeddings with no token ids) needs")  # fmt: skip
+
+
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _params(fn) -> dict:

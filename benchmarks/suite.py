@@ -381,7 +381,7 @@ def run_compare_method(s: Setting, method: str) -> dict:
     log = MetricsLog(s.folder / "compare-metrics.jsonl")
     ctx = Context(cfg, s.loaded, s.train_examples(), s.test(), s.folder, log, s.labels)
     if method == "lora":
-        peft_model = add_lora(s.loaded.model, cfg.lora_r)
+        peft_model = add_lora(s.loaded.model, s.seed, cfg.lora_r)
         try:
             inner = peft_model.get_base_model()  # the causal LM with the adapters injected
             seconds = train_reference(ctx, inner, cfg.lora_lr, "lora")

@@ -238,3 +238,23 @@ def test_peak_memory_is_the_same_for_the_same_work_measured_twice():
             work()
         peaks.append(mem.peak_mb)
     assert peaks[0] > 200 and abs(peaks[1] - peaks[0]) < 0.2 * peaks[0], peaks
+
+
+def test_lora_starts_from_its_seed_whatever_ran_before(model_dirs):
+    """LoRA's adapters start from the seed alone: compare and the suite run LoRA after other
+    methods that draw random numbers, and the same seed must give the same LoRA whichever
+    ran before it; the caller's generator is left as it was."""
+    from softprompt.measure.finetune import add_lora, remove_lora
+
+    loaded = load_model(model=str(model_dirs["llama"]))
+    starts = []
+    for earlier, seed in ((1, 7), (2, 7), (1, 8)):
+        torch.manual_seed(earlier)  # where the methods before LoRA left the generator
+        before = torch.get_rng_state()
+        peft_model = add_lora(loaded.model, seed, r=2)
+        assert torch.equal(torch.get_rng_state(), before)
+        starts.append({k: v.clone() for k, v in peft_model.state_dict().items() if "lora_A" in k})
+        remove_lora(peft_model)
+    assert starts[0] and starts[0].keys() == starts[1].keys() == starts[2].keys()
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+    assert not all(torch.equal(starts[0][k], starts[2][k]) for k in starts[0])

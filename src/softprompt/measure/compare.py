@@ -214,7 +214,7 @@ def train_reference(ctx: Context, model: nn.Module, lr: float, method: str) -> f
 
 def run_lora(ctx: Context) -> dict:
 
-    peft_model = add_lora(ctx.loaded.model, ctx.cfg.lora_r)
+    peft_model = add_lora(ctx.loaded.model, ctx.cfg.seed, ctx.cfg.lora_r)
     try:
         inner = peft_model.get_base_model()  # the causal LM with the adapters injected
         seconds = train_reference(ctx, inner, ctx.cfg.lora_lr, "lora")

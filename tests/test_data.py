@@ -281,6 +281,21 @@ def test_tokenize_truncation_keeps_bos_and_target(tok, capsys):
     assert "--max-length" in err
 
 
+def test_tokenize_cuts_a_long_head_before_the_marker_and_keeps_the_answer(tok, capsys):
+    """A template with {soft_prompt} after the input puts the input in the head: a long row is
+    cut from the head's text (BOS kept), so the target survives and the row is counted."""
+    long_src = "the movie was great and the food was awful"
+    ex = Example("so", "positive", "w", head=long_src)
+    (row,) = tokenize([ex], tok, 8)
+    head, rest = _ids(tok, long_src), _ids(tok, "so", False)
+    target = _ids(tok, "positive", False) + [EOS]
+    keep = 8 - len(rest) - len(target) - 1  # the head's text tokens that fit beside BOS
+    assert row.input_ids == [BOS] + head[len(head) - keep :] + rest + target
+    assert row.labels == [IGNORE_INDEX] * (1 + keep + len(rest)) + target
+    assert row.prompt_at == 1 + keep  # the virtual tokens still go where the marker was
+    assert "1 of 1 rows were longer than 8 text tokens" in capsys.readouterr().err
+
+
 def test_tokenize_overlong_target_still_fits(tok):
     """A target longer than the limit is cut so the row fits, keeping BOS and a source token."""
     target = " ".join(["good"] * 8)

@@ -105,8 +105,25 @@ def _headed_row(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row
     head = tokenizer(ex.head, add_special_tokens=True)["input_ids"]
     body = tokenizer(ex.source, add_special_tokens=False)["input_ids"]
     if ex.target is None:
-        return _cut_row(head, [(body, True)], limit)
-    return _cut_row(head, [(body, False), (_target_ids(ex, tokenizer, delimiter), True)], limit)
+        pieces = [(body, True)]
+    else:
+        pieces = [(body, False), (_target_ids(ex, tokenizer, delimiter), True)]
+    head, head_cut = _cut_head(head, sum(len(p) for p, _ in pieces), limit, tokenizer)
+    row, cut = _cut_row(head, pieces, limit)
+    return row, cut or head_cut
+
+
+def _cut_head(head: list[int], after: int, limit: int, tokenizer) -> tuple[list[int], bool]:
+    """A raw template's head (the text before {soft_prompt}, with its BOS) holds input fields
+    too: when the row is too long, cut the head's text from its start (its leading special
+    tokens kept), so that the end of the row, the answer, survives; (head, whether cut)."""
+    over = len(head) + after - limit
+    if over <= 0:
+        return head, False
+    special = set(tokenizer.all_special_ids)
+    lead = next((i for i, t in enumerate(head) if t not in special), len(head))
+    drop = min(over, len(head) - lead)
+    return head[:lead] + head[lead + drop :], drop > 0
 
 
 def _chat_row(

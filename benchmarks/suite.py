@@ -196,6 +196,7 @@ class Setting:
     args: argparse.Namespace
     folder: Path
     labels: list[str] | None
+    model: ModelConfig  # what ``loaded`` was loaded with (--model, --dtype, a variant's)
     steps: int | None = None  # the budget, once the defaults have run
 
     @property
@@ -277,16 +278,15 @@ def run_trained(s: Setting, name: str, overrides: dict) -> dict:
     """``softprompt train`` with the suite's data and ``overrides`` on top of the defaults."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     prompt_fields = {f.name for f in dataclasses.fields(PromptConfig)}
-    model_kw = model_settings(overrides)
     train_kw = {k: v for k, v in overrides.items() if k in fields}
     prompt_kw = {k: v for k, v in overrides.items() if k in prompt_fields}
-    unknown = set(overrides) - fields - prompt_fields - set(model_kw)
+    unknown = set(overrides) - fields - prompt_fields - set(model_settings(overrides))
     if unknown:
         raise SystemExit(f"--variant {name}: no setting named {', '.join(sorted(unknown))}")
     if s.args.steps:
         train_kw.setdefault("max_steps", s.args.steps)
     cfg = TrainConfig(
-        model=ModelConfig(**{"model": s.args.model, "dtype": s.args.dtype, **model_kw}),
+        model=s.model,
         data=s.data,
         prompt=PromptConfig(**prompt_kw),
         output=str(s.folder / name),
@@ -372,7 +372,7 @@ def _peft_rows(tok, examples, max_length: int) -> dict[str, torch.Tensor]:
 def run_compare_method(s: Setting, method: str) -> dict:
     """zero-shot, few-shot or LoRA, exactly as ``softprompt compare`` runs them."""
     cfg = CompareConfig(
-        model=ModelConfig(model=s.args.model, dtype=s.args.dtype),
+        model=s.model,
         data=s.data,
         test=str(s.files["test"]),
         output=str(s.folder / "compare"),
@@ -782,13 +782,13 @@ def run_child(args, variants: dict[str, dict]) -> None:
         labels = sorted({r[task.target_field] for r in rows})
     # a variant's model settings (--variant cls:pooling=cls) apply where the model loads
     changed = model_settings(variants.get(method, {}))
-    model_kw = {"dtype": args.dtype, **changed, "model": args.model}
-    loaded = load_model(ModelConfig(**model_kw), labels=labels)
+    model_cfg = ModelConfig(**{"dtype": args.dtype, **changed, "model": args.model})
+    loaded = load_model(model_cfg, labels=labels)
     why = skipped(method, loaded.kind)
     if why:
         print(f"suite: {method} skipped: {why}", flush=True)
         return
-    s = Setting(name, task, files, seed, loaded, args, folder, labels)
+    s = Setting(name, task, files, seed, loaded, args, folder, labels, model_cfg)
     row = run_one(s, method, variants)
     row["load_average"] = round(os.getloadavg()[0], 2)
     print(ROW_MARK + json.dumps(row), flush=True)

@@ -121,7 +121,7 @@ def test_the_lm_head_reads_contiguous_rows(model_dirs):
     torch's CPU bfloat16 linear multiplies by copying the head's weight once per row
     (seconds and gigabytes for a 262k-word head): the head gets the rows contiguous, with
     the same logits."""
-    from softprompt.loading import load_model
+    from softprompt.loading import dense_strides, load_model
 
     loaded = load_model(model=str(model_dirs["llama"]))
     head = loaded.model.get_output_embeddings()
@@ -134,6 +134,18 @@ def test_the_lm_head_reads_contiguous_rows(model_dirs):
         handle.remove()
     assert seen == [True]
     assert torch.equal(got, torch.nn.functional.linear(hidden[:, -2:].contiguous(), head.weight))
+    # batch 1: the view counts as contiguous, but its size-1 batch dimension keeps the
+    # sequence's stride, which the bf16 linear also meets by copying the weight
+    one = torch.randn(1, 5, 16, dtype=torch.bfloat16)[:, -1:]
+    assert one.is_contiguous() and one.stride() != dense_strides(one.shape)
+    strides = []
+    handle = head.register_forward_pre_hook(lambda m, args: strides.append(args[0].stride()))
+    try:
+        got = head(one)
+    finally:
+        handle.remove()
+    assert strides == [dense_strides(one.shape)] == [(16, 16, 1)]
+    assert torch.equal(got, torch.nn.functional.linear(one, head.weight))
     loaded.head_hook.remove()  # the loader's handle takes it off (bench_generate's 'strided')
     handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
     try:

@@ -125,14 +125,26 @@ def contiguous_head(model: torch.nn.Module):
 
 
 def _contiguous_input(module, args):
-    """The LM head's input made contiguous: torch's CPU bfloat16 linear on a strided 3-D
-    input (transformers' ``lm_head(hidden[:, -1:])`` at each generation's first step) copies
-    the weight once per row (seconds and gigabytes for Gemma 3's 262k-word head at batch 8,
-    where the contiguous rows take milliseconds; docs/measurements.md, end of section 16)."""
+    """The LM head's input given dense row-major strides: torch's CPU bfloat16 linear on a
+    strided 3-D input (transformers' ``lm_head(hidden[:, -1:])`` at each generation's first
+    step) copies the weight once per row (seconds and gigabytes for Gemma 3's 262k-word head
+    at batch 8, where dense rows take milliseconds; docs/measurements.md, end of section 16).
+    At batch 1 that view counts as contiguous (its batch dimension has size 1) but keeps
+    the sequence's stride there, and the weight is still copied (320 MB for that head), so
+    the test is on the strides themselves, not on ``is_contiguous``."""
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
-        return (x.contiguous(), *args[1:])
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and x.stride() != dense_strides(x.shape):
+        return (x.clone(memory_format=torch.contiguous_format), *args[1:])
     return None
+
+
+def dense_strides(shape) -> tuple[int, ...]:
+    """The strides of a fresh row-major tensor of ``shape`` (size-1 dimensions included)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def model_source(cfg: ModelConfig) -> tuple[str, str]:

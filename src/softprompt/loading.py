@@ -128,7 +128,7 @@ def _contiguous_input(module, args):
     """The LM head's input given dense row-major strides: torch's CPU bfloat16 linear on a
     strided 3-D input (transformers' ``lm_head(hidden[:, -1:])`` at each generation's first
     step) copies the weight once per row (seconds and gigabytes for Gemma 3's 262k-word head
-    at batch 8, where dense rows take milliseconds; docs/measurements.md, end of section 16).
+    at batch 8, where dense rows take milliseconds; docs/measurements.md, sections 16 and 18).
     At batch 1 that view counts as contiguous (its batch dimension has size 1) but keeps
     the sequence's stride there, and the weight is still copied (320 MB for that head), so
     the test is on the strides themselves, not on ``is_contiguous``."""

@@ -296,6 +296,19 @@ def test_tokenize_cuts_a_long_head_before_the_marker_and_keeps_the_answer(tok, c
     assert "1 of 1 rows were longer than 8 text tokens" in capsys.readouterr().err
 
 
+def test_tokenize_keeps_an_instruction_head_and_cuts_the_input_after_the_marker(tok, capsys):
+    """An instruction before {soft_prompt} and the input after it: the input's start is cut,
+    the instruction kept (the head is cut only when the input is there)."""
+    long_src = "the movie was great and the food was awful"
+    (row,) = tokenize([Example(long_src, "positive", "w", head="so")], tok, 8)
+    head, body = _ids(tok, "so"), _ids(tok, long_src, False)
+    target = _ids(tok, "positive", False) + [EOS]
+    keep = 8 - len(head) - len(target)
+    assert row.input_ids == head + body[len(body) - keep :] + target
+    assert row.prompt_at == len(head)
+    assert "1 of 1 rows were longer than 8 text tokens" in capsys.readouterr().err
+
+
 def test_tokenize_overlong_target_still_fits(tok):
     """A target longer than the limit is cut so the row fits, keeping BOS and a source token."""
     target = " ".join(["good"] * 8)

@@ -108,22 +108,25 @@ def _headed_row(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row
         pieces = [(body, True)]
     else:
         pieces = [(body, False), (_target_ids(ex, tokenizer, delimiter), True)]
-    head, head_cut = _cut_head(head, sum(len(p) for p, _ in pieces), limit, tokenizer)
+    special = set(tokenizer.all_special_ids)
+    lead = next((i for i, t in enumerate(head) if t not in special), len(head))
+    head_cut = False
+    if len(head) - lead > len(body):  # the input is before the marker: cut its start first
+        head, head_cut = _cut_head(head, lead, sum(len(p) for p, _ in pieces), limit)
     row, cut = _cut_row(head, pieces, limit)
     return row, cut or head_cut
 
 
-def _cut_head(head: list[int], after: int, limit: int, tokenizer) -> tuple[list[int], bool]:
-    """A raw template's head (the text before {soft_prompt}, with its BOS) holds input fields
-    too: when the row is too long, cut the head's text from its start (its leading special
-    tokens kept), so that the end of the row, the answer, survives; (head, whether cut)."""
-    over = len(head) + after - limit
-    if over <= 0:
+def _cut_head(head: list[int], lead: int, after: int, limit: int) -> tuple[list[int], bool]:
+    """A raw template's head (the text before {soft_prompt}, after ``lead`` special tokens)
+    that holds the input (``{premise} ... {soft_prompt}Answer:``): when the row is too long,
+    its text is cut from the start, so that the end of the row, the answer, survives; a
+    template whose input follows the marker is cut there instead (``_cut_row``), its head
+    (an instruction) kept. Returns (head, whether cut)."""
+    drop = min(len(head) + after - limit, len(head) - lead)
+    if drop <= 0:
         return head, False
-    special = set(tokenizer.all_special_ids)
-    lead = next((i for i, t in enumerate(head) if t not in special), len(head))
-    drop = min(over, len(head) - lead)
-    return head[:lead] + head[lead + drop :], drop > 0
+    return head[:lead] + head[lead + drop :], True
 
 
 def _chat_row(

@@ -108,23 +108,27 @@ def _headed_row(ex: Example, tokenizer, limit: int, delimiter: str) -> tuple[Row
         pieces = [(body, True)]
     else:
         pieces = [(body, False), (_target_ids(ex, tokenizer, delimiter), True)]
-    special = set(tokenizer.all_special_ids)
-    lead = next((i for i, t in enumerate(head) if t not in special), len(head))
-    head_cut = False
-    if len(head) - lead > len(body):  # the input is before the marker: cut its start first
-        head, head_cut = _cut_head(head, lead, sum(len(p) for p, _ in pieces), limit)
+    head, head_cut = _cut_head(head, len(body), sum(len(p) for p, _ in pieces), limit, tokenizer)
     row, cut = _cut_row(head, pieces, limit)
     return row, cut or head_cut
 
 
-def _cut_head(head: list[int], lead: int, after: int, limit: int) -> tuple[list[int], bool]:
-    """A raw template's head (the text before {soft_prompt}, after ``lead`` special tokens)
-    that holds the input (``{premise} ... {soft_prompt}Answer:``): when the row is too long,
-    its text is cut from the start, so that the end of the row, the answer, survives; a
-    template whose input follows the marker is cut there instead (``_cut_row``), its head
-    (an instruction) kept. Returns (head, whether cut)."""
-    drop = min(len(head) + after - limit, len(head) - lead)
-    if drop <= 0:
+def _cut_head(
+    head: list[int], body: int, after: int, limit: int, tokenizer
+) -> tuple[list[int], bool]:
+    """A raw template's head (the text before {soft_prompt}, after its leading special
+    tokens) that holds the input (``{premise} ... {soft_prompt}Answer:``, its text longer
+    than the ``body`` tokens after the marker): when the row (``after`` tokens follow the
+    head) is too long, its text is cut from the start, so that the end of the row, the
+    answer, survives; a template whose input follows the marker is cut there instead
+    (``_cut_row``), its head (an instruction) kept. Returns (head, whether cut)."""
+    over = len(head) + after - limit
+    if over <= 0:  # most rows: nothing to look at
+        return head, False
+    special = set(tokenizer.all_special_ids)
+    lead = next((i for i, t in enumerate(head) if t not in special), len(head))
+    drop = min(over, len(head) - lead)
+    if len(head) - lead <= body or drop <= 0:
         return head, False
     return head[:lead] + head[lead + drop :], True
 
